@@ -1,0 +1,39 @@
+# Gemma 4 -> ExecuTorch: download, export, quantize, lower and verify a .pte, every step cached.
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
+from gemma_edge.config import validate_config  # noqa: E402
+
+
+configfile: "config.yaml"
+
+
+config = validate_config(config, Path(workflow.basedir) / "schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/download.smk"
+include: "rules/export.smk"
+include: "rules/quantize.smk"
+include: "rules/lower.smk"
+include: "rules/verify.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        parity_path(),
+
+
+onsuccess:
+    print(f"Done: {parity_path()} (logs in logs/, timings in benchmarks/)")
+
+
+onerror:
+    print("A step failed: its log under logs/ holds the traceback; fix the cause and re-run the same command.")

@@ -1,0 +1,49 @@
+# Paths and config lookups shared by every stage. Artifacts live under results/<model>/<quant>/…
+# so that models, group sizes and lowering modes coexist and switching back is free.
+
+
+wildcard_constraints:
+    model=r"[A-Za-z0-9._-]+",
+    quant=r"fp32|int4-g\d+",
+    mode=r"auto|fused|perop",
+    group_size=r"\d+",
+
+
+PER_OP_DIR = {"auto": "auto", True: "perop", False: "fused"}
+PER_OP_MODE = {"auto": "auto", "perop": "true", "fused": "false"}
+DEMO_HUB = "results/demo-hub"
+
+
+def model_entry(wildcards):
+    return config["models"][wildcards.model]
+
+
+def quant_dir():
+    return f"int4-g{config['quantization']['group_size']}"
+
+
+def variant_dir(model=None, quant=None):
+    mode = PER_OP_DIR[config["lowering"]["per_op_mode"]]
+    return f"results/{model or config['model']}/{quant or quant_dir()}/xnnpack-{mode}"
+
+
+def parity_path(model=None, quant=None):
+    return f"{variant_dir(model, quant)}/parity.json"
+
+
+def hub_cache(wildcards):
+    entry = model_entry(wildcards)
+    return DEMO_HUB if entry["demo"] else entry["hub_cache"]
+
+
+def demo_marker(wildcards):
+    entry = model_entry(wildcards)
+    if not entry["demo"]:
+        return []
+    return f"{DEMO_HUB}/{hub_folder_name(entry['repo_id'])}.json"
+
+
+def hub_folder_name(repo_id):
+    """owner/name as the single path component owner--name."""
+    return "--".join(repo_id.split("/"))
+

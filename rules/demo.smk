@@ -1,0 +1,25 @@
+# The demo model: built and trained locally, then laid out as a Hugging Face cache entry so the
+# download step resolves it through the real huggingface_hub code, offline.
+
+
+rule demo_checkpoint:
+    input:
+        corpus=workflow.source_path("../resources/demo_corpus.txt"),
+    output:
+        marker="results/demo-hub/{repo}.json",
+    log:
+        "logs/demo/{repo}.log",
+    benchmark:
+        "benchmarks/demo/{repo}.tsv"
+    conda:
+        "../envs/demo.yaml"
+    params:
+        hub_cache=lambda wc, output: str(Path(output.marker).parent),
+        repo_id=lambda wc: wc.repo.replace("--", "/", 1),
+        train_steps=config["demo"]["train_steps"],
+        seed=config["demo"]["seed"],
+    threads: 1
+    message:
+        "Training the tiny demo Gemma 4 ({params.train_steps} steps) and seeding it as {params.repo_id}"
+    script:
+        "../scripts/demo_checkpoint.py"

@@ -1,0 +1,22 @@
+rule export:
+    input:
+        checkpoint=rules.download.output.manifest,
+    output:
+        program="results/{model}/fp32/program.pt2",
+        manifest="results/{model}/fp32/program.pt2.manifest.json",
+    log:
+        "logs/{model}/fp32/export.log",
+    benchmark:
+        "benchmarks/{model}/fp32/export.tsv"
+    conda:
+        "../envs/export.yaml"
+    params:
+        max_seq_len=config["export"]["max_seq_len"],
+        dtype=config["export"]["dtype"],
+    resources:
+        mem_mb=config["memory_mb"]["export"],
+    threads: 2
+    message:
+        "torch.export of {wildcards.model} with an in-graph KV cache of {params.max_seq_len} positions"
+    script:
+        "../scripts/export.py"

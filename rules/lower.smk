@@ -1,0 +1,22 @@
+rule lower:
+    input:
+        program="results/{model}/{quant}/program.pt2",
+        checkpoint=rules.download.output.manifest,
+    output:
+        pte="results/{model}/{quant}/xnnpack-{mode}/model.pte",
+        manifest="results/{model}/{quant}/xnnpack-{mode}/model.pte.manifest.json",
+    log:
+        "logs/{model}/{quant}/xnnpack-{mode}/lower.log",
+    benchmark:
+        "benchmarks/{model}/{quant}/xnnpack-{mode}/lower.tsv"
+    conda:
+        "../envs/lower.yaml"
+    params:
+        per_op_mode=lambda wc: PER_OP_MODE[wc.mode],
+    resources:
+        mem_mb=config["memory_mb"]["lower"],
+    threads: 2
+    message:
+        "Lowering {wildcards.model}/{wildcards.quant} to XNNPACK (per_op_mode {params.per_op_mode})"
+    script:
+        "../scripts/lower.py"

@@ -1,0 +1,28 @@
+rule verify:
+    input:
+        pte=rules.lower.output.pte,
+        checkpoint=rules.download.output.manifest,
+    output:
+        parity=report(
+            "results/{model}/{quant}/xnnpack-{mode}/parity.json",
+            caption="../report/parity.rst",
+            category="Parity",
+        ),
+        table="results/{model}/{quant}/xnnpack-{mode}/parity.log",
+    log:
+        "logs/{model}/{quant}/xnnpack-{mode}/verify.log",
+    benchmark:
+        "benchmarks/{model}/{quant}/xnnpack-{mode}/verify.tsv"
+    conda:
+        "../envs/verify.yaml"
+    params:
+        prompts=config["verify"]["prompts"],
+        max_new_tokens=config["verify"]["max_new_tokens"],
+        gates=config["verify"]["gates"],
+    resources:
+        mem_mb=config["memory_mb"]["verify"],
+    threads: 2
+    message:
+        "Token parity of {input.pte} against eager FP32"
+    script:
+        "../scripts/verify.py"

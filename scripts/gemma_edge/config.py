@@ -1,0 +1,78 @@
+"""Validate the workflow config against its JSON schema, with one clear sentence per problem."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+def load_schema(path: Path) -> dict:
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+def _key_path(parts) -> str:
+    return ".".join(str(p) for p in parts) or "(top level)"
+
+
+def describe_error(error) -> str:
+    """Turn a jsonschema error into one sentence that names the offending key."""
+    where = list(error.absolute_path)
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        names = ", ".join(_key_path(where + [k]) for k in extra)
+        return f"config: unknown key {names}"
+    if error.validator == "required":
+        return f"config: {_key_path(where)} is missing the required key {error.message.split()[0]}"
+    if error.validator == "enum":
+        allowed = ", ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in error.validator_value)
+        return f"config: {_key_path(where)} is {error.instance!r}, but must be one of {allowed}"
+    if error.validator == "type":
+        return f"config: {_key_path(where)} is {error.instance!r}, but must be of type {error.validator_value}"
+    return f"config: {_key_path(where)}: {error.message}"
+
+
+def apply_defaults(config: dict, schema: dict) -> dict:
+    """Fill every absent key that has a schema default (recursively, models' entries included)."""
+    out = copy.deepcopy(config)
+    _fill(out, schema)
+    return out
+
+
+def _fill(node, schema) -> None:
+    if not isinstance(node, dict):
+        return
+    for key, sub in schema.get("properties", {}).items():
+        if key not in node and "default" in sub:
+            node[key] = copy.deepcopy(sub["default"])
+        if key in node:
+            _fill(node[key], sub)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in node.items():
+            if key not in schema.get("properties", {}):
+                _fill(value, extra)
+
+
+def validate_config(config: dict, schema_path: Path) -> dict:
+    """Return `config` with defaults filled in, or raise ConfigError naming the first bad key."""
+    import jsonschema
+
+    schema = load_schema(schema_path)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        raise ConfigError(describe_error(errors[0]))
+    config = apply_defaults(config, schema)
+    if config["model"] not in config["models"]:
+        known = ", ".join(sorted(config["models"]))
+        raise ConfigError(f"config: model is {config['model']!r}, which is not an entry of models (known: {known})")
+    entry = config["models"][config["model"]]
+    if entry["local_path"] and not Path(entry["local_path"]).is_dir():
+        raise ConfigError(f"config: models.{config['model']}.local_path {entry['local_path']!r} is not a directory")
+    return config

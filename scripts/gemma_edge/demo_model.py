@@ -1,0 +1,164 @@
+"""A tiny Gemma 4 built locally and deterministically, so the whole workflow runs with no network.
+
+The architecture features that make Gemma 4 hard to export are all switched on (sliding and full
+attention layers, per-layer input embeddings, shared KV layers, final logit softcapping), at widths
+small enough to train for about a minute on two cores. Training matters: a randomly initialised
+model has near-flat logits on which INT4 noise flips most greedy tokens, so parity on it would say
+nothing. The trained model has real margins between its top tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, as in Gemma's own vocabulary
+PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
+
+
+def demo_text_config(vocab_size: int):
+    """Gemma 4 text config at toy widths; every linear input width is a multiple of 32."""
+    from transformers import Gemma4TextConfig
+
+    return Gemma4TextConfig(
+        vocab_size=vocab_size,
+        vocab_size_per_layer_input=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        global_head_dim=64,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        sliding_window=128,
+        num_kv_shared_layers=2,
+        hidden_size_per_layer_input=32,
+        final_logit_softcapping=30.0,
+        max_position_embeddings=1024,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+        tie_word_embeddings=True,
+    )
+
+
+def ascii_byte_alphabet() -> list[str]:
+    """The byte-level symbols of printable ASCII plus newline and tab.
+
+    Restricting the alphabet to these keeps every piece valid UTF-8 when decoded on its own,
+    which ExecuTorch's runner does piece by piece.
+    """
+    from tokenizers import pre_tokenizers
+
+    full = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_symbol = _gpt2_byte_to_unicode()
+    wanted = [byte_to_symbol[b] for b in list(range(32, 127)) + [9, 10]]
+    return [s for s in wanted if s in full]
+
+
+def _gpt2_byte_to_unicode() -> dict[int, str]:
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, codes)}
+
+
+def build_tokenizer(corpus: str, vocab_size: int):
+    """Train a byte-level BPE tokenizer on `corpus`; `<bos>` is prepended on encode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=ascii_byte_alphabet(),
+        limit_alphabet=len(ascii_byte_alphabet()),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", BOS_ID)]
+    )
+    return tokenizer
+
+
+def training_batches(token_ids: list[int], seq_len: int, batch_size: int, steps: int, seed: int):
+    """Deterministic random windows of the tokenized corpus."""
+    data = torch.tensor(token_ids, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
+        windows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()])
+        windows[:, 0] = BOS_ID
+        yield windows[:, :-1], windows[:, 1:]
+
+
+def train_demo_model(model, token_ids: list[int], steps: int, seed: int, seq_len: int = 64, batch_size: int = 16):
+    """Teach the tiny model the corpus so its greedy choices have real margins. Returns final loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    loss_value = float("nan")
+    for step, (inputs, targets) in enumerate(training_batches(token_ids, seq_len, batch_size, steps, seed)):
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        loss_value = loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log.info("demo training step %d/%d loss %.3f", step + 1, steps, loss_value)
+    model.eval()
+    return loss_value
+
+
+def build_demo_checkpoint(corpus_path: Path, out_dir: Path, train_steps: int, seed: int, vocab_size: int = 512) -> dict:
+    """Write a Hugging Face style checkpoint (config, safetensors, tokenizer) of the demo model."""
+    from transformers import Gemma4ForCausalLM, GenerationConfig
+
+    corpus = Path(corpus_path).read_text(encoding="utf-8")
+    tokenizer = build_tokenizer(corpus, vocab_size)
+    token_ids = tokenizer.encode(corpus, add_special_tokens=False).ids
+    log.info("demo corpus: %d characters, %d tokens, vocabulary %d", len(corpus), len(token_ids), tokenizer.get_vocab_size())
+
+    torch.manual_seed(seed)
+    with _single_thread():
+        model = Gemma4ForCausalLM(demo_text_config(tokenizer.get_vocab_size()))
+        final_loss = train_demo_model(model, token_ids, train_steps, seed)
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
+         "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True}, indent=2) + "\n")
+    return {"final_loss": final_loss, "train_steps": train_steps, "seed": seed, "corpus_tokens": len(token_ids)}
+
+
+class _single_thread:
+    """Train on one thread so the weights do not depend on the machine's core count."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)

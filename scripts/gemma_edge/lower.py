@@ -1,0 +1,110 @@
+"""Lower an exported decoder to an ExecuTorch .pte with the XNNPACK backend.
+
+`per_op_mode: auto` tries XNNPACK's fused subgraphs first and falls back to one delegate per
+operator only where the backend rejects the fused program, either while lowering or when the
+runtime loads and runs it. Which mode was used, and why, is recorded, never hidden: on Linux
+aarch64 the fused INT4 path was once rejected (`xnn_status_invalid_parameter`) and the per-op
+path decoded several times slower.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .artifacts import atomic_output
+from .runtime import PteDecoder
+
+log = logging.getLogger(__name__)
+
+
+def runner_metadata(text_config: dict, max_seq_len: int) -> dict:
+    """Constant methods ExecuTorch's LLM runner reads from a .pte."""
+    eos = text_config.get("eos_token_id", 1)
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    return {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_seq_len,
+        "get_n_layers": int(text_config["num_hidden_layers"]),
+        "get_vocab_size": int(text_config["vocab_size"]),
+        "get_bos_id": int(text_config.get("bos_token_id", 2)),
+        "get_eos_ids": [int(e) for e in eos_ids],
+        "get_num_kv_shared_layers": int(text_config.get("num_kv_shared_layers", 0)),
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,
+    }
+
+
+def lower_to_xnnpack(program: torch.export.ExportedProgram, per_op_mode: bool, metadata: dict):
+    """Return the ExecuTorch program manager for `program` delegated to XNNPACK."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackDynamicallyQuantizedPartitioner,
+        XnnpackPartitioner,
+    )
+    from executorch.exir import to_edge_transform_and_lower
+
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (embedding_byte)
+
+    partitioners = [
+        XnnpackDynamicallyQuantizedPartitioner(per_op_mode=per_op_mode),
+        XnnpackPartitioner(per_op_mode=per_op_mode),
+    ]
+    edge = to_edge_transform_and_lower(program, partitioner=partitioners, constant_methods=metadata)
+    return edge.to_executorch()
+
+
+def delegation_summary(manager) -> dict:
+    """How many XNNPACK delegate calls the program makes, and which ops stay on portable kernels."""
+    graph = manager.exported_program().graph
+    calls = Counter()
+    for node in graph.nodes:
+        if node.op == "call_function":
+            name = str(node.target)
+            calls["xnnpack_delegates" if "executorch_call_delegate" in name else name] += 1
+    delegates = calls.pop("xnnpack_delegates", 0)
+    portable = {k: v for k, v in calls.items() if not k.startswith("<built-in")}
+    return {"xnnpack_delegate_calls": delegates, "portable_ops": dict(sorted(portable.items()))}
+
+
+def smoke_run(pte_path: Path, bos_id: int) -> None:
+    """Load the .pte and run a two-token prefill and a decode step: where XNNPACK rejects a
+    delegate, this is where it says so."""
+    decoder = PteDecoder(pte_path)
+    decoder.step([bos_id, bos_id], 0)
+    decoder.step([bos_id], 2)
+
+
+def write_pte(manager, path: Path) -> None:
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as handle:
+            manager.write_to_file(handle)
+
+
+def lower_with_fallback(program, per_op_mode: str, metadata: dict, pte_path: Path) -> dict:
+    """Lower and write `pte_path`, honouring per_op_mode auto/true/false; return what happened."""
+    attempts = {"auto": [False, True], "false": [False], "true": [True]}[str(per_op_mode).lower()]
+    record = {"per_op_mode_requested": str(per_op_mode).lower(), "fused_rejection": None}
+    for mode in attempts:
+        label = "per-op" if mode else "fused"
+        log.info("lowering to XNNPACK (%s subgraphs)", label)
+        try:
+            manager = lower_to_xnnpack(program, mode, metadata)
+            write_pte(manager, pte_path)
+            smoke_run(pte_path, metadata["get_bos_id"])
+        except Exception as error:  # noqa: BLE001 - any rejection of the fused path triggers the fallback
+            pte_path.unlink(missing_ok=True)
+            if mode or len(attempts) == 1:
+                raise
+            record["fused_rejection"] = f"{type(error).__name__}: {error}"
+            log.warning("XNNPACK rejected the fused program (%s); falling back to per_op_mode=True", error)
+            continue
+        record["per_op_mode_used"] = mode
+        record.update(delegation_summary(manager))
+        log.info("lowered with %s subgraphs: %d XNNPACK delegate calls; portable ops %s",
+                 label, record["xnnpack_delegate_calls"], record["portable_ops"])
+        return record
+    raise AssertionError("unreachable")

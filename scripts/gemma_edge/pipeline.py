@@ -1,0 +1,140 @@
+"""One function per workflow step, taking paths and values (never the snakemake object)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from . import artifacts, hub
+from .artifacts import read_json, verify_against_manifest, write_json, write_manifest
+
+log = logging.getLogger(__name__)
+
+
+def build_demo(corpus: Path, hub_cache: Path, repo_id: str, train_steps: int, seed: int, marker: Path) -> dict:
+    """Build the tiny demo Gemma 4 and seed it into a local hub cache as `repo_id`."""
+    from .demo_model import build_demo_checkpoint
+
+    with tempfile.TemporaryDirectory(dir=Path(marker).parent) as scratch:
+        facts = build_demo_checkpoint(Path(corpus), Path(scratch), train_steps, seed)
+        commit = hub.seed_hub_cache(Path(scratch), Path(hub_cache), repo_id)
+    facts.update({"repo_id": repo_id, "commit": commit, "hub_cache": str(hub_cache), "versions": artifacts.package_versions()})
+    write_json(marker, facts)
+    log.info("demo model seeded as %s@%s (final training loss %.3f)", repo_id, commit[:12], facts["final_loss"])
+    return facts
+
+
+def download(repo_id: str, revision: str, cache_dir: str | None, offline: bool, local_path: str | None, out: Path) -> dict:
+    """Resolve the checkpoint and write a manifest of its files (sha256 each)."""
+    if local_path:
+        folder, commit = Path(local_path).resolve(), None
+        if not folder.is_dir():
+            raise hub.DownloadError(f"models.<name>.local_path {local_path} is not a directory")
+    else:
+        folder = hub.download_checkpoint(repo_id, revision, cache_dir, offline)
+        commit = folder.name
+    files = hub.describe_checkpoint(folder)
+    total = sum(f["size_bytes"] for f in files.values())
+    manifest = {"repo_id": repo_id, "revision": revision, "commit": commit, "path": str(folder), "files": files,
+                "total_bytes": total, "versions": artifacts.package_versions()}
+    write_json(out, manifest)
+    log.info("checkpoint %s@%s: %d files, %.1f MB at %s", repo_id, (commit or "local")[:12], len(files), total / 1e6, folder)
+    return manifest
+
+
+def load_checkpoint(checkpoint_manifest: Path):
+    """Verify the downloaded files against their recorded sha256, then load the eager FP32 model."""
+    import torch
+
+    from .decoder import load_text_model
+
+    manifest = read_json(checkpoint_manifest)
+    folder = hub.verify_checkpoint(manifest)
+    return load_text_model(folder, torch.float32), manifest
+
+
+def export(checkpoint_manifest: Path, max_seq_len: int, dtype: str, out: Path, out_manifest: Path) -> dict:
+    from .export import export_decoder, max_abs_diff_on_prompt, save_program
+
+    if dtype != "float32":
+        raise ValueError(f"export.dtype {dtype!r} is not supported yet; use float32")
+    model, _ = load_checkpoint(checkpoint_manifest)
+    program = export_decoder(model, max_seq_len)
+    drift = max_abs_diff_on_prompt(program, model, max_seq_len)
+    log.info("exported program vs eager: max |logits diff| %.3g", drift)
+    if drift > 1e-3:
+        raise RuntimeError(f"the exported program disagrees with the eager model (max |logits diff| {drift:.3g})")
+    save_program(program, out)
+    return write_manifest(out, {"checkpoint": checkpoint_manifest}, {"max_seq_len": max_seq_len, "dtype": dtype},
+                          {"eager_max_abs_diff": drift}, manifest=out_manifest)
+
+
+def quantize(program_path: Path, group_size: int, embeddings: str, out: Path, out_manifest: Path) -> dict:
+    from .export import load_program, save_program
+    from .quantize import quantize_program
+
+    verify_against_manifest(program_path)
+    program = load_program(program_path)
+    quantized, report = quantize_program(program, group_size, embeddings)
+    save_program(quantized, out)
+    params = {"scheme": "8da4w", "group_size": group_size, "embeddings": embeddings}
+    return write_manifest(out, {"program": program_path}, params, {"quantization": report}, manifest=out_manifest)
+
+
+def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str, out: Path, out_manifest: Path) -> dict:
+    from .decoder import read_text_config_dict
+    from .export import load_program
+    from .lower import lower_with_fallback, runner_metadata
+    from .quantize import cache_length_of
+
+    program_manifest = verify_against_manifest(program_path)
+    program = load_program(program_path)
+    text_config = read_text_config_dict(Path(read_json(checkpoint_manifest)["path"]))
+    metadata = runner_metadata(text_config, cache_length_of(program))
+    record = lower_with_fallback(program, per_op_mode, metadata, Path(out))
+    extra = {"lowering": record, "runner_metadata": metadata, "program_params": program_manifest["params"],
+             "quantization": program_manifest.get("quantization")}
+    return write_manifest(out, {"program": program_path, "checkpoint": checkpoint_manifest},
+                          {"backend": "xnnpack", "per_op_mode": per_op_mode}, extra, manifest=out_manifest)
+
+
+def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_new_tokens: int, gates: dict,
+           out_json: Path, out_log: Path) -> dict:
+    from .parity import Gates, compare_prompt, encode_prompts, render_table, summarise
+    from .runtime import PteDecoder
+
+    pte_manifest = verify_against_manifest(pte_path)
+    model, checkpoint = load_checkpoint(checkpoint_manifest)
+    bos_id = pte_manifest["runner_metadata"]["get_bos_id"]
+    prompt_ids = encode_prompts(Path(checkpoint["path"]) / "tokenizer.json", prompts, bos_id)
+    decoder = PteDecoder(pte_path)
+    results = []
+    for text, ids in zip(prompts, prompt_ids):
+        results.append(compare_prompt(decoder.step, model, ids, max_new_tokens))
+        log.info("prompt %d/%d: %d/%d greedy tokens matched", len(results), len(prompts), results[-1]["matched"], max_new_tokens)
+    for text, result in zip(prompts, results):
+        result["prompt"] = text
+        result["bos_included"] = result["prompt_ids"][:1] == [bos_id]
+    summary = summarise(results, Gates(**gates))
+    report = {
+        "pte": {"path": str(pte_path), "sha256": pte_manifest["sha256"], "lowering": pte_manifest["lowering"]},
+        "checkpoint": {"repo_id": checkpoint["repo_id"], "commit": checkpoint["commit"]},
+        "reference": "eager FP32 transformers model, greedy, full recompute per token",
+        "max_new_tokens": max_new_tokens,
+        "gates": gates,
+        "summary": summary,
+        "prompts": results,
+        "versions": artifacts.package_versions(),
+    }
+    table = render_table(prompts, results, summary)
+    log.info("parity:\n%s", table)
+    if not summary["passed"]:
+        rejected = Path(out_json).with_name(Path(out_json).stem + ".rejected.json")
+        write_json(rejected, report)
+        raise RuntimeError(f"parity gates missed: {'; '.join(summary['failures'])} (details in {rejected})")
+    with artifacts.atomic_output(out_log) as tmp:
+        tmp.write_text(table + "\n", encoding="utf-8")
+    write_json(out_json, report)
+    return report
+

@@ -1,0 +1,169 @@
+"""Quantize an exported decoder: INT8 dynamic activations + INT4 per-group weights, INT8 embeddings.
+
+Works on the exported FP32 program itself (the export step's artifact), so a new group size never
+re-exports the model. Linear weights become torchao tensors (`Int8DynamicActivationIntxWeightConfig`,
+torchao's CPU path for INT4); embedding tables become ExecuTorch's per-row INT8 `embedding_byte`,
+which XNNPACK-targeted programs run as a portable kernel. The result is exported again so it is a
+self-contained program for the lowering step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx, nn
+
+from .decoder import dynamic_shapes, example_inputs
+
+log = logging.getLogger(__name__)
+
+LINEAR_TARGETS = (torch.ops.aten.linear.default, torch.nn.functional.linear)
+
+
+class GroupSizeError(ValueError):
+    """The configured group size cannot quantize this model."""
+
+
+def _weight_of(graph_module: fx.GraphModule, node: fx.Node):
+    attr = node.args[1] if node.target in LINEAR_TARGETS else node.args[0]
+    if not isinstance(attr, fx.Node) or attr.op != "get_attr":
+        return None, None
+    return attr, _get_attr(graph_module, attr.target)
+
+
+def _get_attr(module: nn.Module, dotted: str):
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def linear_nodes(graph_module: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS]
+
+
+def linear_widths(graph_module: fx.GraphModule) -> dict[str, int]:
+    """Input width of each linear layer's weight, by weight name."""
+    widths = {}
+    for node in linear_nodes(graph_module):
+        attr, weight = _weight_of(graph_module, node)
+        if attr is not None:
+            widths[attr.target] = int(weight.shape[1])
+    return widths
+
+
+def check_group_size(widths: dict[str, int], group_size: int) -> None:
+    if not any(width % group_size == 0 for width in widths.values()):
+        distinct = ", ".join(str(w) for w in sorted(set(widths.values())))
+        raise GroupSizeError(
+            f"quantization.group_size {group_size} divides none of this model's linear input widths ({distinct}); "
+            "choose a group size that divides at least one of them"
+        )
+
+
+def _replace_weight(graph_module: fx.GraphModule, node: fx.Node, old: fx.Node, name: str, value) -> None:
+    """Point `node` at a new attribute instead of `old`, leaving other users of `old` (tied weights) alone."""
+    if isinstance(value, nn.Parameter):
+        graph_module.register_parameter(name, value)
+    else:
+        graph_module.register_buffer(name, value)
+    with graph_module.graph.inserting_before(node):
+        new = graph_module.graph.get_attr(name)
+    node.replace_input_with(old, new)
+
+
+def quantize_linears(graph_module: fx.GraphModule, group_size: int) -> dict:
+    """Swap each linear weight whose input width `group_size` divides for an INT4 torchao tensor."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    quantized, kept = [], []
+    for node in linear_nodes(graph_module):
+        attr, weight = _weight_of(graph_module, node)
+        if attr is None:
+            continue
+        out_features, in_features = weight.shape
+        if in_features % group_size:
+            kept.append({"weight": attr.target, "in_features": int(in_features)})
+            continue
+        holder = nn.Linear(in_features, out_features, bias=False)
+        holder.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        quantize_(holder, config)
+        _replace_weight(graph_module, node, attr, "int4_" + attr.target.replace(".", "_"), holder.weight)
+        # torchao's tensor intercepts F.linear; the aten op would decompose before reaching it.
+        node.target = torch.nn.functional.linear
+        quantized.append(attr.target)
+    for item in kept:
+        log.warning("kept in FP32 (group size %d does not divide input width %d): %s", group_size, item["in_features"], item["weight"])
+    log.info("INT4 per-group(%d) linear weights: %d quantized, %d kept in FP32", group_size, len(quantized), len(kept))
+    return {"quantized_linears": quantized, "fp32_linears": kept}
+
+
+def quantize_embeddings_int8(graph_module: fx.GraphModule) -> list[str]:
+    """Replace each embedding lookup with ExecuTorch's per-row symmetric INT8 `embedding_byte`."""
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (defines embedding_byte)
+
+    done = []
+    for node in [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.embedding.default]:
+        attr, weight = _weight_of(graph_module, node)
+        if attr is None:
+            continue
+        table, scales = int8_per_row(weight.detach())
+        stem = "int8_" + attr.target.replace(".", "_")
+        graph_module.register_buffer(stem + "_table", table)
+        graph_module.register_buffer(stem + "_scales", scales)
+        with graph_module.graph.inserting_before(node):
+            table_node = graph_module.graph.get_attr(stem + "_table")
+            scales_node = graph_module.graph.get_attr(stem + "_scales")
+            lookup = graph_module.graph.call_function(
+                torch.ops.quantized_decomposed.embedding_byte.default,
+                (table_node, scales_node, None, -128, 127, node.args[1]),
+            )
+        node.replace_all_uses_with(lookup)
+        graph_module.graph.erase_node(node)
+        done.append(attr.target)
+    log.info("INT8 per-row embeddings: %s", ", ".join(done) or "none")
+    return done
+
+
+def int8_per_row(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    table = torch.clamp(torch.round(weight / scales[:, None]), -128, 127).to(torch.int8)
+    return table, scales.to(torch.float32)
+
+
+def drop_unreferenced_attributes(graph_module: fx.GraphModule) -> None:
+    """Delete weights no node reads any more, so the FP32 originals do not ride along into the .pte."""
+    graph_module.graph.eliminate_dead_code()
+    referenced = {n.target for n in graph_module.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(graph_module.named_parameters()) + list(graph_module.named_buffers()):
+        if name not in referenced:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = _get_attr(graph_module, owner_name) if owner_name else graph_module
+            delattr(owner, leaf)
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()
+
+
+def cache_length_of(program: torch.export.ExportedProgram) -> int:
+    """max_seq_len, read back from the KV cache buffers the program carries."""
+    for name, tensor in {**program.state_dict, **program.constants}.items():
+        if name.endswith("cache_keys_0"):
+            return int(tensor.shape[2])
+    raise ValueError("the program has no KV cache buffers (cache_keys_0): was it made by the export step?")
+
+
+def quantize_program(program: torch.export.ExportedProgram, group_size: int, embeddings: str):
+    """Quantize an exported FP32 decoder; returns the re-exported program and a report."""
+    max_seq_len = cache_length_of(program)
+    graph_module = program.module()
+    check_group_size(linear_widths(graph_module), group_size)
+    report = quantize_linears(graph_module, group_size)
+    report["int8_embeddings"] = quantize_embeddings_int8(graph_module) if embeddings == "int8" else []
+    drop_unreferenced_attributes(graph_module)
+    with torch.no_grad():
+        quantized = torch.export.export(
+            graph_module, example_inputs(), dynamic_shapes=dynamic_shapes(max_seq_len), strict=False
+        )
+    return quantized, report

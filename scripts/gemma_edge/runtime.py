@@ -1,0 +1,61 @@
+"""Run a .pte with the ExecuTorch runtime: the same code on the host and on the device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .artifacts import ArtifactError
+
+
+class PteDecoder:
+    """A loaded `forward(tokens, input_pos) -> logits` method of a lowered decoder."""
+
+    def __init__(self, pte_path: Path):
+        import executorch.kernels.quantized  # noqa: F401  (registers the embedding_byte kernels)
+        from executorch.runtime import Runtime
+
+        try:
+            program = Runtime.get().load_program(str(pte_path))
+            self.method = program.load_method("forward")
+        except Exception as error:  # noqa: BLE001 - the runtime reports load failures as RuntimeError/ValueError
+            raise ArtifactError(f"{pte_path} could not be loaded by the ExecuTorch runtime: {error}") from error
+        self.metadata = {name: _constant(program, name) for name in program.method_names if name != "forward"}
+
+    def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        """Feed `tokens` at positions start_pos.. and return the last position's logits (float32, 1-D)."""
+        ids = torch.tensor([tokens], dtype=torch.long)
+        positions = torch.arange(start_pos, start_pos + len(tokens), dtype=torch.long)
+        return self.method.execute([ids, positions])[0][0].to(torch.float32)
+
+
+def _constant(program, name: str):
+    values = program.load_method(name).execute([])
+    values = [v.item() if isinstance(v, torch.Tensor) else v for v in values]
+    return values[0] if len(values) == 1 else values
+
+
+def greedy_decode(step, prompt: list[int], max_new_tokens: int, eos_ids=()) -> list[int]:
+    """Prefill `prompt` in one call, then decode one token per call; stops early at an EOS id."""
+    logits = step(prompt, 0)
+    out = []
+    position = len(prompt)
+    for _ in range(max_new_tokens):
+        token = int(torch.argmax(logits))
+        out.append(token)
+        if token in eos_ids:
+            break
+        logits = step([token], position)
+        position += 1
+    return out
+
+
+def teacher_forced_logits(step, prompt: list[int], continuation: list[int]) -> list[torch.Tensor]:
+    """Logits predicting each token of `continuation`, feeding the true previous token every time."""
+    logits = [step(prompt, 0)]
+    position = len(prompt)
+    for token in continuation[:-1]:
+        logits.append(step([token], position))
+        position += 1
+    return logits

@@ -1,0 +1,12 @@
+"""Snakemake step: lower an exported program to an XNNPACK .pte."""
+from gemma_edge import pipeline
+from gemma_edge.steplog import rule_log
+
+
+def main(snakemake):
+    pipeline.lower(snakemake.input.program, snakemake.input.checkpoint, snakemake.params.per_op_mode,
+                   snakemake.output.pte, snakemake.output.manifest)
+
+
+with rule_log(snakemake.log[0], "lower"):
+    main(snakemake)

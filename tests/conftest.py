@@ -1,0 +1,64 @@
+"""Shared fixtures: a demo checkpoint seeded into a private Hugging Face cache, and one real
+workflow run on it whose artifacts the tests share (lowering takes a minute or two)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from gemma_edge import hub  # noqa: E402
+from gemma_edge.demo_model import build_demo_checkpoint  # noqa: E402
+
+TEST_REPO_ID = "tests/gemma4-tiny"
+DEFAULT_CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the workflow's Snakefile the documented way, in `workdir`."""
+    command = [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1800)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def write_config(path: Path, overrides: dict) -> Path:
+    path.write_text(yaml.safe_dump(overrides, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("demo-checkpoint")
+    build_demo_checkpoint(REPO / "resources/demo_corpus.txt", folder, DEFAULT_CONFIG["demo"]["train_steps"], DEFAULT_CONFIG["demo"]["seed"])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def seeded_hub(tmp_path_factory, demo_checkpoint) -> tuple[Path, str]:
+    """A Hugging Face cache holding the demo checkpoint as tests/gemma4-tiny; returns (cache, commit)."""
+    cache = tmp_path_factory.mktemp("hf-cache")
+    commit = hub.seed_hub_cache(demo_checkpoint, cache, TEST_REPO_ID)
+    return cache, commit
+
+
+@pytest.fixture(scope="session")
+def workflow(tmp_path_factory, seeded_hub):
+    """Run the workflow once, offline, on the seeded cache: the INT4 target and the FP32 .pte."""
+    cache, commit = seeded_hub
+    workdir = tmp_path_factory.mktemp("workflow")
+    config = write_config(workdir / "test-config.yaml", {
+        "model": "tiny",
+        "models": {"tiny": {"repo_id": TEST_REPO_ID, "revision": "main", "hub_cache": str(cache), "offline": True}},
+    })
+    targets = ["results/tiny/int4-g128/xnnpack-auto/parity.json", "results/tiny/fp32/xnnpack-auto/parity.json"]
+    run = snakemake(workdir, "--cores", "2", "--configfile", str(config), *targets, env={"HF_HUB_OFFLINE": "1"})
+    return {"workdir": workdir, "config": config, "commit": commit, "run": run, "cache": cache}

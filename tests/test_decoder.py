@@ -1,0 +1,47 @@
+"""Loading Gemma 4 checkpoints and the KV-cache decoder, in eager mode."""
+
+import json
+
+import pytest
+import torch
+
+from gemma_edge.decoder import KVCacheDecoder, load_text_model
+
+
+def test_multimodal_checkpoint_loads_its_language_model(demo_checkpoint, tmp_path):
+    """E2B ships as a multimodal checkpoint; the exporter takes its text decoder only."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    text = load_text_model(demo_checkpoint)
+    config = Gemma4Config(text_config=text.config.to_dict(), vision_config=None, audio_config=None)
+    full = Gemma4ForConditionalGeneration(config).eval()
+    full.model.language_model.load_state_dict(text.model.state_dict())
+    full.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma4"
+
+    loaded = load_text_model(tmp_path)
+    ids = torch.tensor([[2, 40, 41, 42, 43]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, text(input_ids=ids).logits)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_cache_decoder_prefill_then_decode_matches_full_recompute(demo_checkpoint):
+    model = load_text_model(demo_checkpoint)
+    decoder = KVCacheDecoder(model, max_seq_len=32).eval()
+    prompt = torch.tensor([[2, 50, 51, 52, 53, 54]])
+    with torch.no_grad():
+        logits = decoder(prompt, torch.arange(6))
+        sequence = prompt
+        for step in range(4):
+            token = logits.argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, token], dim=1)
+            logits = decoder(token, torch.tensor([6 + step]))
+            reference = model(input_ids=sequence).logits[:, -1]
+            torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_longer_than_sliding_window_is_refused(demo_checkpoint):
+    model = load_text_model(demo_checkpoint)
+    with pytest.raises(ValueError, match=r"export.max_seq_len \(256\) exceeds the model's sliding window \(128\)"):
+        KVCacheDecoder(model, max_seq_len=256)

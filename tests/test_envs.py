@@ -1,0 +1,58 @@
+"""Each rule's conda environment pins the same versions as requirements.txt."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pinned_requirements() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[normalise(name)] = version
+    return pins
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def env_pins(path: Path) -> dict[str, str]:
+    spec = yaml.safe_load(path.read_text())
+    pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict) and "pip" in d)
+    pins = {}
+    for entry in pip:
+        if entry.startswith("-"):
+            continue
+        assert "==" in entry, f"{path.name}: {entry} is not pinned with =="
+        name, version = entry.split("==")
+        pins[normalise(name)] = version
+    return pins
+
+
+def test_every_env_agrees_with_requirements():
+    required = pinned_requirements()
+    envs = sorted((REPO / "envs").glob("*.yaml"))
+    assert envs
+    for env in envs:
+        for name, version in env_pins(env).items():
+            assert name in required, f"{env.name} pins {name}, which requirements.txt does not"
+            assert version == required[name], f"{env.name} pins {name}=={version}, requirements.txt has {required[name]}"
+        assert "python=3.11" in yaml.safe_load(env.read_text())["dependencies"]
+
+
+def test_every_rule_names_an_existing_env_and_a_log():
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        text = smk.read_text()
+        for rule in re.split(r"\nrule ", "\n" + text)[1:]:
+            name = rule.split(":")[0]
+            env = re.search(r'conda:\s*\n\s*"\.\./(envs/[^"]+)"', rule)
+            assert env, f"rule {name} has no conda env"
+            assert (REPO / env.group(1)).exists(), f"rule {name}: {env.group(1)} is missing"
+            assert "\n    log:" in rule, f"rule {name} has no log"
+            assert "\n    benchmark:" in rule, f"rule {name} has no benchmark"

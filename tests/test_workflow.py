@@ -1,0 +1,142 @@
+"""The host pipeline end to end, offline, through the real snapshot_download, torch.export,
+torchao, ExecuTorch lowering and runtime, on the demo Gemma 4."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_REPO_ID, snakemake, write_config
+from gemma_edge.artifacts import ArtifactError, read_json, sha256_file, verify_against_manifest
+from gemma_edge.export import cache_buffers, load_program
+from gemma_edge.runtime import PteDecoder
+
+INT4 = "results/tiny/int4-g128/xnnpack-auto"
+FP32 = "results/tiny/fp32/xnnpack-auto"
+
+
+def jobs_of(dry_run_output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    table = dry_run_output.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+def test_download_went_through_the_seeded_hub_cache(workflow):
+    manifest = read_json(workflow["workdir"] / "results/tiny/checkpoint.json")
+    assert manifest["repo_id"] == TEST_REPO_ID
+    assert manifest["commit"] == workflow["commit"]
+    assert Path(manifest["path"]).is_relative_to(workflow["cache"])
+
+
+def test_exported_program_holds_the_kv_cache_as_buffers(workflow):
+    program = load_program(workflow["workdir"] / "results/tiny/fp32/program.pt2")
+    buffers = cache_buffers(program)
+    assert len(buffers) == 3 * 6  # keys, values, length for each of the 6 layers
+    assert not program.graph_signature.lifted_tensor_constants
+    manifest = read_json(workflow["workdir"] / "results/tiny/fp32/program.pt2.manifest.json")
+    assert manifest["eager_max_abs_diff"] < 1e-4
+
+
+def test_fp32_pte_matches_eager_fp32_exactly(workflow):
+    parity = read_json(workflow["workdir"] / FP32 / "parity.json")
+    summary = parity["summary"]
+    assert summary["passed"]
+    assert summary["greedy_exact_prompts"] == summary["prompts"]
+    assert summary["teacher_forced_top1"] == 1.0
+    assert summary["logits_cosine"] > 0.9999
+    for prompt in parity["prompts"]:
+        assert prompt["pte_tokens"] == prompt["reference_tokens"]
+
+
+def test_quantized_pte_passes_the_default_gates(workflow):
+    parity = read_json(workflow["workdir"] / INT4 / "parity.json")
+    gates = parity["gates"]
+    summary = parity["summary"]
+    assert summary["passed"] and not summary["failures"]
+    assert summary["teacher_forced_top1"] >= gates["min_teacher_forced_top1"]
+    assert summary["logits_cosine"] >= gates["min_logits_cosine"]
+    first = parity["prompts"][0]
+    assert first["prompt_ids"][0] == 2 and first["bos_included"]  # BOS recorded with the ids the device will get
+    assert parity["pte"]["sha256"] == sha256_file(workflow["workdir"] / INT4 / "model.pte")
+    assert "PASSED" in (workflow["workdir"] / INT4 / "parity.log").read_text()
+
+
+def test_quantize_manifest_lists_layers_kept_in_fp32(workflow):
+    manifest = read_json(workflow["workdir"] / "results/tiny/int4-g128/program.pt2.manifest.json")
+    report = manifest["quantization"]
+    kept = {item["weight"]: item["in_features"] for item in report["fp32_linears"]}
+    assert kept and all(width % 128 for width in kept.values())
+    assert any("per_layer_projection" in name for name in kept)
+    assert len(report["quantized_linears"]) > len(kept)
+    assert len(report["int8_embeddings"]) == 2  # token table and per-layer input table
+    assert manifest["params"] == {"scheme": "8da4w", "group_size": 128, "embeddings": "int8"}
+    assert manifest["versions"]["torchao"] == "0.18.0"
+
+
+def test_pte_carries_the_llm_runner_metadata_and_its_lowering_record(workflow):
+    decoder = PteDecoder(workflow["workdir"] / INT4 / "model.pte")
+    assert decoder.metadata["get_max_seq_len"] == 128
+    assert decoder.metadata["get_bos_id"] == 2
+    assert decoder.metadata["get_vocab_size"] == 512
+    assert decoder.metadata["use_kv_cache"] is True
+    lowering = read_json(workflow["workdir"] / INT4 / "model.pte.manifest.json")["lowering"]
+    assert lowering["per_op_mode_requested"] == "auto"
+    assert isinstance(lowering["per_op_mode_used"], bool)
+    assert lowering["xnnpack_delegate_calls"] > 0
+
+
+def test_every_rule_left_a_log_and_a_benchmark(workflow):
+    workdir = workflow["workdir"]
+    for step in ["download", "fp32/export", "int4-g128/quantize", "int4-g128/xnnpack-auto/lower", "int4-g128/xnnpack-auto/verify"]:
+        assert (workdir / "logs/tiny" / f"{step}.log").stat().st_size > 0, step
+        assert (workdir / "benchmarks/tiny" / f"{step}.tsv").exists(), step
+    assert "finished in" in (workdir / "logs/tiny/fp32/export.log").read_text()
+
+
+def test_no_temporary_files_are_left_behind(workflow):
+    leftovers = [p for p in (workflow["workdir"] / "results").rglob(".*tmp-*")]
+    assert not leftovers
+
+
+def test_second_run_does_nothing(workflow):
+    result = snakemake(workflow["workdir"], "-n", "--configfile", str(workflow["config"]),
+                       "results/tiny/int4-g128/xnnpack-auto/parity.json", "results/tiny/fp32/xnnpack-auto/parity.json")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_group_size_change_reruns_only_quantize_lower_verify(workflow, tmp_path):
+    override = write_config(tmp_path / "g64.yaml", {"quantization": {"group_size": 64}})
+    result = snakemake(workflow["workdir"], "-n", "--configfile", str(workflow["config"]), str(override))
+    assert jobs_of(result.stdout) == {"quantize": 1, "lower": 1, "verify": 1, "all": 1}
+    assert "results/tiny/int4-g64/program.pt2" in result.stdout
+
+
+def test_gate_change_reruns_only_verify_because_params_changed(workflow, tmp_path):
+    override = write_config(tmp_path / "gate.yaml", {"quantization": {"group_size": 128},
+                                                     "verify": {"gates": {"min_logits_cosine": 0.97}}})
+    result = snakemake(workflow["workdir"], "-n", "--configfile", str(workflow["config"]), str(override))
+    assert jobs_of(result.stdout) == {"verify": 1, "all": 1}
+    assert "Params have changed since last execution" in result.stdout
+
+
+def test_corrupted_pte_is_caught(workflow, tmp_path):
+    pte = tmp_path / "model.pte"
+    shutil.copy(workflow["workdir"] / INT4 / "model.pte", pte)
+    shutil.copy(workflow["workdir"] / INT4 / "model.pte.manifest.json", tmp_path / "model.pte.manifest.json")
+    data = bytearray(pte.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pte.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="model.pte is corrupt"):
+        verify_against_manifest(pte)
+    pte.write_bytes(bytes(data[:1000]))
+    with pytest.raises(ArtifactError, match="could not be loaded by the ExecuTorch runtime"):
+        PteDecoder(pte)
+
+
+def test_truncated_program_is_caught(workflow, tmp_path):
+    source = workflow["workdir"] / "results/tiny/fp32/program.pt2"
+    truncated = tmp_path / "program.pt2"
+    truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="not a loadable exported program"):
+        load_program(truncated)
