@@ -7,13 +7,15 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
-from gemma_edge.config import validate_config  # noqa: E402
+from gemma_edge.config import load_config  # noqa: E402
 
-
-configfile: "config.yaml"
-
-
-config = validate_config(config, Path(workflow.basedir) / "schemas/config.schema.yaml")
+# config.yaml beside this Snakefile holds the defaults; --configfile files and --config values
+# (already in `config`) are merged over it, from any working directory, then validated.
+config = load_config(
+    Path(workflow.basedir) / "config.yaml",
+    config,
+    Path(workflow.basedir) / "schemas/config.schema.yaml",
+)
 
 
 include: "rules/common.smk"

@@ -59,6 +59,23 @@ def _fill(node, schema) -> None:
                 _fill(value, extra)
 
 
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` over `base`, merging nested mappings key by key."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_config(defaults_path: Path, overrides: dict, schema_path: Path) -> dict:
+    """The workflow's config.yaml with Snakemake's --configfile/--config values merged over it, validated."""
+    defaults = yaml.safe_load(Path(defaults_path).read_text(encoding="utf-8"))
+    return validate_config(deep_merge(defaults, overrides), schema_path)
+
+
 def validate_config(config: dict, schema_path: Path) -> dict:
     """Return `config` with defaults filled in, or raise ConfigError naming the first bad key."""
     import jsonschema

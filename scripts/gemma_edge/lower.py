@@ -66,7 +66,7 @@ def delegation_summary(manager) -> dict:
             name = str(node.target)
             calls["xnnpack_delegates" if "executorch_call_delegate" in name else name] += 1
     delegates = calls.pop("xnnpack_delegates", 0)
-    portable = {k: v for k, v in calls.items() if not k.startswith("<built-in")}
+    portable = {k: v for k, v in calls.items() if not k.startswith("<")}  # skip memory-planning helpers
     return {"xnnpack_delegate_calls": delegates, "portable_ops": dict(sorted(portable.items()))}
 
 

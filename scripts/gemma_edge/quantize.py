@@ -94,6 +94,7 @@ def quantize_linears(graph_module: fx.GraphModule, group_size: int) -> dict:
         # torchao's tensor intercepts F.linear; the aten op would decompose before reaching it.
         node.target = torch.nn.functional.linear
         quantized.append(attr.target)
+    graph_module.recompile()
     for item in kept:
         log.warning("kept in FP32 (group size %d does not divide input width %d): %s", group_size, item["in_features"], item["weight"])
     log.info("INT4 per-group(%d) linear weights: %d quantized, %d kept in FP32", group_size, len(quantized), len(kept))
@@ -123,6 +124,7 @@ def quantize_embeddings_int8(graph_module: fx.GraphModule) -> list[str]:
         node.replace_all_uses_with(lookup)
         graph_module.graph.erase_node(node)
         done.append(attr.target)
+    graph_module.recompile()
     log.info("INT8 per-row embeddings: %s", ", ".join(done) or "none")
     return done
 

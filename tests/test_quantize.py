@@ -1,0 +1,56 @@
+"""Quantization of exported programs, on small real torch.export graphs."""
+
+import pytest
+import torch
+from torch import nn
+
+from gemma_edge.quantize import GroupSizeError, check_group_size, linear_widths, quantize_embeddings_int8, quantize_linears
+
+
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 96)
+        self.up = nn.Linear(96, 192, bias=False)
+        self.down = nn.Linear(192, 96, bias=False)
+
+    def forward(self, ids):
+        return self.down(torch.relu(self.up(self.embed(ids))))
+
+
+def exported_module():
+    torch.manual_seed(0)
+    model = TwoLinears().eval().requires_grad_(False)
+    return model, torch.export.export(model, (torch.tensor([[1, 2, 3]]),)).module()
+
+
+def test_group_size_dividing_no_width_is_rejected_naming_the_widths():
+    _, graph_module = exported_module()
+    widths = linear_widths(graph_module)
+    assert sorted(widths.values()) == [96, 192]
+    with pytest.raises(GroupSizeError, match=r"group_size 128 divides none of this model's linear input widths \(96, 192\)"):
+        check_group_size(widths, 128)
+    check_group_size(widths, 64)  # divides 192
+
+
+def test_layers_the_group_size_does_not_divide_stay_fp32_and_are_listed():
+    model, graph_module = exported_module()
+    report = quantize_linears(graph_module, 64)
+    assert report["quantized_linears"] == ["down.weight"]
+    assert report["fp32_linears"] == [{"weight": "up.weight", "in_features": 96}]
+    ids = torch.tensor([[4, 5, 6]])
+    with torch.no_grad():
+        expected, got = model(ids), graph_module(ids)
+    assert not torch.equal(expected, got)  # the INT4 weights really are in use …
+    assert torch.nn.functional.cosine_similarity(expected.flatten(), got.flatten(), dim=0) > 0.99  # … and close
+
+
+def test_embeddings_become_int8_embedding_byte():
+    model, graph_module = exported_module()
+    assert quantize_embeddings_int8(graph_module) == ["embed.weight"]
+    targets = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_function"}
+    assert "quantized_decomposed.embedding_byte.default" in targets
+    assert "aten.embedding.default" not in targets
+    ids = torch.tensor([[7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(graph_module(ids), model(ids), atol=0.05, rtol=0.05)
