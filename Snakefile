@@ -25,6 +25,7 @@ include: "rules/export.smk"
 include: "rules/quantize.smk"
 include: "rules/lower.smk"
 include: "rules/verify.smk"
+include: "rules/deploy.smk"
 
 
 rule all:

@@ -1,3 +1,5 @@
+import re
+
 # Paths and config lookups shared by every stage. Artifacts live under results/<model>/<quant>/…
 # so that models, group sizes and lowering modes coexist and switching back is free.
 
@@ -7,6 +9,7 @@ wildcard_constraints:
     quant=r"fp32|int4-g\d+",
     mode=r"auto|fused|perop",
     group_size=r"\d+",
+    target="|".join(re.escape(t) for t in config["targets"]) or "(?!)",
 
 
 PER_OP_DIR = {"auto": "auto", True: "perop", False: "fused"}
@@ -47,3 +50,16 @@ def hub_folder_name(repo_id):
     """owner/name as the single path component owner--name."""
     return "--".join(repo_id.split("/"))
 
+
+
+def target_settings(wildcards):
+    return config["targets"][wildcards.target]
+
+
+def selected_variant(name):
+    """A file of the configured model/quantization/lowering variant, e.g. model.pte."""
+    return f"{variant_dir()}/{name}"
+
+
+def checkpoint_manifest():
+    return f"results/{config['model']}/checkpoint.json"

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 from gemma_edge import hub  # noqa: E402
+from sshd import SshServer  # noqa: E402
 from gemma_edge.demo_model import build_demo_checkpoint  # noqa: E402
 
 TEST_REPO_ID = "tests/gemma4-tiny"
@@ -60,5 +61,13 @@ def workflow(tmp_path_factory, seeded_hub):
         "models": {"tiny": {"repo_id": TEST_REPO_ID, "revision": "main", "hub_cache": str(cache), "offline": True}},
     })
     targets = ["results/tiny/int4-g128/xnnpack-auto/parity.json", "results/tiny/fp32/xnnpack-auto/parity.json"]
-    run = snakemake(workdir, "--cores", "2", "--configfile", str(config), *targets, env={"HF_HUB_OFFLINE": "1"})
+    run = snakemake(workdir, "--cores", "2", *targets, "--configfile", str(config), env={"HF_HUB_OFFLINE": "1"})
     return {"workdir": workdir, "config": config, "commit": commit, "run": run, "cache": cache}
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real OpenSSH server on loopback standing in for the Pi, stopped after the session."""
+    server = SshServer.create(tmp_path_factory.mktemp("sshd")).start()
+    yield server
+    server.stop()

@@ -10,6 +10,7 @@ import pytest
 from conftest import TEST_REPO_ID, snakemake, write_config
 from gemma_edge.artifacts import ArtifactError, read_json, sha256_file, verify_against_manifest
 from gemma_edge.export import cache_buffers, load_program
+from gemma_edge.parity import TIE_MARGIN
 from gemma_edge.runtime import PteDecoder
 
 INT4 = "results/tiny/int4-g128/xnnpack-auto"
@@ -39,14 +40,20 @@ def test_exported_program_holds_the_kv_cache_as_buffers(workflow):
 
 
 def test_fp32_pte_matches_eager_fp32_exactly(workflow):
+    """Every token the same, except where eager FP32 itself had a numerical tie (top-2 logits
+    closer than TIE_MARGIN), which XNNPACK's different summation order may break the other way."""
     parity = read_json(workflow["workdir"] / FP32 / "parity.json")
     summary = parity["summary"]
     assert summary["passed"]
-    assert summary["greedy_exact_prompts"] == summary["prompts"]
-    assert summary["teacher_forced_top1"] == 1.0
+    assert summary["decisive_flips"] == 0
     assert summary["logits_cosine"] > 0.9999
     for prompt in parity["prompts"]:
-        assert prompt["pte_tokens"] == prompt["reference_tokens"]
+        ties = {flip["position"] for flip in prompt["teacher_forced_flips"]}
+        assert all(flip["reference_top2_margin"] < TIE_MARGIN for flip in prompt["teacher_forced_flips"])
+        if prompt["first_divergence"] is None:
+            assert prompt["pte_tokens"] == prompt["reference_tokens"]
+        else:
+            assert prompt["first_divergence"] in ties
 
 
 def test_quantized_pte_passes_the_default_gates(workflow):
@@ -100,8 +107,8 @@ def test_no_temporary_files_are_left_behind(workflow):
 
 
 def test_second_run_does_nothing(workflow):
-    result = snakemake(workflow["workdir"], "-n", "--configfile", str(workflow["config"]),
-                       "results/tiny/int4-g128/xnnpack-auto/parity.json", "results/tiny/fp32/xnnpack-auto/parity.json")
+    result = snakemake(workflow["workdir"], "-n", "results/tiny/int4-g128/xnnpack-auto/parity.json",
+                       "results/tiny/fp32/xnnpack-auto/parity.json", "--configfile", str(workflow["config"]))
     assert "Nothing to be done" in result.stdout + result.stderr
 
 

@@ -89,6 +89,12 @@ def validate_config(config: dict, schema_path: Path) -> dict:
     if config["model"] not in config["models"]:
         known = ", ".join(sorted(config["models"]))
         raise ConfigError(f"config: model is {config['model']!r}, which is not an entry of models (known: {known})")
+    clashes = sorted(set(config["targets"]) & (set(config["models"]) | {"demo-hub"}))
+    if clashes:
+        raise ConfigError(f"config: targets.{clashes[0]} has the name of a model (or demo-hub); both live under results/, rename it")
+    bench_max = max(config["bench"]["prompt_lengths"]) + config["bench"]["new_tokens"]
+    if bench_max > config["export"]["max_seq_len"]:
+        raise ConfigError(f"config: bench.prompt_lengths + bench.new_tokens ({bench_max}) exceed export.max_seq_len ({config['export']['max_seq_len']})")
     entry = config["models"][config["model"]]
     if entry["local_path"] and not Path(entry["local_path"]).is_dir():
         raise ConfigError(f"config: models.{config['model']}.local_path {entry['local_path']!r} is not a directory")

@@ -1,0 +1,15 @@
+"""Snakemake step: upload the .pte and tokenizer to the device, atomically and sha256-checked."""
+from pathlib import Path
+
+from gemma_edge import deploy
+from gemma_edge.artifacts import read_json
+from gemma_edge.steplog import rule_log
+
+
+def main(snakemake):
+    tokenizer = Path(read_json(snakemake.input.checkpoint)["path"]) / "tokenizer.json"
+    deploy.deploy(snakemake.wildcards.target, snakemake.params.settings, snakemake.input.pte, tokenizer, snakemake.output.deployed)
+
+
+with rule_log(snakemake.log[0], "deploy"):
+    main(snakemake)

@@ -1,0 +1,266 @@
+"""Strict SSH to a device with paramiko: known_hosts checking, quoted commands, timeouts on
+everything, and uploads that land atomically after a sha256 check on the device.
+
+Every failure is raised as RemoteError with one sentence saying what happened and, where the
+device said something, its stderr.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import shlex
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+
+from .artifacts import sha256_file
+
+log = logging.getLogger(__name__)
+
+
+class RemoteError(RuntimeError):
+    """Talking to the device failed; the message says how."""
+
+
+@dataclass
+class SshTarget:
+    """Where and how to reach a device; unset fields are taken from ~/.ssh/config for `host`."""
+
+    host: str
+    port: int | None = None
+    user: str | None = None
+    key_file: str | None = None
+    known_hosts: str | None = None
+    ssh_config: str | None = "~/.ssh/config"
+    trust_on_first_use: bool = False
+    connect_timeout_s: float = 10.0
+    resolved: dict = field(default_factory=dict, repr=False)
+
+    def resolve(self) -> dict:
+        """Merge explicit settings over what ssh_config says for this host alias."""
+        settings = {}
+        config_path = Path(os.path.expanduser(self.ssh_config)) if self.ssh_config else None
+        if config_path and config_path.exists():
+            parsed = paramiko.SSHConfig.from_path(str(config_path)).lookup(self.host)
+            settings = {
+                "hostname": parsed.get("hostname", self.host),
+                "port": int(parsed["port"]) if "port" in parsed else None,
+                "user": parsed.get("user"),
+                "key_file": (parsed.get("identityfile") or [None])[0],
+                "known_hosts": (parsed.get("userknownhostsfile") or "").split()[0] if parsed.get("userknownhostsfile") else None,
+            }
+        resolved = {
+            "hostname": settings.get("hostname", self.host),
+            "port": self.port or settings.get("port") or 22,
+            "user": self.user or settings.get("user") or getpass.getuser(),
+            "key_file": self.key_file or settings.get("key_file"),
+            "known_hosts": self.known_hosts or settings.get("known_hosts") or "~/.ssh/known_hosts",
+        }
+        for key in ("key_file", "known_hosts"):
+            if resolved[key]:
+                resolved[key] = os.path.expanduser(resolved[key])
+        return resolved
+
+
+def connect(target: SshTarget) -> paramiko.SSHClient:
+    """Open an SSH connection, refusing hosts whose key is not already in known_hosts."""
+    where = target.resolve()
+    label = f"{where['user']}@{where['hostname']}:{where['port']}"
+    client = paramiko.SSHClient()
+    known_hosts = Path(where["known_hosts"])
+    if known_hosts.exists():
+        client.load_host_keys(str(known_hosts))
+    if target.trust_on_first_use:
+        log.warning("trust_on_first_use is on: an unknown host key for %s will be accepted and saved to %s", label, known_hosts)
+        client.set_missing_host_key_policy(_SaveNewHostKey(known_hosts))
+    else:
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect(
+            where["hostname"],
+            port=where["port"],
+            username=where["user"],
+            key_filename=where["key_file"],
+            look_for_keys=where["key_file"] is None,
+            allow_agent=True,
+            timeout=target.connect_timeout_s,
+            banner_timeout=target.connect_timeout_s,
+            auth_timeout=target.connect_timeout_s,
+        )
+    except paramiko.BadHostKeyException as error:
+        client.close()
+        raise RemoteError(
+            f"the host key of {label} does not match the one in {known_hosts}: refusing to connect "
+            "(if the device was re-imaged, remove its old entry with `ssh-keygen -R` and check the new fingerprint)"
+        ) from error
+    except paramiko.AuthenticationException as error:
+        client.close()
+        raise RemoteError(f"authentication to {label} failed: the key {where['key_file'] or '(agent/default keys)'} was not accepted") from error
+    except paramiko.SSHException as error:
+        client.close()
+        if "not found in known_hosts" in str(error):
+            raise RemoteError(
+                f"{label} is not in {known_hosts}: check its fingerprint and add it (ssh-keyscan -p {where['port']} "
+                f"{where['hostname']} >> {known_hosts}), or set trust_on_first_use for this target"
+            ) from error
+        raise RemoteError(f"SSH to {label} failed: {error}") from error
+    except (socket.timeout, TimeoutError) as error:
+        client.close()
+        raise RemoteError(f"{label} is unreachable: no answer within {target.connect_timeout_s:.0f} s") from error
+    except (paramiko.ssh_exception.NoValidConnectionsError, OSError) as error:
+        client.close()
+        raise RemoteError(f"{label} is unreachable: {error}") from error
+    transport = client.get_transport()
+    transport.set_keepalive(5)
+    log.info("connected to %s", label)
+    return client
+
+
+class _SaveNewHostKey(paramiko.MissingHostKeyPolicy):
+    def __init__(self, known_hosts: Path):
+        self.known_hosts = known_hosts
+
+    def missing_host_key(self, client, hostname, key):
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+        client.save_host_keys(str(self.known_hosts))
+        log.warning("trusted new host key %s %s for %s on first use", key.get_name(), key.get_fingerprint().hex(), hostname)
+
+
+def run(client: paramiko.SSHClient, argv: list[str], timeout_s: float, check: bool = True) -> tuple[int, str, str]:
+    """Run `argv` on the device (each word shell-quoted); kill it and raise after `timeout_s`."""
+    command = shlex.join(str(a) for a in argv)
+    return run_shell(client, command, timeout_s, check, shown=command)
+
+
+def run_shell(client: paramiko.SSHClient, command: str, timeout_s: float, check: bool = True, shown: str | None = None):
+    """Run a shell command line built only from shlex-quoted parts; same timeout and errors as run()."""
+    shown = shown or command
+    try:
+        channel = client.get_transport().open_session(timeout=timeout_s)
+        channel.exec_command(command)
+    except (paramiko.SSHException, OSError, EOFError) as error:
+        raise RemoteError(f"could not start `{shown}` on the device: {error}") from error
+    stdout, stderr = bytearray(), bytearray()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            while channel.recv_ready():
+                stdout += channel.recv(65536)
+            while channel.recv_stderr_ready():
+                stderr += channel.recv_stderr(65536)
+            if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+                break
+            if channel.closed and not channel.exit_status_ready():
+                raise RemoteError(f"the connection dropped while running `{shown}`")
+            if time.monotonic() > deadline:
+                channel.close()
+                raise RemoteError(f"`{shown}` timed out after {timeout_s:.0f} s on the device and was stopped")
+            if not client.get_transport().is_active():
+                raise RemoteError(f"the connection dropped while running `{shown}`")
+            time.sleep(0.02)
+        status = channel.recv_exit_status()
+    finally:
+        channel.close()
+    out, err = stdout.decode(errors="replace"), stderr.decode(errors="replace")
+    if check and status != 0:
+        raise RemoteError(f"`{shown}` failed on the device (exit {status}): {err.strip()[-2000:] or out.strip()[-2000:]}")
+    return status, out, err
+
+
+def remote_sha256(client, path: str, timeout_s: float) -> str | None:
+    status, out, _ = run_shell(client, f"sha256sum -- {shlex.quote(path)} 2>/dev/null", timeout_s, check=False)
+    return out.split()[0] if status == 0 and out.strip() else None
+
+
+def remote_free_bytes(client, directory: str, timeout_s: float) -> int:
+    _, out, _ = run(client, ["df", "-Pk", directory], timeout_s)
+    return int(out.strip().splitlines()[-1].split()[3]) * 1024
+
+
+def upload_atomically(client, local: Path, remote_path: str, timeout_s: float) -> dict:
+    """Put `local` at `remote_path` only whole: temp name, sha256 checked on the device, rename.
+
+    Skipped when the device already holds a file with the same sha256. Refuses to start when the
+    device has less free disk than the file needs.
+    """
+    local = Path(local)
+    digest = sha256_file(local)
+    size = local.stat().st_size
+    if remote_sha256(client, remote_path, timeout_s) == digest:
+        log.info("%s already on the device with the same sha256; not uploading", remote_path)
+        return {"path": remote_path, "sha256": digest, "size_bytes": size, "uploaded": False, "seconds": 0.0}
+    directory = os.path.dirname(remote_path) or "."
+    free = remote_free_bytes(client, directory, timeout_s)
+    if free < size:
+        raise RemoteError(
+            f"the device has {free / 1e6:.1f} MB free in {directory} but {local.name} needs {size / 1e6:.1f} MB: free space there first"
+        )
+    temporary = f"{remote_path}.tmp-{os.getpid()}"
+    started = time.monotonic()
+    try:
+        sftp = client.open_sftp()
+        sftp.get_channel().settimeout(timeout_s)
+        try:
+            sftp.put(str(local), temporary, callback=_progress(local.name, size), confirm=True)
+        finally:
+            sftp.close()
+        uploaded = remote_sha256(client, temporary, timeout_s)
+        if uploaded != digest:
+            raise RemoteError(f"{local.name} arrived corrupted on the device (sha256 {uploaded} != {digest})")
+        run(client, ["mv", "-f", temporary, remote_path], timeout_s)
+    except (OSError, EOFError, paramiko.SSHException) as error:
+        _try_remove(client, temporary, timeout_s)
+        raise RemoteError(f"uploading {local.name} to {remote_path} failed: {error or type(error).__name__}") from error
+    except RemoteError:
+        _try_remove(client, temporary, timeout_s)
+        raise
+    seconds = time.monotonic() - started
+    log.info("uploaded %s (%.1f MB) in %.1f s, sha256 verified on the device", local.name, size / 1e6, seconds)
+    return {"path": remote_path, "sha256": digest, "size_bytes": size, "uploaded": True, "seconds": seconds}
+
+
+def _try_remove(client, path: str, timeout_s: float) -> None:
+    try:
+        if client.get_transport() and client.get_transport().is_active():
+            run(client, ["rm", "-f", path], timeout_s, check=False)
+    except RemoteError:
+        pass  # the connection is gone; remove_stale_uploads() clears it on the next run
+
+
+def remove_stale_uploads(client, directory: str, timeout_s: float) -> None:
+    """Delete temporary upload files an interrupted earlier run left in `directory`."""
+    run_shell(client, f"find {shlex.quote(directory)} -maxdepth 1 -name '*.tmp-*' -type f -delete", timeout_s, check=False)
+
+
+def _progress(name: str, total: int):
+    state = {"next": 0.0}
+
+    def report(done: int, _total: int) -> None:
+        fraction = done / total if total else 1.0
+        if fraction >= state["next"]:
+            log.info("uploading %s: %3.0f%% of %.1f MB", name, 100 * fraction, total / 1e6)
+            state["next"] = fraction + 0.25
+
+    return report
+
+
+def download_file(client, remote_path: str, local: Path, timeout_s: float) -> None:
+    """Fetch `remote_path` into `local` atomically."""
+    from .artifacts import atomic_output
+
+    with atomic_output(local) as tmp:
+        try:
+            sftp = client.open_sftp()
+            sftp.get_channel().settimeout(timeout_s)
+            try:
+                sftp.get(remote_path, str(tmp))
+            finally:
+                sftp.close()
+        except (OSError, EOFError, paramiko.SSHException) as error:
+            raise RemoteError(f"fetching {remote_path} from the device failed: {error}") from error

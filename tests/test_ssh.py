@@ -1,0 +1,175 @@
+"""The SSH transport against a real OpenSSH server on loopback: every failure provoked for real."""
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gemma_edge import deploy, ssh
+from gemma_edge.artifacts import sha256_file
+from sshd import SshServer
+
+
+def client_for(server, **overrides):
+    return ssh.connect(deploy.ssh_target(server.target(Path("/tmp"), **overrides)))
+
+
+def test_commands_are_quoted_and_report_their_output(sshd, tmp_path):
+    client = client_for(sshd)
+    try:
+        odd = tmp_path / "a folder; with $(spaces) & 'quotes'"
+        ssh.run(client, ["mkdir", "-p", str(odd)], 10)
+        assert odd.is_dir()
+        status, out, _ = ssh.run(client, ["printf", "%s", "$HOME `id`"], 10)
+        assert (status, out) == (0, "$HOME `id`")
+    finally:
+        client.close()
+
+
+def test_failing_remote_command_gives_its_stderr(sshd):
+    client = client_for(sshd)
+    try:
+        with pytest.raises(ssh.RemoteError, match=r"failed on the device \(exit 3\): broken on purpose"):
+            ssh.run(client, ["sh", "-c", "echo broken on purpose >&2; exit 3"], 10)
+    finally:
+        client.close()
+
+
+def test_remote_command_is_stopped_at_its_timeout(sshd):
+    client = client_for(sshd)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ssh.RemoteError, match=r"timed out after 1 s"):
+            ssh.run(client, ["sleep", "30"], 1)
+        assert time.monotonic() - started < 10
+    finally:
+        client.close()
+
+
+def test_wrong_key_is_refused(sshd, tmp_path):
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    with pytest.raises(ssh.RemoteError, match="authentication to root@127.0.0.1:.* failed"):
+        client_for(sshd, key_file=str(stranger))
+
+
+def test_changed_host_key_is_refused(sshd, tmp_path):
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port} {' '.join(other.with_suffix('.pub').read_text().split()[:2])}\n")
+    with pytest.raises(ssh.RemoteError, match="does not match the one in"):
+        client_for(sshd, known_hosts=str(known))
+
+
+def test_unknown_host_is_refused_unless_trusted_on_first_use(sshd, tmp_path):
+    known = tmp_path / "known_hosts"
+    with pytest.raises(ssh.RemoteError, match="is not in .*known_hosts: check its fingerprint"):
+        client_for(sshd, known_hosts=str(known))
+    assert not known.exists()
+    client_for(sshd, known_hosts=str(known), trust_on_first_use=True).close()
+    assert "ssh-ed25519" in known.read_text()
+    client_for(sshd, known_hosts=str(known)).close()  # now known: strict checking passes
+
+
+def test_closed_port_is_reported_unreachable(sshd):
+    port = sshd.port + 1 if sshd.port < 65000 else sshd.port - 1
+    with pytest.raises(ssh.RemoteError, match="is unreachable"):
+        client_for(sshd, port=port)
+
+
+def test_ssh_config_alias_is_honoured(sshd, tmp_path):
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host pi5-test\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User root\n"
+                      f"  IdentityFile {sshd.client_key}\n  UserKnownHostsFile {sshd.known_hosts}\n")
+    target = deploy.ssh_target({"host": "pi5-test", "ssh_config": str(config)})
+    client = ssh.connect(target)
+    try:
+        assert ssh.run(client, ["echo", "ok"], 10)[1].strip() == "ok"
+    finally:
+        client.close()
+
+
+def test_upload_is_atomic_checked_and_skipped_when_present(sshd, tmp_path):
+    local = tmp_path / "payload.bin"
+    local.write_bytes(os.urandom(3_000_000))
+    remote = tmp_path / "remote" / "payload.bin"
+    remote.parent.mkdir()
+    client = client_for(sshd)
+    try:
+        first = ssh.upload_atomically(client, local, str(remote), 30)
+        second = ssh.upload_atomically(client, local, str(remote), 30)
+    finally:
+        client.close()
+    assert first["uploaded"] and not second["uploaded"]
+    assert sha256_file(remote) == sha256_file(local)
+    assert list(remote.parent.iterdir()) == [remote]
+
+
+def test_dropped_connection_mid_upload_leaves_no_file(tmp_path):
+    server = SshServer.create(tmp_path / "sshd").start()
+    local = tmp_path / "big.bin"
+    with open(local, "wb") as handle:
+        for _ in range(40):
+            handle.write(os.urandom(8_000_000))
+    remote_dir = tmp_path / "remote"
+    remote_dir.mkdir()
+
+    def stop_when_transfer_starts():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not list(remote_dir.glob("*.tmp-*")):
+            time.sleep(0.01)
+        server.stop()
+
+    killer = threading.Thread(target=stop_when_transfer_starts)
+    client = client_for(server)
+    killer.start()
+    try:
+        with pytest.raises(ssh.RemoteError, match="uploading big.bin to .* failed|connection dropped"):
+            ssh.upload_atomically(client, local, str(remote_dir / "big.bin"), 30)
+    finally:
+        killer.join()
+        client.close()
+    assert not (remote_dir / "big.bin").exists()
+    # The temporary file the dropped session left is cleared by the next run's provisioning.
+    server.start()
+    client = client_for(server)
+    try:
+        ssh.remove_stale_uploads(client, str(remote_dir), 10)
+    finally:
+        client.close()
+        server.stop()
+    assert list(remote_dir.iterdir()) == []
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill a disk: {result.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_full_remote_disk_is_refused_before_uploading(sshd, tmp_path, small_filesystem):
+    local = tmp_path / "model.pte"
+    local.write_bytes(os.urandom(5_000_000))
+    client = client_for(sshd)
+    try:
+        with pytest.raises(ssh.RemoteError, match=r"has 2.1 MB free in .* but model.pte needs 5.0 MB"):
+            ssh.upload_atomically(client, local, str(small_filesystem / "model.pte"), 30)
+    finally:
+        client.close()
+    assert list(small_filesystem.iterdir()) == []
+
+
+def test_missing_remote_python_is_reported(sshd, tmp_path):
+    settings = sshd.target(tmp_path / "remote", python="/nonexistent/python3")
+    with pytest.raises(deploy.DeviceError, match="cannot run the benchmark runner"):
+        deploy.provision("broken", settings, tmp_path / "device.json")
+    assert not (tmp_path / "device.json").exists()
