@@ -45,3 +45,15 @@ def test_cache_longer_than_sliding_window_is_refused(demo_checkpoint):
     model = load_text_model(demo_checkpoint)
     with pytest.raises(ValueError, match=r"export.max_seq_len \(256\) exceeds the model's sliding window \(128\)"):
         KVCacheDecoder(model, max_seq_len=256)
+
+
+def test_every_demo_token_decodes_to_valid_utf8_on_its_own(demo_checkpoint):
+    """ExecuTorch's runner decodes piece by piece, so no piece may be a partial UTF-8 sequence."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(demo_checkpoint / "tokenizer.json"))
+    for token_id in range(tokenizer.get_vocab_size()):
+        piece = tokenizer.decode([token_id], skip_special_tokens=False)
+        assert "\ufffd" not in piece, (token_id, piece)
+        piece.encode("utf-8", errors="strict")
+    assert tokenizer.encode("Drop items").ids[0] == 2  # BOS first, as Gemma's tokenizer does

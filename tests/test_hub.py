@@ -1,10 +1,13 @@
 """The download step's real huggingface_hub code against caches the tests lay out themselves."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from conftest import TEST_REPO_ID
+from conftest import REPO, TEST_REPO_ID
 from gemma_edge import hub, pipeline
 from gemma_edge.artifacts import ArtifactError, read_json
 
@@ -53,3 +56,55 @@ def test_corrupted_checkpoint_file_is_caught(demo_checkpoint, tmp_path):
     with pytest.raises(ArtifactError, match="model.safetensors is corrupt"):
         pipeline.load_checkpoint(tmp_path / "c.json")
     assert manifest["files"]["model.safetensors"]["sha256"] != hub.describe_checkpoint(folder)["model.safetensors"]["sha256"]
+
+
+class _HubStandIn:
+    """A loopback HTTP server answering every hub API call with one error, as the hub does."""
+
+    def __init__(self, status: int, error_code: str):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                self.send_response(status)
+                self.send_header("X-Error-Code", error_code)
+                self.send_header("X-Error-Message", f"{error_code} (loopback stand-in)")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_HEAD = do_GET  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+
+
+def _download_against(url: str, tmp_path) -> subprocess.CompletedProcess:
+    code = ("import sys; sys.path.insert(0, 'scripts'); from gemma_edge import pipeline; "
+            f"pipeline.download('google/gemma-4-E2B', 'main', {str(tmp_path / 'cache')!r}, False, None, {str(tmp_path / 'c.json')!r})")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    env.update({"HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf-home")})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("status, error_code, message", [
+    (401, "GatedRepo", "is a gated model: accept its licence on its Hugging Face page, then set HF_TOKEN"),
+    (404, "RepoNotFound", "was not found on the Hugging Face hub (or is private)"),
+])
+def test_hub_refusals_are_explained(tmp_path, status, error_code, message):
+    hub_stand_in = _HubStandIn(status, error_code)
+    try:
+        result = _download_against(hub_stand_in.url, tmp_path)
+    finally:
+        hub_stand_in.close()
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "c.json").exists()

@@ -263,6 +263,7 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
                 "per_op_mode_used": pte_manifest["lowering"]["per_op_mode_used"],
                 "fused_rejection": pte_manifest["lowering"]["fused_rejection"]},
         "device": {k: v for k, v in device.items() if k not in ("target",)},
+        "host_parity": {k: host_parity["summary"][k] for k in ("teacher_forced_top1", "logits_cosine", "greedy_prefix", "passed")},
         "versions": {"host": artifacts.package_versions(), "device": device["versions"]},
         **result,
         "parity": {"prompts": len(rows), "identical_to_host_pte": sum(r["matches_host_pte"] for r in rows),

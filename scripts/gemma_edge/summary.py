@@ -1,0 +1,121 @@
+"""Collect the benchmarks of a sweep into one table and the plots that answer
+"which group size, which device, fused or per-op"."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+from .artifacts import atomic_output, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [
+    "target", "model", "variant", "group_size", "per_op_mode_used", "pte_mb", "prompt_tokens", "new_tokens",
+    "prefill_tps", "prefill_tps_stddev", "decode_tps", "decode_tps_stddev", "ttft_ms", "load_s", "peak_rss_mb",
+    "host_teacher_forced_top1", "host_logits_cosine", "device_identical_to_host_pte", "cpu_model", "executorch",
+]
+
+
+def variant_name(bench: dict) -> str:
+    group = bench["quantization"].get("group_size")
+    mode = "per-op" if bench["pte"]["per_op_mode_used"] else "fused"
+    return f"{'int4-g' + str(group) if group else 'fp32'} {mode}"
+
+
+def rows_of(bench: dict) -> list[dict]:
+    host = bench.get("host_parity", {})
+    rows = []
+    for run in bench["runs"]:
+        rows.append({
+            "target": bench["target"],
+            "model": bench["model"]["repo_id"],
+            "variant": variant_name(bench),
+            "group_size": bench["quantization"].get("group_size"),
+            "per_op_mode_used": bench["pte"]["per_op_mode_used"],
+            "pte_mb": round(bench["pte"]["size_bytes"] / 1e6, 3),
+            "prompt_tokens": run["prompt_tokens"],
+            "new_tokens": run["new_tokens"],
+            "prefill_tps": round(run["prefill_tps"]["avg"], 2),
+            "prefill_tps_stddev": round(run["prefill_tps"]["stddev"], 2),
+            "decode_tps": round(run["decode_tps"]["avg"], 2),
+            "decode_tps_stddev": round(run["decode_tps"]["stddev"], 2),
+            "ttft_ms": round(1000 * run["ttft_s"]["avg"], 2),
+            "load_s": round(bench["load_s"], 3),
+            "peak_rss_mb": round(bench["peak_rss_bytes"] / 1e6, 1),
+            "host_teacher_forced_top1": host.get("teacher_forced_top1"),
+            "host_logits_cosine": host.get("logits_cosine"),
+            "device_identical_to_host_pte": f"{bench['parity']['identical_to_host_pte']}/{bench['parity']['prompts']}",
+            "cpu_model": bench["device"].get("cpu_model"),
+            "executorch": bench["versions"]["device"].get("executorch"),
+        })
+    return rows
+
+
+def summarise(bench_paths: list[Path], out_csv: Path, out_json: Path) -> list[dict]:
+    benches = [read_json(p) for p in bench_paths]
+    rows = [row for bench in benches for row in rows_of(bench)]
+    rows.sort(key=lambda r: (r["target"], r["group_size"] or 0, r["variant"], r["prompt_tokens"]))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_output(out_csv) as tmp:
+        tmp.write_text(buffer.getvalue())
+    write_json(out_json, {"rows": rows, "sources": [str(p) for p in bench_paths],
+                          "versions": benches[0]["versions"]["host"] if benches else {}})
+    log.info("summary of %d benchmark(s), %d rows", len(benches), len(rows))
+    return rows
+
+
+def plot_metric(rows: list[dict], metric: str, ylabel: str, title: str, out_png: Path, error: str | None = None) -> None:
+    """Grouped bars: one group per variant, one bar per target (at the longest prompt length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    longest = {}
+    for row in rows:
+        key = (row["variant"], row["target"])
+        if key not in longest or row["prompt_tokens"] > longest[key]["prompt_tokens"]:
+            longest[key] = row
+    variants = sorted({v for v, _ in longest})
+    targets = sorted({t for _, t in longest})
+    width = 0.8 / max(len(targets), 1)
+    figure, axes = plt.subplots(figsize=(1.6 + 1.4 * len(variants) * max(len(targets), 1) ** 0.5, 3.6), dpi=110)
+    for index, target in enumerate(targets):
+        xs, ys, errs = [], [], []
+        for position, variant in enumerate(variants):
+            row = longest.get((variant, target))
+            if row is None or row[metric] is None:
+                continue
+            xs.append(position + (index - (len(targets) - 1) / 2) * width)
+            ys.append(row[metric])
+            errs.append(row[error] if error else 0)
+        axes.bar(xs, ys, width=width, yerr=errs if error else None, capsize=3, label=target)
+    axes.set_xticks(range(len(variants)), variants, rotation=15)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(title="target", fontsize=8)
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    with atomic_output(out_png) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+
+
+PLOTS = {
+    "decode": ("decode_tps", "decode tokens/s", "Decode speed (mean ± stddev)", "decode_tps_stddev"),
+    "prefill": ("prefill_tps", "prefill tokens/s", "Prefill speed (mean ± stddev)", "prefill_tps_stddev"),
+    "size": ("pte_mb", ".pte size (MB)", "Program size", None),
+    "parity": ("host_teacher_forced_top1", "teacher-forced top-1 vs FP32", "Parity with eager FP32", None),
+}
+
+
+def plot_all(rows: list[dict], outputs: dict[str, Path]) -> None:
+    for name, path in outputs.items():
+        metric, ylabel, title, error = PLOTS[name]
+        plot_metric(rows, metric, ylabel, title, Path(path), error)
