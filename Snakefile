@@ -26,6 +26,7 @@ include: "rules/quantize.smk"
 include: "rules/lower.smk"
 include: "rules/verify.smk"
 include: "rules/deploy.smk"
+include: "rules/report.smk"
 
 
 rule all:

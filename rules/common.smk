@@ -56,10 +56,27 @@ def target_settings(wildcards):
     return config["targets"][wildcards.target]
 
 
-def selected_variant(name):
-    """A file of the configured model/quantization/lowering variant, e.g. model.pte."""
-    return f"{variant_dir()}/{name}"
 
 
-def checkpoint_manifest():
-    return f"results/{config['model']}/checkpoint.json"
+def current_variant_file(name):
+    """results/<target>/<model>/<quant>/xnnpack-<mode>/<name> for the configured variant."""
+
+    def path(wildcards):
+        return f"results/{wildcards.target}/{variant_dir().removeprefix('results/')}/{name}"
+
+    return path
+
+
+def sweep_benches():
+    sweep = config["sweep"]
+    modes = [PER_OP_DIR[m] for m in sweep["per_op_modes"]]
+    return [
+        f"results/{target}/{config['model']}/int4-g{group}/xnnpack-{mode}/bench.json"
+        for target in sweep["targets"]
+        for group in sweep["group_sizes"]
+        for mode in modes
+    ]
+
+
+for _target in config["targets"]:
+    workflow.register_resource(f"device_{_target}", 1)

@@ -1,11 +1,7 @@
-# Device stages: they talk to the device over SSH (or run locally), so they run on the machine
-# that drives the workflow, never on a cluster node, and one benchmark at a time.
-
-
-localrules:
-    provision,
-    deploy,
-    bench,
+# Device stages. They talk to a device over SSH (or run on this machine), so they are local
+# rules: never sent to a cluster. Each target gets its own deploy and bench rules so that each
+# can hold that device's resource (device_<target>=1, registered in rules/common.smk): two
+# benchmarks never share a device, while different devices benchmark in parallel.
 
 
 rule provision:
@@ -19,60 +15,93 @@ rule provision:
         "../envs/deploy.yaml"
     params:
         settings=target_settings,
+    localrule: True
     message:
         "Provisioning {wildcards.target}: runtime versions and device facts"
     script:
         "../scripts/provision.py"
 
 
-rule deploy:
-    input:
-        pte=selected_variant("model.pte"),
-        checkpoint=checkpoint_manifest(),
-        device=rules.provision.output.device,
-    output:
-        deployed="results/{target}/deployed.json",
-    log:
-        "logs/targets/{target}/deploy.log",
-    benchmark:
-        "benchmarks/targets/{target}/deploy.tsv"
-    conda:
-        "../envs/deploy.yaml"
-    params:
-        settings=target_settings,
-    message:
-        "Uploading {input.pte} to {wildcards.target}"
-    script:
-        "../scripts/deploy.py"
+for target_name in config["targets"]:
+
+    rule:
+        name:
+            f"deploy_{target_name}"
+        input:
+            pte="results/{model}/{quant}/xnnpack-{mode}/model.pte",
+            checkpoint="results/{model}/checkpoint.json",
+            device=f"results/{target_name}/device.json",
+        output:
+            deployed=f"results/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/deployed.json",
+        log:
+            f"logs/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/deploy.log",
+        benchmark:
+            f"benchmarks/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/deploy.tsv"
+        conda:
+            "../envs/deploy.yaml"
+        params:
+            target=target_name,
+            settings=config["targets"][target_name],
+        resources:
+            **{f"device_{target_name}": 1},
+        localrule: True
+        message:
+            f"Uploading {{input.pte}} to {target_name}"
+        script:
+            "../scripts/deploy.py"
+
+    rule:
+        name:
+            f"bench_{target_name}"
+        input:
+            deployed=f"results/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/deployed.json",
+            device=f"results/{target_name}/device.json",
+            pte_manifest="results/{model}/{quant}/xnnpack-{mode}/model.pte.manifest.json",
+            host_parity="results/{model}/{quant}/xnnpack-{mode}/parity.json",
+            checkpoint="results/{model}/checkpoint.json",
+        output:
+            bench=report(
+                f"results/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/bench.json",
+                caption="../report/bench.rst",
+                category="Benchmarks",
+                subcategory=target_name,
+            ),
+            parity_log=f"results/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/parity.log",
+            parity=f"results/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/parity.json",
+        log:
+            f"logs/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/bench.log",
+        benchmark:
+            f"benchmarks/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/bench.tsv"
+        conda:
+            "../envs/deploy.yaml"
+        params:
+            target=target_name,
+            settings=config["targets"][target_name],
+            bench=config["bench"],
+        resources:
+            **{f"device_{target_name}": 1},
+        localrule: True
+        message:
+            f"Benchmarking decode on {target_name}"
+        script:
+            "../scripts/bench.py"
 
 
-rule bench:
+rule current_bench:
     input:
-        deployed=rules.deploy.output.deployed,
-        device=rules.provision.output.device,
-        pte_manifest=selected_variant("model.pte.manifest.json"),
-        host_parity=selected_variant("parity.json"),
-        checkpoint=checkpoint_manifest(),
+        bench=current_variant_file("bench.json"),
+        parity_log=current_variant_file("parity.log"),
+        parity=current_variant_file("parity.json"),
     output:
-        bench=report(
-            "results/{target}/bench.json",
-            caption="../report/bench.rst",
-            category="Benchmarks",
-        ),
+        bench="results/{target}/bench.json",
         parity_log="results/{target}/parity.log",
         parity="results/{target}/parity.json",
     log:
-        "logs/targets/{target}/bench.log",
-    benchmark:
-        "benchmarks/targets/{target}/bench.tsv"
+        "logs/targets/{target}/current_bench.log",
     conda:
         "../envs/deploy.yaml"
-    params:
-        settings=target_settings,
-        bench=config["bench"],
-    resources:
-        device_bench=1,
+    localrule: True
     message:
-        "Benchmarking decode on {wildcards.target}"
+        "results/{wildcards.target}/bench.json: the configured variant's benchmark"
     script:
-        "../scripts/bench.py"
+        "../scripts/publish.py"

@@ -5,7 +5,7 @@ from gemma_edge.steplog import rule_log
 
 def main(snakemake):
     i, o = snakemake.input, snakemake.output
-    deploy.bench(snakemake.wildcards.target, snakemake.params.settings, snakemake.params.bench, i.deployed, i.device,
+    deploy.bench(snakemake.params.target, snakemake.params.settings, snakemake.params.bench, i.deployed, i.device,
                  i.pte_manifest, i.host_parity, i.checkpoint, o.bench, o.parity_log, o.parity)
 
 

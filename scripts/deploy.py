@@ -8,7 +8,7 @@ from gemma_edge.steplog import rule_log
 
 def main(snakemake):
     tokenizer = Path(read_json(snakemake.input.checkpoint)["path"]) / "tokenizer.json"
-    deploy.deploy(snakemake.wildcards.target, snakemake.params.settings, snakemake.input.pte, tokenizer, snakemake.output.deployed)
+    deploy.deploy(snakemake.params.target, snakemake.params.settings, snakemake.input.pte, tokenizer, snakemake.output.deployed)
 
 
 with rule_log(snakemake.log[0], "deploy"):

@@ -71,3 +71,16 @@ def sshd(tmp_path_factory):
     server = SshServer.create(tmp_path_factory.mktemp("sshd")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def deployed(workflow, sshd, tmp_path_factory):
+    """The workflow run on, deployed and benchmarked through, the loopback sshd and the local target."""
+    remote = tmp_path_factory.mktemp("remote-home")
+    config = write_config(workflow["workdir"] / "targets.yaml", {
+        "targets": {"loopback": sshd.target(remote / "gemma-edge"), "local": {"kind": "local", "threads": 2}},
+        "bench": {"prompt_lengths": [8, 32], "new_tokens": 8, "repetitions": 2, "warmup": 1},
+    })
+    configs = [str(workflow["config"]), str(config)]
+    snakemake(workflow["workdir"], "--cores", "2", "results/loopback/bench.json", "results/local/bench.json", "--configfile", *configs)
+    return {"workdir": workflow["workdir"], "remote": remote / "gemma-edge", "configs": configs, "targets_config": config}

@@ -1,23 +1,14 @@
 """Deploy and benchmark through a real OpenSSH server on loopback, and on the local target."""
 
+import getpass
+
 import pytest
 
 from conftest import snakemake, write_config
 from gemma_edge.artifacts import read_json, sha256_file
 
-INT4 = "results/tiny/int4-g128/xnnpack-auto"
-
-
-@pytest.fixture(scope="module")
-def deployed(workflow, sshd, tmp_path_factory):
-    remote = tmp_path_factory.mktemp("remote-home")
-    config = write_config(workflow["workdir"] / "targets.yaml", {
-        "targets": {"loopback": sshd.target(remote / "gemma-edge"), "local": {"kind": "local", "threads": 2}},
-        "bench": {"prompt_lengths": [8, 32], "new_tokens": 8, "repetitions": 2, "warmup": 1},
-    })
-    configs = [str(workflow["config"]), str(config)]
-    snakemake(workflow["workdir"], "--cores", "2", "results/loopback/bench.json", "results/local/bench.json", "--configfile", *configs)
-    return {"workdir": workflow["workdir"], "remote": remote / "gemma-edge", "configs": configs}
+VARIANT = "tiny/int4-g128/xnnpack-auto"
+INT4 = f"results/{VARIANT}"
 
 
 @pytest.mark.parametrize("target", ["loopback", "local"])
@@ -51,7 +42,7 @@ def test_device_reproduces_the_host_tokens(deployed, target):
 
 
 def test_upload_landed_on_the_device_with_its_hash(deployed):
-    record = read_json(deployed["workdir"] / "results/loopback/deployed.json")
+    record = read_json(deployed["workdir"] / "results/loopback" / VARIANT / "deployed.json")
     pte = record["files"]["pte"]
     assert pte["uploaded"]
     assert sha256_file(pte["path"]) == pte["sha256"]
@@ -62,9 +53,9 @@ def test_upload_landed_on_the_device_with_its_hash(deployed):
 def test_second_run_does_not_upload_again(deployed):
     result = snakemake(deployed["workdir"], "-n", "results/loopback/bench.json", "--configfile", *deployed["configs"])
     assert "Nothing to be done" in result.stdout + result.stderr
-    snakemake(deployed["workdir"], "--cores", "1", "--forcerun", "deploy", "results/loopback/deployed.json",
-              "--configfile", *deployed["configs"])
-    record = read_json(deployed["workdir"] / "results/loopback/deployed.json")
+    deployed_json = f"results/loopback/{VARIANT}/deployed.json"
+    snakemake(deployed["workdir"], "--cores", "1", deployed_json, "--configfile", *deployed["configs"], "--forcerun", "deploy_loopback")
+    record = read_json(deployed["workdir"] / deployed_json)
     assert not record["files"]["pte"]["uploaded"] and not record["files"]["tokenizer"]["uploaded"]
 
 
@@ -74,5 +65,5 @@ def test_unreachable_device_fails_with_one_sentence_and_no_output(workflow, tmp_
     result = snakemake(workflow["workdir"], "--cores", "1", "results/dead/bench.json", "--configfile",
                        str(workflow["config"]), str(config), check=False)
     assert result.returncode != 0
-    assert "provision failed: root@127.0.0.1:9 is unreachable" in result.stdout + result.stderr
+    assert f"provision failed: {getpass.getuser()}@127.0.0.1:9 is unreachable" in result.stdout + result.stderr
     assert not (workflow["workdir"] / "results/dead").exists()

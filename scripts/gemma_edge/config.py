@@ -92,6 +92,9 @@ def validate_config(config: dict, schema_path: Path) -> dict:
     clashes = sorted(set(config["targets"]) & (set(config["models"]) | {"demo-hub"}))
     if clashes:
         raise ConfigError(f"config: targets.{clashes[0]} has the name of a model (or demo-hub); both live under results/, rename it")
+    unknown = [t for t in config["sweep"]["targets"] if t not in config["targets"]]
+    if unknown:
+        raise ConfigError(f"config: sweep.targets names {unknown[0]!r}, which is not an entry of targets")
     bench_max = max(config["bench"]["prompt_lengths"]) + config["bench"]["new_tokens"]
     if bench_max > config["export"]["max_seq_len"]:
         raise ConfigError(f"config: bench.prompt_lengths + bench.new_tokens ({bench_max}) exceed export.max_seq_len ({config['export']['max_seq_len']})")

@@ -252,7 +252,9 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
     if deployed["files"]["pte"]["sha256"] != pte_manifest["sha256"]:
         raise DeviceError("the .pte on the device is not the one built for this configuration; re-run deploy")
     spec = bench_spec(settings, bench_config, host_parity)
+    started = time.time()
     result = run_device_bench(name, settings, deployed, spec)
+    finished = time.time()
     rows = compare_tokens(host_parity, result.pop("parity_tokens"))
     report = {
         "schema": "gemma-edge.bench/1",
@@ -266,6 +268,7 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
         "host_parity": {k: host_parity["summary"][k] for k in ("teacher_forced_top1", "logits_cosine", "greedy_prefix", "passed")},
         "versions": {"host": artifacts.package_versions(), "device": device["versions"]},
         **result,
+        "wall_clock": {"started": started, "finished": finished},
         "parity": {"prompts": len(rows), "identical_to_host_pte": sum(r["matches_host_pte"] for r in rows),
                    "exact_vs_host_fp32": sum(r["first_divergence_from_fp32"] is None for r in rows)},
     }

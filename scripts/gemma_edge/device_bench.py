@@ -37,13 +37,15 @@ def device_facts() -> dict:
         "python": platform.python_version(),
         "versions": _versions(),
     }
+    cpuinfo = {}
     for line in (_read("/proc/cpuinfo") or "").splitlines():
         key, _, value = line.partition(":")
-        key, value = key.strip().lower(), value.strip()
-        if key in ("model name", "model", "hardware") and not facts["cpu_model"]:
-            facts["cpu_model"] = value
-        if key in ("flags", "features") and not facts["cpu_features"]:
-            facts["cpu_features"] = value.split()
+        cpuinfo.setdefault(key.strip().lower(), value.strip())
+    # x86 names the CPU in "model name" ("model" is a number there); a Pi names the board in "Model".
+    names = [cpuinfo.get("model name"), cpuinfo.get("model"), cpuinfo.get("hardware")]
+    facts["cpu_model"] = next((n for n in names if n and not n.isdigit()), None)
+    features = cpuinfo.get("flags") or cpuinfo.get("features")
+    facts["cpu_features"] = features.split() if features else None
     for line in (_read("/proc/meminfo") or "").splitlines():
         if line.startswith("MemTotal:"):
             facts["memory_bytes"] = int(line.split()[1]) * 1024

@@ -1,0 +1,26 @@
+# The sweep's answer: one table and four plots, shown by `snakemake --report report.html`.
+
+
+rule summary:
+    input:
+        benches=sweep_benches(),
+    output:
+        csv=report("results/summary.csv", caption="../report/summary.rst", category="Sweep"),
+        json="results/summary.json",
+        decode=report("results/plots/decode.png", caption="../report/decode.rst", category="Sweep"),
+        prefill=report("results/plots/prefill.png", caption="../report/prefill.rst", category="Sweep"),
+        size=report("results/plots/size.png", caption="../report/size.rst", category="Sweep"),
+        parity=report("results/plots/parity.png", caption="../report/parity_plot.rst", category="Sweep"),
+    log:
+        "logs/summary.log",
+    benchmark:
+        "benchmarks/summary.tsv"
+    conda:
+        "../envs/report.yaml"
+    localrule: True
+    message:
+        "Summarising {params.benchmarks} benchmark(s) into results/summary.csv and plots"
+    params:
+        benchmarks=lambda wc, input: len(input.benches),
+    script:
+        "../scripts/summary.py"

@@ -1,0 +1,33 @@
+"""The heavy host steps through a real single-node SLURM cluster, the device steps local."""
+
+import re
+
+import pytest
+
+import slurm
+from conftest import REPO, snakemake
+from gemma_edge.artifacts import read_json
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = slurm.available()
+    if reason:
+        pytest.skip(reason)
+    started = slurm.SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield started
+    started.stop()
+
+
+def test_heavy_steps_run_as_slurm_jobs_and_device_steps_stay_local(deployed, cluster):
+    target = "results/local/tiny/int4-g32/xnnpack-auto/bench.json"
+    result = snakemake(deployed["workdir"], "--workflow-profile", str(REPO / "profiles/slurm"), target,
+                       "--configfile", *deployed["configs"])
+    output = result.stdout + result.stderr
+    submitted = set(re.findall(r"has been submitted with SLURM jobid \d+ \(log: \S*/slurm_logs/rule_(\w+)/", output))
+    assert submitted == {"quantize", "lower", "verify"}, output[-3000:]
+    for local_rule in ("deploy_local", "bench_local"):
+        assert re.search(rf"Finished jobid: \d+ \(Rule: {local_rule}\)", output)
+    bench = read_json(deployed["workdir"] / target)
+    assert bench["quantization"]["group_size"] == 32
+    assert bench["parity"]["identical_to_host_pte"] == bench["parity"]["prompts"]

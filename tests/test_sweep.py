@@ -1,0 +1,80 @@
+"""A sweep over two group sizes and two targets (local and the loopback SSH server): summary,
+plots, HTML report, and one benchmark per device at a time."""
+
+import csv
+import itertools
+import struct
+
+import pytest
+import yaml
+
+from conftest import snakemake, write_config
+
+
+@pytest.fixture(scope="module")
+def sweep(deployed):
+    targets = yaml.safe_load(deployed["targets_config"].read_text())
+    config = write_config(deployed["workdir"] / "sweep.yaml", {
+        **targets, "sweep": {"group_sizes": [64, 128], "per_op_modes": ["auto"], "targets": ["local", "loopback"]},
+    })
+    configs = [deployed["configs"][0], str(config)]
+    workdir = deployed["workdir"]
+    snakemake(workdir, "--cores", "2", "results/summary.csv", "--configfile", *configs)
+    # All four benchmarks again, ready at once: only the device resources keep them apart.
+    snakemake(workdir, "--cores", "4", "results/summary.csv", "--configfile", *configs, "--forcerun", "bench_local", "bench_loopback")
+    snakemake(workdir, "--report", str(workdir / "report.html"), "results/summary.csv", "--configfile", *configs)
+    return {"workdir": workdir, "configs": configs}
+
+
+def bench_paths(workdir):
+    return [workdir / f"results/{t}/tiny/int4-g{g}/xnnpack-auto/bench.json" for t in ("local", "loopback") for g in (64, 128)]
+
+
+def test_summary_has_every_target_variant_and_prompt_length(sweep):
+    rows = list(csv.DictReader((sweep["workdir"] / "results/summary.csv").open()))
+    assert {(r["target"], r["group_size"], r["prompt_tokens"]) for r in rows} == set(
+        itertools.product(["local", "loopback"], ["64", "128"], ["8", "32"]))
+    for row in rows:
+        assert float(row["decode_tps"]) > 0 and float(row["prefill_tps"]) > 0
+        assert row["device_identical_to_host_pte"] == "5/5"
+    sizes = {r["group_size"]: float(r["pte_mb"]) for r in rows}
+    assert sizes["64"] != sizes["128"]  # different programs, really built
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.parametrize("plot", ["decode", "prefill", "size", "parity"])
+def test_plots_are_real_images(sweep, plot):
+    path = sweep["workdir"] / f"results/plots/{plot}.png"
+    width, height = png_size(path)
+    assert width >= 300 and height >= 200
+    assert path.stat().st_size > 8000
+
+
+def test_html_report_holds_the_plots_and_table(sweep):
+    html = (sweep["workdir"] / "report.html").read_text(errors="replace")
+    assert len(html) > 100_000
+    for name in ("summary.csv", "decode.png", "prefill.png", "size.png", "parity.png", "Sweep"):
+        assert name in html, name
+
+
+def test_one_benchmark_per_device_at_a_time_but_devices_in_parallel(sweep):
+    import json
+
+    clocks = {}
+    for path in bench_paths(sweep["workdir"]):
+        bench = json.loads(path.read_text())
+        clocks[path] = (bench["target"], bench["wall_clock"]["started"], bench["wall_clock"]["finished"])
+
+    def overlap(a, b):
+        return a[1] < b[2] and b[1] < a[2]
+
+    pairs = list(itertools.combinations(clocks.values(), 2))
+    same_device = [(a, b) for a, b in pairs if a[0] == b[0]]
+    cross_device = [(a, b) for a, b in pairs if a[0] != b[0]]
+    assert same_device and not any(overlap(a, b) for a, b in same_device)
+    assert any(overlap(a, b) for a, b in cross_device)
