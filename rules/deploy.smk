@@ -98,6 +98,8 @@ rule current_bench:
         parity="results/{target}/parity.json",
     log:
         "logs/targets/{target}/current_bench.log",
+    benchmark:
+        "benchmarks/targets/{target}/current_bench.tsv"
     conda:
         "../envs/deploy.yaml"
     localrule: True

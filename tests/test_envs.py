@@ -1,6 +1,7 @@
 """Each rule's conda environment pins the same versions as requirements.txt."""
 
 import re
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -46,13 +47,22 @@ def test_every_env_agrees_with_requirements():
         assert "python=3.11" in yaml.safe_load(env.read_text())["dependencies"]
 
 
-def test_every_rule_names_an_existing_env_and_a_log():
+def rule_blocks(text: str):
+    """(name, body) of each rule in a .smk file, including anonymous rules made in loops."""
+    for block in re.split(r"\n(?=[ \t]*rule\b)", "\n" + text)[1:]:
+        header, _, body = block.strip().partition(":")
+        name = header.replace("rule", "").strip() or re.search(r"name:\s*\n?\s*(\S+)", body).group(1)
+        yield name, "\n" + textwrap.dedent(body)
+
+
+def test_every_rule_names_an_existing_env_a_log_and_a_benchmark():
+    seen = 0
     for smk in sorted((REPO / "rules").glob("*.smk")):
-        text = smk.read_text()
-        for rule in re.split(r"\nrule ", "\n" + text)[1:]:
-            name = rule.split(":")[0]
+        for name, rule in rule_blocks(smk.read_text()):
+            seen += 1
             env = re.search(r'conda:\s*\n\s*"\.\./(envs/[^"]+)"', rule)
             assert env, f"rule {name} has no conda env"
             assert (REPO / env.group(1)).exists(), f"rule {name}: {env.group(1)} is missing"
-            assert "\n    log:" in rule, f"rule {name} has no log"
-            assert "\n    benchmark:" in rule, f"rule {name} has no benchmark"
+            assert re.search(r"\n\s*log:", rule), f"rule {name} has no log"
+            assert re.search(r"\n\s*benchmark:", rule), f"rule {name} has no benchmark"
+    assert seen >= 11

@@ -113,10 +113,11 @@ def test_second_run_does_nothing(workflow):
 
 
 def test_group_size_change_reruns_only_quantize_lower_verify(workflow, tmp_path):
-    override = write_config(tmp_path / "g64.yaml", {"quantization": {"group_size": 64}})
+    # 256: a group size no other test builds in the shared working directory.
+    override = write_config(tmp_path / "g256.yaml", {"quantization": {"group_size": 256}})
     result = snakemake(workflow["workdir"], "-n", "--configfile", str(workflow["config"]), str(override))
     assert jobs_of(result.stdout) == {"quantize": 1, "lower": 1, "verify": 1, "all": 1}
-    assert "results/tiny/int4-g64/program.pt2" in result.stdout
+    assert "results/tiny/int4-g256/program.pt2" in result.stdout
 
 
 def test_gate_change_reruns_only_verify_because_params_changed(workflow, tmp_path):

@@ -126,7 +126,7 @@ def ensure_venv(client, settings: dict, layout: dict, host_versions: dict) -> No
         ssh.run(client, [settings["python"], "-m", "venv", f"{layout['work']}/venv"], timeout)
     pins = [f"{name}=={version}" for name, version in host_versions.items()]
     status, out, _ = ssh.run(client, [venv_python, "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-", *pins], timeout, check=False)
-    if status == 0 and '"install": []' in out.replace(" ", "").replace('"install":[]', '"install": []'):
+    if status == 0 and not json.loads(out).get("install"):
         log.info("device virtualenv already has %s", ", ".join(pins))
         return
     log.info("installing %s on the device (this can take a while)", ", ".join(pins))
@@ -195,7 +195,8 @@ def run_device_bench(name: str, settings: dict, deployed: dict, spec: dict) -> d
             ssh.download_file(client, remote_out, local_out, settings["command_timeout_s"])
             return json.loads(local_out.read_text())
         finally:
-            ssh.run(client, ["rm", "-f", remote_spec, remote_out], settings["command_timeout_s"], check=False) if client.get_transport().is_active() else None
+            if client.get_transport().is_active():
+                ssh.run(client, ["rm", "-f", remote_spec, remote_out], settings["command_timeout_s"], check=False)
 
 
 def run_local_bench(pte: str, spec: dict, timeout_s: float) -> dict:

@@ -110,7 +110,7 @@ def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_ne
     prompt_ids = encode_prompts(Path(checkpoint["path"]) / "tokenizer.json", prompts, bos_id)
     decoder = PteDecoder(pte_path)
     results = []
-    for text, ids in zip(prompts, prompt_ids):
+    for ids in prompt_ids:
         results.append(compare_prompt(decoder.step, model, ids, max_new_tokens))
         log.info("prompt %d/%d: %d/%d greedy tokens matched", len(results), len(prompts), results[-1]["matched"], max_new_tokens)
     for text, result in zip(prompts, results):
