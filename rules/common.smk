@@ -25,13 +25,14 @@ def quant_dir():
     return f"int4-g{config['quantization']['group_size']}"
 
 
-def variant_dir(model=None, quant=None):
+def variant_dir():
+    """results/<model>/int4-g<N>/xnnpack-<mode> of the configured variant."""
     mode = PER_OP_DIR[config["lowering"]["per_op_mode"]]
-    return f"results/{model or config['model']}/{quant or quant_dir()}/xnnpack-{mode}"
+    return f"results/{config['model']}/{quant_dir()}/xnnpack-{mode}"
 
 
-def parity_path(model=None, quant=None):
-    return f"{variant_dir(model, quant)}/parity.json"
+def parity_path():
+    return f"{variant_dir()}/parity.json"
 
 
 def hub_cache(wildcards):
@@ -51,11 +52,8 @@ def hub_folder_name(repo_id):
     return "--".join(repo_id.split("/"))
 
 
-
 def target_settings(wildcards):
     return config["targets"][wildcards.target]
-
-
 
 
 def current_variant_file(name):
