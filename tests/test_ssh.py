@@ -173,3 +173,13 @@ def test_missing_remote_python_is_reported(sshd, tmp_path):
     with pytest.raises(deploy.DeviceError, match="cannot run the benchmark runner"):
         deploy.provision("broken", settings, tmp_path / "device.json")
     assert not (tmp_path / "device.json").exists()
+
+
+def test_runtime_versions_must_match_the_host_release():
+    host = {"executorch": "1.5.1", "torch": "2.13.0"}
+    deploy.check_versions({"executorch": "1.5.1", "torch": "2.13.0+cpu"}, host)  # same release, other wheel tag
+    with pytest.raises(deploy.DeviceError, match=r"torch 2.12.0 \(host 2.13.0\); re-run provisioning"):
+        deploy.check_versions({"executorch": "1.5.1", "torch": "2.12.0"}, host)
+    with pytest.raises(deploy.DeviceError, match=r"executorch None"):
+        deploy.check_versions({"executorch": None, "torch": "2.13.0"}, host)
+    assert deploy.host_runtime_versions()["torch"] == "2.13.0"

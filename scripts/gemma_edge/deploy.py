@@ -56,18 +56,24 @@ def remote_layout(settings: dict) -> dict:
     return {"work": work, "runner": f"{work}/runner", "models": f"{work}/models", "python": python}
 
 
+def public_version(version: str | None) -> str | None:
+    """2.13.0+cpu -> 2.13.0: the x86 CPU wheel and the aarch64 wheel are the same release."""
+    return version.split("+", 1)[0] if version else version
+
+
 def check_versions(device_versions: dict, host_versions: dict) -> None:
-    """The device must run the exact runtime the .pte was built with (a torch mismatch once made
-    XNNPACK reject the program at load time)."""
+    """The device must run the exact runtime release the .pte was built with (a torch mismatch
+    once made XNNPACK reject the program at load time)."""
     wrong = [f"{name} {device_versions.get(name)} (host {host_versions[name]})"
-             for name in RUNTIME_PACKAGES if device_versions.get(name) != host_versions[name]]
+             for name in RUNTIME_PACKAGES if public_version(device_versions.get(name)) != public_version(host_versions[name])]
     if wrong:
         raise DeviceError(f"the device's runtime does not match the host's: {', '.join(wrong)}; re-run provisioning")
 
 
 def host_runtime_versions() -> dict:
+    """executorch and torch releases on this host, without local tags such as +cpu."""
     versions = artifacts.package_versions(RUNTIME_PACKAGES)
-    return {name: versions[name] for name in RUNTIME_PACKAGES}
+    return {name: public_version(versions[name]) for name in RUNTIME_PACKAGES}
 
 
 # ---- provision -------------------------------------------------------------------------------
@@ -107,13 +113,16 @@ def provision_ssh(settings: dict, host_versions: dict) -> dict:
             ensure_venv(client, settings, layout, host_versions)
         for filename in RUNNER_FILES:
             ssh.upload_atomically(client, PACKAGE_DIR / filename, f"{layout['runner']}/gemma_edge/{filename}", timeout)
-        status, out, err = ssh.run_shell(
-            client,
-            f"cd {shlex.quote(layout['runner'])} && {shlex.quote(layout['python'])} -m gemma_edge.device_bench facts --out -",
-            timeout, check=False)
-        if status != 0:
-            raise DeviceError(f"the device's Python ({layout['python']}) cannot run the benchmark runner: {err.strip()[-1500:]}")
-        return json.loads(out)
+        return remote_facts(client, layout, timeout)
+
+
+def remote_facts(client, layout: dict, timeout: float) -> dict:
+    """The device's facts and runtime versions, as the uploaded runner reports them."""
+    command = f"cd {shlex.quote(layout['runner'])} && {shlex.quote(layout['python'])} -m gemma_edge.device_bench facts --out -"
+    status, out, err = ssh.run_shell(client, command, timeout, check=False)
+    if status != 0:
+        raise DeviceError(f"the device's Python ({layout['python']}) cannot run the benchmark runner: {err.strip()[-1500:]}")
+    return json.loads(out)
 
 
 def ensure_venv(client, settings: dict, layout: dict, host_versions: dict) -> None:
@@ -177,9 +186,7 @@ def run_device_bench(name: str, settings: dict, deployed: dict, spec: dict) -> d
     layout = remote_layout(settings)
     folder = os.path.dirname(deployed["files"]["pte"]["path"])
     with connection(settings) as client, tempfile.TemporaryDirectory() as scratch:
-        _, facts, _ = ssh.run_shell(client, f"cd {shlex.quote(layout['runner'])} && {shlex.quote(layout['python'])} "
-                                    "-m gemma_edge.device_bench facts --out -", settings["command_timeout_s"])
-        check_versions(json.loads(facts)["versions"], host_runtime_versions())
+        check_versions(remote_facts(client, layout, settings["command_timeout_s"])["versions"], host_runtime_versions())
         spec_path = Path(scratch) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         remote_spec = f"{folder}/spec-{os.getpid()}.json"

@@ -165,12 +165,6 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def write_json(path: Path, payload: dict) -> None:
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gemma_edge.device_bench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +175,8 @@ def main(argv=None) -> int:
     bench.add_argument("--spec", required=True, type=Path)
     bench.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
+    from gemma_edge.artifacts import write_json
+
     if args.command == "facts":
         if str(args.out) == "-":
             print(json.dumps(device_facts()))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import paramiko
 
-from .artifacts import sha256_file
+from .artifacts import atomic_output, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +252,6 @@ def _progress(name: str, total: int):
 
 def download_file(client, remote_path: str, local: Path, timeout_s: float) -> None:
     """Fetch `remote_path` into `local` atomically."""
-    from .artifacts import atomic_output
-
     with atomic_output(local) as tmp:
         try:
             sftp = client.open_sftp()
