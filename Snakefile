@@ -27,12 +27,20 @@ include: "rules/lower.smk"
 include: "rules/verify.smk"
 include: "rules/deploy.smk"
 include: "rules/report.smk"
+include: "rules/perf.smk"
 
 
 rule all:
     default_target: True
     input:
         parity_path(),
+
+
+# `snakemake perf`: the configured model and variant's performance table (rules/perf.smk).
+rule perf:
+    input:
+        perf_path(),
+    localrule: True
 
 
 onsuccess:

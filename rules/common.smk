@@ -10,6 +10,9 @@ wildcard_constraints:
     mode=r"auto|fused|perop",
     group_size=r"\d+",
     target="|".join(re.escape(t) for t in config["targets"]) or "(?!)",
+    engine=r"pte|eager|llamacpp",
+    engine_variant=r"(fp32|int4-g\d+)/xnnpack-(auto|fused|perop)|fp32|q4_0|q8_0|f16",
+    gguf_type=r"q4_0|q8_0|f16",
 
 
 PER_OP_DIR = {"auto": "auto", True: "perop", False: "fused"}
@@ -47,6 +50,14 @@ def demo_marker(wildcards):
     return f"{DEMO_HUB}/{hub_folder_name(entry['repo_id'])}.json"
 
 
+def demo_entry(wildcards):
+    """The `models` entry that a results/demo-hub/<owner--name>.json marker builds."""
+    for entry in config["models"].values():
+        if entry["demo"] and hub_folder_name(entry["repo_id"]) == wildcards.repo:
+            return entry
+    raise ValueError(f"no demo model in config models has the repo id {wildcards.repo.replace('--', '/', 1)}")
+
+
 def hub_folder_name(repo_id):
     """owner/name as the single path component owner--name."""
     return "--".join(repo_id.split("/"))
@@ -78,3 +89,68 @@ def sweep_benches():
 
 for _target in config["targets"]:
     workflow.register_resource(f"device_{_target}", 1)
+
+
+# The performance benchmark (rules/perf.smk).
+
+
+def perf_path():
+    return f"results/perf/{variant_dir().removeprefix('results/')}/perf.md"
+
+
+def llamacpp_converter():
+    converter = Path(config["perf"]["llamacpp_converter"]).expanduser()
+    return str(converter if converter.is_absolute() else Path(workflow.basedir) / converter)
+
+
+def perf_engine_artifact(wildcards):
+    """What each engine runs: the .pte, the checkpoint (eager) or the GGUF (llama.cpp)."""
+    model, variant = wildcards.model, wildcards.engine_variant
+    return {
+        "pte": f"results/{model}/{variant}/model.pte",
+        "eager": f"results/{model}/checkpoint.json",
+        "llamacpp": f"results/{model}/llamacpp/model-{variant}.gguf",
+    }[wildcards.engine]
+
+
+def perf_spec(wildcards):
+    return {**config["perf"], "max_seq_len": config["export"]["max_seq_len"]}
+
+
+def perf_engine_results(wildcards):
+    model, variant = wildcards.model, f"{wildcards.quant}/xnnpack-{wildcards.mode}"
+    return {
+        "pte": f"results/perf/{model}/{variant}/pte.json",
+        "eager": f"results/perf/{model}/fp32/eager.json",
+        "llamacpp": f"results/perf/{model}/{config['perf']['gguf_type']}/llamacpp.json",
+    }
+
+
+def perf_table_inputs(wildcards):
+    model, variant = wildcards.model, f"{wildcards.quant}/xnnpack-{wildcards.mode}"
+    return {
+        **perf_engine_results(wildcards),
+        "pte_manifest": f"results/{model}/{variant}/model.pte.manifest.json",
+        "gguf_manifest": f"results/{model}/llamacpp/model-{config['perf']['gguf_type']}.gguf.manifest.json",
+        "checkpoint": f"results/{model}/checkpoint.json",
+    }
+
+
+def perf_step_benchmarks(wildcards):
+    """Snakemake benchmark files of every step behind the table (wall time and peak RSS of each)."""
+    model, quant, mode = wildcards.model, wildcards.quant, wildcards.mode
+    entry = config["models"][model]
+    gguf_type = config["perf"]["gguf_type"]
+    steps = {}
+    if entry["demo"]:
+        steps["build checkpoint"] = f"benchmarks/demo/{hub_folder_name(entry['repo_id'])}.tsv"
+    steps["download"] = f"benchmarks/{model}/download.tsv"
+    steps["export"] = f"benchmarks/{model}/fp32/export.tsv"
+    if quant != "fp32":
+        steps["quantize"] = f"benchmarks/{model}/{quant}/quantize.tsv"
+    steps["lower"] = f"benchmarks/{model}/{quant}/xnnpack-{mode}/lower.tsv"
+    steps[f"gguf ({gguf_type})"] = f"benchmarks/{model}/llamacpp/gguf-{gguf_type}.tsv"
+    steps["bench .pte"] = f"benchmarks/perf/{model}/{quant}/xnnpack-{mode}/pte.tsv"
+    steps["bench eager"] = f"benchmarks/perf/{model}/fp32/eager.tsv"
+    steps["bench llama.cpp"] = f"benchmarks/perf/{model}/{gguf_type}/llamacpp.tsv"
+    return steps

@@ -17,9 +17,10 @@ rule demo_checkpoint:
         hub_cache=lambda wc, output: str(Path(output.marker).parent),
         repo_id=lambda wc: wc.repo.replace("--", "/", 1),
         train_steps=config["demo"]["train_steps"],
+        synthetic=lambda wc: demo_entry(wc)["synthetic"],
         seed=config["demo"]["seed"],
     threads: 1
     message:
-        "Training the tiny demo Gemma 4 ({params.train_steps} steps) and seeding it as {params.repo_id}"
+        "Building the local Gemma 4 {params.repo_id} and seeding it into a hub cache"
     script:
         "../scripts/demo_checkpoint.py"

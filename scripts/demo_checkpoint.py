@@ -5,7 +5,8 @@ from gemma_edge.steplog import rule_log
 
 def main(snakemake):
     p = snakemake.params
-    pipeline.build_demo(snakemake.input.corpus, p.hub_cache, p.repo_id, p.train_steps, p.seed, snakemake.output.marker)
+    pipeline.build_demo(snakemake.input.corpus, p.hub_cache, p.repo_id, p.train_steps, p.seed, snakemake.output.marker,
+                        p.synthetic)
 
 
 with rule_log(snakemake.log[0], "demo_checkpoint"):

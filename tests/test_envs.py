@@ -10,12 +10,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pinned_requirements() -> dict[str, str]:
+    """requirements.txt and the benchmark's requirements-bench.txt (which includes it)."""
     pins = {}
-    for line in (REPO / "requirements.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            name, version = line.split("==")
-            pins[normalise(name)] = version
+    for file in ("requirements.txt", "requirements-bench.txt"):
+        for line in (REPO / file).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line and not line.startswith("-r"):
+                name, version = line.split("==")
+                pins[normalise(name)] = version
     return pins
 
 
@@ -42,7 +44,7 @@ def test_every_env_agrees_with_requirements():
     assert envs
     for env in envs:
         for name, version in env_pins(env).items():
-            assert name in required, f"{env.name} pins {name}, which requirements.txt does not"
+            assert name in required, f"{env.name} pins {name}, which requirements*.txt do not"
             assert version == required[name], f"{env.name} pins {name}=={version}, requirements.txt has {required[name]}"
         assert "python=3.11" in yaml.safe_load(env.read_text())["dependencies"]
 

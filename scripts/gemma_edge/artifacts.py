@@ -39,8 +39,9 @@ def package_versions(names=TRACKED_PACKAGES) -> dict[str, str]:
 
 
 def temp_path_for(path: Path) -> Path:
+    """A hidden name beside `path` that keeps its suffix (torch.export.load wants a .pt2 name)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
 @contextlib.contextmanager

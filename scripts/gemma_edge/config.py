@@ -89,9 +89,12 @@ def validate_config(config: dict, schema_path: Path) -> dict:
     if config["model"] not in config["models"]:
         known = ", ".join(sorted(config["models"]))
         raise ConfigError(f"config: model is {config['model']!r}, which is not an entry of models (known: {known})")
-    clashes = sorted(set(config["targets"]) & (set(config["models"]) | {"demo-hub"}))
+    clashes = sorted(set(config["targets"]) & (set(config["models"]) | {"demo-hub", "perf"}))
     if clashes:
-        raise ConfigError(f"config: targets.{clashes[0]} has the name of a model (or demo-hub); both live under results/, rename it")
+        raise ConfigError(f"config: targets.{clashes[0]} has the name of a model (or demo-hub, perf); both live under results/, rename it")
+    perf_max = max(config["perf"]["prompt_lengths"]) + config["perf"]["new_tokens"]
+    if perf_max > config["export"]["max_seq_len"]:
+        raise ConfigError(f"config: perf.prompt_lengths + perf.new_tokens ({perf_max}) exceed export.max_seq_len ({config['export']['max_seq_len']})")
     unknown = [t for t in config["sweep"]["targets"] if t not in config["targets"]]
     if unknown:
         raise ConfigError(f"config: sweep.targets names {unknown[0]!r}, which is not an entry of targets")

@@ -22,7 +22,10 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, as in Gemma's
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 
 
-def demo_text_config(vocab_size: int):
+DEMO_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+
+
+def demo_text_config(vocab_size: int, layer_types: list[str] = DEMO_LAYER_TYPES, num_kv_shared_layers: int = 2):
     """Gemma 4 text config at toy widths; every linear input width is a multiple of 32."""
     from transformers import Gemma4TextConfig
 
@@ -31,14 +34,14 @@ def demo_text_config(vocab_size: int):
         vocab_size_per_layer_input=vocab_size,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=6,
+        num_hidden_layers=len(layer_types),
         num_attention_heads=4,
         num_key_value_heads=1,
         head_dim=32,
         global_head_dim=64,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        layer_types=list(layer_types),
         sliding_window=128,
-        num_kv_shared_layers=2,
+        num_kv_shared_layers=num_kv_shared_layers,
         hidden_size_per_layer_input=32,
         final_logit_softcapping=30.0,
         max_position_embeddings=1024,
@@ -146,11 +149,16 @@ def build_demo_checkpoint(corpus_path: Path, out_dir: Path, train_steps: int, se
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+    write_tokenizer(tokenizer, out_dir)
+    return {"final_loss": final_loss, "train_steps": train_steps, "seed": seed, "corpus_tokens": len(token_ids)}
+
+
+def write_tokenizer(tokenizer, out_dir: Path) -> None:
+    """tokenizer.json plus the tokenizer_config.json transformers' AutoTokenizer reads."""
+    tokenizer.save(str(Path(out_dir) / "tokenizer.json"))
+    (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
          "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True}, indent=2) + "\n")
-    return {"final_loss": final_loss, "train_steps": train_steps, "seed": seed, "corpus_tokens": len(token_ids)}
 
 
 class _single_thread:

@@ -12,16 +12,22 @@ from .artifacts import read_json, verify_against_manifest, write_json, write_man
 log = logging.getLogger(__name__)
 
 
-def build_demo(corpus: Path, hub_cache: Path, repo_id: str, train_steps: int, seed: int, marker: Path) -> dict:
-    """Build the tiny demo Gemma 4 and seed it into a local hub cache as `repo_id`."""
+def build_demo(corpus: Path, hub_cache: Path, repo_id: str, train_steps: int, seed: int, marker: Path,
+               synthetic: dict | None = None) -> dict:
+    """Build a local Gemma 4 and seed it into a local hub cache as `repo_id`: the trained tiny demo
+    model, or with `synthetic` ({shape, layers}) a randomly initialised one of that shape."""
     from .demo_model import build_demo_checkpoint
+    from .e2b_shape import build_synthetic_checkpoint
 
     with tempfile.TemporaryDirectory(dir=Path(marker).parent) as scratch:
-        facts = build_demo_checkpoint(Path(corpus), Path(scratch), train_steps, seed)
+        if synthetic:
+            facts = build_synthetic_checkpoint(Path(corpus), Path(scratch), synthetic["shape"], synthetic["layers"], seed)
+        else:
+            facts = build_demo_checkpoint(Path(corpus), Path(scratch), train_steps, seed)
         commit = hub.seed_hub_cache(Path(scratch), Path(hub_cache), repo_id)
     facts.update({"repo_id": repo_id, "commit": commit, "hub_cache": str(hub_cache), "versions": artifacts.package_versions()})
     write_json(marker, facts)
-    log.info("demo model seeded as %s@%s (final training loss %.3f)", repo_id, commit[:12], facts["final_loss"])
+    log.info("local model seeded as %s@%s", repo_id, commit[:12])
     return facts
 
 
@@ -138,3 +144,37 @@ def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_ne
     write_json(out_json, report)
     return report
 
+
+
+def gguf(converter: Path, checkpoint_manifest: Path, gguf_type: str, threads: int, out: Path, out_manifest: Path) -> dict:
+    """llama.cpp's own converter on the downloaded checkpoint, then llama.cpp's quantizer."""
+    from .perf import convert_to_gguf
+
+    hub.verify_checkpoint(read_json(checkpoint_manifest))
+    facts = convert_to_gguf(Path(converter), Path(checkpoint_manifest), gguf_type, threads, Path(out))
+    manifest = write_manifest(out, {"checkpoint": checkpoint_manifest}, {"gguf_type": gguf_type},
+                              {"converter": facts["converter"]}, manifest=out_manifest)
+    log.info("GGUF %s: %.1f MB", gguf_type, manifest["size_bytes"] / 1e6)
+    return manifest
+
+
+def perf_engine(engine: str, artifact: Path, checkpoint_manifest: Path, spec: dict, out: Path) -> dict:
+    from .decoder import read_text_config_dict
+    from .perf import bench_engine
+
+    if engine != "eager":
+        verify_against_manifest(artifact)
+    text_config = read_text_config_dict(Path(read_json(checkpoint_manifest)["path"]))
+    return bench_engine(engine, Path(artifact), spec, int(text_config["vocab_size"]),
+                        int(text_config.get("bos_token_id", 2)), Path(out))
+
+
+def perf_table(engine_files: dict, step_benchmarks: dict, pte_manifest: Path, gguf_manifest: Path,
+               checkpoint_manifest: Path, out_json: Path, out_table: Path) -> dict:
+    from .perf import build_report, write_report
+
+    report = build_report(engine_files, step_benchmarks, pte_manifest, gguf_manifest, checkpoint_manifest)
+    table = write_report(report, Path(out_json), Path(out_table))
+    log.info("performance:\n%s", table)
+    print(table, flush=True)
+    return report

@@ -1,0 +1,77 @@
+# The performance benchmark: the .pte, eager FP32 PyTorch and llama.cpp (GGUF written from the same
+# checkpoint by llama.cpp's own converter) timed by one loop on this host, each engine in its own
+# job, then one table beside what every workflow step cost. `snakemake perf` builds the table of
+# the configured model and variant; eager and llama.cpp do not depend on the group size, so a
+# group-size change re-runs only quantize -> lower -> the .pte's benchmark -> the table.
+
+
+rule gguf:
+    input:
+        checkpoint=rules.download.output.manifest,
+    output:
+        gguf="results/{model}/llamacpp/model-{gguf_type}.gguf",
+        manifest="results/{model}/llamacpp/model-{gguf_type}.gguf.manifest.json",
+    log:
+        "logs/{model}/llamacpp/gguf-{gguf_type}.log",
+    benchmark:
+        "benchmarks/{model}/llamacpp/gguf-{gguf_type}.tsv"
+    conda:
+        "../envs/perf.yaml"
+    params:
+        converter=llamacpp_converter(),
+    resources:
+        mem_mb=config["memory_mb"]["gguf"],
+    threads: 2
+    message:
+        "llama.cpp's convert_hf_to_gguf.py on {wildcards.model}, then llama_model_quantize to {wildcards.gguf_type}"
+    script:
+        "../scripts/gguf.py"
+
+
+rule perf_engine:
+    input:
+        artifact=perf_engine_artifact,
+        checkpoint=rules.download.output.manifest,
+    output:
+        result="results/perf/{model}/{engine_variant}/{engine}.json",
+    log:
+        "logs/perf/{model}/{engine_variant}/{engine}.log",
+    benchmark:
+        "benchmarks/perf/{model}/{engine_variant}/{engine}.tsv"
+    conda:
+        "../envs/perf.yaml"
+    params:
+        spec=perf_spec,
+    resources:
+        mem_mb=config["memory_mb"]["perf"],
+    threads: config["perf"]["threads"]
+    message:
+        "Timing prefill and decode of {wildcards.engine} ({wildcards.engine_variant}) on this host"
+    script:
+        "../scripts/perf_engine.py"
+
+
+rule perf_table:
+    input:
+        unpack(perf_table_inputs),
+    output:
+        json="results/perf/{model}/{quant}/xnnpack-{mode}/perf.json",
+        table=report(
+            "results/perf/{model}/{quant}/xnnpack-{mode}/perf.md",
+            caption="../report/perf.rst",
+            category="Performance",
+        ),
+    log:
+        "logs/perf/{model}/{quant}/xnnpack-{mode}/perf_table.log",
+    benchmark:
+        "benchmarks/perf/{model}/{quant}/xnnpack-{mode}/perf_table.tsv"
+    conda:
+        "../envs/perf.yaml"
+    params:
+        step_benchmarks=perf_step_benchmarks,
+    localrule: True
+    message:
+        "Performance table of {wildcards.model} {wildcards.quant}: .pte vs eager FP32 vs llama.cpp"
+    script:
+        "../scripts/perf_table.py"
+

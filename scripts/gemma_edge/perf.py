@@ -1,0 +1,257 @@
+"""The performance benchmark: our .pte, eager FP32 PyTorch and llama.cpp on the same checkpoint,
+timed by the same loop on this host, and a table that sets them side by side with what each
+workflow step cost (wall time, peak RSS from Snakemake's benchmark files).
+
+Every engine offers `step(tokens, start_pos) -> logits` and is timed by `device_bench`'s
+`time_generation` (prefill in one call, then one call per decoded token), so the three numbers
+differ only by the engine. Each engine runs in a process of its own (one rule each), so one's
+memory and threads never weigh on another's.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .artifacts import atomic_output, package_versions, read_json, write_json
+from .device_bench import _peak_rss_bytes, summarise, synthetic_prompt, time_generation
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("pte", "eager", "llamacpp")
+GGUF_TYPES = {"q4_0": 2, "q8_0": 7, "f16": 1}  # llama_ftype values (llama.h)
+
+
+class EagerDecoder:
+    """The eager FP32 transformers model behind the same in-graph-cache wrapper the export traces."""
+
+    def __init__(self, model, max_seq_len: int):
+        from .decoder import KVCacheDecoder
+
+        self.decoder = KVCacheDecoder(model, max_seq_len).eval()
+
+    def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        ids = torch.tensor([tokens], dtype=torch.long)
+        positions = torch.arange(start_pos, start_pos + len(tokens), dtype=torch.long)
+        with torch.no_grad():
+            return self.decoder(ids, positions)[0]
+
+
+class LlamaCppDecoder:
+    """A GGUF model in llama.cpp (llama-cpp-python's bindings); logits of the last token only."""
+
+    def __init__(self, gguf_path: Path, max_seq_len: int, threads: int):
+        import llama_cpp
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf_path), n_ctx=max_seq_len, n_batch=max_seq_len, n_ubatch=max_seq_len,
+                         n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+        self.vocab_size = self.llm.n_vocab()
+        # The CPU features llama.cpp was built with and uses (AVX2, NEON, REPACK, ...).
+        self.info = {"system_info": llama_cpp.llama_print_system_info().decode().strip()}
+
+    def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        import numpy as np
+
+        if start_pos != self.llm.n_tokens:
+            if start_pos != 0:
+                raise ValueError(f"llama.cpp context holds {self.llm.n_tokens} tokens, asked to continue at {start_pos}")
+            self.llm.reset()
+        self.llm.eval(tokens)
+        return torch.from_numpy(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab_size,)))
+
+
+def set_threads(threads: int) -> None:
+    """One thread count for every engine: torch's intra-op pool and ExecuTorch's threadpool."""
+    torch.set_num_threads(threads)
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(threads)
+
+
+def open_engine(engine: str, artifact: Path, max_seq_len: int, threads: int):
+    if engine == "pte":
+        from .runtime import PteDecoder
+
+        return PteDecoder(artifact)
+    if engine == "eager":
+        from .pipeline import load_checkpoint
+
+        model, _ = load_checkpoint(artifact)
+        return EagerDecoder(model, max_seq_len)
+    if engine == "llamacpp":
+        return LlamaCppDecoder(artifact, max_seq_len, threads)
+    raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+
+
+def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_id: int, out: Path) -> dict:
+    """llama-bench's shape: a warm-up, then `repetitions` timed generations per prompt length."""
+    threads = int(spec["threads"])
+    set_threads(threads)
+    started = time.perf_counter()
+    decoder = open_engine(engine, Path(artifact), int(spec["max_seq_len"]), threads)
+    load_s = time.perf_counter() - started
+    log.info("%s: loaded %s in %.1f s", engine, artifact, load_s)
+    runs = []
+    for length in spec["prompt_lengths"]:
+        prompt = synthetic_prompt(length, bos_id, vocab_size)
+        for _ in range(spec["warmup"]):
+            time_generation(decoder, prompt, spec["new_tokens"])
+        samples = []
+        for rep in range(spec["repetitions"]):
+            samples.append(time_generation(decoder, prompt, spec["new_tokens"]))
+            log.info("%s: prompt %d, repetition %d/%d: prefill %.1f tok/s, decode %.2f tok/s", engine, length, rep + 1,
+                     spec["repetitions"], samples[-1]["prefill_tps"], samples[-1]["decode_tps"])
+        runs.append({
+            "prompt_tokens": length,
+            "new_tokens": spec["new_tokens"],
+            "repetitions": spec["repetitions"],
+            "prefill_tps": summarise([s["prefill_tps"] for s in samples]),
+            "decode_tps": summarise([s["decode_tps"] for s in samples]),
+        })
+    greedy = greedy_tokens(decoder, synthetic_prompt(spec["prompt_lengths"][0], bos_id, vocab_size), 8)
+    result = {
+        "engine": engine,
+        "artifact": str(artifact),
+        "threads": threads,
+        "load_s": load_s,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "runs": runs,
+        "greedy_tokens": greedy,
+        "engine_info": getattr(decoder, "info", None),
+        "versions": package_versions(("torch", "executorch", "transformers", "llama_cpp_python")),
+    }
+    write_json(out, result)
+    return result
+
+
+def greedy_tokens(decoder, prompt: list[int], count: int) -> list[int]:
+    """A few greedy tokens, so the table can say whether two engines computed the same thing."""
+    from .runtime import greedy_decode
+
+    return greedy_decode(decoder.step, prompt, count)
+
+
+# --- GGUF: llama.cpp's own converter on the same checkpoint, then llama.cpp's quantizer ---------
+
+
+def convert_to_gguf(converter: Path, checkpoint_manifest: Path, gguf_type: str, threads: int, out: Path) -> dict:
+    """Write `out` (GGUF at `gguf_type`) from the checkpoint the workflow downloaded."""
+    converter = Path(converter)
+    if not converter.is_file():
+        raise FileNotFoundError(
+            f"llama.cpp's converter is not at {converter}: run bench/setup-llamacpp.sh once (it builds "
+            "llama-cpp-python from source and unpacks its convert_hf_to_gguf.py)")
+    checkpoint = read_json(checkpoint_manifest)
+    with tempfile.TemporaryDirectory(dir=Path(out).parent, prefix=".gguf-") as scratch:
+        f32 = Path(scratch) / "model-f32.gguf"
+        command = [sys.executable, str(converter), checkpoint["path"], "--outtype", "f32", "--outfile", str(f32)]
+        log.info("converting: %s", " ".join(command))
+        done = subprocess.run(command, capture_output=True, text=True)
+        log.info("converter output:\n%s", done.stdout[-4000:] + done.stderr[-8000:])
+        if done.returncode != 0:
+            raise RuntimeError(f"convert_hf_to_gguf.py failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+        with atomic_output(out) as tmp:
+            quantize_gguf(f32, tmp, gguf_type, threads)
+    return {"gguf_type": gguf_type, "converter": str(converter), "checkpoint_commit": checkpoint.get("commit")}
+
+
+def quantize_gguf(source: Path, out: Path, gguf_type: str, threads: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = GGUF_TYPES[gguf_type]
+    params.nthread = threads
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
+    if status != 0:
+        raise RuntimeError(f"llama_model_quantize to {gguf_type} failed with status {status}")
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+def read_benchmark_tsv(path: Path) -> dict:
+    """Snakemake's `benchmark:` file: wall seconds and peak RSS (MB) of one rule's job."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        row = next(csv.DictReader(handle, delimiter="\t"))
+    return {"wall_s": float(row["s"]), "peak_rss_mb": _number(row.get("max_rss"))}
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def decode_ratio(results: dict) -> list[dict]:
+    """Per prompt length: the .pte's decode and prefill tok/s over llama.cpp's and over eager's."""
+    rows = []
+    by_engine = {engine: {r["prompt_tokens"]: r for r in result["runs"]} for engine, result in results.items()}
+    for length, pte in by_engine["pte"].items():
+        row = {"prompt_tokens": length}
+        for other in ("llamacpp", "eager"):
+            theirs = by_engine.get(other, {}).get(length)
+            if theirs:
+                row[f"decode_vs_{other}"] = pte["decode_tps"]["avg"] / theirs["decode_tps"]["avg"]
+                row[f"prefill_vs_{other}"] = pte["prefill_tps"]["avg"] / theirs["prefill_tps"]["avg"]
+        rows.append(row)
+    return rows
+
+
+def build_report(engine_files: dict, step_files: dict, pte_manifest: Path, gguf_manifest: Path, checkpoint: Path) -> dict:
+    results = {engine: read_json(path) for engine, path in engine_files.items()}
+    steps = {name: read_benchmark_tsv(path) for name, path in step_files.items() if Path(path).exists()}
+    pte, gguf, model = read_json(pte_manifest), read_json(gguf_manifest), read_json(checkpoint)
+    return {
+        "schema": "gemma-edge.perf/1",
+        "model": {"repo_id": model["repo_id"], "commit": model["commit"], "checkpoint_bytes": model["total_bytes"]},
+        "host": {"machine": os.uname().machine, "cores": os.cpu_count()},
+        "steps": steps,
+        "pte": {"size_bytes": pte["size_bytes"], "lowering": pte.get("lowering"), "quantization_params": pte.get("program_params")},
+        "gguf": {"gguf_type": gguf["params"]["gguf_type"], "size_bytes": gguf["size_bytes"], "sha256": gguf["sha256"]},
+        "engines": results,
+        "ratios": decode_ratio(results),
+        "same_greedy_tokens": {e: r["greedy_tokens"] == results["eager"]["greedy_tokens"] for e, r in results.items()},
+        "versions": package_versions(("torch", "executorch", "torchao", "transformers", "llama_cpp_python")),
+    }
+
+
+def render_table(report: dict) -> str:
+    """Markdown: steps (wall, RSS), sizes, then tok/s mean ± stddev per engine and prompt length."""
+    lines = ["| step | wall s | peak RSS MB |", "|---|---:|---:|"]
+    for name, step in report["steps"].items():
+        rss = "" if step["peak_rss_mb"] is None else f"{step['peak_rss_mb']:.0f}"
+        lines.append(f"| {name} | {step['wall_s']:.1f} | {rss} |")
+    lines += ["", f".pte: {report['pte']['size_bytes'] / 1e6:.1f} MB; GGUF {report['gguf']['gguf_type']}: "
+                  f"{report['gguf']['size_bytes'] / 1e6:.1f} MB", ""]
+    lines += ["| engine | prompt | prefill tok/s | decode tok/s | load s | peak RSS MB | same greedy tokens as eager |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    for engine, result in report["engines"].items():
+        for run in result["runs"]:
+            pre, dec = run["prefill_tps"], run["decode_tps"]
+            lines.append(f"| {engine} | {run['prompt_tokens']} | {pre['avg']:.1f} ± {pre['stddev']:.1f} | "
+                         f"{dec['avg']:.2f} ± {dec['stddev']:.2f} | {result['load_s']:.1f} | "
+                         f"{result['peak_rss_bytes'] / 1e6:.0f} | {report['same_greedy_tokens'][engine]} |")
+    lines += ["", "| prompt | decode .pte/llama.cpp | prefill .pte/llama.cpp | decode .pte/eager | prefill .pte/eager |",
+              "|---:|---:|---:|---:|---:|"]
+    for row in report["ratios"]:
+        cells = [row.get(k) for k in ("decode_vs_llamacpp", "prefill_vs_llamacpp", "decode_vs_eager", "prefill_vs_eager")]
+        lines.append(f"| {row['prompt_tokens']} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_json: Path, out_table: Path) -> str:
+    table = render_table(report)
+    with atomic_output(out_table) as tmp:
+        tmp.write_text(table + "\n", encoding="utf-8")
+    write_json(out_json, report)
+    return table

@@ -1,0 +1,14 @@
+"""Snakemake step: set the engines' numbers and the steps' costs side by side (perf.json, perf.md)."""
+from gemma_edge import pipeline
+from gemma_edge.steplog import rule_log
+
+
+def main(snakemake):
+    i, o = snakemake.input, snakemake.output
+    engines = {"pte": i.pte, "eager": i.eager, "llamacpp": i.llamacpp}
+    pipeline.perf_table(engines, snakemake.params.step_benchmarks, i.pte_manifest, i.gguf_manifest, i.checkpoint,
+                        o.json, o.table)
+
+
+with rule_log(snakemake.log[0], "perf_table"):
+    main(snakemake)

@@ -1,0 +1,173 @@
+"""The performance benchmark: the E2B-shaped model's architecture, its tokenizer as llama.cpp's own
+converter sees it, and `snakemake perf` end to end (the .pte, eager FP32 and llama.cpp on one
+checkpoint) on a tiny random Gemma 4 with the same tokenizer design."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, snakemake, write_config
+from gemma_edge.artifacts import read_json, sha256_file
+from gemma_edge.e2b_shape import (
+    E2B,
+    TINY_VOCAB,
+    byte_fallback_tokenizer,
+    e2b_layer_types,
+    e2b_shape_config,
+    parameter_count,
+    shared_layers_for,
+)
+from gemma_edge.perf import decode_ratio, render_table
+from test_workflow import jobs_of
+
+CONVERTER = REPO / ".bench/llama.cpp/convert_hf_to_gguf.py"
+# Skipped only outside CI: .ci/run installs llama.cpp, so there a missing converter fails the tests.
+needs_llamacpp = pytest.mark.skipif(
+    not CONVERTER.exists() and not os.environ.get("CI"),
+    reason="llama.cpp's converter is not unpacked: run bench/setup-llamacpp.sh (.ci/run does)",
+)
+
+
+def meta_model(config):
+    from transformers import Gemma4ForCausalLM
+
+    with torch.device("meta"):
+        return Gemma4ForCausalLM(config)
+
+
+def test_full_depth_e2b_shape_is_gemma_4_e2b():
+    """At 35 layers the shape is E2B's: its layer pattern, 20 shared-KV layers and 2.35 B
+    per-layer-embedding parameters; the text decoder holds about 4.6 B of E2B's 5.1 B (the rest
+    are its vision and audio encoders)."""
+    config = e2b_shape_config(35)
+    assert config.num_kv_shared_layers == 20
+    assert [i for i, t in enumerate(config.layer_types) if t == "full_attention"] == [4, 9, 14, 19, 24, 29, 34]
+    model = meta_model(config)
+    per_layer_table = model.model.embed_tokens_per_layer.weight.numel()
+    assert per_layer_table == 262144 * 35 * 256  # 2.35 B
+    assert 4.55e9 < parameter_count(model) < 4.7e9
+
+
+@pytest.mark.parametrize("layers", [3, 4, 8])
+def test_cut_shapes_keep_both_attention_kinds_and_a_donor_for_every_shared_layer(layers):
+    shared = shared_layers_for(layers)
+    types = e2b_layer_types(layers, shared)
+    own, borrowed = types[: layers - shared], types[layers - shared :]
+    assert {"sliding_attention", "full_attention"} <= set(types)
+    assert set(borrowed) <= set(own)
+    config = e2b_shape_config(layers)
+    assert (config.hidden_size, config.vocab_size, config.hidden_size_per_layer_input) == (1536, 262144, 256)
+
+
+def test_too_shallow_an_e2b_shape_is_refused():
+    with pytest.raises(ValueError, match="at least 3 layers"):
+        e2b_shape_config(2)
+
+
+def test_byte_fallback_tokenizer_covers_any_text_at_the_full_vocabulary(tmp_path):
+    from transformers import AutoTokenizer
+
+    from gemma_edge.demo_model import write_tokenizer
+
+    tokenizer = byte_fallback_tokenizer((REPO / "resources/demo_corpus.txt").read_text(), E2B["vocab_size"])
+    assert tokenizer.get_vocab_size() == E2B["vocab_size"]
+    write_tokenizer(tokenizer, tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Return a new list of naïve ünïcode — 東京"
+    ids = loaded(text)["input_ids"]
+    assert ids[0] == 2 and max(ids) < E2B["vocab_size"]
+    assert any(piece.startswith("<0x") for piece in loaded.convert_ids_to_tokens(ids))  # bytes, not <unk>
+    assert loaded.decode(ids, skip_special_tokens=True) == text
+
+
+def fake_engine(engine, prefill, decode):
+    stats = lambda v: {"avg": v, "stddev": v / 10, "median": v, "min": v, "max": v, "samples": [v]}  # noqa: E731
+    return {"engine": engine, "load_s": 1.0, "peak_rss_bytes": 2e9, "greedy_tokens": [5, 6],
+            "runs": [{"prompt_tokens": 64, "prefill_tps": stats(prefill), "decode_tps": stats(decode)}]}
+
+
+def test_ratios_divide_the_pte_by_each_other_engine():
+    results = {"pte": fake_engine("pte", 300.0, 12.0), "eager": fake_engine("eager", 100.0, 4.0),
+               "llamacpp": fake_engine("llamacpp", 150.0, 16.0)}
+    [row] = decode_ratio(results)
+    assert row["decode_vs_llamacpp"] == pytest.approx(0.75)
+    assert row["prefill_vs_llamacpp"] == pytest.approx(2.0)
+    assert row["decode_vs_eager"] == pytest.approx(3.0)
+    report = {"steps": {"export": {"wall_s": 80.0, "peak_rss_mb": 6700.0}}, "pte": {"size_bytes": 7e8},
+              "gguf": {"gguf_type": "q4_0", "size_bytes": 5e8}, "engines": results, "ratios": [row],
+              "same_greedy_tokens": {"pte": True, "eager": True, "llamacpp": False}}
+    table = render_table(report)
+    assert "| export | 80.0 | 6700 |" in table
+    assert "| llamacpp | 64 | 150.0 ± 15.0 | 16.00 ± 1.60 |" in table
+    assert "| 64 | 0.75 | 2.00 | 3.00 | 3.00 |" in table
+
+
+@pytest.fixture(scope="module")
+def perf_run(tmp_path_factory):
+    """`snakemake perf` on a tiny random Gemma 4 (demo widths, byte-fallback tokenizer)."""
+    workdir = tmp_path_factory.mktemp("perf")
+    config = write_config(workdir / "perf.yaml", {
+        "model": "tiny-random",
+        "models": {"tiny-random": {"repo_id": "tests/gemma4-tiny-random", "demo": True, "synthetic": {"shape": "tiny"}}},
+        "perf": {"prompt_lengths": [8, 32], "new_tokens": 8, "repetitions": 2, "warmup": 1},
+    })
+    snakemake(workdir, "--cores", "2", "perf", "--configfile", str(config))
+    return {"workdir": workdir, "config": config,
+            "perf": read_json(workdir / "results/perf/tiny-random/int4-g128/xnnpack-auto/perf.json")}
+
+
+@needs_llamacpp
+def test_perf_times_all_three_engines_on_the_same_checkpoint(perf_run):
+    perf, workdir = perf_run["perf"], perf_run["workdir"]
+    assert set(perf["engines"]) == {"pte", "eager", "llamacpp"}
+    for engine, result in perf["engines"].items():
+        assert [run["prompt_tokens"] for run in result["runs"]] == [8, 32], engine
+        for run in result["runs"]:
+            assert run["decode_tps"]["avg"] > 0 and len(run["decode_tps"]["samples"]) == 2
+            assert run["prefill_tps"]["avg"] > 0
+        assert len(result["greedy_tokens"]) == 8 and max(result["greedy_tokens"]) < TINY_VOCAB
+        assert result["threads"] == 2
+    assert perf["gguf"]["gguf_type"] == "q4_0"
+    gguf = workdir / "results/tiny-random/llamacpp/model-q4_0.gguf"
+    assert gguf.read_bytes()[:4] == b"GGUF" and sha256_file(gguf) == perf["gguf"]["sha256"]
+    checkpoint = read_json(workdir / "results/tiny-random/checkpoint.json")
+    gguf_manifest = read_json(workdir / "results/tiny-random/llamacpp/model-q4_0.gguf.manifest.json")
+    assert gguf_manifest["inputs"]["checkpoint"]["sha256"] == sha256_file(workdir / "results/tiny-random/checkpoint.json")
+    assert perf["model"]["commit"] == checkpoint["commit"]
+    for row in perf["ratios"]:
+        pte = {r["prompt_tokens"]: r for r in perf["engines"]["pte"]["runs"]}[row["prompt_tokens"]]
+        llama = {r["prompt_tokens"]: r for r in perf["engines"]["llamacpp"]["runs"]}[row["prompt_tokens"]]
+        assert row["decode_vs_llamacpp"] == pytest.approx(pte["decode_tps"]["avg"] / llama["decode_tps"]["avg"])
+
+
+@needs_llamacpp
+def test_perf_table_lists_every_step_with_its_cost(perf_run):
+    steps = perf_run["perf"]["steps"]
+    for name in ("build checkpoint", "download", "export", "quantize", "lower", "gguf (q4_0)", "bench .pte",
+                 "bench eager", "bench llama.cpp"):
+        assert name in steps, name
+        assert steps[name]["wall_s"] > 0
+    assert steps["export"]["peak_rss_mb"] > 100  # torch alone is more than that
+    table = (perf_run["workdir"] / "results/perf/tiny-random/int4-g128/xnnpack-auto/perf.md").read_text()
+    assert "| export |" in table and "decode .pte/llama.cpp" in table
+
+
+@needs_llamacpp
+def test_group_size_change_reruns_only_the_pte_side_of_the_benchmark(perf_run):
+    override = write_config(perf_run["workdir"] / "g64.yaml", {"quantization": {"group_size": 64}})
+    dry = snakemake(perf_run["workdir"], "-n", "perf", "--configfile", str(perf_run["config"]), str(override))
+    assert jobs_of(dry.stdout) == {"quantize": 1, "lower": 1, "perf_engine": 1, "perf_table": 1, "perf": 1}
+    assert "results/perf/tiny-random/int4-g64/xnnpack-auto/pte.json" in dry.stdout
+
+
+def test_missing_converter_is_explained(tmp_path):
+    from gemma_edge.perf import convert_to_gguf
+
+    checkpoint = tmp_path / "checkpoint.json"
+    checkpoint.write_text(json.dumps({"path": str(tmp_path)}))
+    with pytest.raises(FileNotFoundError, match="bench/setup-llamacpp.sh"):
+        convert_to_gguf(tmp_path / "missing.py", checkpoint, "q4_0", 1, tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()
