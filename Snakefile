@@ -43,6 +43,13 @@ rule perf:
     localrule: True
 
 
+# `snakemake projection`: per-layer growth of every step's cost, extrapolated to full depth.
+rule projection:
+    input:
+        projection_path(),
+    localrule: True
+
+
 onsuccess:
     print(f"Done: {parity_path()} (logs in logs/, timings in benchmarks/)")
 

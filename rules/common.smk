@@ -89,6 +89,8 @@ def sweep_benches():
 
 for _target in config["targets"]:
     workflow.register_resource(f"device_{_target}", 1)
+# The performance benchmark's engines time this host: one at a time, whatever their thread count.
+workflow.register_resource("host_bench", 1)
 
 
 # The performance benchmark (rules/perf.smk).
@@ -96,6 +98,15 @@ for _target in config["targets"]:
 
 def perf_path():
     return f"results/perf/{variant_dir().removeprefix('results/')}/perf.md"
+
+
+def projection_path():
+    return f"results/perf/projection/{variant_dir().split('/', 2)[2]}/projection.md"
+
+
+def perf_projection_inputs(wildcards):
+    variant = f"{wildcards.quant}/xnnpack-{wildcards.mode}"
+    return [f"results/perf/{model}/{variant}/perf.json" for model in config["perf"]["projection"]["models"]]
 
 
 def llamacpp_converter():
@@ -114,7 +125,9 @@ def perf_engine_artifact(wildcards):
 
 
 def perf_spec(wildcards):
-    return {**config["perf"], "max_seq_len": config["export"]["max_seq_len"]}
+    """What the engines' timing depends on (and nothing else, so other perf keys re-run nothing)."""
+    timing = ("threads", "prompt_lengths", "new_tokens", "repetitions", "warmup")
+    return {**{key: config["perf"][key] for key in timing}, "max_seq_len": config["export"]["max_seq_len"]}
 
 
 def perf_engine_results(wildcards):
@@ -137,20 +150,25 @@ def perf_table_inputs(wildcards):
 
 
 def perf_step_benchmarks(wildcards):
-    """Snakemake benchmark files of every step behind the table (wall time and peak RSS of each)."""
+    """Per step behind the table: its Snakemake benchmark file (wall time) and the file in which it
+    recorded its exact peak RSS (Snakemake's sampled max_rss misses short spikes)."""
     model, quant, mode = wildcards.model, wildcards.quant, wildcards.mode
     entry = config["models"][model]
     gguf_type = config["perf"]["gguf_type"]
+    variant = f"{quant}/xnnpack-{mode}"
     steps = {}
     if entry["demo"]:
-        steps["build checkpoint"] = f"benchmarks/demo/{hub_folder_name(entry['repo_id'])}.tsv"
-    steps["download"] = f"benchmarks/{model}/download.tsv"
-    steps["export"] = f"benchmarks/{model}/fp32/export.tsv"
+        repo = hub_folder_name(entry["repo_id"])
+        steps["build checkpoint"] = (f"benchmarks/demo/{repo}.tsv", f"{DEMO_HUB}/{repo}.json")
+    steps["download"] = (f"benchmarks/{model}/download.tsv", None)
+    steps["export"] = (f"benchmarks/{model}/fp32/export.tsv", f"results/{model}/fp32/program.pt2.manifest.json")
     if quant != "fp32":
-        steps["quantize"] = f"benchmarks/{model}/{quant}/quantize.tsv"
-    steps["lower"] = f"benchmarks/{model}/{quant}/xnnpack-{mode}/lower.tsv"
-    steps[f"gguf ({gguf_type})"] = f"benchmarks/{model}/llamacpp/gguf-{gguf_type}.tsv"
-    steps["bench .pte"] = f"benchmarks/perf/{model}/{quant}/xnnpack-{mode}/pte.tsv"
-    steps["bench eager"] = f"benchmarks/perf/{model}/fp32/eager.tsv"
-    steps["bench llama.cpp"] = f"benchmarks/perf/{model}/{gguf_type}/llamacpp.tsv"
-    return steps
+        steps["quantize"] = (f"benchmarks/{model}/{quant}/quantize.tsv", f"results/{model}/{quant}/program.pt2.manifest.json")
+    steps["lower"] = (f"benchmarks/{model}/{variant}/lower.tsv", f"results/{model}/{variant}/model.pte.manifest.json")
+    steps[f"gguf ({gguf_type})"] = (f"benchmarks/{model}/llamacpp/gguf-{gguf_type}.tsv",
+                                    f"results/{model}/llamacpp/model-{gguf_type}.gguf.manifest.json")
+    for name, engine, engine_variant in (("bench .pte", "pte", variant), ("bench eager", "eager", "fp32"),
+                                         ("bench llama.cpp", "llamacpp", gguf_type)):
+        steps[name] = (f"benchmarks/perf/{model}/{engine_variant}/{engine}.tsv",
+                       f"results/perf/{model}/{engine_variant}/{engine}.json")
+    return {name: {"benchmark": tsv, "peak_from": peak} for name, (tsv, peak) in steps.items()}

@@ -44,6 +44,7 @@ rule perf_engine:
         spec=perf_spec,
     resources:
         mem_mb=config["memory_mb"]["perf"],
+        host_bench=1,
     threads: config["perf"]["threads"]
     message:
         "Timing prefill and decode of {wildcards.engine} ({wildcards.engine_variant}) on this host"
@@ -75,3 +76,28 @@ rule perf_table:
     script:
         "../scripts/perf_table.py"
 
+
+
+rule perf_projection:
+    input:
+        reports=perf_projection_inputs,
+    output:
+        json="results/perf/projection/{quant}/xnnpack-{mode}/projection.json",
+        table=report(
+            "results/perf/projection/{quant}/xnnpack-{mode}/projection.md",
+            caption="../report/projection.rst",
+            category="Performance",
+        ),
+    log:
+        "logs/perf/projection/{quant}/xnnpack-{mode}/projection.log",
+    benchmark:
+        "benchmarks/perf/projection/{quant}/xnnpack-{mode}/projection.tsv"
+    conda:
+        "../envs/perf.yaml"
+    params:
+        layers=config["perf"]["projection"]["layers"],
+    localrule: True
+    message:
+        "Projecting every step's peak RSS and wall time to {params.layers} layers"
+    script:
+        "../scripts/perf_projection.py"

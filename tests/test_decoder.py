@@ -57,3 +57,20 @@ def test_every_demo_token_decodes_to_valid_utf8_on_its_own(demo_checkpoint):
         assert "\ufffd" not in piece, (token_id, piece)
         piece.encode("utf-8", errors="strict")
     assert tokenizer.encode("Drop items").ids[0] == 2  # BOS first, as Gemma's tokenizer does
+
+
+def test_rmsnorm_rewrite_keeps_the_logits_and_leaves_xnnpack_nothing_to_refuse(demo_checkpoint):
+    """The rewritten norms compute the same logits (up to rounding), and the exported graph has no
+    mean or power op left for portable kernels: only linears, mul, add and rsqrt."""
+    from gemma_edge.export import export_decoder
+
+    model = load_text_model(demo_checkpoint)
+    ids = torch.tensor([[2, 40, 41, 42, 43]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    program = export_decoder(model, 16)  # rewrites the norms of `model` itself
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-4, rtol=1e-4)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.rsqrt.default" in targets
+    assert not {"aten.mean.dim", "aten.pow.Tensor_Scalar"} & targets

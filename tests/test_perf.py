@@ -20,7 +20,7 @@ from gemma_edge.e2b_shape import (
     parameter_count,
     shared_layers_for,
 )
-from gemma_edge.perf import decode_ratio, render_table
+from gemma_edge.perf import decode_ratio, fit_line, project_steps, render_projection, render_table
 from test_workflow import jobs_of
 
 CONVERTER = REPO / ".bench/llama.cpp/convert_hf_to_gguf.py"
@@ -96,7 +96,7 @@ def test_ratios_divide_the_pte_by_each_other_engine():
     assert row["decode_vs_llamacpp"] == pytest.approx(0.75)
     assert row["prefill_vs_llamacpp"] == pytest.approx(2.0)
     assert row["decode_vs_eager"] == pytest.approx(3.0)
-    report = {"steps": {"export": {"wall_s": 80.0, "peak_rss_mb": 6700.0}}, "pte": {"size_bytes": 7e8},
+    report = {"steps": {"export": {"wall_s": 80.0, "peak_rss_mb": 6700.0, "peak_rss_source": "recorded"}}, "pte": {"size_bytes": 7e8},
               "gguf": {"gguf_type": "q4_0", "size_bytes": 5e8}, "engines": results, "ratios": [row],
               "same_greedy_tokens": {"pte": True, "eager": True, "llamacpp": False}}
     table = render_table(report)
@@ -171,3 +171,21 @@ def test_missing_converter_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="bench/setup-llamacpp.sh"):
         convert_to_gguf(tmp_path / "missing.py", checkpoint, "q4_0", 1, tmp_path / "model.gguf")
     assert not (tmp_path / "model.gguf").exists()
+
+
+def test_projection_extends_each_steps_per_layer_growth_to_full_depth():
+    def report(layers, export_mb, lower_mb):
+        return {"model": {"layers": layers}, "steps": {
+            "export": {"wall_s": 10.0 * layers, "peak_rss_mb": export_mb},
+            "lower": {"wall_s": 50.0, "peak_rss_mb": lower_mb},
+            "download": {"wall_s": 1.0, "peak_rss_mb": None}}}
+
+    rows = project_steps([report(4, 6000.0, 2400.0), report(8, 9000.0, 3200.0)], 35)
+    export, lower = rows  # download has no RSS figure, so it is left out
+    assert export["peak_rss_mb_per_layer"] == pytest.approx(750.0)
+    assert export["peak_rss_mb_projected"] == pytest.approx(6000.0 + 31 * 750.0)
+    assert export["wall_s_projected"] == pytest.approx(350.0)
+    assert lower["peak_rss_mb_projected"] == pytest.approx(2400.0 + 31 * 200.0)
+    assert "| export | 6000 | 9000 | 750 | 29250 |" in render_projection(rows, 35)
+    with pytest.raises(ValueError, match="two or more depths"):
+        fit_line([(4, 1.0), (4, 2.0)])

@@ -54,3 +54,36 @@ def test_embeddings_become_int8_embedding_byte():
     ids = torch.tensor([[7, 8, 9]])
     with torch.no_grad():
         torch.testing.assert_close(graph_module(ids), model(ids), atol=0.05, rtol=0.05)
+
+
+def test_int8_rows_are_the_same_whatever_the_chunk_size():
+    """Chunking bounds the temporaries; it must not change a single value or scale."""
+    from gemma_edge.quantize import int8_per_row
+
+    weight = torch.randn(1000, 48, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 3, 1000)[:, None]
+    whole_table, whole_scales = int8_per_row(weight, rows_per_chunk=1000)
+    table, scales = int8_per_row(weight, rows_per_chunk=7)
+    assert torch.equal(table, whole_table) and torch.equal(scales, whole_scales)
+    assert table.dtype == torch.int8 and int(table.abs().max()) == 127
+    restored = table.to(torch.float32) * scales[:, None]
+    assert torch.allclose(restored, weight, atol=float(scales.max()) / 2 + 1e-6)
+
+
+def test_saved_program_is_checked_tensor_by_tensor_after_reloading(tmp_path):
+    """write_program + check_reloaded: a reload must reproduce the graph and every tensor, INT4
+    torchao tensors included; a file holding a different weight is refused."""
+    from gemma_edge.artifacts import ArtifactError
+    from gemma_edge.export import check_reloaded, write_program
+
+    _, graph_module = exported_module()
+    quantize_linears(graph_module, 64)
+    ids = (torch.tensor([[1, 2, 3]]),)
+    program = torch.export.export(graph_module, ids)
+    fingerprint = write_program(program, tmp_path / "program.pt2")
+    check_reloaded(tmp_path / "program.pt2", fingerprint)
+
+    with torch.no_grad():
+        graph_module.up.weight.add_(1.0)  # an FP32 weight changed, same shapes and graph
+    write_program(torch.export.export(graph_module, ids), tmp_path / "other.pt2")
+    with pytest.raises(ArtifactError, match="tensor up.weight differs after reloading"):
+        check_reloaded(tmp_path / "other.pt2", fingerprint)

@@ -9,7 +9,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import shutil
+import sys
 from pathlib import Path
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -36,6 +38,14 @@ def package_versions(names=TRACKED_PACKAGES) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory so far of this process or of any child it waited for (a converter
+    subprocess, say), whichever is larger. Exact, unlike sampling, which misses short spikes."""
+    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, kB on Linux
+    usage = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return usage * scale
 
 
 def temp_path_for(path: Path) -> Path:
@@ -100,6 +110,7 @@ def write_manifest(artifact: Path, inputs: dict, params: dict, extra: dict | Non
         "inputs": {name: {"path": str(p), "sha256": sha256_file(p)} for name, p in inputs.items()},
         "params": params,
         "versions": package_versions(),
+        "peak_rss_mb": peak_rss_mb(),  # of the step that made the artifact, up to now
     }
     if extra:
         payload.update(extra)

@@ -92,6 +92,9 @@ def validate_config(config: dict, schema_path: Path) -> dict:
     clashes = sorted(set(config["targets"]) & (set(config["models"]) | {"demo-hub", "perf"}))
     if clashes:
         raise ConfigError(f"config: targets.{clashes[0]} has the name of a model (or demo-hub, perf); both live under results/, rename it")
+    unknown = [m for m in config["perf"]["projection"]["models"] if m not in config["models"]]
+    if unknown:
+        raise ConfigError(f"config: perf.projection.models names {unknown[0]!r}, which is not an entry of models")
     perf_max = max(config["perf"]["prompt_lengths"]) + config["perf"]["new_tokens"]
     if perf_max > config["export"]["max_seq_len"]:
         raise ConfigError(f"config: perf.prompt_lengths + perf.new_tokens ({perf_max}) exceed export.max_seq_len ({config['export']['max_seq_len']})")

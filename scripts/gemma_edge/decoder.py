@@ -55,6 +55,35 @@ def sliding_window_of(model: nn.Module) -> int | None:
     return None
 
 
+def xnnpack_friendly_rmsnorm(model: nn.Module) -> int:
+    """Rewrite every Gemma 4 RMSNorm as ops XNNPACK delegates, so norms stop splitting its subgraphs.
+
+    transformers computes `x * pow(mean(x², -1) + eps, -0.5)`; XNNPACK takes neither a mean over
+    the last dimension of a 3-D tensor nor a power of -0.5, so each of a layer's seven or eight
+    norms ran on portable kernels between two delegate calls. Here the mean is a linear layer with
+    one output (weights 1/n, kept FP32 by the quantize step) and the power an rsqrt: the same
+    arithmetic up to rounding. Returns how many norms were rewritten.
+    """
+    import types
+
+    norms = [m for m in model.modules() if type(m).__name__ == "Gemma4RMSNorm"]
+    for module in norms:
+        module._norm = types.MethodType(_rmsnorm_as_linear, module)
+    # Each norm learns its width (v_norm has no weight to tell it) on one eager call without a cache,
+    # and keeps its 1/n weights as a buffer, so the export finds them as constants.
+    with torch.no_grad():
+        model.model(input_ids=torch.tensor([[2, 3]]), use_cache=False)
+    return len(norms)
+
+
+def _rmsnorm_as_linear(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if not hasattr(self, "rms_mean"):
+        width = hidden_states.shape[-1]
+        self.register_buffer("rms_mean", torch.full((1, width), 1.0 / width, dtype=hidden_states.dtype), persistent=False)
+    mean_squared = nn.functional.linear(hidden_states * hidden_states, self.rms_mean)
+    return hidden_states * torch.rsqrt(mean_squared + self.eps)
+
+
 class KVCacheDecoder(nn.Module):
     """Gemma 4 with a static KV cache held as registered buffers, exportable with torch.export.
 

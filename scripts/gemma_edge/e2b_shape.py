@@ -2,7 +2,8 @@
 embeddings, cut to fewer layers: the model the performance benchmark runs on.
 
 Weights are random (seeded, so the checkpoint is the same on every machine) because the real E2B
-cannot be downloaded here; speed and memory depend on shapes, not on values. The tokenizer is a
+cannot be downloaded here; speed and memory depend on shapes, not on values. They are stored in
+bf16, as E2B's are, so loading costs what it would for the real checkpoint. The tokenizer is a
 Gemma-style byte-fallback BPE padded to E2B's 262,144 entries, so llama.cpp's own converter
 accepts the checkpoint as it would the real one.
 """
@@ -117,7 +118,7 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 
 def build_synthetic_checkpoint(corpus_path: Path, out_dir: Path, shape: str, layers: int, seed: int) -> dict:
-    """Write config, safetensors (FP32, random, seeded) and a byte-fallback tokenizer of a Gemma 4."""
+    """Write config, safetensors (bf16, random, seeded) and a byte-fallback tokenizer of a Gemma 4."""
     from transformers import Gemma4ForCausalLM, GenerationConfig
 
     config = synthetic_config(shape, layers)
@@ -127,6 +128,7 @@ def build_synthetic_checkpoint(corpus_path: Path, out_dir: Path, shape: str, lay
     with _single_thread():  # initialisation draws the same numbers whatever the core count
         model = Gemma4ForCausalLM(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    model.to(torch.bfloat16)  # stored as Gemma 4's own checkpoints are: loading upcasts, as it would E2B's
     params = parameter_count(model)
     log.info("synthetic %s Gemma 4: %d layers (%d KV-shared), %.1f M parameters, layer types %s", shape,
              config.num_hidden_layers, config.num_kv_shared_layers, params / 1e6, config.layer_types)

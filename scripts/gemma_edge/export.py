@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import logging
 from pathlib import Path
 
 import torch
 
 from .artifacts import ArtifactError, atomic_output
-from .decoder import KVCacheDecoder, dynamic_shapes, example_inputs
+from .decoder import KVCacheDecoder, dynamic_shapes, example_inputs, xnnpack_friendly_rmsnorm
+from .steplog import log_memory
 
 log = logging.getLogger(__name__)
 
 
-def export_decoder(model: torch.nn.Module, max_seq_len: int) -> torch.export.ExportedProgram:
-    """Export `model` wrapped with an in-graph KV cache, with a dynamic number of tokens per call."""
+def export_decoder(model: torch.nn.Module, max_seq_len: int, xnnpack_norms: bool = True) -> torch.export.ExportedProgram:
+    """Export `model` wrapped with an in-graph KV cache, with a dynamic number of tokens per call.
+
+    With `xnnpack_norms`, RMSNorms are first rewritten into ops XNNPACK delegates (this changes
+    `model` itself: the drift check that follows compares against the rewritten arithmetic, and
+    the verify step against a freshly loaded model)."""
+    if xnnpack_norms:
+        log.info("RMSNorms rewritten for XNNPACK: %d", xnnpack_friendly_rmsnorm(model))
     decoder = KVCacheDecoder(model, max_seq_len).eval()
     with torch.no_grad():
         program = torch.export.export(
@@ -32,41 +41,55 @@ def cache_buffers(program: torch.export.ExportedProgram) -> list[str]:
     return [name for name in program.graph_signature.buffers if name.startswith("cache_")]
 
 
-def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
-    """Save through an open file handle, then reload and compare before the file is put in place.
+def write_program(program: torch.export.ExportedProgram, path: Path) -> dict:
+    """torch.export.save through an open file handle; returns what a reload must reproduce.
 
     Given a pathlib.Path, torch.export.save once wrote truncated zips for programs over 2 GB and
-    reported success; an open handle avoids that path, and the reload proves the file is whole.
+    reported success; an open handle avoids that path, and `check_reloaded` proves the file whole.
+    Call both inside `atomic_output`, dropping every reference to the program in between, so that
+    only one copy of the weights is in memory at a time.
     """
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as handle:
-            torch.export.save(program, handle)
-        reloaded = torch.export.load(str(tmp))
-        check_same_program(program, reloaded, tmp)
+    with open(path, "wb") as handle:
+        torch.export.save(program, handle)
+    log_memory("torch.export.save")
+    return program_fingerprint(program)
 
 
-def check_same_program(expected, actual, where) -> None:
-    if str(expected.graph_module.code) != str(actual.graph_module.code):
-        raise ArtifactError(f"{where}: the reloaded program's graph differs from the one saved")
+def check_reloaded(path: Path, fingerprint: dict) -> None:
+    """Reload `path` and compare its graph and every tensor with the fingerprint taken at saving."""
+    gc.collect()  # the caller has dropped the in-memory program: free it before loading the copy
+    reloaded = load_program(path)
+    log_memory("reloading the saved program")
+    actual = program_fingerprint(reloaded)
+    if actual["graph"] != fingerprint["graph"]:
+        raise ArtifactError(f"{path}: the reloaded program's graph differs from the one saved")
     for kind in ("state_dict", "constants"):
-        want, got = getattr(expected, kind), getattr(actual, kind)
+        want, got = fingerprint[kind], actual[kind]
         if want.keys() != got.keys():
-            raise ArtifactError(f"{where}: the reloaded program's {kind} keys differ from the ones saved")
-        for name, tensor in want.items():
-            if isinstance(tensor, torch.Tensor) and not _same_tensor(tensor, got[name]):
-                raise ArtifactError(f"{where}: tensor {name} differs after reloading")
+            raise ArtifactError(f"{path}: the reloaded program's {kind} keys differ from the ones saved")
+        for name in want:
+            if want[name] != got[name]:
+                raise ArtifactError(f"{path}: tensor {name} differs after reloading")
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+def program_fingerprint(program: torch.export.ExportedProgram) -> dict:
+    """The graph's code and, per tensor, its type, shape, dtype and the sha256 of its bytes."""
+    return {
+        "graph": str(program.graph_module.code),
+        "state_dict": {n: tensor_digest(t) for n, t in program.state_dict.items() if isinstance(t, torch.Tensor)},
+        "constants": {n: tensor_digest(t) for n, t in program.constants.items() if isinstance(t, torch.Tensor)},
+    }
+
+
+def tensor_digest(tensor: torch.Tensor):
+    """Comparable summary of a tensor; torchao's tensor subclasses are summarised part by part."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    if is_traceable_wrapper_subclass(a) or is_traceable_wrapper_subclass(b):
-        if type(a) is not type(b):
-            return False
-        inner_a, _ = a.__tensor_flatten__()
-        inner_b, _ = b.__tensor_flatten__()
-        return inner_a == inner_b and all(_same_tensor(getattr(a, n), getattr(b, n)) for n in inner_a)
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if is_traceable_wrapper_subclass(tensor):
+        inner, _ = tensor.__tensor_flatten__()
+        return [type(tensor).__name__, {n: tensor_digest(getattr(tensor, n)) for n in inner}]
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return [list(tensor.shape), str(tensor.dtype), hashlib.sha256(memoryview(data)).hexdigest()]
 
 
 def register_quantized_ops() -> None:

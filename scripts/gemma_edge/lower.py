@@ -17,6 +17,7 @@ import torch
 
 from .artifacts import atomic_output
 from .runtime import PteDecoder
+from .steplog import log_memory
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,9 @@ def lower_with_fallback(program, per_op_mode: str, metadata: dict, pte_path: Pat
         log.info("lowering to XNNPACK (%s subgraphs)", label)
         try:
             manager = lower_to_xnnpack(program, mode, metadata)
+            log_memory(f"lowering ({label})")
             write_pte(manager, pte_path)
+            log_memory("writing the .pte")
             smoke_run(pte_path, metadata["get_bos_id"])
         except Exception as error:  # noqa: BLE001 - any rejection of the fused path triggers the fallback
             pte_path.unlink(missing_ok=True)

@@ -178,11 +178,18 @@ def quantize_gguf(source: Path, out: Path, gguf_type: str, threads: int) -> None
 # --- the table ----------------------------------------------------------------------------------
 
 
-def read_benchmark_tsv(path: Path) -> dict:
-    """Snakemake's `benchmark:` file: wall seconds and peak RSS (MB) of one rule's job."""
-    with open(path, newline="", encoding="utf-8") as handle:
+def read_step_cost(benchmark: Path, peak_from: Path | None) -> dict:
+    """Wall seconds from the step's Snakemake `benchmark:` file; peak RSS (MB) as the step itself
+    recorded it (`peak_rss_mb`/`peak_rss_bytes` in its manifest or result), else Snakemake's
+    sampled max_rss, which can miss a short spike."""
+    with open(benchmark, newline="", encoding="utf-8") as handle:
         row = next(csv.DictReader(handle, delimiter="\t"))
-    return {"wall_s": float(row["s"]), "peak_rss_mb": _number(row.get("max_rss"))}
+    cost = {"wall_s": float(row["s"]), "peak_rss_mb": _number(row.get("max_rss")), "peak_rss_source": "sampled"}
+    recorded = read_json(peak_from) if peak_from and Path(peak_from).exists() else {}
+    if "peak_rss_mb" in recorded or "peak_rss_bytes" in recorded:
+        cost["peak_rss_mb"] = recorded.get("peak_rss_mb") or recorded["peak_rss_bytes"] / 2**20
+        cost["peak_rss_source"] = "recorded"
+    return cost
 
 
 def _number(value):
@@ -209,11 +216,16 @@ def decode_ratio(results: dict) -> list[dict]:
 
 def build_report(engine_files: dict, step_files: dict, pte_manifest: Path, gguf_manifest: Path, checkpoint: Path) -> dict:
     results = {engine: read_json(path) for engine, path in engine_files.items()}
-    steps = {name: read_benchmark_tsv(path) for name, path in step_files.items() if Path(path).exists()}
+    steps = {name: read_step_cost(files["benchmark"], files["peak_from"])
+             for name, files in step_files.items() if Path(files["benchmark"]).exists()}
     pte, gguf, model = read_json(pte_manifest), read_json(gguf_manifest), read_json(checkpoint)
+    from .decoder import read_text_config_dict
+
+    layers = int(read_text_config_dict(Path(model["path"]))["num_hidden_layers"])
     return {
         "schema": "gemma-edge.perf/1",
-        "model": {"repo_id": model["repo_id"], "commit": model["commit"], "checkpoint_bytes": model["total_bytes"]},
+        "model": {"repo_id": model["repo_id"], "commit": model["commit"], "checkpoint_bytes": model["total_bytes"],
+                  "layers": layers},
         "host": {"machine": os.uname().machine, "cores": os.cpu_count()},
         "steps": steps,
         "pte": {"size_bytes": pte["size_bytes"], "lowering": pte.get("lowering"), "quantization_params": pte.get("program_params")},
@@ -227,20 +239,22 @@ def build_report(engine_files: dict, step_files: dict, pte_manifest: Path, gguf_
 
 def render_table(report: dict) -> str:
     """Markdown: steps (wall, RSS), sizes, then tok/s mean ± stddev per engine and prompt length."""
-    lines = ["| step | wall s | peak RSS MB |", "|---|---:|---:|"]
+    lines = ["| step | wall s | peak RSS MiB |", "|---|---:|---:|"]
     for name, step in report["steps"].items():
         rss = "" if step["peak_rss_mb"] is None else f"{step['peak_rss_mb']:.0f}"
-        lines.append(f"| {name} | {step['wall_s']:.1f} | {rss} |")
+        mark = "*" if step.get("peak_rss_source") == "sampled" else ""
+        lines.append(f"| {name} | {step['wall_s']:.1f} | {rss}{mark} |")
+    lines.append("\n\\* sampled by Snakemake's benchmark (may miss short spikes); others recorded by the step itself")
     lines += ["", f".pte: {report['pte']['size_bytes'] / 1e6:.1f} MB; GGUF {report['gguf']['gguf_type']}: "
                   f"{report['gguf']['size_bytes'] / 1e6:.1f} MB", ""]
-    lines += ["| engine | prompt | prefill tok/s | decode tok/s | load s | peak RSS MB | same greedy tokens as eager |",
+    lines += ["| engine | prompt | prefill tok/s | decode tok/s | load s | peak RSS MiB | same greedy tokens as eager |",
               "|---|---:|---:|---:|---:|---:|---|"]
     for engine, result in report["engines"].items():
         for run in result["runs"]:
             pre, dec = run["prefill_tps"], run["decode_tps"]
             lines.append(f"| {engine} | {run['prompt_tokens']} | {pre['avg']:.1f} ± {pre['stddev']:.1f} | "
                          f"{dec['avg']:.2f} ± {dec['stddev']:.2f} | {result['load_s']:.1f} | "
-                         f"{result['peak_rss_bytes'] / 1e6:.0f} | {report['same_greedy_tokens'][engine]} |")
+                         f"{result['peak_rss_bytes'] / 2**20:.0f} | {report['same_greedy_tokens'][engine]} |")
     lines += ["", "| prompt | decode .pte/llama.cpp | prefill .pte/llama.cpp | decode .pte/eager | prefill .pte/eager |",
               "|---:|---:|---:|---:|---:|"]
     for row in report["ratios"]:
@@ -255,3 +269,48 @@ def write_report(report: dict, out_json: Path, out_table: Path) -> str:
         tmp.write_text(table + "\n", encoding="utf-8")
     write_json(out_json, report)
     return table
+
+
+# --- projecting to full depth ---------------------------------------------------------------------
+
+
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) through (x, y) points; at least two distinct x."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    if len(set(xs)) < 2:
+        raise ValueError(f"a projection needs benchmarks at two or more depths, got layers {sorted(set(xs))}")
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x in xs)
+    return mean_y - slope * mean_x, slope
+
+
+def project_steps(reports: list[dict], layers: int) -> list[dict]:
+    """Per step: peak RSS and wall time measured at each depth, their per-layer growth, and the
+    straight-line projection to `layers` (E2B: 35). Every per-layer part of Gemma 4 E2B (linears,
+    its slice of the per-layer embedding table, its KV cache) grows with depth; the rest does not."""
+    depths = [r["model"]["layers"] for r in reports]
+    rows = []
+    for name in reports[0]["steps"]:
+        if not all(name in r["steps"] and r["steps"][name]["peak_rss_mb"] is not None for r in reports):
+            continue
+        row = {"step": name, "measured": {}}
+        for quantity in ("peak_rss_mb", "wall_s"):
+            points = [(d, r["steps"][name][quantity]) for d, r in zip(depths, reports)]
+            intercept, slope = fit_line(points)
+            row["measured"][quantity] = dict(points)
+            row[f"{quantity}_per_layer"] = slope
+            row[f"{quantity}_projected"] = intercept + slope * layers
+        rows.append(row)
+    return rows
+
+
+def render_projection(rows: list[dict], layers: int) -> str:
+    depths = sorted({d for row in rows for d in row["measured"]["peak_rss_mb"]})
+    head = " | ".join(f"RSS MiB @{d}" for d in depths)
+    lines = [f"| step | {head} | MiB per layer | projected RSS MiB @{layers} | wall s per layer | projected wall s @{layers} |",
+             "|---|" + "---:|" * (len(depths) + 4)]
+    for row in rows:
+        measured = " | ".join(f"{row['measured']['peak_rss_mb'][d]:.0f}" for d in depths)
+        lines.append(f"| {row['step']} | {measured} | {row['peak_rss_mb_per_layer']:.0f} | {row['peak_rss_mb_projected']:.0f} | "
+                     f"{row['wall_s_per_layer']:.1f} | {row['wall_s_projected']:.0f} |")
+    return "\n".join(lines)

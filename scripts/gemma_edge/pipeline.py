@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import artifacts, hub
 from .artifacts import read_json, verify_against_manifest, write_json, write_manifest
+from .steplog import log_memory
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ def build_demo(corpus: Path, hub_cache: Path, repo_id: str, train_steps: int, se
         else:
             facts = build_demo_checkpoint(Path(corpus), Path(scratch), train_steps, seed)
         commit = hub.seed_hub_cache(Path(scratch), Path(hub_cache), repo_id)
-    facts.update({"repo_id": repo_id, "commit": commit, "hub_cache": str(hub_cache), "versions": artifacts.package_versions()})
+    facts.update({"repo_id": repo_id, "commit": commit, "hub_cache": str(hub_cache), "versions": artifacts.package_versions(),
+                  "peak_rss_mb": artifacts.peak_rss_mb()})
     write_json(marker, facts)
     log.info("local model seeded as %s@%s", repo_id, commit[:12])
     return facts
@@ -61,29 +63,37 @@ def load_checkpoint(checkpoint_manifest: Path):
 
 
 def export(checkpoint_manifest: Path, max_seq_len: int, dtype: str, out: Path, out_manifest: Path) -> dict:
-    from .export import export_decoder, max_abs_diff_on_prompt, save_program
+    from .export import check_reloaded, export_decoder, max_abs_diff_on_prompt, write_program
 
     if dtype != "float32":
         raise ValueError(f"export.dtype {dtype!r} is not supported yet; use float32")
     model, _ = load_checkpoint(checkpoint_manifest)
+    log_memory("loading the checkpoint")
     program = export_decoder(model, max_seq_len)
+    log_memory("torch.export")
     drift = max_abs_diff_on_prompt(program, model, max_seq_len)
     log.info("exported program vs eager: max |logits diff| %.3g", drift)
     if drift > 1e-3:
         raise RuntimeError(f"the exported program disagrees with the eager model (max |logits diff| {drift:.3g})")
-    save_program(program, out)
+    with artifacts.atomic_output(out) as tmp:
+        fingerprint = write_program(program, tmp)
+        del program, model  # one copy of the weights at a time: the reload below is the second
+        check_reloaded(tmp, fingerprint)
     return write_manifest(out, {"checkpoint": checkpoint_manifest}, {"max_seq_len": max_seq_len, "dtype": dtype},
                           {"eager_max_abs_diff": drift}, manifest=out_manifest)
 
 
 def quantize(program_path: Path, group_size: int, embeddings: str, out: Path, out_manifest: Path) -> dict:
-    from .export import load_program, save_program
+    from .export import check_reloaded, load_program, write_program
     from .quantize import quantize_program
 
     verify_against_manifest(program_path)
-    program = load_program(program_path)
-    quantized, report = quantize_program(program, group_size, embeddings)
-    save_program(quantized, out)
+    quantized, report = quantize_program(load_program(program_path), group_size, embeddings)
+    log_memory("quantizing and re-exporting")
+    with artifacts.atomic_output(out) as tmp:
+        fingerprint = write_program(quantized, tmp)
+        del quantized
+        check_reloaded(tmp, fingerprint)
     params = {"scheme": "8da4w", "group_size": group_size, "embeddings": embeddings}
     return write_manifest(out, {"program": program_path}, params, {"quantization": report}, manifest=out_manifest)
 
@@ -98,7 +108,9 @@ def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str, out: 
     program = load_program(program_path)
     text_config = read_text_config_dict(Path(read_json(checkpoint_manifest)["path"]))
     metadata = runner_metadata(text_config, cache_length_of(program))
+    log_memory("loading the program")
     record = lower_with_fallback(program, per_op_mode, metadata, Path(out))
+    log_memory("lowering, writing and loading the .pte")
     extra = {"lowering": record, "runner_metadata": metadata, "program_params": program_manifest["params"],
              "quantization": program_manifest.get("quantization")}
     return write_manifest(out, {"program": program_path, "checkpoint": checkpoint_manifest},
@@ -178,3 +190,18 @@ def perf_table(engine_files: dict, step_benchmarks: dict, pte_manifest: Path, gg
     log.info("performance:\n%s", table)
     print(table, flush=True)
     return report
+
+
+def perf_projection(report_files: list[Path], layers: int, out_json: Path, out_table: Path) -> dict:
+    from .perf import project_steps, render_projection
+
+    reports = [read_json(path) for path in report_files]
+    rows = project_steps(reports, layers)
+    table = render_projection(rows, layers)
+    with artifacts.atomic_output(out_table) as tmp:
+        tmp.write_text(table + "\n", encoding="utf-8")
+    result = {"schema": "gemma-edge.projection/1", "layers": layers, "steps": rows,
+              "models": [{"repo_id": r["model"]["repo_id"], "layers": r["model"]["layers"]} for r in reports]}
+    write_json(out_json, result)
+    log.info("projection to %d layers:\n%s", layers, table)
+    return result

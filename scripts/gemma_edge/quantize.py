@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from .decoder import dynamic_shapes, example_inputs
+from .steplog import log_memory
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def linear_widths(graph_module: fx.GraphModule) -> dict[str, int]:
     widths = {}
     for node in linear_nodes(graph_module):
         attr, weight = _weight_of(graph_module, node)
-        if attr is not None:
+        if attr is not None and weight.shape[0] > 1:  # one output: a norm's mean, not a layer
             widths[attr.target] = int(weight.shape[1])
     return widths
 
@@ -84,6 +85,8 @@ def quantize_linears(graph_module: fx.GraphModule, group_size: int) -> dict:
         if attr is None:
             continue
         out_features, in_features = weight.shape
+        if out_features == 1:  # a reduction (an RMSNorm's mean as a linear), not a layer: stays FP32
+            continue
         if in_features % group_size:
             kept.append({"weight": attr.target, "in_features": int(in_features)})
             continue
@@ -94,6 +97,8 @@ def quantize_linears(graph_module: fx.GraphModule, group_size: int) -> dict:
         # torchao's tensor intercepts F.linear; the aten op would decompose before reaching it.
         node.target = torch.nn.functional.linear
         quantized.append(attr.target)
+        del holder, weight
+        drop_if_unused(graph_module, attr)
     graph_module.recompile()
     for item in kept:
         log.warning("kept in FP32 (group size %d does not divide input width %d): %s", group_size, item["in_features"], item["weight"])
@@ -124,15 +129,36 @@ def quantize_embeddings_int8(graph_module: fx.GraphModule) -> list[str]:
         node.replace_all_uses_with(lookup)
         graph_module.graph.erase_node(node)
         done.append(attr.target)
+        del weight
+        drop_if_unused(graph_module, attr)
     graph_module.recompile()
     log.info("INT8 per-row embeddings: %s", ", ".join(done) or "none")
     return done
 
 
-def int8_per_row(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    table = torch.clamp(torch.round(weight / scales[:, None]), -128, 127).to(torch.int8)
-    return table, scales.to(torch.float32)
+def int8_per_row(weight: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row INT8, a block of rows at a time: the FP32 temporaries stay a few MB even
+    for E2B's 2.35 B-entry per-layer embedding table (whole-table temporaries were 3× its size)."""
+    table = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32)
+    for start in range(0, weight.shape[0], rows_per_chunk):
+        rows = weight[start : start + rows_per_chunk].to(torch.float32)
+        row_scales = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        table[start : start + rows_per_chunk] = torch.clamp(torch.round(rows / row_scales[:, None]), -128, 127)
+        scales[start : start + rows_per_chunk] = row_scales
+    return table, scales
+
+
+def drop_if_unused(graph_module: fx.GraphModule, attr: fx.Node) -> None:
+    """Free a replaced FP32 weight at once (not at the end) unless another node still reads it, as
+    the lm_head's tied embedding does until both have been replaced: peak memory stays near the
+    FP32 program's size instead of growing by every quantized copy."""
+    if attr.users:
+        return
+    graph_module.graph.erase_node(attr)
+    owner_name, _, leaf = attr.target.rpartition(".")
+    owner = _get_attr(graph_module, owner_name) if owner_name else graph_module
+    delattr(owner, leaf)
 
 
 def drop_unreferenced_attributes(graph_module: fx.GraphModule) -> None:
@@ -157,12 +183,19 @@ def cache_length_of(program: torch.export.ExportedProgram) -> int:
 
 
 def quantize_program(program: torch.export.ExportedProgram, group_size: int, embeddings: str):
-    """Quantize an exported FP32 decoder; returns the re-exported program and a report."""
+    """Quantize an exported FP32 decoder; returns the re-exported program and a report.
+
+    Pass the program without keeping a reference (`quantize_program(load_program(path), ...)`): the
+    FP32 weights are then freed as each is replaced, instead of staying alive to the end."""
     max_seq_len = cache_length_of(program)
     graph_module = program.module()
+    del program  # the graph module shares its tensors; this drops the program's own references
+    log_memory("loading the FP32 program")
     check_group_size(linear_widths(graph_module), group_size)
     report = quantize_linears(graph_module, group_size)
+    log_memory("INT4 linears")
     report["int8_embeddings"] = quantize_embeddings_int8(graph_module) if embeddings == "int8" else []
+    log_memory("INT8 embeddings")
     drop_unreferenced_attributes(graph_module)
     with torch.no_grad():
         quantized = torch.export.export(

@@ -60,3 +60,14 @@ def rule_log(log_path: Path | str | None, step: str):
             for fd in saved:
                 os.close(fd)
             terminal.close()
+
+
+def log_memory(stage: str) -> None:
+    """Log this process's resident memory now and at its peak so far: where a step's peak comes from."""
+    from .artifacts import peak_rss_mb
+
+    try:
+        current_mb = f"{int(Path('/proc/self/statm').read_text().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20:.0f}"
+    except OSError:  # not Linux: the peak alone
+        current_mb = "?"
+    log.info("memory after %s: RSS %s MB, peak %.0f MB", stage, current_mb, peak_rss_mb())
