@@ -118,6 +118,26 @@ def time_generation(decoder, prompt: list[int], new_tokens: int) -> dict:
     }
 
 
+def timed_runs(decoder, prompt: list[int], spec: dict, on_sample=None) -> dict:
+    """`warmup` untimed generations, then `repetitions` timed ones of `prompt`, summarised;
+    `on_sample(index, sample)` sees each timed one as it ends (progress logging)."""
+    for _ in range(spec["warmup"]):
+        time_generation(decoder, prompt, spec["new_tokens"])
+    samples = []
+    for index in range(spec["repetitions"]):
+        samples.append(time_generation(decoder, prompt, spec["new_tokens"]))
+        if on_sample:
+            on_sample(index, samples[-1])
+    return {
+        "prompt_tokens": len(prompt),
+        "new_tokens": spec["new_tokens"],
+        "repetitions": spec["repetitions"],
+        "prefill_tps": summarise([s["prefill_tps"] for s in samples]),
+        "decode_tps": summarise([s["decode_tps"] for s in samples]),
+        "ttft_s": summarise([s["ttft_s"] for s in samples]),
+    }
+
+
 def run_bench(pte: Path, spec: dict) -> dict:
     """Warm-up, then repeated timed generations per prompt length, then the parity prompts."""
     from gemma_edge.runtime import PteDecoder, greedy_decode
@@ -137,17 +157,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
         if length + spec["new_tokens"] > max_seq_len:
             raise ValueError(f"prompt length {length} + {spec['new_tokens']} new tokens exceeds the .pte's max_seq_len {max_seq_len}")
         prompt = synthetic_prompt(length, int(meta["get_bos_id"]), int(meta["get_vocab_size"]))
-        for _ in range(spec["warmup"]):
-            time_generation(decoder, prompt, spec["new_tokens"])
-        samples = [time_generation(decoder, prompt, spec["new_tokens"]) for _ in range(spec["repetitions"])]
-        runs.append({
-            "prompt_tokens": length,
-            "new_tokens": spec["new_tokens"],
-            "repetitions": spec["repetitions"],
-            "prefill_tps": summarise([s["prefill_tps"] for s in samples]),
-            "decode_tps": summarise([s["decode_tps"] for s in samples]),
-            "ttft_s": summarise([s["ttft_s"] for s in samples]),
-        })
+        runs.append(timed_runs(decoder, prompt, spec))
         print(f"prompt {length}: prefill {runs[-1]['prefill_tps']['avg']:.1f} tok/s, decode {runs[-1]['decode_tps']['avg']:.1f} tok/s", flush=True)
     parity = [greedy_decode(decoder.step, ids, spec["max_new_tokens"]) for ids in spec["parity_prompt_ids"]]
     return {

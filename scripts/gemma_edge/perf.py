@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_output, package_versions, read_json, write_json
-from .device_bench import _peak_rss_bytes, summarise, synthetic_prompt, time_generation
+from .device_bench import _peak_rss_bytes, synthetic_prompt, timed_runs
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +102,11 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
     log.info("%s: loaded %s in %.1f s", engine, artifact, load_s)
     runs = []
     for length in spec["prompt_lengths"]:
-        prompt = synthetic_prompt(length, bos_id, vocab_size)
-        for _ in range(spec["warmup"]):
-            time_generation(decoder, prompt, spec["new_tokens"])
-        samples = []
-        for rep in range(spec["repetitions"]):
-            samples.append(time_generation(decoder, prompt, spec["new_tokens"]))
-            log.info("%s: prompt %d, repetition %d/%d: prefill %.1f tok/s, decode %.2f tok/s", engine, length, rep + 1,
-                     spec["repetitions"], samples[-1]["prefill_tps"], samples[-1]["decode_tps"])
-        runs.append({
-            "prompt_tokens": length,
-            "new_tokens": spec["new_tokens"],
-            "repetitions": spec["repetitions"],
-            "prefill_tps": summarise([s["prefill_tps"] for s in samples]),
-            "decode_tps": summarise([s["decode_tps"] for s in samples]),
-        })
+        def progress(index, sample, length=length):
+            log.info("%s: prompt %d, repetition %d/%d: prefill %.1f tok/s, decode %.2f tok/s", engine, length,
+                     index + 1, spec["repetitions"], sample["prefill_tps"], sample["decode_tps"])
+
+        runs.append(timed_runs(decoder, synthetic_prompt(length, bos_id, vocab_size), spec, progress))
     greedy = greedy_tokens(decoder, synthetic_prompt(spec["prompt_lengths"][0], bos_id, vocab_size), 8)
     result = {
         "engine": engine,
