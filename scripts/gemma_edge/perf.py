@@ -1,9 +1,9 @@
 """The performance benchmark: our .pte, eager FP32 PyTorch and llama.cpp on the same checkpoint,
 timed by the same loop on this host, and a table that sets them side by side with what each
-workflow step cost (wall time, peak RSS from Snakemake's benchmark files).
+workflow step cost (wall time from Snakemake's benchmark files, peak RSS as each step recorded it).
 
-Every engine offers `step(tokens, start_pos) -> logits` and is timed by `device_bench`'s
-`time_generation` (prefill in one call, then one call per decoded token), so the three numbers
+Every engine offers `step(tokens, start_pos) -> logits` and is timed by `device_bench.timed_runs`
+(prefill in one call, then one call per decoded token), the device benchmark's loop, so the numbers
 differ only by the engine. Each engine runs in a process of its own (one rule each), so one's
 memory and threads never weigh on another's.
 """
@@ -23,6 +23,7 @@ import torch
 
 from .artifacts import atomic_output, package_versions, read_json, write_json
 from .device_bench import _peak_rss_bytes, synthetic_prompt, timed_runs
+from .runtime import greedy_decode
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
                      index + 1, spec["repetitions"], sample["prefill_tps"], sample["decode_tps"])
 
         runs.append(timed_runs(decoder, synthetic_prompt(length, bos_id, vocab_size), spec, progress))
-    greedy = greedy_tokens(decoder, synthetic_prompt(spec["prompt_lengths"][0], bos_id, vocab_size), 8)
+    # A few greedy tokens, so the table can say whether two engines computed the same thing.
+    greedy = greedy_decode(decoder.step, synthetic_prompt(spec["prompt_lengths"][0], bos_id, vocab_size), 8)
     result = {
         "engine": engine,
         "artifact": str(artifact),
@@ -121,13 +123,6 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
     }
     write_json(out, result)
     return result
-
-
-def greedy_tokens(decoder, prompt: list[int], count: int) -> list[int]:
-    """A few greedy tokens, so the table can say whether two engines computed the same thing."""
-    from .runtime import greedy_decode
-
-    return greedy_decode(decoder.step, prompt, count)
 
 
 # --- GGUF: llama.cpp's own converter on the same checkpoint, then llama.cpp's quantizer ---------
