@@ -95,9 +95,10 @@ rule perf_projection:
     conda:
         "../envs/perf.yaml"
     params:
+        shape=config["models"][config["perf"]["projection"]["models"][0]]["synthetic"]["shape"],
         layers=config["perf"]["projection"]["layers"],
     localrule: True
     message:
-        "Projecting every step's peak RSS and wall time to {params.layers} layers"
+        "Projecting every step's peak RSS and wall time to the {params.shape} shape at {params.layers} layers"
     script:
         "../scripts/perf_projection.py"

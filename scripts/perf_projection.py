@@ -4,7 +4,7 @@ from gemma_edge.steplog import rule_log
 
 
 def main(snakemake):
-    pipeline.perf_projection(snakemake.input.reports, snakemake.params.layers, snakemake.output.json,
+    pipeline.perf_projection(snakemake.input.reports, snakemake.params.shape, snakemake.params.layers, snakemake.output.json,
                              snakemake.output.table)
 
 

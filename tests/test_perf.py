@@ -20,7 +20,7 @@ from gemma_edge.e2b_shape import (
     parameter_count,
     shared_layers_for,
 )
-from gemma_edge.perf import decode_ratio, fit_line, project_steps, render_projection, render_table
+from gemma_edge.perf import decode_ratio, fit_line, parameter_count_of, project_steps, render_projection, render_table
 from test_workflow import jobs_of
 
 CONVERTER = REPO / ".bench/llama.cpp/convert_hf_to_gguf.py"
@@ -49,6 +49,7 @@ def test_full_depth_e2b_shape_is_gemma_4_e2b():
     per_layer_table = model.model.embed_tokens_per_layer.weight.numel()
     assert per_layer_table == 262144 * 35 * 256  # 2.35 B
     assert 4.55e9 < parameter_count(model) < 4.7e9
+    assert parameter_count_of(config.to_dict()) == parameter_count(model)  # what the projection aims at
 
 
 @pytest.mark.parametrize("layers", [3, 4, 8])
@@ -173,19 +174,19 @@ def test_missing_converter_is_explained(tmp_path):
     assert not (tmp_path / "model.gguf").exists()
 
 
-def test_projection_extends_each_steps_per_layer_growth_to_full_depth():
-    def report(layers, export_mb, lower_mb):
-        return {"model": {"layers": layers}, "steps": {
-            "export": {"wall_s": 10.0 * layers, "peak_rss_mb": export_mb},
+def test_projection_extends_each_steps_growth_per_parameter_to_the_full_model():
+    def report(parameters, export_mb, lower_mb):
+        return {"model": {"parameters": parameters}, "steps": {
+            "export": {"wall_s": parameters / 1e8, "peak_rss_mb": export_mb},
             "lower": {"wall_s": 50.0, "peak_rss_mb": lower_mb},
             "download": {"wall_s": 1.0, "peak_rss_mb": None}}}
 
-    rows = project_steps([report(4, 6000.0, 2400.0), report(8, 9000.0, 3200.0)], 35)
+    rows = project_steps([report(10**9, 6000.0, 2400.0), report(2 * 10**9, 9000.0, 3200.0)], 5 * 10**9)
     export, lower = rows  # download has no RSS figure, so it is left out
-    assert export["peak_rss_mb_per_layer"] == pytest.approx(750.0)
-    assert export["peak_rss_mb_projected"] == pytest.approx(6000.0 + 31 * 750.0)
-    assert export["wall_s_projected"] == pytest.approx(350.0)
-    assert lower["peak_rss_mb_projected"] == pytest.approx(2400.0 + 31 * 200.0)
-    assert "| export | 6000 | 9000 | 750 | 29250 |" in render_projection(rows, 35)
+    assert export["peak_rss_mb_per_billion_parameters"] == pytest.approx(3000.0)
+    assert export["peak_rss_mb_projected"] == pytest.approx(18000.0)
+    assert export["wall_s_projected"] == pytest.approx(50.0)
+    assert lower["peak_rss_mb_projected"] == pytest.approx(5600.0)
+    assert "| export | 6000 | 9000 | 3000 | 18000 | 50 |" in render_projection(rows, 5 * 10**9, 35)
     with pytest.raises(ValueError, match="two or more depths"):
         fit_line([(4, 1.0), (4, 2.0)])

@@ -95,6 +95,10 @@ def validate_config(config: dict, schema_path: Path) -> dict:
     unknown = [m for m in config["perf"]["projection"]["models"] if m not in config["models"]]
     if unknown:
         raise ConfigError(f"config: perf.projection.models names {unknown[0]!r}, which is not an entry of models")
+    shapes = {(config["models"][m]["synthetic"] or {}).get("shape") for m in config["perf"]["projection"]["models"]}
+    if len(shapes) != 1 or None in shapes:
+        raise ConfigError("config: perf.projection.models must all be synthetic models of one shape "
+                          "(models.<name>.synthetic.shape), the shape the projection extends to full depth")
     perf_max = max(config["perf"]["prompt_lengths"]) + config["perf"]["new_tokens"]
     if perf_max > config["export"]["max_seq_len"]:
         raise ConfigError(f"config: perf.prompt_lengths + perf.new_tokens ({perf_max}) exceed export.max_seq_len ({config['export']['max_seq_len']})")

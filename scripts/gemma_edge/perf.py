@@ -206,11 +206,11 @@ def build_report(engine_files: dict, step_files: dict, pte_manifest: Path, gguf_
     pte, gguf, model = read_json(pte_manifest), read_json(gguf_manifest), read_json(checkpoint)
     from .decoder import read_text_config_dict
 
-    layers = int(read_text_config_dict(Path(model["path"]))["num_hidden_layers"])
+    text_config = read_text_config_dict(Path(model["path"]))
     return {
         "schema": "gemma-edge.perf/1",
         "model": {"repo_id": model["repo_id"], "commit": model["commit"], "checkpoint_bytes": model["total_bytes"],
-                  "layers": layers},
+                  "layers": int(text_config["num_hidden_layers"]), "parameters": parameter_count_of(text_config)},
         "host": {"machine": os.uname().machine, "cores": os.cpu_count()},
         "steps": steps,
         "pte": {"size_bytes": pte["size_bytes"], "lowering": pte.get("lowering"), "quantization_params": pte.get("program_params")},
@@ -269,33 +269,46 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return mean_y - slope * mean_x, slope
 
 
-def project_steps(reports: list[dict], layers: int) -> list[dict]:
-    """Per step: peak RSS and wall time measured at each depth, their per-layer growth, and the
-    straight-line projection to `layers` (E2B: 35). Every per-layer part of Gemma 4 E2B (linears,
-    its slice of the per-layer embedding table, its KV cache) grows with depth; the rest does not."""
-    depths = [r["model"]["layers"] for r in reports]
+def project_steps(reports: list[dict], target_parameters: int) -> list[dict]:
+    """Per step: peak RSS and wall time measured on each model, their growth per parameter (least
+    squares), and the straight-line projection to `target_parameters` (E2B's). Parameters, not
+    layers, are the axis: a cut model's layers are not an average E2B layer (E2B's 20 KV-shared
+    layers have double-wide MLPs), but every byte of weights is a byte to hold."""
+    sizes = [r["model"]["parameters"] for r in reports]
     rows = []
     for name in reports[0]["steps"]:
         if not all(name in r["steps"] and r["steps"][name]["peak_rss_mb"] is not None for r in reports):
             continue
         row = {"step": name, "measured": {}}
         for quantity in ("peak_rss_mb", "wall_s"):
-            points = [(d, r["steps"][name][quantity]) for d, r in zip(depths, reports)]
+            points = [(n, r["steps"][name][quantity]) for n, r in zip(sizes, reports)]
             intercept, slope = fit_line(points)
-            row["measured"][quantity] = dict(points)
-            row[f"{quantity}_per_layer"] = slope
-            row[f"{quantity}_projected"] = intercept + slope * layers
+            row["measured"][quantity] = {str(n): v for n, v in points}
+            row[f"{quantity}_per_billion_parameters"] = slope * 1e9
+            row[f"{quantity}_projected"] = intercept + slope * target_parameters
         rows.append(row)
     return rows
 
 
-def render_projection(rows: list[dict], layers: int) -> str:
-    depths = sorted({d for row in rows for d in row["measured"]["peak_rss_mb"]})
-    head = " | ".join(f"RSS MiB @{d}" for d in depths)
-    lines = [f"| step | {head} | MiB per layer | projected RSS MiB @{layers} | wall s per layer | projected wall s @{layers} |",
-             "|---|" + "---:|" * (len(depths) + 4)]
+def render_projection(rows: list[dict], target_parameters: int, layers: int) -> str:
+    sizes = sorted({int(n) for row in rows for n in row["measured"]["peak_rss_mb"]})
+    head = " | ".join(f"RSS MiB @{n / 1e9:.2f} B" for n in sizes)
+    target = f"{layers} layers, {target_parameters / 1e9:.2f} B"
+    lines = [f"| step | {head} | MiB per B params | projected RSS MiB ({target}) | projected wall s ({target}) |",
+             "|---|" + "---:|" * (len(sizes) + 3)]
     for row in rows:
-        measured = " | ".join(f"{row['measured']['peak_rss_mb'][d]:.0f}" for d in depths)
-        lines.append(f"| {row['step']} | {measured} | {row['peak_rss_mb_per_layer']:.0f} | {row['peak_rss_mb_projected']:.0f} | "
-                     f"{row['wall_s_per_layer']:.1f} | {row['wall_s_projected']:.0f} |")
+        measured = " | ".join(f"{row['measured']['peak_rss_mb'][str(n)]:.0f}" for n in sizes)
+        lines.append(f"| {row['step']} | {measured} | {row['peak_rss_mb_per_billion_parameters']:.0f} | "
+                     f"{row['peak_rss_mb_projected']:.0f} | {row['wall_s_projected']:.0f} |")
     return "\n".join(lines)
+
+
+def parameter_count_of(text_config: dict) -> int:
+    """Parameters of the Gemma 4 text decoder a config describes, counted on the meta device."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    from .e2b_shape import parameter_count
+
+    config = Gemma4TextConfig(**{k: v for k, v in text_config.items() if k not in ("architectures", "transformers_version")})
+    with torch.device("meta"):
+        return parameter_count(Gemma4ForCausalLM(config))

@@ -192,16 +192,19 @@ def perf_table(engine_files: dict, step_benchmarks: dict, pte_manifest: Path, gg
     return report
 
 
-def perf_projection(report_files: list[Path], layers: int, out_json: Path, out_table: Path) -> dict:
-    from .perf import project_steps, render_projection
+def perf_projection(report_files: list[Path], shape: str, layers: int, out_json: Path, out_table: Path) -> dict:
+    """Each step's cost on the benchmarked models, extrapolated to the `shape` model at `layers`."""
+    from .e2b_shape import synthetic_config
+    from .perf import parameter_count_of, project_steps, render_projection
 
     reports = [read_json(path) for path in report_files]
-    rows = project_steps(reports, layers)
-    table = render_projection(rows, layers)
+    target = parameter_count_of(synthetic_config(shape, layers).to_dict())
+    rows = project_steps(reports, target)
+    table = render_projection(rows, target, layers)
     with artifacts.atomic_output(out_table) as tmp:
         tmp.write_text(table + "\n", encoding="utf-8")
-    result = {"schema": "gemma-edge.projection/1", "layers": layers, "steps": rows,
-              "models": [{"repo_id": r["model"]["repo_id"], "layers": r["model"]["layers"]} for r in reports]}
+    result = {"schema": "gemma-edge.projection/1", "shape": shape, "layers": layers, "parameters": target, "steps": rows,
+              "models": [{k: r["model"][k] for k in ("repo_id", "layers", "parameters")} for r in reports]}
     write_json(out_json, result)
-    log.info("projection to %d layers:\n%s", layers, table)
+    log.info("projection to %s at %d layers (%.2f B parameters):\n%s", shape, layers, target / 1e9, table)
     return result
