@@ -41,7 +41,7 @@ def package_versions(names=TRACKED_PACKAGES) -> dict[str, str]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory so far of this process or of any child it waited for (a converter
+    """Peak resident memory (MiB) so far of this process or of any child it waited for (a converter
     subprocess, say), whichever is larger. Exact, unlike sampling, which misses short spikes."""
     scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, kB on Linux
     usage = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)

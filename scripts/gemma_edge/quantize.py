@@ -43,12 +43,18 @@ def linear_nodes(graph_module: fx.GraphModule) -> list[fx.Node]:
     return [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS]
 
 
+def is_reduction(weight: torch.Tensor) -> bool:
+    """A linear with one output is a reduction (an RMSNorm's mean, see decoder.xnnpack_friendly_rmsnorm),
+    not a layer: it stays FP32 and does not count among the widths a group size must divide."""
+    return weight.shape[0] == 1
+
+
 def linear_widths(graph_module: fx.GraphModule) -> dict[str, int]:
     """Input width of each linear layer's weight, by weight name."""
     widths = {}
     for node in linear_nodes(graph_module):
         attr, weight = _weight_of(graph_module, node)
-        if attr is not None and weight.shape[0] > 1:  # one output: a norm's mean, not a layer
+        if attr is not None and not is_reduction(weight):
             widths[attr.target] = int(weight.shape[1])
     return widths
 
@@ -85,7 +91,7 @@ def quantize_linears(graph_module: fx.GraphModule, group_size: int) -> dict:
         if attr is None:
             continue
         out_features, in_features = weight.shape
-        if out_features == 1:  # a reduction (an RMSNorm's mean as a linear), not a layer: stays FP32
+        if is_reduction(weight):
             continue
         if in_features % group_size:
             kept.append({"weight": attr.target, "in_features": int(in_features)})

@@ -70,4 +70,4 @@ def log_memory(stage: str) -> None:
         current_mb = f"{int(Path('/proc/self/statm').read_text().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20:.0f}"
     except OSError:  # not Linux: the peak alone
         current_mb = "?"
-    log.info("memory after %s: RSS %s MB, peak %.0f MB", stage, current_mb, peak_rss_mb())
+    log.info("memory after %s: RSS %s MiB, peak %.0f MiB", stage, current_mb, peak_rss_mb())
