@@ -43,7 +43,7 @@ rule perf:
     localrule: True
 
 
-# `snakemake projection`: per-layer growth of every step's cost, extrapolated to full depth.
+# `snakemake projection`: every step's cost, extrapolated by parameter count to full depth.
 rule projection:
     input:
         projection_path(),

@@ -167,8 +167,8 @@ def perf_step_benchmarks(wildcards):
     steps["lower"] = (f"benchmarks/{model}/{variant}/lower.tsv", f"results/{model}/{variant}/model.pte.manifest.json")
     steps[f"gguf ({gguf_type})"] = (f"benchmarks/{model}/llamacpp/gguf-{gguf_type}.tsv",
                                     f"results/{model}/llamacpp/model-{gguf_type}.gguf.manifest.json")
-    for name, engine, engine_variant in (("bench .pte", "pte", variant), ("bench eager", "eager", "fp32"),
-                                         ("bench llama.cpp", "llamacpp", gguf_type)):
-        steps[name] = (f"benchmarks/perf/{model}/{engine_variant}/{engine}.tsv",
-                       f"results/perf/{model}/{engine_variant}/{engine}.json")
+    results = perf_engine_results(wildcards)
+    for name, engine in (("bench .pte", "pte"), ("bench eager", "eager"), ("bench llama.cpp", "llamacpp")):
+        # results/perf/… and benchmarks/perf/… mirror each other (rule perf_engine).
+        steps[name] = (results[engine].replace("results/", "benchmarks/", 1).replace(".json", ".tsv"), results[engine])
     return {name: {"benchmark": tsv, "peak_from": peak} for name, (tsv, peak) in steps.items()}
