@@ -85,15 +85,18 @@ def write_pte(manager, path: Path) -> None:
             manager.write_to_file(handle)
 
 
-def lower_with_fallback(program, per_op_mode: str, metadata: dict, pte_path: Path) -> dict:
-    """Lower and write `pte_path`, honouring per_op_mode auto/true/false; return what happened."""
+def lower_with_fallback(load, per_op_mode: str, metadata: dict, pte_path: Path) -> dict:
+    """Lower and write `pte_path`, honouring per_op_mode auto/true/false; return what happened.
+
+    Lowering consumes the program it is given (it moves its constants into the delegates), so each
+    attempt lowers a fresh program from `load()`: the per-op one after a rejected fused one too."""
     attempts = {"auto": [False, True], "false": [False], "true": [True]}[str(per_op_mode).lower()]
     record = {"per_op_mode_requested": str(per_op_mode).lower(), "fused_rejection": None}
     for mode in attempts:
         label = "per-op" if mode else "fused"
         log.info("lowering to XNNPACK (%s subgraphs)", label)
         try:
-            manager = lower_to_xnnpack(program, mode, metadata)
+            manager = lower_to_xnnpack(load(), mode, metadata)
             log_memory(f"lowering ({label})")
             write_pte(manager, pte_path)
             log_memory("writing the .pte")

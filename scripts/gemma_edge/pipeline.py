@@ -105,11 +105,9 @@ def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str, out: 
     from .quantize import cache_length_of
 
     program_manifest = verify_against_manifest(program_path)
-    program = load_program(program_path)
     text_config = read_text_config_dict(Path(read_json(checkpoint_manifest)["path"]))
-    metadata = runner_metadata(text_config, cache_length_of(program))
-    log_memory("loading the program")
-    record = lower_with_fallback(program, per_op_mode, metadata, Path(out))
+    metadata = runner_metadata(text_config, cache_length_of(load_program(program_path)))
+    record = lower_with_fallback(lambda: load_program(program_path), per_op_mode, metadata, Path(out))
     log_memory("lowering, writing and loading the .pte")
     extra = {"lowering": record, "runner_metadata": metadata, "program_params": program_manifest["params"],
              "quantization": program_manifest.get("quantization")}
