@@ -13,6 +13,7 @@ rule export:
     params:
         max_seq_len=config["export"]["max_seq_len"],
         dtype=config["export"]["dtype"],
+        attention=config["export"]["attention"],
     resources:
         mem_mb=config["memory_mb"]["export"],
     threads: 2

@@ -5,7 +5,8 @@ from gemma_edge.steplog import rule_log
 
 def main(snakemake):
     p = snakemake.params
-    pipeline.export(snakemake.input.checkpoint, p.max_seq_len, p.dtype, snakemake.output.program, snakemake.output.manifest)
+    pipeline.export(snakemake.input.checkpoint, p.max_seq_len, p.dtype, p.attention, snakemake.output.program,
+                    snakemake.output.manifest)
 
 
 with rule_log(snakemake.log[0], "export"):

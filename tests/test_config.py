@@ -12,6 +12,7 @@ from conftest import snakemake, write_config
         ({"colour": "blue"}, "unknown key colour"),
         ({"export": {"max_seq_len": "long"}}, "export.max_seq_len is 'long', but must be of type integer"),
         ({"quantization": {"group_size": 100}}, "quantization.group_size is 100, but must be one of 32, 64, 128, 256"),
+        ({"export": {"attention": "flash"}}, "export.attention is 'flash', but must be one of executorch, transformers"),
         ({"lowering": {"per_op_mode": "sometimes"}}, "lowering.per_op_mode is 'sometimes', but must be one of auto, true, false"),
         ({"model": "nope"}, "model is 'nope', which is not an entry of models (known: demo, e2b-4l, e2b-8l, gemma-4-E2B)"),
         ({"models": {"broken": {"revision": "main"}}}, "models.broken is missing the required key 'repo_id'"),

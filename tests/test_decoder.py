@@ -1,11 +1,15 @@
 """Loading Gemma 4 checkpoints and the KV-cache decoder, in eager mode."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from gemma_edge.decoder import KVCacheDecoder, load_text_model
+from gemma_edge.decoder import KVCacheDecoder, load_for_export, load_text_model, stored_dtypes
+from gemma_edge.e2b_shape import build_synthetic_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_multimodal_checkpoint_loads_its_language_model(demo_checkpoint, tmp_path):
@@ -26,9 +30,13 @@ def test_multimodal_checkpoint_loads_its_language_model(demo_checkpoint, tmp_pat
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
-def test_cache_decoder_prefill_then_decode_matches_full_recompute(demo_checkpoint):
+@pytest.mark.parametrize("attention", ["executorch", "transformers"])
+def test_cache_decoder_prefill_then_decode_matches_full_recompute(demo_checkpoint, attention):
+    """Both attention paths (ExecuTorch's cache and SDPA ops, transformers' own) against a full
+    recompute of the sequence by an untouched model."""
     model = load_text_model(demo_checkpoint)
-    decoder = KVCacheDecoder(model, max_seq_len=32).eval()
+    reference_model = load_text_model(demo_checkpoint)
+    decoder = KVCacheDecoder(model, max_seq_len=32, attention=attention).eval()
     prompt = torch.tensor([[2, 50, 51, 52, 53, 54]])
     with torch.no_grad():
         logits = decoder(prompt, torch.arange(6))
@@ -37,7 +45,7 @@ def test_cache_decoder_prefill_then_decode_matches_full_recompute(demo_checkpoin
             token = logits.argmax(-1, keepdim=True)
             sequence = torch.cat([sequence, token], dim=1)
             logits = decoder(token, torch.tensor([6 + step]))
-            reference = model(input_ids=sequence).logits[:, -1]
+            reference = reference_model(input_ids=sequence).logits[:, -1]
             torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
 
 
@@ -74,3 +82,26 @@ def test_rmsnorm_rewrite_keeps_the_logits_and_leaves_xnnpack_nothing_to_refuse(d
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert "aten.rsqrt.default" in targets
     assert not {"aten.mean.dim", "aten.pow.Tensor_Scalar"} & targets
+
+
+def test_bf16_checkpoint_exports_with_bf16_tables_and_identical_logits(tmp_path):
+    """A checkpoint stored in bf16 (as E2B is) keeps its embedding tables in bf16 for export,
+    everything else in FP32, and computes bit for bit what the all-FP32 model computes."""
+    build_synthetic_checkpoint(REPO / "resources/demo_corpus.txt", tmp_path, "tiny", 4, seed=3)
+    assert stored_dtypes(tmp_path) == {torch.bfloat16}
+    model = load_for_export(tmp_path)
+    reference = load_text_model(tmp_path, torch.float32)
+    tables = {"model.embed_tokens.weight", "model.embed_tokens_per_layer.weight"}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point():
+            assert tensor.dtype == (torch.bfloat16 if name in tables else torch.float32), name
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    ids = torch.tensor([[2, 40, 41, 42, 43, 900]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_fp32_checkpoint_loads_wholly_in_fp32(demo_checkpoint):
+    assert stored_dtypes(demo_checkpoint) == {torch.float32}
+    model = load_for_export(demo_checkpoint)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

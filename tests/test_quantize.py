@@ -56,6 +56,31 @@ def test_embeddings_become_int8_embedding_byte():
         torch.testing.assert_close(graph_module(ids), model(ids), atol=0.05, rtol=0.05)
 
 
+class Bf16Table(nn.Module):
+    """A bf16 table read in FP32, as the export keeps Gemma 4's embedding tables."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(16, 32).to(torch.bfloat16), requires_grad=False)
+
+    def forward(self, ids):
+        return nn.functional.embedding(ids, self.table).to(torch.float32) * 2.0
+
+
+def test_bf16_table_becomes_int8_and_loses_its_dtype_check_and_upcast():
+    torch.manual_seed(0)
+    model = Bf16Table().eval()
+    graph_module = torch.export.export(model, (torch.tensor([[1, 2, 3]]),)).module()
+    assert quantize_embeddings_int8(graph_module) == ["table"]
+    targets = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_function"}
+    assert "aten._assert_tensor_metadata.default" not in targets and "aten.to.dtype" not in targets
+    ids = torch.tensor([[7, 8, 9]])
+    with torch.no_grad():
+        got = graph_module(ids)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, model(ids), atol=0.05, rtol=0.05)
+
+
 def test_int8_rows_are_the_same_whatever_the_chunk_size():
     """Chunking bounds the temporaries; it must not change a single value or scale."""
     from gemma_edge.quantize import int8_per_row

@@ -2,6 +2,7 @@
 torchao, ExecuTorch lowering and runtime, on the demo Gemma 4."""
 
 import re
+from collections import Counter
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from conftest import TEST_REPO_ID, snakemake, write_config
 from gemma_edge.artifacts import ArtifactError, read_json, sha256_file, verify_against_manifest
 from gemma_edge.export import cache_buffers, load_program
 from gemma_edge.parity import TIE_MARGIN
+from gemma_edge.quantize import cache_length_of
 from gemma_edge.runtime import PteDecoder
 
 INT4 = "results/tiny/int4-g128/xnnpack-auto"
@@ -33,8 +35,15 @@ def test_download_went_through_the_seeded_hub_cache(workflow):
 def test_exported_program_holds_the_kv_cache_as_buffers(workflow):
     program = load_program(workflow["workdir"] / "results/tiny/fp32/program.pt2")
     buffers = cache_buffers(program)
-    assert len(buffers) == 3 * 6  # keys, values, length for each of the 6 layers
+    assert len(buffers) == 2 * 4  # keys and values of the 4 of 6 layers that do not reuse another's
     assert not program.graph_signature.lifted_tensor_constants
+    assert cache_length_of(program) == 128
+    targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
+    # ExecuTorch's cache and attention ops: 2 writes per cached layer, one attention per layer, and
+    # no per-step copies of the one-head cache to every query head, no masks, no index_copy.
+    assert targets["llama.update_cache.default"] == 2 * 4
+    assert targets["llama.custom_sdpa.default"] == 6
+    assert not {"aten.expand.default", "aten.index_copy.default", "aten.index_put.default"} & set(targets)
     manifest = read_json(workflow["workdir"] / "results/tiny/fp32/program.pt2.manifest.json")
     assert manifest["eager_max_abs_diff"] < 1e-4
 

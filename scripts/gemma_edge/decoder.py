@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import types
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.cache_utils import StaticLayer
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,95 @@ def load_text_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Modu
     else:
         model = Gemma4ForCausalLM.from_pretrained(folder, dtype=dtype)
     return model.eval().requires_grad_(False)
+
+
+def stored_dtypes(folder: Path) -> set[torch.dtype]:
+    """The dtypes the checkpoint's safetensors files store their floating-point tensors in."""
+    from safetensors import safe_open
+
+    dtypes = set()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                dtype = getattr(torch, _SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype(), "int64"))
+                if dtype.is_floating_point:
+                    dtypes.add(dtype)
+    return dtypes
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def load_for_export(folder: Path) -> nn.Module:
+    """The text decoder in FP32, except its embedding tables, which keep the checkpoint's bf16.
+
+    E2B's two tables hold 2.75 B of its 4.63 B parameters: kept in the bf16 they are stored in
+    (upcasting bf16 to FP32 is exact, so lookups return the same FP32 values), the exported program
+    is 5.5 GB smaller. transformers maps the bf16 checkpoint without reading it; each stored tensor
+    is then read on its own (pread, not through the mapping, whose pages would otherwise all stay
+    resident beside the FP32 copies) and upcast, so the whole model never exists twice. A
+    checkpoint not stored wholly in bf16 is loaded in FP32 as it is.
+    """
+    folder = Path(folder)
+    if stored_dtypes(folder) != {torch.bfloat16}:
+        return load_text_model(folder, torch.float32)
+    model = load_text_model(folder, torch.bfloat16)
+    tables = [m for m in model.modules() if type(m).__name__ == "Gemma4TextScaledWordEmbedding"]
+    table_weights = {id(t.weight) for t in tables}
+    tied_head = model.lm_head.weight is model.model.embed_tokens.weight
+    with StoredTensors(folder) as stored:
+        for module_name, module in model.named_modules():
+            if tied_head and module is model.lm_head:
+                continue
+            tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+            for name, tensor in tensors:
+                if not tensor.is_floating_point():
+                    continue
+                value = stored.read(f"{module_name}.{name}", tensor)
+                if id(tensor) not in table_weights:
+                    value = value.to(torch.float32)
+                setattr(module, name, nn.Parameter(value, requires_grad=False) if isinstance(tensor, nn.Parameter) else value)
+    if tied_head:  # untied: the head is an FP32 linear, the table stays bf16
+        model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().to(torch.float32), requires_grad=False)
+    for table in tables:
+        table.embed_scale = torch.tensor(table.scalar_embed_scale, dtype=torch.float32)  # bf16 init rounded it
+        table.forward = types.MethodType(_lookup_in_fp32, table)
+    model.config.dtype = torch.float32
+    return model
+
+
+class StoredTensors:
+    """A checkpoint's safetensors, read one tensor at a time with pread (no memory mapping)."""
+
+    def __init__(self, folder: Path):
+        self.paths = sorted(Path(folder).glob("*.safetensors"))
+
+    def __enter__(self):
+        from safetensors import safe_open
+
+        self.handles = [safe_open(str(path), framework="pt", backend="pread") for path in self.paths]
+        self.where = {key: handle for handle in self.handles for key in handle.keys()}
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.__exit__(None, None, None)
+
+    def read(self, name: str, loaded: torch.Tensor) -> torch.Tensor:
+        """The stored tensor behind model tensor `name` (text-only or multimodal key), else `loaded`
+        itself (buffers computed at init)."""
+        for key in (name, name.replace("model.", "model.language_model.", 1)):
+            handle = self.where.get(key)
+            if handle is not None:
+                value = handle.get_tensor(key)
+                if value.shape != loaded.shape:
+                    raise ValueError(f"{key} is stored with shape {tuple(value.shape)}, the model expects {tuple(loaded.shape)}")
+                return value
+        return loaded.detach()
+
+
+def _lookup_in_fp32(self, input_ids: torch.Tensor) -> torch.Tensor:
+    return nn.functional.embedding(input_ids, self.weight).to(torch.float32) * self.embed_scale
 
 
 def _load_text_from_multimodal(folder: Path, text_config, dtype: torch.dtype) -> nn.Module:
@@ -64,8 +155,6 @@ def xnnpack_friendly_rmsnorm(model: nn.Module) -> int:
     one output (weights 1/n, kept FP32 by the quantize step) and the power an rsqrt: the same
     arithmetic up to rounding. Returns how many norms were rewritten.
     """
-    import types
-
     norms = [m for m in model.modules() if type(m).__name__ == "Gemma4RMSNorm"]
     for module in norms:
         module._norm = types.MethodType(_rmsnorm_as_linear, module)
@@ -84,20 +173,46 @@ def _rmsnorm_as_linear(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return hidden_states * torch.rsqrt(mean_squared + self.eps)
 
 
+ATTENTION_KERNELS = ("executorch", "transformers")
+EXECUTORCH_ATTENTION = "executorch_custom_sdpa"
+
+
+def register_executorch_llm_ops() -> None:
+    """Define `llama::update_cache` and `llama::custom_sdpa`, for torch and for the ExecuTorch runtime.
+
+    Exporting, loading an exported program and running a `.pte` that calls them all need this first."""
+    import warnings
+
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+    # Their shape checks call torch._check_is_size, deprecated in torch 2.13: one warning per
+    # traced layer would bury each step's log.
+    warnings.filterwarnings("ignore", message="_check_is_size will be removed", category=FutureWarning)
+
+
 class KVCacheDecoder(nn.Module):
     """Gemma 4 with a static KV cache held as registered buffers, exportable with torch.export.
 
     transformers' StaticCache keeps its tensors as plain attributes, which torch.export lifts as
-    constants that lowering refuses to mutate. Here each layer's keys, values and length counter
-    are module buffers, and the cache layers are re-bound to them on every call so that the
-    in-place cache writes land on the buffers the exported graph owns.
+    constants that lowering refuses to mutate. Here each layer's keys and values are module
+    buffers, and the cache layers are re-bound to them on every call so that the in-place cache
+    writes land on the buffers the exported graph owns.
+
+    `attention="executorch"` (what the export uses) writes new keys and values with ExecuTorch's
+    `llama::update_cache` and attends with `llama::custom_sdpa`: the cache is laid out
+    [1, max_seq_len, kv_heads, head_dim], attention reads only the first start_pos + T positions,
+    causally, and reads the single KV head for all query heads instead of copying it to each one
+    (what transformers' attention does by `repeat_kv`, on every layer and step). `"transformers"`
+    keeps transformers' own cache update, masks and attention (the eager benchmark's baseline).
     """
 
-    def __init__(self, model: nn.Module, max_seq_len: int):
+    def __init__(self, model: nn.Module, max_seq_len: int, attention: str = "executorch"):
         super().__init__()
-        from transformers.cache_utils import StaticCache, StaticLayer
+        from transformers.cache_utils import StaticCache
         from transformers.integrations.executorch import get_head_shapes
 
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, not {attention!r}")
         window = sliding_window_of(model)
         if window is not None and max_seq_len > window:
             raise ValueError(
@@ -106,37 +221,100 @@ class KVCacheDecoder(nn.Module):
             )
         self.model = model
         self.max_seq_len = max_seq_len
+        self.attention = attention
         config = model.config
         self.cache = StaticCache(config=config, max_cache_len=max_seq_len)
         # Sliding layers become plain static layers: exact while the sequence fits in the window.
-        self.cache.layers = [StaticLayer(max_seq_len) for _ in self.cache.layers]
+        layer_class = CustomOpCacheLayer if attention == "executorch" else StaticLayer
+        self.cache.layers = [layer_class(max_seq_len) for _ in self.cache.layers]
         num_heads, head_dims = get_head_shapes(config)
-        dtype = next(model.parameters()).dtype
+        dtype = model.lm_head.weight.dtype  # the compute dtype (embedding tables may be stored narrower)
         self.cache.early_initialization(1, num_heads, head_dims, dtype, torch.device("cpu"))
-        for index, layer in enumerate(self.cache.layers):
+        self.cached_layers = [i for i, mode in enumerate(_kv_sharing_modes(config)) if mode != "reuse"]
+        for index in self.cached_layers:  # layers that reuse another layer's keys and values keep none
+            layer = self.cache.layers[index]
+            if attention == "executorch":
+                # Fresh tensors: a transposed view with one KV head passes as contiguous in torch but
+                # carries strides the runtime reads as a non-default dim order, which update_cache refuses.
+                layer.keys = torch.zeros(layer.keys.transpose(1, 2).shape, dtype=dtype)
+                layer.values = torch.zeros(layer.values.transpose(1, 2).shape, dtype=dtype)
             self.register_buffer(f"cache_keys_{index}", layer.keys, persistent=False)
             self.register_buffer(f"cache_values_{index}", layer.values, persistent=False)
-            self.register_buffer(f"cache_length_{index}", layer.cumulative_length, persistent=False)
+            if attention == "transformers":
+                self.register_buffer(f"cache_length_{index}", layer.cumulative_length, persistent=False)
+        if attention == "executorch":
+            register_executorch_llm_ops()
+            _register_custom_sdpa()
+
+    def cache_buffer_names(self) -> list[str]:
+        return [name for name, _ in self.named_buffers() if name.startswith("cache_")]
 
     def _bind_cache_to_buffers(self, input_pos: torch.Tensor) -> None:
-        for index, layer in enumerate(self.cache.layers):
+        for index in self.cached_layers:
+            layer = self.cache.layers[index]
             layer.keys = getattr(self, f"cache_keys_{index}")
             layer.values = getattr(self, f"cache_values_{index}")
-            layer.cumulative_length = getattr(self, f"cache_length_{index}")
-            # A fresh read of input_pos[0] per layer: if several buffers were last written from one
-            # node, the functionalised program would return that node twice and fail verification.
-            layer.cumulative_length.copy_(input_pos[0])
+            if self.attention == "transformers":
+                layer.cumulative_length = getattr(self, f"cache_length_{index}")
+                # A fresh read of input_pos[0] per layer: if several buffers were last written from
+                # one node, the functionalised program would return that node twice and fail verification.
+                layer.cumulative_length.copy_(input_pos[0])
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         self._bind_cache_to_buffers(input_pos)
+        if self.attention == "transformers":
+            return self._logits(tokens, input_pos)
+        start_pos = input_pos[0].item()
+        torch._check(start_pos >= 0)
+        torch._check(start_pos + tokens.shape[1] <= self.max_seq_len)
+        # Only this call attends through the custom ops: the model itself keeps its attention.
+        config = self.model.config
+        own_attention, config._attn_implementation = config._attn_implementation, EXECUTORCH_ATTENTION
+        try:
+            # custom_sdpa masks causally from start_pos itself: no mask tensors to build per step.
+            return self._logits(tokens, input_pos, start_pos=start_pos,
+                                attention_mask={"full_attention": None, "sliding_attention": None})
+        finally:
+            config._attn_implementation = own_attention
+
+    def _logits(self, tokens: torch.Tensor, input_pos: torch.Tensor, **extra) -> torch.Tensor:
         output = self.model(
             input_ids=tokens,
             position_ids=input_pos.unsqueeze(0),
             cache=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **extra,
         )
         return output.logits[:, -1, :]
+
+
+def _kv_sharing_modes(config) -> list[str]:
+    return list(getattr(config, "kv_sharing_modes", None) or ["own"] * config.num_hidden_layers)
+
+
+class CustomOpCacheLayer(StaticLayer):
+    """A static cache layer whose keys and values are written by `llama::update_cache`."""
+
+    def update(self, key_states, value_states, *args, kwargs=None, **more):
+        """Write the new [1, heads, T, dim] keys and values at start_pos, in place; return the caches."""
+        start_pos = (kwargs or more)["start_pos"]
+        torch.ops.llama.update_cache(key_states.transpose(1, 2), self.keys, start_pos)
+        torch.ops.llama.update_cache(value_states.transpose(1, 2), self.values, start_pos)
+        return self.keys, self.values
+
+
+def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=None, start_pos=None, **kwargs):
+    """transformers' attention interface over `llama::custom_sdpa`: query [1, heads, T, dim] and the
+    [1, max_seq_len, kv_heads, dim] caches in, [1, T, heads, dim] out, as transformers expects."""
+    output = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key, value, start_pos, None, 0.0, True, scaling)
+    return output, None
+
+
+def _register_custom_sdpa() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(EXECUTORCH_ATTENTION, custom_sdpa_attention)
 
 
 def example_inputs(prompt_len: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,27 +10,28 @@ from pathlib import Path
 import torch
 
 from .artifacts import ArtifactError, atomic_output
-from .decoder import KVCacheDecoder, dynamic_shapes, example_inputs, xnnpack_friendly_rmsnorm
+from .decoder import KVCacheDecoder, dynamic_shapes, example_inputs, register_executorch_llm_ops, xnnpack_friendly_rmsnorm
 from .steplog import log_memory
 
 log = logging.getLogger(__name__)
 
 
-def export_decoder(model: torch.nn.Module, max_seq_len: int, xnnpack_norms: bool = True) -> torch.export.ExportedProgram:
+def export_decoder(model: torch.nn.Module, max_seq_len: int, xnnpack_norms: bool = True,
+                   attention: str = "executorch") -> torch.export.ExportedProgram:
     """Export `model` wrapped with an in-graph KV cache, with a dynamic number of tokens per call.
 
     With `xnnpack_norms`, RMSNorms are first rewritten into ops XNNPACK delegates (this changes
     `model` itself: the drift check that follows compares against the rewritten arithmetic, and
-    the verify step against a freshly loaded model)."""
+    the verify step against a freshly loaded model). `attention` is KVCacheDecoder's."""
     if xnnpack_norms:
         log.info("RMSNorms rewritten for XNNPACK: %d", xnnpack_friendly_rmsnorm(model))
-    decoder = KVCacheDecoder(model, max_seq_len).eval()
+    decoder = KVCacheDecoder(model, max_seq_len, attention).eval()
     with torch.no_grad():
         program = torch.export.export(
             decoder, example_inputs(), dynamic_shapes=dynamic_shapes(max_seq_len), strict=False
         )
     buffers = cache_buffers(program)
-    if len(buffers) != 3 * len(decoder.cache.layers):
+    if len(buffers) != len(decoder.cache_buffer_names()):
         raise RuntimeError("the KV cache is not held as module buffers in the exported program (lifted as constants?)")
     log.info("exported: %d graph nodes, %d KV-cache buffers", len(program.graph.nodes), len(buffers))
     return program
@@ -92,26 +93,29 @@ def tensor_digest(tensor: torch.Tensor):
     return [list(tensor.shape), str(tensor.dtype), hashlib.sha256(memoryview(data)).hexdigest()]
 
 
-def register_quantized_ops() -> None:
-    """Quantized programs call torchao and quantized_decomposed ops; deserialising needs them defined."""
+def register_program_ops() -> None:
+    """Programs call ExecuTorch's LLM ops, and once quantized torchao's and quantized_decomposed ops;
+    deserialising needs them defined."""
     import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401
     import torchao.quantization  # noqa: F401
 
+    register_executorch_llm_ops()
+
 
 def load_program(path: Path) -> torch.export.ExportedProgram:
-    register_quantized_ops()
+    register_program_ops()
     try:
         return torch.export.load(str(path))
     except Exception as error:  # noqa: BLE001 - torch raises several types for a damaged zip
         raise ArtifactError(f"{path} is not a loadable exported program ({error}); re-run the export") from error
 
 
-def max_abs_diff_on_prompt(program, model, max_seq_len: int, prompt_len: int = 6) -> float:
+def max_abs_diff_on_prompt(program, model, max_seq_len: int, attention: str = "executorch", prompt_len: int = 6) -> float:
     """Logits difference between the exported program and eager, prefill then one decode step."""
     tokens = torch.arange(3, 3 + prompt_len, dtype=torch.long).unsqueeze(0)
     positions = torch.arange(prompt_len, dtype=torch.long)
     exported = program.module()
-    eager = KVCacheDecoder(model, max_seq_len).eval()
+    eager = KVCacheDecoder(model, max_seq_len, attention).eval()
     initial = {name: buffer.clone() for name, buffer in exported.named_buffers()}
     with torch.no_grad():
         worst = (exported(tokens, positions) - eager(tokens, positions)).abs().max().item()

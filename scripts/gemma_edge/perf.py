@@ -32,12 +32,12 @@ GGUF_TYPES = {"q4_0": 2, "q8_0": 7, "f16": 1}  # llama_ftype values (llama.h)
 
 
 class EagerDecoder:
-    """The eager FP32 transformers model behind the same in-graph-cache wrapper the export traces."""
+    """The eager FP32 transformers model, with its own attention, behind the in-graph-cache wrapper."""
 
     def __init__(self, model, max_seq_len: int):
         from .decoder import KVCacheDecoder
 
-        self.decoder = KVCacheDecoder(model, max_seq_len).eval()
+        self.decoder = KVCacheDecoder(model, max_seq_len, attention="transformers").eval()
 
     def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
         ids = torch.tensor([tokens], dtype=torch.long)

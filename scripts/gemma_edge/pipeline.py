@@ -51,27 +51,29 @@ def download(repo_id: str, revision: str, cache_dir: str | None, offline: bool, 
     return manifest
 
 
-def load_checkpoint(checkpoint_manifest: Path):
-    """Verify the downloaded files against their recorded sha256, then load the eager FP32 model."""
+def load_checkpoint(checkpoint_manifest: Path, for_export: bool = False):
+    """Verify the downloaded files against their recorded sha256, then load the eager FP32 model
+    (for export: with its embedding tables in the checkpoint's bf16, see `load_for_export`)."""
     import torch
 
-    from .decoder import load_text_model
+    from .decoder import load_for_export, load_text_model
 
     manifest = read_json(checkpoint_manifest)
     folder = hub.verify_checkpoint(manifest)
-    return load_text_model(folder, torch.float32), manifest
+    return (load_for_export(folder) if for_export else load_text_model(folder, torch.float32)), manifest
 
 
-def export(checkpoint_manifest: Path, max_seq_len: int, dtype: str, out: Path, out_manifest: Path) -> dict:
+def export(checkpoint_manifest: Path, max_seq_len: int, dtype: str, attention: str, out: Path, out_manifest: Path) -> dict:
     from .export import check_reloaded, export_decoder, max_abs_diff_on_prompt, write_program
 
     if dtype != "float32":
         raise ValueError(f"export.dtype {dtype!r} is not supported yet; use float32")
-    model, _ = load_checkpoint(checkpoint_manifest)
-    log_memory("loading the checkpoint")
-    program = export_decoder(model, max_seq_len)
+    model, _ = load_checkpoint(checkpoint_manifest, for_export=True)
+    tables = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    log_memory(f"loading the checkpoint (embedding tables in {tables})")
+    program = export_decoder(model, max_seq_len, attention=attention)
     log_memory("torch.export")
-    drift = max_abs_diff_on_prompt(program, model, max_seq_len)
+    drift = max_abs_diff_on_prompt(program, model, max_seq_len, attention)
     log.info("exported program vs eager: max |logits diff| %.3g", drift)
     if drift > 1e-3:
         raise RuntimeError(f"the exported program disagrees with the eager model (max |logits diff| {drift:.3g})")
@@ -79,8 +81,8 @@ def export(checkpoint_manifest: Path, max_seq_len: int, dtype: str, out: Path, o
         fingerprint = write_program(program, tmp)
         del program, model  # one copy of the weights at a time: the reload below is the second
         check_reloaded(tmp, fingerprint)
-    return write_manifest(out, {"checkpoint": checkpoint_manifest}, {"max_seq_len": max_seq_len, "dtype": dtype},
-                          {"eager_max_abs_diff": drift}, manifest=out_manifest)
+    return write_manifest(out, {"checkpoint": checkpoint_manifest}, {"max_seq_len": max_seq_len, "dtype": dtype, "attention": attention},
+                          {"eager_max_abs_diff": drift, "embedding_tables_dtype": tables}, manifest=out_manifest)
 
 
 def quantize(program_path: Path, group_size: int, embeddings: str, out: Path, out_manifest: Path) -> dict:

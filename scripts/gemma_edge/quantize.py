@@ -134,12 +134,29 @@ def quantize_embeddings_int8(graph_module: fx.GraphModule) -> list[str]:
             )
         node.replace_all_uses_with(lookup)
         graph_module.graph.erase_node(node)
+        drop_dtype_checks(graph_module, lookup)
         done.append(attr.target)
         del weight
         drop_if_unused(graph_module, attr)
     graph_module.recompile()
     log.info("INT8 per-row embeddings: %s", ", ".join(done) or "none")
     return done
+
+
+def drop_dtype_checks(graph_module: fx.GraphModule, lookup: fx.Node) -> None:
+    """A bf16 table's lookup was followed by a dtype assertion and an upcast; the INT8 lookup
+    returns FP32 itself, so both go."""
+    for user in list(lookup.users):
+        if user.target == torch.ops.aten._assert_tensor_metadata.default:
+            graph_module.graph.erase_node(user)
+        elif user.target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default) and _casts_to_fp32(user):
+            user.replace_all_uses_with(lookup)
+            graph_module.graph.erase_node(user)
+
+
+def _casts_to_fp32(node: fx.Node) -> bool:
+    dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
+    return dtype == torch.float32 and set(node.kwargs) <= {"dtype"}
 
 
 def int8_per_row(weight: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,11 +198,11 @@ def drop_unreferenced_attributes(graph_module: fx.GraphModule) -> None:
 
 
 def cache_length_of(program: torch.export.ExportedProgram) -> int:
-    """max_seq_len, read back from the KV cache buffers the program carries."""
-    for name, tensor in {**program.state_dict, **program.constants}.items():
-        if name.endswith("cache_keys_0"):
-            return int(tensor.shape[2])
-    raise ValueError("the program has no KV cache buffers (cache_keys_0): was it made by the export step?")
+    """max_seq_len, read back from the program's dynamic shape: 1..max_seq_len - 1 tokens per call."""
+    tokens = next((n for n in program.graph.nodes if n.op == "placeholder" and n.name == "tokens"), None)
+    if tokens is None or not isinstance(tokens.meta["val"].shape[1], torch.SymInt):
+        raise ValueError("the program takes no dynamic `tokens` input: was it made by the export step?")
+    return int(program.range_constraints[tokens.meta["val"].shape[1].node.expr].upper) + 1
 
 
 def quantize_program(program: torch.export.ExportedProgram, group_size: int, embeddings: str):
@@ -198,10 +215,13 @@ def quantize_program(program: torch.export.ExportedProgram, group_size: int, emb
     del program  # the graph module shares its tensors; this drops the program's own references
     log_memory("loading the FP32 program")
     check_group_size(linear_widths(graph_module), group_size)
-    report = quantize_linears(graph_module, group_size)
-    log_memory("INT4 linears")
-    report["int8_embeddings"] = quantize_embeddings_int8(graph_module) if embeddings == "int8" else []
+    # Embeddings first: their tables shrink to INT8 before torchao's temporaries for the linears
+    # (the 262,144-row lm_head's are the largest) come on top.
+    int8_embeddings = quantize_embeddings_int8(graph_module) if embeddings == "int8" else []
     log_memory("INT8 embeddings")
+    report = quantize_linears(graph_module, group_size)
+    report["int8_embeddings"] = int8_embeddings
+    log_memory("INT4 linears")
     drop_unreferenced_attributes(graph_module)
     with torch.no_grad():
         quantized = torch.export.export(

@@ -14,6 +14,7 @@ class PteDecoder:
 
     def __init__(self, pte_path: Path):
         import executorch.kernels.quantized  # noqa: F401  (registers the embedding_byte kernels)
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (update_cache, custom_sdpa)
         from executorch.runtime import Runtime
 
         try:
