@@ -40,6 +40,8 @@ def test_cache_decoder_prefill_then_decode_matches_full_recompute(demo_checkpoin
     prompt = torch.tensor([[2, 50, 51, 52, 53, 54]])
     with torch.no_grad():
         logits = decoder(prompt, torch.arange(6))
+        # The prefill's last position too: Gemma 4 runs its KV-sharing layers on that token alone.
+        torch.testing.assert_close(logits, reference_model(input_ids=prompt).logits[:, -1], atol=1e-4, rtol=1e-4)
         sequence = prompt
         for step in range(4):
             token = logits.argmax(-1, keepdim=True)

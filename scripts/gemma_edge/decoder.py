@@ -272,7 +272,7 @@ class KVCacheDecoder(nn.Module):
         own_attention, config._attn_implementation = config._attn_implementation, EXECUTORCH_ATTENTION
         try:
             # custom_sdpa masks causally from start_pos itself: no mask tensors to build per step.
-            return self._logits(tokens, input_pos, start_pos=start_pos,
+            return self._logits(tokens, input_pos, start_pos=start_pos, new_tokens=tokens.shape[1],
                                 attention_mask={"full_attention": None, "sliding_attention": None})
         finally:
             config._attn_implementation = own_attention
@@ -304,10 +304,16 @@ class CustomOpCacheLayer(StaticLayer):
         return self.keys, self.values
 
 
-def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=None, start_pos=None, **kwargs):
-    """transformers' attention interface over `llama::custom_sdpa`: query [1, heads, T, dim] and the
-    [1, max_seq_len, kv_heads, dim] caches in, [1, T, heads, dim] out, as transformers expects."""
-    output = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key, value, start_pos, None, 0.0, True, scaling)
+def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=None, start_pos=None, new_tokens=None,
+                          **kwargs):
+    """transformers' attention interface over `llama::custom_sdpa`: query [1, heads, q, dim] and the
+    [1, max_seq_len, kv_heads, dim] caches in, [1, q, heads, dim] out, as transformers expects.
+
+    The queries are the last q of the call's `new_tokens`: Gemma 4 runs the layers that reuse
+    another layer's keys and values on the last token only (all that `logits_to_keep=1` needs), and
+    custom_sdpa masks causally from the position of the first query it is given."""
+    first_query = start_pos + new_tokens - query.shape[2]
+    output = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key, value, first_query, None, 0.0, True, scaling)
     return output, None
 
 
