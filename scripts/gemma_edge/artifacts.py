@@ -40,12 +40,15 @@ def package_versions(names=TRACKED_PACKAGES) -> dict[str, str]:
     return versions
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory (MiB) so far of this process or of any child it waited for (a converter
+def peak_rss_bytes() -> int:
+    """Peak resident memory so far of this process or of any child it waited for (a converter
     subprocess, say), whichever is larger. Exact, unlike sampling, which misses short spikes."""
-    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, kB on Linux
-    usage = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    return usage * scale
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kB on Linux
+    return scale * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+
+
+def peak_rss_mb() -> float:
+    return peak_rss_bytes() / 2**20
 
 
 def temp_path_for(path: Path) -> Path:

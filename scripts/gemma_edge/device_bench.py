@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -140,6 +139,7 @@ def timed_runs(decoder, prompt: list[int], spec: dict, on_sample=None) -> dict:
 
 def run_bench(pte: Path, spec: dict) -> dict:
     """Warm-up, then repeated timed generations per prompt length, then the parity prompts."""
+    from gemma_edge.artifacts import peak_rss_bytes
     from gemma_edge.runtime import PteDecoder, greedy_decode
 
     threads = spec.get("threads")
@@ -165,14 +165,9 @@ def run_bench(pte: Path, spec: dict) -> dict:
         "threads": threads or None,
         "runs": runs,
         "parity_tokens": parity,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "runtime": "executorch.runtime (Python bindings), timed around Method.execute",
     }
-
-
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_output, package_versions, read_json, write_json
-from .device_bench import _peak_rss_bytes, synthetic_prompt, timed_runs
+from .artifacts import peak_rss_bytes
+from .device_bench import synthetic_prompt, timed_runs
 from .runtime import greedy_decode
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
         "artifact": str(artifact),
         "threads": threads,
         "load_s": load_s,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "runs": runs,
         "greedy_tokens": greedy,
         "engine_info": getattr(decoder, "info", None),

@@ -108,8 +108,11 @@ def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str, out: 
 
     program_manifest = verify_against_manifest(program_path)
     text_config = read_text_config_dict(Path(read_json(checkpoint_manifest)["path"]))
-    metadata = runner_metadata(text_config, cache_length_of(load_program(program_path)))
-    record = lower_with_fallback(lambda: load_program(program_path), per_op_mode, metadata, Path(out))
+    loaded = [load_program(program_path)]
+    metadata = runner_metadata(text_config, cache_length_of(loaded[0]))
+    # The first attempt lowers the program just loaded (handed over, not kept); a fallback loads afresh.
+    record = lower_with_fallback(lambda: loaded.pop() if loaded else load_program(program_path),
+                                 per_op_mode, metadata, Path(out))
     log_memory("lowering, writing and loading the .pte")
     extra = {"lowering": record, "runner_metadata": metadata, "program_params": program_manifest["params"],
              "quantization": program_manifest.get("quantization")}
