@@ -87,20 +87,54 @@ def test_rmsnorm_rewrite_keeps_the_logits_and_leaves_xnnpack_nothing_to_refuse(d
 
 
 def test_bf16_checkpoint_exports_with_bf16_tables_and_identical_logits(tmp_path):
-    """A checkpoint stored in bf16 (as E2B is) keeps its embedding tables in bf16 for export,
-    everything else in FP32, and computes bit for bit what the all-FP32 model computes."""
+    """A checkpoint stored in bf16 (as E2B is) keeps its embedding tables in bf16 for export, the
+    per-layer table split by layer and the lm_head tied to the token table, everything else in
+    FP32, and computes bit for bit what the all-FP32 model computes."""
     build_synthetic_checkpoint(REPO / "resources/demo_corpus.txt", tmp_path, "tiny", 4, seed=3)
     assert stored_dtypes(tmp_path) == {torch.bfloat16}
     model = load_for_export(tmp_path)
     reference = load_text_model(tmp_path, torch.float32)
-    tables = {"model.embed_tokens.weight", "model.embed_tokens_per_layer.weight"}
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+    layers, packed = reference.config.num_hidden_layers, reference.model.embed_tokens_per_layer.weight
+    tables = {"model.embed_tokens.weight"} | {f"model.embed_tokens_per_layer.tables.{i}" for i in range(layers)}
+    names = set()
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
         if tensor.is_floating_point():
-            assert tensor.dtype == (torch.bfloat16 if name in tables else torch.float32), name
-    assert model.lm_head.weight is not model.model.embed_tokens.weight
+            names.add(name)
+            expected = torch.bfloat16 if name in tables or name == "lm_head.weight" else torch.float32
+            assert tensor.dtype == expected, name
+    assert tables <= names
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    split = model.model.embed_tokens_per_layer.tables
+    assert torch.equal(torch.cat(list(split), dim=1).to(torch.float32), packed)
     ids = torch.tensor([[2, 40, 41, 42, 43, 900]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_split_per_layer_table_is_read_block_by_block(tmp_path):
+    """Rows are read in blocks (here 7 rows, which divide nothing) and land where they belong."""
+    from gemma_edge.decoder import PerLayerTables, StoredTensors
+
+    build_synthetic_checkpoint(REPO / "resources/demo_corpus.txt", tmp_path, "tiny", 4, seed=3)
+    reference = load_text_model(tmp_path, torch.bfloat16)
+    packed = reference.model.embed_tokens_per_layer
+    with StoredTensors(tmp_path) as stored:
+        split = PerLayerTables.read(stored, "model.embed_tokens_per_layer", packed, 4, rows_per_read=7)
+    assert torch.equal(torch.cat(list(split.tables), dim=1), packed.weight)
+    ids = torch.tensor([[0, 5, 900, len(packed.weight) - 1]])
+    assert torch.equal(split(ids), packed.weight[ids].to(torch.float32) * packed.scalar_embed_scale)
+
+
+def test_truncated_checkpoint_is_refused_on_reading(tmp_path):
+    from gemma_edge.decoder import StoredTensors
+
+    build_synthetic_checkpoint(REPO / "resources/demo_corpus.txt", tmp_path, "tiny", 4, seed=3)
+    weights = tmp_path / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size - 1000)
+    with StoredTensors(tmp_path) as stored, pytest.raises(ValueError, match="truncated"):
+        last = max(stored.entries, key=lambda key: stored.entries[key][2]["data_offsets"][1])
+        stored.read_rows(last, 0, stored.entries[last][2]["shape"][0])
 
 
 def test_fp32_checkpoint_loads_wholly_in_fp32(demo_checkpoint):

@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from gemma_edge.quantize import GroupSizeError, check_group_size, linear_widths, quantize_embeddings_int8, quantize_linears
+from gemma_edge.quantize import (
+    GroupSizeError,
+    check_group_size,
+    drop_unreferenced_attributes,
+    linear_widths,
+    quantize_embeddings_int8,
+    quantize_linears,
+)
 
 
 class TwoLinears(nn.Module):
@@ -79,6 +86,38 @@ def test_bf16_table_becomes_int8_and_loses_its_dtype_check_and_upcast():
         got = graph_module(ids)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, model(ids), atol=0.05, rtol=0.05)
+
+
+class TiedBf16Head(nn.Module):
+    """A bf16 token table that is also the output head, upcast in the graph (as the export ties
+    Gemma 4's lm_head to its token table)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(256, 64).to(torch.bfloat16), requires_grad=False)
+
+    def forward(self, ids):
+        hidden = nn.functional.embedding(ids, self.table).to(torch.float32)
+        return nn.functional.linear(hidden, self.table.to(torch.float32))
+
+
+def test_tied_bf16_head_becomes_int8_lookup_and_int4_linear_and_the_table_goes():
+    torch.manual_seed(0)
+    model = TiedBf16Head().eval()
+    graph_module = torch.export.export(model, (torch.tensor([[1, 2, 3]]),)).module()
+    assert linear_widths(graph_module) == {"table": 64}
+    quantize_embeddings_int8(graph_module)
+    report = quantize_linears(graph_module, 32)
+    assert report["quantized_linears"] == ["table"]
+    drop_unreferenced_attributes(graph_module)
+    assert not hasattr(graph_module, "table")  # neither the bf16 table nor its upcast ride along
+    assert not any(t.dtype == torch.bfloat16 for t in graph_module.state_dict().values())
+    targets = [str(n.target) for n in graph_module.graph.nodes if n.op == "call_function"]
+    assert "aten._assert_tensor_metadata.default" not in targets and "aten.to.dtype" not in targets
+    ids = torch.tensor([[7, 8, 9]])
+    with torch.no_grad():
+        got, want = graph_module(ids), model(ids)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
 
 
 def test_int8_rows_are_the_same_whatever_the_chunk_size():

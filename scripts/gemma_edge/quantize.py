@@ -27,10 +27,19 @@ class GroupSizeError(ValueError):
 
 
 def _weight_of(graph_module: fx.GraphModule, node: fx.Node):
-    attr = node.args[1] if node.target in LINEAR_TARGETS else node.args[0]
+    """(node the op reads its weight from, the weight's get_attr node, the weight), or Nones.
+
+    A linear may read a bf16 table through an upcast: the lm_head tied to the token table."""
+    source = node.args[1] if node.target in LINEAR_TARGETS else node.args[0]
+    attr = source.args[0] if _is_upcast(source) else source
     if not isinstance(attr, fx.Node) or attr.op != "get_attr":
-        return None, None
-    return attr, _get_attr(graph_module, attr.target)
+        return None, None, None
+    return source, attr, _get_attr(graph_module, attr.target)
+
+
+def _is_upcast(node) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function"
+            and node.target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default) and _casts_to_fp32(node))
 
 
 def _get_attr(module: nn.Module, dotted: str):
@@ -53,7 +62,7 @@ def linear_widths(graph_module: fx.GraphModule) -> dict[str, int]:
     """Input width of each linear layer's weight, by weight name."""
     widths = {}
     for node in linear_nodes(graph_module):
-        attr, weight = _weight_of(graph_module, node)
+        _, attr, weight = _weight_of(graph_module, node)
         if attr is not None and not is_reduction(weight):
             widths[attr.target] = int(weight.shape[1])
     return widths
@@ -87,7 +96,7 @@ def quantize_linears(graph_module: fx.GraphModule, group_size: int) -> dict:
     config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
     quantized, kept = [], []
     for node in linear_nodes(graph_module):
-        attr, weight = _weight_of(graph_module, node)
+        source, attr, weight = _weight_of(graph_module, node)
         if attr is None:
             continue
         out_features, in_features = weight.shape
@@ -97,14 +106,14 @@ def quantize_linears(graph_module: fx.GraphModule, group_size: int) -> dict:
             kept.append({"weight": attr.target, "in_features": int(in_features)})
             continue
         holder = nn.Linear(in_features, out_features, bias=False)
-        holder.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        holder.weight = nn.Parameter(weight.detach().to(torch.float32, copy=True), requires_grad=False)
         quantize_(holder, config)
-        _replace_weight(graph_module, node, attr, "int4_" + attr.target.replace(".", "_"), holder.weight)
+        _replace_weight(graph_module, node, source, "int4_" + attr.target.replace(".", "_"), holder.weight)
         # torchao's tensor intercepts F.linear; the aten op would decompose before reaching it.
         node.target = torch.nn.functional.linear
         quantized.append(attr.target)
         del holder, weight
-        drop_if_unused(graph_module, attr)
+        drop_if_unused(graph_module, source)
     graph_module.recompile()
     for item in kept:
         log.warning("kept in FP32 (group size %d does not divide input width %d): %s", group_size, item["in_features"], item["weight"])
@@ -118,7 +127,7 @@ def quantize_embeddings_int8(graph_module: fx.GraphModule) -> list[str]:
 
     done = []
     for node in [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.embedding.default]:
-        attr, weight = _weight_of(graph_module, node)
+        _, attr, weight = _weight_of(graph_module, node)
         if attr is None:
             continue
         table, scales = int8_per_row(weight.detach())
@@ -172,14 +181,22 @@ def int8_per_row(weight: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torc
     return table, scales
 
 
-def drop_if_unused(graph_module: fx.GraphModule, attr: fx.Node) -> None:
-    """Free a replaced FP32 weight at once (not at the end) unless another node still reads it, as
-    the lm_head's tied embedding does until both have been replaced: peak memory stays near the
-    FP32 program's size instead of growing by every quantized copy."""
-    if attr.users:
+def drop_if_unused(graph_module: fx.GraphModule, node: fx.Node) -> None:
+    """Free a replaced FP32 weight (or the upcast a linear read it through) at once, not at the end,
+    unless another node still reads it, as the lm_head reads the token table until both have been
+    replaced: peak memory stays near the FP32 program's size instead of growing by every quantized
+    copy. Dtype assertions on the weight do not count as reading it."""
+    if any(user.target != torch.ops.aten._assert_tensor_metadata.default for user in node.users):
         return
-    graph_module.graph.erase_node(attr)
-    owner_name, _, leaf = attr.target.rpartition(".")
+    for check in list(node.users):
+        graph_module.graph.erase_node(check)
+    if node.op == "call_function":  # an upcast: then the weight it read
+        weight = node.args[0]
+        graph_module.graph.erase_node(node)
+        drop_if_unused(graph_module, weight)
+        return
+    graph_module.graph.erase_node(node)
+    owner_name, _, leaf = node.target.rpartition(".")
     owner = _get_attr(graph_module, owner_name) if owner_name else graph_module
     delattr(owner, leaf)
 
