@@ -131,12 +131,16 @@ def perf_spec(wildcards):
 
 
 def perf_engine_results(wildcards):
+    """Each timed engine's result file (eager FP32 only with perf.eager)."""
     model, variant = wildcards.model, f"{wildcards.quant}/xnnpack-{wildcards.mode}"
-    return {
+    results = {
         "pte": f"results/perf/{model}/{variant}/pte.json",
         "eager": f"results/perf/{model}/fp32/eager.json",
         "llamacpp": f"results/perf/{model}/{config['perf']['gguf_type']}/llamacpp.json",
     }
+    if not config["perf"]["eager"]:
+        del results["eager"]
+    return results
 
 
 def perf_table_inputs(wildcards):
@@ -169,6 +173,6 @@ def perf_step_benchmarks(wildcards):
                                     f"results/{model}/llamacpp/model-{gguf_type}.gguf.manifest.json")
     results = perf_engine_results(wildcards)
     for name, engine in (("bench .pte", "pte"), ("bench eager", "eager"), ("bench llama.cpp", "llamacpp")):
-        # results/perf/… and benchmarks/perf/… mirror each other (rule perf_engine).
-        steps[name] = (results[engine].replace("results/", "benchmarks/", 1).replace(".json", ".tsv"), results[engine])
+        if engine in results:  # results/perf/… and benchmarks/perf/… mirror each other (rule perf_engine).
+            steps[name] = (results[engine].replace("results/", "benchmarks/", 1).replace(".json", ".tsv"), results[engine])
     return {name: {"benchmark": tsv, "peak_from": peak} for name, (tsv, peak) in steps.items()}

@@ -20,7 +20,15 @@ from gemma_edge.e2b_shape import (
     parameter_count,
     shared_layers_for,
 )
-from gemma_edge.perf import decode_ratio, fit_line, parameter_count_of, project_steps, render_projection, render_table
+from gemma_edge.perf import (
+    decode_ratio,
+    fit_line,
+    parameter_count_of,
+    project_steps,
+    render_projection,
+    render_table,
+    same_greedy_tokens,
+)
 from test_workflow import jobs_of
 
 CONVERTER = REPO / ".bench/llama.cpp/convert_hf_to_gguf.py"
@@ -106,6 +114,21 @@ def test_ratios_divide_the_pte_by_each_other_engine():
     assert "| 64 | 0.75 | 2.00 | 3.00 | 3.00 |" in table
 
 
+def test_without_eager_the_table_compares_the_pte_with_llamacpp_only():
+    """perf.eager: false (full depth on a 24 GiB host): no eager row, no eager ratios, and no claim
+    about matching eager's tokens."""
+    results = {"pte": fake_engine("pte", 300.0, 12.0), "llamacpp": fake_engine("llamacpp", 150.0, 16.0)}
+    [row] = decode_ratio(results)
+    assert set(row) == {"prompt_tokens", "decode_vs_llamacpp", "prefill_vs_llamacpp"}
+    report = {"steps": {}, "pte": {"size_bytes": 7e8}, "gguf": {"gguf_type": "q4_0", "size_bytes": 5e8},
+              "engines": results, "ratios": [row], "same_greedy_tokens": same_greedy_tokens(results)}
+    assert report["same_greedy_tokens"] == {"pte": None, "llamacpp": None}
+    table = render_table(report)
+    assert "| eager |" not in table
+    assert "| pte | 64 | 300.0 ± 30.0 | 12.00 ± 1.20 | 1.0 | 1907 | — |" in table
+    assert "| 64 | 0.75 | 2.00 | — | — |" in table
+
+
 @pytest.fixture(scope="module")
 def perf_run(tmp_path_factory):
     """`snakemake perf` on a tiny random Gemma 4 (demo widths, byte-fallback tokenizer)."""
@@ -162,6 +185,13 @@ def test_group_size_change_reruns_only_the_pte_side_of_the_benchmark(perf_run):
     dry = snakemake(perf_run["workdir"], "-n", "perf", "--configfile", str(perf_run["config"]), str(override))
     assert jobs_of(dry.stdout) == {"quantize": 1, "lower": 1, "perf_engine": 1, "perf_table": 1, "perf": 1}
     assert "results/perf/tiny-random/int4-g64/xnnpack-auto/pte.json" in dry.stdout
+
+
+@needs_llamacpp
+def test_leaving_eager_out_times_nothing_again_and_drops_its_row(perf_run):
+    override = write_config(perf_run["workdir"] / "no-eager.yaml", {"perf": {"eager": False}})
+    dry = snakemake(perf_run["workdir"], "-n", "perf", "--configfile", str(perf_run["config"]), str(override))
+    assert jobs_of(dry.stdout) == {"perf_table": 1, "perf": 1}
 
 
 def test_missing_converter_is_explained(tmp_path):

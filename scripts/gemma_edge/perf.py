@@ -218,9 +218,16 @@ def build_report(engine_files: dict, step_files: dict, pte_manifest: Path, gguf_
         "gguf": {"gguf_type": gguf["params"]["gguf_type"], "size_bytes": gguf["size_bytes"], "sha256": gguf["sha256"]},
         "engines": results,
         "ratios": decode_ratio(results),
-        "same_greedy_tokens": {e: r["greedy_tokens"] == results["eager"]["greedy_tokens"] for e, r in results.items()},
+        "same_greedy_tokens": same_greedy_tokens(results),
         "versions": package_versions(("torch", "executorch", "torchao", "transformers", "llama_cpp_python")),
     }
+
+
+def same_greedy_tokens(results: dict) -> dict:
+    """Per engine: does it generate eager FP32's greedy tokens (None when eager was not timed)?"""
+    if "eager" not in results:
+        return {engine: None for engine in results}
+    return {engine: result["greedy_tokens"] == results["eager"]["greedy_tokens"] for engine, result in results.items()}
 
 
 def render_table(report: dict) -> str:
@@ -240,13 +247,20 @@ def render_table(report: dict) -> str:
             pre, dec = run["prefill_tps"], run["decode_tps"]
             lines.append(f"| {engine} | {run['prompt_tokens']} | {pre['avg']:.1f} ± {pre['stddev']:.1f} | "
                          f"{dec['avg']:.2f} ± {dec['stddev']:.2f} | {result['load_s']:.1f} | "
-                         f"{result['peak_rss_bytes'] / 2**20:.0f} | {report['same_greedy_tokens'][engine]} |")
+                         f"{result['peak_rss_bytes'] / 2**20:.0f} | {_cell(report['same_greedy_tokens'][engine])} |")
     lines += ["", "| prompt | decode .pte/llama.cpp | prefill .pte/llama.cpp | decode .pte/eager | prefill .pte/eager |",
               "|---:|---:|---:|---:|---:|"]
     for row in report["ratios"]:
         cells = [row.get(k) for k in ("decode_vs_llamacpp", "prefill_vs_llamacpp", "decode_vs_eager", "prefill_vs_eager")]
-        lines.append(f"| {row['prompt_tokens']} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |")
+        lines.append(f"| {row['prompt_tokens']} | " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    """A table cell: ratios to two decimals, an engine left out as "—"."""
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 def write_report(report: dict, out_json: Path, out_table: Path) -> str:
