@@ -14,7 +14,7 @@ from conftest import snakemake, write_config
         ({"quantization": {"group_size": 100}}, "quantization.group_size is 100, but must be one of 32, 64, 128, 256"),
         ({"export": {"attention": "flash"}}, "export.attention is 'flash', but must be one of executorch, transformers"),
         ({"lowering": {"per_op_mode": "sometimes"}}, "lowering.per_op_mode is 'sometimes', but must be one of auto, true, false"),
-        ({"model": "nope"}, "model is 'nope', which is not an entry of models (known: demo, e2b-4l, e2b-8l, gemma-4-E2B)"),
+        ({"model": "nope"}, "model is 'nope', which is not an entry of models (known: demo, e2b-35l, e2b-4l, e2b-8l, gemma-4-E2B)"),
         ({"models": {"broken": {"revision": "main"}}}, "models.broken is missing the required key 'repo_id'"),
         ({"perf": {"prompt_lengths": [120]}}, "perf.prompt_lengths + perf.new_tokens (152) exceed export.max_seq_len (128)"),
         ({"models": {"demo": {"repo_id": "local/gemma4-tiny", "demo": True, "synthetic": {"shape": "e2b", "layers": 2}}}},
