@@ -51,16 +51,18 @@ def download(repo_id: str, revision: str, cache_dir: str | None, offline: bool, 
     return manifest
 
 
-def load_checkpoint(checkpoint_manifest: Path, for_export: bool = False):
-    """Verify the downloaded files against their recorded sha256, then load the eager FP32 model
-    (for export: with its embedding tables in the checkpoint's bf16, see `load_for_export`)."""
+def load_checkpoint(checkpoint_manifest: Path, bf16_tables: bool = False):
+    """Verify the downloaded files against their recorded sha256, then load the eager FP32 model.
+
+    With `bf16_tables`, a bf16 checkpoint keeps its embedding tables in bf16 (`load_for_export`):
+    the same logits, bit for bit, from about 5.5 GB less memory at E2B's size."""
     import torch
 
     from .decoder import load_for_export, load_text_model
 
     manifest = read_json(checkpoint_manifest)
     folder = hub.verify_checkpoint(manifest)
-    return (load_for_export(folder) if for_export else load_text_model(folder, torch.float32)), manifest
+    return (load_for_export(folder) if bf16_tables else load_text_model(folder, torch.float32)), manifest
 
 
 def export(checkpoint_manifest: Path, max_seq_len: int, dtype: str, attention: str, out: Path, out_manifest: Path) -> dict:
@@ -68,7 +70,7 @@ def export(checkpoint_manifest: Path, max_seq_len: int, dtype: str, attention: s
 
     if dtype != "float32":
         raise ValueError(f"export.dtype {dtype!r} is not supported yet; use float32")
-    model, _ = load_checkpoint(checkpoint_manifest, for_export=True)
+    model, _ = load_checkpoint(checkpoint_manifest, bf16_tables=True)
     tables = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     log_memory(f"loading the checkpoint (embedding tables in {tables})")
     program = export_decoder(model, max_seq_len, attention=attention)
@@ -126,7 +128,9 @@ def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_ne
     from .runtime import PteDecoder
 
     pte_manifest = verify_against_manifest(pte_path)
-    model, checkpoint = load_checkpoint(checkpoint_manifest)
+    # The reference's logits are the FP32 model's either way; bf16 tables keep the real E2B's
+    # reference (about 13 GiB instead of 18.5) beside its .pte on a 24 GiB host.
+    model, checkpoint = load_checkpoint(checkpoint_manifest, bf16_tables=True)
     bos_id = pte_manifest["runner_metadata"]["get_bos_id"]
     prompt_ids = encode_prompts(Path(checkpoint["path"]) / "tokenizer.json", prompts, bos_id)
     decoder = PteDecoder(pte_path)
