@@ -137,6 +137,14 @@ def test_truncated_checkpoint_is_refused_on_reading(tmp_path):
         stored.read_rows(last, 0, stored.entries[last][2]["shape"][0])
 
 
+def test_unreadable_safetensors_header_is_named(tmp_path):
+    from gemma_edge.decoder import StoredTensors
+
+    (tmp_path / "model.safetensors").write_bytes((20).to_bytes(8, "little") + b"{not json at all...}")
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        StoredTensors(tmp_path).__enter__()
+
+
 def test_fp32_checkpoint_loads_wholly_in_fp32(demo_checkpoint):
     assert stored_dtypes(demo_checkpoint) == {torch.float32}
     model = load_for_export(demo_checkpoint)

@@ -145,14 +145,18 @@ class StoredTensors:
 
     def __enter__(self):
         self.files, self.entries = [], {}
-        for path in self.paths:
-            handle = open(path, "rb")
-            self.files.append(handle)
-            header_len = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_len))
-            header.pop("__metadata__", None)
-            for key, entry in header.items():
-                self.entries[key] = (handle, 8 + header_len, entry)
+        try:
+            for path in self.paths:
+                handle = open(path, "rb")
+                self.files.append(handle)
+                header_len = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(header_len))
+                header.pop("__metadata__", None)
+                for key, entry in header.items():
+                    self.entries[key] = (handle, 8 + header_len, entry)
+        except (OSError, ValueError) as error:
+            self.__exit__()
+            raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
         return self
 
     def __exit__(self, *exc):
