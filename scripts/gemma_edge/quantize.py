@@ -158,7 +158,7 @@ def drop_dtype_checks(graph_module: fx.GraphModule, lookup: fx.Node) -> None:
     for user in list(lookup.users):
         if user.target == torch.ops.aten._assert_tensor_metadata.default:
             graph_module.graph.erase_node(user)
-        elif user.target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default) and _casts_to_fp32(user):
+        elif _is_upcast(user):
             user.replace_all_uses_with(lookup)
             graph_module.graph.erase_node(user)
 
