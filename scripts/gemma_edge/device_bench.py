@@ -7,6 +7,9 @@ very same module in a subprocess.
     python -m gemma_edge.device_bench facts --out facts.json
     python -m gemma_edge.device_bench bench --pte model.pte --spec spec.json --out bench.json
 
+`facts` needs only the standard library, so it also runs on the device's bare system Python before
+anything is installed (the host builds the device's wheelhouse from what it reports).
+
 Figures follow llama-bench's shape (avg_ts, stddev_ts, samples_ts) so they compare directly.
 """
 
@@ -16,7 +19,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import struct
 import sys
 import time
 from pathlib import Path
@@ -45,10 +50,121 @@ def device_facts() -> dict:
     facts["cpu_model"] = next((n for n in names if n and not n.isdigit()), None)
     features = cpuinfo.get("flags") or cpuinfo.get("features")
     facts["cpu_features"] = features.split() if features else None
-    for line in (_read("/proc/meminfo") or "").splitlines():
-        if line.startswith("MemTotal:"):
-            facts["memory_bytes"] = int(line.split()[1]) * 1024
+    meminfo = _meminfo()
+    facts["memory_bytes"] = meminfo.get("MemTotal")
+    facts["memory_available_bytes"] = meminfo.get("MemAvailable")
+    facts["libc"] = list(platform.libc_ver())
+    facts["page_size"] = os.sysconf("SC_PAGESIZE")
+    facts["disk_free_bytes"] = shutil.disk_usage(".").free
+    facts["xnnpack_features"] = xnnpack_features(facts["machine"], facts["cpu_features"] or [])
+    facts["emulator"] = {"qemu_cpu": os.environ["QEMU_CPU"]} if os.environ.get("QEMU_CPU") else None
+    facts["library_alignment"] = runtime_library_alignment()
     return facts
+
+
+def _meminfo() -> dict:
+    values = {}
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        key, _, rest = line.partition(":")
+        if rest.strip().endswith("kB"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+# CPU features XNNPACK's kernels use, by the names /proc/cpuinfo gives them. On aarch64 NEON is
+# required; dot-product (the int8 GEMMs of 8da4w), FP16 arithmetic and i8mm select faster kernels.
+XNNPACK_FEATURES = {
+    "aarch64": {"neon": "asimd", "dotprod": "asimddp", "fp16": "asimdhp", "i8mm": "i8mm", "sve": "sve"},
+    "x86_64": {"sse4_1": "sse4_1", "avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512vnni": "avx512_vnni"},
+}
+REQUIRED_FEATURES = {"aarch64": ("neon",), "x86_64": ("sse4_1",)}
+
+
+def xnnpack_features(machine: str, cpu_features: list[str]) -> dict:
+    """Which of the features XNNPACK's kernels select on this CPU has (empty for other machines)."""
+    present = set(cpu_features)
+    return {name: flag in present for name, flag in XNNPACK_FEATURES.get(machine, {}).items()}
+
+
+def elf_load_alignment(path: Path) -> int | None:
+    """The smallest alignment of a loadable segment of a 64-bit ELF shared library (None if not ELF64).
+
+    A kernel whose page size exceeds it cannot map the library (a Pi 5 runs 16 KiB pages)."""
+    with open(path, "rb") as handle:
+        header = handle.read(64)
+        if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:
+            return None
+        order = "<" if header[5] == 1 else ">"
+        phoff, = struct.unpack_from(order + "Q", header, 32)
+        phentsize, phnum = struct.unpack_from(order + "HH", header, 54)
+        handle.seek(phoff)
+        table = handle.read(phentsize * phnum)
+    aligns = []
+    for index in range(phnum):
+        kind, = struct.unpack_from(order + "I", table, index * phentsize)
+        if kind == 1:  # PT_LOAD
+            aligns.append(struct.unpack_from(order + "Q", table, index * phentsize + 48)[0])
+    return min(aligns) if aligns else None
+
+
+def runtime_library_alignment() -> dict | None:
+    """Smallest segment alignment over the shared libraries of the installed executorch and torch
+    (None when neither is installed), and which library has it."""
+    from importlib import util
+
+    smallest = None
+    for package in ("executorch", "torch"):
+        spec = util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for root in spec.submodule_search_locations:
+            for library in sorted(Path(root).rglob("*.so*")):
+                align = elf_load_alignment(library) if library.is_file() else None
+                if align and (smallest is None or align < smallest["bytes"]):
+                    smallest = {"bytes": align, "library": str(library.relative_to(Path(root).parent))}
+    if smallest:
+        smallest["loads_with_16k_pages"] = smallest["bytes"] >= 16384  # Raspberry Pi OS's Pi 5 kernel
+    return smallest
+
+
+class DeviceCheckFailed(RuntimeError):
+    """The device cannot run the benchmark; the message names the number that fails."""
+
+
+def preflight(facts: dict, needs: dict | None = None) -> list[str]:
+    """Check the device against what the runtime and the benchmark need; raise DeviceCheckFailed
+    with one sentence naming the number, else return what was checked.
+
+    `needs` may give `memory_bytes` (the .pte plus its planned KV cache and activations) and
+    `disk_bytes` (what is about to be written)."""
+    needs = needs or {}
+    checked = []
+    machine = facts.get("machine")
+    missing = [name for name in REQUIRED_FEATURES.get(machine, ()) if not (facts.get("xnnpack_features") or {}).get(name)]
+    if missing:
+        raise DeviceCheckFailed(f"the device's {machine} CPU lacks {', '.join(missing)}, which XNNPACK's kernels need "
+                                f"(its features: {' '.join(facts.get('cpu_features') or []) or 'none reported'})")
+    checked.append(f"CPU features for XNNPACK: {', '.join(n for n, on in (facts.get('xnnpack_features') or {}).items() if on) or 'none known'}")
+    alignment = facts.get("library_alignment")
+    if alignment:
+        if alignment["bytes"] < facts["page_size"]:
+            raise DeviceCheckFailed(
+                f"{alignment['library']} is aligned to {alignment['bytes'] // 1024} KiB but the device's kernel uses "
+                f"{facts['page_size'] // 1024} KiB pages, so it cannot be loaded: install a build aligned to at least "
+                f"{facts['page_size'] // 1024} KiB")
+        checked.append(f"libraries aligned to >= {alignment['bytes'] // 1024} KiB, kernel pages {facts['page_size'] // 1024} KiB")
+    available = facts.get("memory_available_bytes")
+    if needs.get("memory_bytes") and available is not None:
+        if available < needs["memory_bytes"]:
+            raise DeviceCheckFailed(f"the device has {available / 2**20:.0f} MiB of memory available but the .pte and its KV "
+                                    f"cache and activations need {needs['memory_bytes'] / 2**20:.0f} MiB")
+        checked.append(f"memory: {needs['memory_bytes'] / 2**20:.0f} MiB needed, {available / 2**20:.0f} MiB available")
+    free = facts.get("disk_free_bytes")
+    if needs.get("disk_bytes") and free is not None:
+        if free < needs["disk_bytes"]:
+            raise DeviceCheckFailed(f"the device has {free / 1e6:.0f} MB of free disk but needs {needs['disk_bytes'] / 1e6:.0f} MB")
+        checked.append(f"disk: {needs['disk_bytes'] / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free")
+    return checked
 
 
 def _read(path: str) -> str | None:
@@ -142,6 +258,8 @@ def run_bench(pte: Path, spec: dict) -> dict:
     from gemma_edge.artifacts import peak_rss_bytes
     from gemma_edge.runtime import PteDecoder, greedy_decode
 
+    for line in preflight(device_facts(), {"memory_bytes": spec.get("memory_bytes")}):
+        print(f"pre-flight: {line}", flush=True)
     threads = spec.get("threads")
     if threads:
         from executorch.extension.pybindings import portable_lib
@@ -187,9 +305,16 @@ def main(argv=None) -> int:
             print(json.dumps(device_facts()))
         else:
             write_json(args.out, device_facts())
-    else:
+        return 0
+    try:
         write_json(args.out, run_bench(args.pte, json.loads(args.spec.read_text())))
+    except DeviceCheckFailed as error:
+        print(f"device check failed: {error}", file=sys.stderr)
+        return CHECK_FAILED
     return 0
+
+
+CHECK_FAILED = 3  # exit status of a failed pre-flight check (the host reports its sentence alone)
 
 
 if __name__ == "__main__":

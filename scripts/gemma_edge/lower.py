@@ -71,6 +71,13 @@ def delegation_summary(manager) -> dict:
     return {"xnnpack_delegate_calls": delegates, "portable_ops": dict(sorted(portable.items()))}
 
 
+def planned_memory_bytes(manager, method: str = "forward") -> int:
+    """Bytes the runtime allocates for `method`'s memory-planned buffers: the KV cache and the
+    activations, on top of the mapped .pte (the device checks its free memory against both)."""
+    plan = next(plan for plan in manager.executorch_program.execution_plan if plan.name == method)
+    return int(sum(plan.non_const_buffer_sizes))
+
+
 def smoke_run(pte_path: Path, bos_id: int) -> None:
     """Load the .pte and run a two-token prefill and a decode step: where XNNPACK rejects a
     delegate, this is where it says so."""
@@ -109,6 +116,7 @@ def lower_with_fallback(load, per_op_mode: str, metadata: dict, pte_path: Path) 
             log.warning("XNNPACK rejected the fused program (%s); falling back to per_op_mode=True", error)
             continue
         record["per_op_mode_used"] = mode
+        record["planned_memory_bytes"] = planned_memory_bytes(manager)
         record.update(delegation_summary(manager))
         log.info("lowered with %s subgraphs: %d XNNPACK delegate calls; portable ops %s",
                  label, record["xnnpack_delegate_calls"], record["portable_ops"])
