@@ -67,6 +67,26 @@ def target_settings(wildcards):
     return config["targets"][wildcards.target]
 
 
+def runtime_pins():
+    """The executorch and torch releases on this host, which every device's wheelhouse pins (a
+    change of either re-runs the wheelhouse steps)."""
+    from importlib.metadata import version
+
+    return {name: version(name).split("+", 1)[0] for name in ("executorch", "torch")}
+
+
+def provision_inputs(wildcards):
+    """An SSH device is probed first; one that gets a virtualenv needs its wheelhouse too."""
+    settings = config["targets"][wildcards.target]
+    if settings["kind"] == "local":
+        return {}
+    inputs = {"platform": f"results/{wildcards.target}/platform.json"}
+    if settings["create_venv"]:
+        inputs["wheelhouse"] = f"results/{wildcards.target}/wheelhouse.json"
+        inputs["wheels"] = f"results/{wildcards.target}/wheelhouse"
+    return inputs
+
+
 def current_variant_file(name):
     """results/<target>/<model>/<quant>/xnnpack-<mode>/<name> for the configured variant."""
 

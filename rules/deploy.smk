@@ -4,7 +4,51 @@
 # benchmarks never share a device, while different devices benchmark in parallel.
 
 
+rule probe:
+    output:
+        platform="results/{target}/platform.json",
+    log:
+        "logs/targets/{target}/probe.log",
+    benchmark:
+        "benchmarks/targets/{target}/probe.tsv"
+    conda:
+        "../envs/deploy.yaml"
+    params:
+        settings=target_settings,
+    localrule: True
+    message:
+        "Probing {wildcards.target}: machine, Python, glibc, CPU, memory and disk, before anything is installed"
+    script:
+        "../scripts/probe.py"
+
+
+# The device's Python packages, resolved and downloaded on this host for the device's platform, so
+# that a device without internet can be provisioned and every device gets the same bytes.
+rule wheelhouse:
+    input:
+        platform=rules.probe.output.platform,
+    output:
+        wheels=directory("results/{target}/wheelhouse"),
+        record="results/{target}/wheelhouse.json",
+    log:
+        "logs/targets/{target}/wheelhouse.log",
+    benchmark:
+        "benchmarks/targets/{target}/wheelhouse.tsv"
+    conda:
+        "../envs/deploy.yaml"
+    params:
+        pins=runtime_pins(),
+        torch_index=config["wheelhouse"]["torch_index"],
+    localrule: True
+    message:
+        "Downloading {wildcards.target}'s wheels (executorch, torch and their dependencies) on this host"
+    script:
+        "../scripts/build_wheelhouse.py"
+
+
 rule provision:
+    input:
+        unpack(provision_inputs),
     output:
         device="results/{target}/device.json",
     log:
@@ -17,7 +61,7 @@ rule provision:
         settings=target_settings,
     localrule: True
     message:
-        "Provisioning {wildcards.target}: runtime versions and device facts"
+        "Provisioning {wildcards.target}: runtime from the wheelhouse, device facts and pre-flight checks"
     script:
         "../scripts/provision.py"
 

@@ -4,7 +4,9 @@ from gemma_edge.steplog import rule_log
 
 
 def main(snakemake):
-    deploy.provision(snakemake.wildcards.target, snakemake.params.settings, snakemake.output.device)
+    i = snakemake.input
+    deploy.provision(snakemake.wildcards.target, snakemake.params.settings, snakemake.output.device,
+                     platform_path=i.get("platform"), wheelhouse_path=i.get("wheelhouse"), wheel_dir=i.get("wheels"))
 
 
 with rule_log(snakemake.log[0], "provision"):

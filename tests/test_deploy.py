@@ -65,5 +65,5 @@ def test_unreachable_device_fails_with_one_sentence_and_no_output(workflow, tmp_
     result = snakemake(workflow["workdir"], "--cores", "1", "results/dead/bench.json", "--configfile",
                        str(workflow["config"]), str(config), check=False)
     assert result.returncode != 0
-    assert f"provision failed: {getpass.getuser()}@127.0.0.1:9 is unreachable" in result.stdout + result.stderr
+    assert f"probe failed: {getpass.getuser()}@127.0.0.1:9 is unreachable" in result.stdout + result.stderr
     assert not (workflow["workdir"] / "results/dead").exists()

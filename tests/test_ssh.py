@@ -29,6 +29,20 @@ def test_commands_are_quoted_and_report_their_output(sshd, tmp_path):
         client.close()
 
 
+def test_output_lines_are_seen_while_the_command_runs(sshd):
+    client = client_for(sshd)
+    seen = []
+    try:
+        _, out, _ = ssh.run(client, ["sh", "-c", "echo prompt 16 done; sleep 2; printf 'prompt 64 done\\n'"], 30,
+                            on_line=lambda line: seen.append((line, time.monotonic())))
+        finished = time.monotonic()
+    finally:
+        client.close()
+    assert [line for line, _ in seen] == ["prompt 16 done", "prompt 64 done"]
+    assert out == "prompt 16 done\nprompt 64 done\n"
+    assert finished - seen[0][1] > 1.0  # the first line was logged before the command ended
+
+
 def test_failing_remote_command_gives_its_stderr(sshd):
     client = client_for(sshd)
     try:

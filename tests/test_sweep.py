@@ -78,3 +78,18 @@ def test_one_benchmark_per_device_at_a_time_but_devices_in_parallel(sweep):
     cross_device = [(a, b) for a, b in pairs if a[0] != b[0]]
     assert same_device and not any(overlap(a, b) for a, b in same_device)
     assert any(overlap(a, b) for a, b in cross_device)
+
+
+def test_emulated_targets_are_tabulated_as_such_and_never_plotted_as_speed():
+    from gemma_edge.summary import rows_for_plot, rows_of
+
+    bench = {"target": "pi5_emulated", "emulated": True, "model": {"repo_id": "tests/gemma4-tiny"},
+             "quantization": {"group_size": 128}, "pte": {"per_op_mode_used": False, "size_bytes": 2_000_000},
+             "runs": [{"prompt_tokens": 8, "new_tokens": 4, **{k: {"avg": 1.0, "stddev": 0.1} for k in ("prefill_tps", "decode_tps", "ttft_s")}}],
+             "load_s": 30.0, "peak_rss_bytes": 5e8, "parity": {"identical_to_host_pte": 5, "prompts": 5},
+             "device": {"cpu_model": "Raspberry Pi 5 (emulated)"}, "versions": {"device": {"executorch": "1.5.1"}}}
+    emulated = rows_of(bench)
+    real = rows_of({**bench, "target": "pi5", "emulated": False})
+    assert [row["emulated"] for row in emulated + real] == [True, False]
+    assert rows_for_plot("decode", emulated + real) == real and rows_for_plot("prefill", emulated + real) == real
+    assert rows_for_plot("size", emulated + real) == emulated + real

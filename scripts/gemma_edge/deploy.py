@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
+import re
 import subprocess
 import sys
 import tempfile
@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import artifacts, ssh
+from . import artifacts, device_bench, ssh
 from .artifacts import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ def connection(settings: dict):
 def remote_layout(settings: dict) -> dict:
     work = settings["workdir"].rstrip("/")
     python = f"{work}/venv/bin/python" if settings.get("create_venv", True) else settings["python"]
-    return {"work": work, "runner": f"{work}/runner", "models": f"{work}/models", "python": python}
+    return {"work": work, "runner": f"{work}/runner", "models": f"{work}/models", "wheelhouse": f"{work}/wheelhouse",
+            "python": python}
 
 
 def public_version(version: str | None) -> str | None:
@@ -76,19 +77,49 @@ def host_runtime_versions() -> dict:
     return {name: public_version(versions[name]) for name in RUNTIME_PACKAGES}
 
 
-# ---- provision -------------------------------------------------------------------------------
+# ---- probe and provision ---------------------------------------------------------------------
 
-def provision(name: str, settings: dict, out: Path) -> dict:
+def is_emulated(settings: dict, facts: dict) -> bool:
+    """An emulated device (QEMU user mode) is a correctness check, never a performance figure."""
+    return bool(settings.get("emulated") or facts.get("emulator"))
+
+
+def probe(name: str, settings: dict, out: Path) -> dict:
+    """What the device is, as its own system Python reports it before anything is installed: the
+    host builds the device's wheelhouse for this platform."""
+    layout = remote_layout(settings)
+    timeout = settings["command_timeout_s"]
+    with connection(settings) as client:
+        upload_runner(client, layout, timeout)
+        facts = remote_facts(client, layout, timeout, python=settings["python"])
+    record = {"target": name, "kind": settings["kind"], "emulated": is_emulated(settings, facts), **facts}
+    write_json(out, record)
+    log.info("%s: %s, %s, Python %s, %s %s, %d KiB pages%s", name, facts["machine"], facts["cpu_model"], facts["python"],
+             *facts["libc"], facts["page_size"] // 1024, " (emulated)" if record["emulated"] else "")
+    return record
+
+
+def provision(name: str, settings: dict, out: Path, platform_path: Path | None = None,
+              wheelhouse_path: Path | None = None, wheel_dir: Path | None = None) -> dict:
     host_versions = host_runtime_versions()
     if settings["kind"] == "local":
-        facts = local_facts()
+        facts, wheels = local_facts(), None
     else:
-        facts = provision_ssh(settings, host_versions)
+        wheelhouse_record = read_json(wheelhouse_path) if wheelhouse_path else None
+        probed = read_json(platform_path) if platform_path else {}
+        facts, wheels = provision_ssh(settings, host_versions, probed, wheelhouse_record, wheel_dir)
     check_versions(facts["versions"], host_versions)
-    record = {"target": name, "kind": settings["kind"], **facts}
+    try:
+        checked = device_bench.preflight(facts)
+    except device_bench.DeviceCheckFailed as error:
+        raise DeviceError(f"{name}: {error}") from error
+    for line in checked:
+        log.info("pre-flight: %s", line)
+    record = {"target": name, "kind": settings["kind"], "emulated": is_emulated(settings, facts), **facts, "wheels": wheels}
     write_json(out, record)
-    log.info("%s: %s, %s cores, %.1f GB, %s; executorch %s, torch %s", name, facts["cpu_model"], facts["cores"],
-             (facts["memory_bytes"] or 0) / 1e9, facts["os"], facts["versions"]["executorch"], facts["versions"]["torch"])
+    log.info("%s: %s, %s cores, %.1f GB, %s; executorch %s, torch %s%s", name, facts["cpu_model"], facts["cores"],
+             (facts["memory_bytes"] or 0) / 1e9, facts["os"], facts["versions"]["executorch"], facts["versions"]["torch"],
+             " (emulated: a correctness check, not a performance figure)" if record["emulated"] else "")
     return record
 
 
@@ -102,44 +133,104 @@ def _local_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(PACKAGE_DIR.parent)}
 
 
-def provision_ssh(settings: dict, host_versions: dict) -> dict:
+def provision_ssh(settings: dict, host_versions: dict, probed: dict, wheelhouse_record: dict | None,
+                  wheel_dir: Path | None) -> tuple[dict, dict | None]:
     layout = remote_layout(settings)
     timeout = settings["command_timeout_s"]
+    wheels = None
     with connection(settings) as client:
-        ssh.run(client, ["mkdir", "-p", f"{layout['runner']}/gemma_edge", layout["models"]], timeout)
+        ssh.run(client, ["mkdir", "-p", layout["models"], layout["wheelhouse"]], timeout)
         ssh.remove_stale_uploads(client, layout["models"], timeout)
-        ssh.remove_stale_uploads(client, f"{layout['runner']}/gemma_edge", timeout)
+        ssh.remove_stale_uploads(client, layout["wheelhouse"], timeout)
         if settings.get("create_venv", True):
-            ensure_venv(client, settings, layout, host_versions)
-        for filename in RUNNER_FILES:
-            ssh.upload_atomically(client, PACKAGE_DIR / filename, f"{layout['runner']}/gemma_edge/{filename}", timeout)
-        return remote_facts(client, layout, timeout)
+            if wheelhouse_record is None:
+                raise DeviceError("create_venv is on but no wheelhouse was built for this device")
+            wheels = install_wheelhouse(client, settings, layout, host_versions, probed, wheelhouse_record, Path(wheel_dir))
+        upload_runner(client, layout, timeout)
+        return remote_facts(client, layout, timeout), wheels
 
 
-def remote_facts(client, layout: dict, timeout: float) -> dict:
+def upload_runner(client, layout: dict, timeout: float) -> None:
+    """The benchmark runner (standard library plus the runtime) goes to <workdir>/runner."""
+    ssh.run(client, ["mkdir", "-p", f"{layout['runner']}/gemma_edge"], timeout)
+    ssh.remove_stale_uploads(client, f"{layout['runner']}/gemma_edge", timeout)
+    for filename in RUNNER_FILES:
+        ssh.upload_atomically(client, PACKAGE_DIR / filename, f"{layout['runner']}/gemma_edge/{filename}", timeout)
+
+
+def runner_argv(layout: dict, python: str, *args: str) -> list[str]:
+    """`python -m gemma_edge.device_bench ARGS` with the uploaded runner importable, run from the
+    remote home: relative workdir, venv and .pte paths all stay relative to it."""
+    return ["env", f"PYTHONPATH={layout['runner']}", python, "-m", "gemma_edge.device_bench", *args]
+
+
+def remote_facts(client, layout: dict, timeout: float, python: str | None = None) -> dict:
     """The device's facts and runtime versions, as the uploaded runner reports them."""
-    command = f"cd {shlex.quote(layout['runner'])} && {shlex.quote(layout['python'])} -m gemma_edge.device_bench facts --out -"
-    status, out, err = ssh.run_shell(client, command, timeout, check=False)
+    python = python or layout["python"]
+    status, out, err = ssh.run(client, runner_argv(layout, python, "facts", "--out", "-"), timeout, check=False)
     if status != 0:
-        raise DeviceError(f"the device's Python ({layout['python']}) cannot run the benchmark runner: {err.strip()[-1500:]}")
+        raise DeviceError(f"the device's Python ({python}) cannot run the benchmark runner: {err.strip()[-1500:]}")
     return json.loads(out)
 
 
-def ensure_venv(client, settings: dict, layout: dict, host_versions: dict) -> None:
-    """Create the device's virtualenv and install the host's exact runtime versions (idempotent)."""
+def install_wheelhouse(client, settings: dict, layout: dict, pins: dict, probed: dict, record: dict, wheel_dir: Path) -> dict:
+    """Create the device's virtualenv and install the host-built wheelhouse into it, offline
+    (`pip install --no-index`); idempotent: a venv that already has every wheel's version gets
+    nothing uploaded and nothing installed."""
+    from . import wheelhouse
+
+    try:
+        wheelhouse.check_wheels_fit([wheel["filename"] for wheel in record["wheels"]], wheelhouse.device_platform(probed))
+    except wheelhouse.WheelhouseError as error:
+        raise DeviceError(str(error)) from error
     timeout = settings["command_timeout_s"]
     venv_python = layout["python"]
     status, _, _ = ssh.run(client, ["test", "-x", venv_python], timeout, check=False)
     if status != 0:
         log.info("creating %s/venv with %s", layout["work"], settings["python"])
-        ssh.run(client, [settings["python"], "-m", "venv", f"{layout['work']}/venv"], timeout)
-    pins = [f"{name}=={version}" for name, version in host_versions.items()]
-    status, out, _ = ssh.run(client, [venv_python, "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-", *pins], timeout, check=False)
-    if status == 0 and not json.loads(out).get("install"):
-        log.info("device virtualenv already has %s", ", ".join(pins))
-        return
-    log.info("installing %s on the device (this can take a while)", ", ".join(pins))
-    ssh.run(client, [venv_python, "-m", "pip", "install", "--quiet", *pins], settings["install_timeout_s"])
+        ssh.run(client, [settings["python"], "-m", "venv", f"{layout['work']}/venv"], settings["install_timeout_s"])
+    missing = wheels_not_installed(client, venv_python, record["wheels"], timeout)
+    summary = {"wheels": len(record["wheels"]), "download_bytes": record["download_bytes"],
+               "installed_bytes": record["installed_bytes"], "torch": record["torch"]}
+    if not missing:
+        log.info("the device's virtualenv already has all %d wheels of the wheelhouse; nothing to install", len(record["wheels"]))
+        return {**summary, "installed_now": [], "files": _wheel_rows(record)}
+    needed = sum(w["size_bytes"] for w in missing) + sum(w["installed_bytes"] for w in missing)
+    free = ssh.remote_free_bytes(client, layout["work"], timeout)
+    if free < needed:
+        raise DeviceError(f"the device has {free / 1e6:.0f} MB free in {layout['work']} but the {len(missing)} wheels to "
+                          f"install need {needed / 1e6:.0f} MB (download plus installed size): free space there first")
+    log.info("uploading %d of %d wheels (%.0f MB) to %s", len(missing), len(record["wheels"]),
+             sum(w["size_bytes"] for w in missing) / 1e6, layout["wheelhouse"])
+    for wheel in missing:
+        ssh.upload_atomically(client, wheel_dir / wheel["filename"], f"{layout['wheelhouse']}/{wheel['filename']}",
+                              settings["transfer_timeout_s"])
+    pin_args = [f"{name}=={version}" for name, version in pins.items()]
+    log.info("installing %s from the wheelhouse, offline (this can take a while)", ", ".join(pin_args))
+    started = time.monotonic()
+    ssh.run(client, [venv_python, "-m", "pip", "install", "--quiet", "--no-index", "--no-compile",
+                     "--disable-pip-version-check", "--find-links", layout["wheelhouse"], *pin_args], settings["install_timeout_s"])
+    log.info("installed in %.0f s", time.monotonic() - started)
+    still = wheels_not_installed(client, venv_python, record["wheels"], timeout)
+    if still:
+        raise DeviceError(f"after installing, the device's virtualenv lacks {', '.join(w['filename'] for w in still[:5])}")
+    return {**summary, "installed_now": [w["filename"] for w in missing], "files": _wheel_rows(record)}
+
+
+def _wheel_rows(record: dict) -> list[dict]:
+    return [{k: wheel[k] for k in ("filename", "name", "version", "sha256")} for wheel in record["wheels"]]
+
+
+def wheels_not_installed(client, venv_python: str, wheels: list[dict], timeout: float) -> list[dict]:
+    """The wheels whose name and version the device's virtualenv does not have."""
+    status, out, _ = ssh.run(client, [venv_python, "-m", "pip", "list", "--format", "json", "--disable-pip-version-check"],
+                             timeout, check=False)
+    installed = {_canonical(p["name"]): p["version"] for p in json.loads(out)} if status == 0 else {}
+    return [w for w in wheels if installed.get(_canonical(w["name"])) != w["version"]]
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 # ---- deploy ----------------------------------------------------------------------------------
@@ -168,8 +259,10 @@ def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path) -> 
 
 # ---- bench -----------------------------------------------------------------------------------
 
-def bench_spec(settings: dict, bench: dict, host_parity: dict) -> dict:
+def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dict) -> dict:
+    planned = pte_manifest["lowering"].get("planned_memory_bytes") or 0
     return {
+        "memory_bytes": pte_manifest["size_bytes"] + planned,  # the mapped .pte plus its KV cache and activations
         "prompt_lengths": bench["prompt_lengths"],
         "new_tokens": bench["new_tokens"],
         "repetitions": bench["repetitions"],
@@ -192,12 +285,13 @@ def run_device_bench(name: str, settings: dict, deployed: dict, spec: dict) -> d
         remote_spec = f"{folder}/spec-{os.getpid()}.json"
         remote_out = f"{folder}/bench-{os.getpid()}.json"
         ssh.upload_atomically(client, spec_path, remote_spec, settings["command_timeout_s"])
-        command = (f"cd {shlex.quote(layout['runner'])} && {shlex.quote(layout['python'])} -m gemma_edge.device_bench bench "
-                   f"--pte {shlex.quote(deployed['files']['pte']['path'])} --spec {shlex.quote(remote_spec)} "
-                   f"--out {shlex.quote(remote_out)}")
+        argv = runner_argv(layout, layout["python"], "bench", "--pte", deployed["files"]["pte"]["path"],
+                           "--spec", remote_spec, "--out", remote_out)
         try:
-            _, stdout, _ = ssh.run_shell(client, command, settings["bench_timeout_s"])
-            log.info("device output:\n%s", stdout.strip())
+            status, _, stderr = ssh.run(client, argv, settings["bench_timeout_s"], check=False,
+                                        on_line=lambda line: log.info("%s: %s", name, line))
+            if status != 0:
+                raise DeviceError(bench_failure(name, status, stderr))
             local_out = Path(scratch) / "bench.json"
             ssh.download_file(client, remote_out, local_out, settings["command_timeout_s"])
             return json.loads(local_out.read_text())
@@ -216,9 +310,23 @@ def run_local_bench(pte: str, spec: dict, timeout_s: float) -> dict:
         except subprocess.TimeoutExpired as error:
             raise DeviceError(f"the local benchmark timed out after {timeout_s:.0f} s") from error
         if result.returncode != 0:
-            raise DeviceError(f"the local benchmark failed: {result.stderr.strip()[-2000:]}")
+            raise DeviceError(bench_failure("local", result.returncode, result.stderr))
         log.info("benchmark output:\n%s", result.stdout.strip())
         return json.loads(out.read_text())
+
+
+def bench_failure(name: str, status: int, stderr: str) -> str:
+    """One sentence for a failed device benchmark: a pre-flight check's own sentence, a runtime
+    that rejects the program (fused XNNPACK subgraphs were rejected on aarch64 once), or the tail
+    of the device's stderr."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    if status == device_bench.CHECK_FAILED and lines:
+        return f"{name}: {lines[-1].removeprefix('device check failed: ')}"
+    rejected = next((line for line in lines if "could not be loaded by the ExecuTorch runtime" in line or "xnn_status" in line), None)
+    if rejected:
+        return (f"{name}: the device's ExecuTorch runtime rejected the .pte ({rejected.strip()[-400:]}); if XNNPACK rejects "
+                "fused subgraphs there, lower with lowering.per_op_mode: true")
+    return f"the benchmark failed on {name} (exit {status}): {stderr.strip()[-2000:]}"
 
 
 def compare_tokens(host_parity: dict, device_tokens: list[list[int]]) -> list[dict]:
@@ -259,7 +367,7 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
     pte_manifest, host_parity, checkpoint = read_json(pte_manifest_path), read_json(host_parity_path), read_json(checkpoint_path)
     if deployed["files"]["pte"]["sha256"] != pte_manifest["sha256"]:
         raise DeviceError("the .pte on the device is not the one built for this configuration; re-run deploy")
-    spec = bench_spec(settings, bench_config, host_parity)
+    spec = bench_spec(settings, bench_config, host_parity, pte_manifest)
     started = time.time()
     result = run_device_bench(name, settings, deployed, spec)
     finished = time.time()
@@ -269,10 +377,13 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
         "target": name,
         "model": {"repo_id": checkpoint["repo_id"], "revision": checkpoint["revision"], "commit": checkpoint["commit"]},
         "quantization": pte_manifest["program_params"],
+        "emulated": bool(device.get("emulated")),
         "pte": {"sha256": pte_manifest["sha256"], "size_bytes": pte_manifest["size_bytes"],
                 "per_op_mode_used": pte_manifest["lowering"]["per_op_mode_used"],
-                "fused_rejection": pte_manifest["lowering"]["fused_rejection"]},
-        "device": {k: v for k, v in device.items() if k not in ("target",)},
+                "fused_rejection": pte_manifest["lowering"]["fused_rejection"],
+                # The device loaded and ran the program: a fused one had its XNNPACK subgraphs accepted there.
+                "fused_accepted_on_device": not pte_manifest["lowering"]["per_op_mode_used"]},
+        "device": {k: v for k, v in device.items() if k not in ("target", "wheels")},
         "host_parity": {k: host_parity["summary"][k] for k in ("teacher_forced_top1", "logits_cosine", "greedy_prefix", "passed")},
         "versions": {"host": artifacts.package_versions(), "device": device["versions"]},
         **result,
@@ -285,7 +396,10 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
         tmp.write_text(render_parity_log(name, rows))
     write_json(out_bench, report)
     first = report["runs"][0]
-    log.info("%s: decode %.2f ± %.2f tok/s, prefill %.1f tok/s (prompt %d), load %.2f s, peak RSS %.0f MB",
+    log.info("%s: decode %.2f ± %.2f tok/s, prefill %.1f tok/s (prompt %d), load %.2f s, peak RSS %.0f MB%s",
              name, first["decode_tps"]["avg"], first["decode_tps"]["stddev"], first["prefill_tps"]["avg"],
-             first["prompt_tokens"], report["load_s"], report["peak_rss_bytes"] / 1e6)
+             first["prompt_tokens"], report["load_s"], report["peak_rss_bytes"] / 1e6,
+             " (emulated: these speeds say nothing about a Pi)" if report["emulated"] else "")
+    log.info("%s: %d/%d prompts identical to the host's run of the same .pte", name, report["parity"]["identical_to_host_pte"],
+             report["parity"]["prompts"])
     return report

@@ -132,13 +132,15 @@ class _SaveNewHostKey(paramiko.MissingHostKeyPolicy):
         log.warning("trusted new host key %s %s for %s on first use", key.get_name(), key.get_fingerprint().hex(), hostname)
 
 
-def run(client: paramiko.SSHClient, argv: list[str], timeout_s: float, check: bool = True) -> tuple[int, str, str]:
-    """Run `argv` on the device (each word shell-quoted); kill it and raise after `timeout_s`."""
+def run(client: paramiko.SSHClient, argv: list[str], timeout_s: float, check: bool = True, on_line=None) -> tuple[int, str, str]:
+    """Run `argv` on the device (each word shell-quoted); kill it and raise after `timeout_s`.
+    `on_line(line)` sees each line of its standard output as it arrives (progress of long steps)."""
     command = shlex.join(str(a) for a in argv)
-    return run_shell(client, command, timeout_s, check, shown=command)
+    return run_shell(client, command, timeout_s, check, shown=command, on_line=on_line)
 
 
-def run_shell(client: paramiko.SSHClient, command: str, timeout_s: float, check: bool = True, shown: str | None = None):
+def run_shell(client: paramiko.SSHClient, command: str, timeout_s: float, check: bool = True, shown: str | None = None,
+              on_line=None):
     """Run a shell command line built only from shlex-quoted parts; same timeout and errors as run()."""
     shown = shown or command
     try:
@@ -147,11 +149,17 @@ def run_shell(client: paramiko.SSHClient, command: str, timeout_s: float, check:
     except (paramiko.SSHException, OSError, EOFError) as error:
         raise RemoteError(f"could not start `{shown}` on the device: {error}") from error
     stdout, stderr = bytearray(), bytearray()
+    shown_up_to = 0
     deadline = time.monotonic() + timeout_s
     try:
         while True:
             while channel.recv_ready():
                 stdout += channel.recv(65536)
+            if on_line and b"\n" in stdout[shown_up_to:]:
+                end = stdout.rindex(b"\n") + 1
+                for line in stdout[shown_up_to:end].decode(errors="replace").splitlines():
+                    on_line(line)
+                shown_up_to = end
             while channel.recv_stderr_ready():
                 stderr += channel.recv_stderr(65536)
             if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():

@@ -13,7 +13,7 @@ from .artifacts import atomic_output, read_json, write_json
 log = logging.getLogger(__name__)
 
 COLUMNS = [
-    "target", "model", "variant", "group_size", "per_op_mode_used", "pte_mb", "prompt_tokens", "new_tokens",
+    "target", "emulated", "model", "variant", "group_size", "per_op_mode_used", "pte_mb", "prompt_tokens", "new_tokens",
     "prefill_tps", "prefill_tps_stddev", "decode_tps", "decode_tps_stddev", "ttft_ms", "load_s", "peak_rss_mb",
     "host_teacher_forced_top1", "host_logits_cosine", "device_identical_to_host_pte", "cpu_model", "executorch",
 ]
@@ -31,6 +31,7 @@ def rows_of(bench: dict) -> list[dict]:
     for run in bench["runs"]:
         rows.append({
             "target": bench["target"],
+            "emulated": bool(bench.get("emulated")),
             "model": bench["model"]["repo_id"],
             "variant": variant_name(bench),
             "group_size": bench["quantization"].get("group_size"),
@@ -108,6 +109,8 @@ def plot_metric(rows: list[dict], metric: str, ylabel: str, title: str, out_png:
     plt.close(figure)
 
 
+# Speeds measured under emulation say nothing about a device: the speed plots leave them out.
+SPEED_PLOTS = ("decode", "prefill")
 PLOTS = {
     "decode": ("decode_tps", "decode tokens/s", "Decode speed (mean ± stddev)", "decode_tps_stddev"),
     "prefill": ("prefill_tps", "prefill tokens/s", "Prefill speed (mean ± stddev)", "prefill_tps_stddev"),
@@ -119,4 +122,9 @@ PLOTS = {
 def plot_all(rows: list[dict], outputs: dict[str, Path]) -> None:
     for name, path in outputs.items():
         metric, ylabel, title, error = PLOTS[name]
-        plot_metric(rows, metric, ylabel, title, Path(path), error)
+        plot_metric(rows_for_plot(name, rows), metric, ylabel, title, Path(path), error)
+
+
+def rows_for_plot(name: str, rows: list[dict]) -> list[dict]:
+    """The rows plot `name` shows: emulated targets never appear in a speed plot."""
+    return [row for row in rows if not (name in SPEED_PLOTS and row["emulated"])]

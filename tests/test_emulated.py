@@ -1,0 +1,115 @@
+"""The Pi 5 before the Pi: an emulated Cortex-A76 (QEMU user mode, Debian's arm64 CPython 3.11,
+the real aarch64 wheels) behind a real OpenSSH server on loopback, provisioned with a virtualenv
+from the wheelhouse the host downloads, then deployed to and benchmarked like a Pi.
+
+The emulator's sysroot is built once per machine and cached (gemma_edge.emulator); the device's
+virtualenv is created and installed for real in every run."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import snakemake, write_config
+from gemma_edge import deploy, emulator
+from gemma_edge.artifacts import read_json, sha256_file
+from sshd import SshServer
+
+TARGET = "pi5_emulated"
+VARIANTS = {"int4": "tiny/int4-g128/xnnpack-auto", "fp32": "tiny/fp32/xnnpack-auto"}
+PI5_FEATURES = "fp asimd aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp".split()
+
+
+@pytest.fixture(scope="session")
+def pi5_sshd(tmp_path_factory):
+    """The emulated Pi: a loopback sshd whose sessions run aarch64 programs under qemu-aarch64."""
+    root = emulator.default_root()
+    emulator.setup(root)  # cached: a second call checks the stamp and the guest, and builds nothing
+    environment = emulator.session_environment(root, tmp_path_factory.mktemp("pi5-home"))
+    server = SshServer.create(tmp_path_factory.mktemp("pi5-sshd"), environment=environment).start()
+    server.home = Path(environment["HOME"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def emulated(workflow, pi5_sshd, tmp_path_factory):
+    """Provision (virtualenv from the wheelhouse), deploy and benchmark the INT4 and FP32 .pte."""
+    home = pi5_sshd.home
+    settings = pi5_sshd.target(home / "gemma-edge", python="python3", create_venv=True, emulated=True, threads=2,
+                               command_timeout_s=600, install_timeout_s=3600, bench_timeout_s=3600)
+    config = write_config(workflow["workdir"] / "pi5-emulated.yaml", {
+        "targets": {TARGET: settings},
+        "bench": {"prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "warmup": 1},
+    })
+    configs = [str(workflow["config"]), str(config)]
+    outputs = [f"results/{TARGET}/{variant}/bench.json" for variant in VARIANTS.values()]
+    run = snakemake(workflow["workdir"], "--cores", "2", *outputs, "--configfile", *configs)
+    yield {"workdir": workflow["workdir"], "remote": home / "gemma-edge", "configs": configs, "settings": settings, "run": run}
+    # About 11 GB: the wheelhouse on the host, its copy on the device and the installed virtualenv.
+    for folder in (workflow["workdir"] / f"results/{TARGET}/wheelhouse", home / "gemma-edge"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_device_is_an_emulated_cortex_a76_with_debian_python(emulated):
+    device = read_json(emulated["workdir"] / f"results/{TARGET}/device.json")
+    assert device["machine"] == "aarch64" and device["emulated"] is True
+    assert device["emulator"] == {"qemu_cpu": "cortex-a76"}
+    assert set(PI5_FEATURES) <= set(device["cpu_features"])
+    assert device["xnnpack_features"] == {"neon": True, "dotprod": True, "fp16": True, "i8mm": False, "sve": False}
+    assert device["python"] == "3.11.2" and device["libc"] == ["glibc", "2.36"]
+    assert deploy.public_version(device["versions"]["torch"]) == "2.13.0" and device["versions"]["executorch"] == "1.5.1"
+    assert device["library_alignment"]["bytes"] >= device["page_size"]
+
+
+def test_the_virtualenv_was_installed_offline_from_the_host_built_wheelhouse(emulated):
+    workdir, remote = emulated["workdir"], emulated["remote"]
+    wheelhouse = read_json(workdir / f"results/{TARGET}/wheelhouse.json")
+    assert wheelhouse["platform"]["machine"] == "aarch64"
+    names = {wheel["name"].lower() for wheel in wheelhouse["wheels"]}
+    assert {"executorch", "torch", "numpy"} <= names and "coremltools" not in names  # x86-only dependency left out
+    device = read_json(workdir / f"results/{TARGET}/device.json")
+    assert device["wheels"]["files"] == [{k: w[k] for k in ("filename", "name", "version", "sha256")} for w in wheelhouse["wheels"]]
+    assert sorted(device["wheels"]["installed_now"]) == sorted(w["filename"] for w in wheelhouse["wheels"])
+    for wheel in wheelhouse["wheels"]:  # every device gets the same bytes: each wheel arrived whole
+        assert sha256_file(remote / "wheelhouse" / wheel["filename"]) == wheel["sha256"]
+    assert (remote / "venv/bin/python").exists()
+
+
+def test_provisioning_again_installs_nothing(emulated):
+    device_json = f"results/{TARGET}/device.json"
+    snakemake(emulated["workdir"], "--cores", "1", device_json, "--configfile", *emulated["configs"], "--forcerun", "provision")
+    device = read_json(emulated["workdir"] / device_json)
+    assert device["wheels"]["installed_now"] == []
+    log = (emulated["workdir"] / f"logs/targets/{TARGET}/provision.log").read_text()
+    assert "nothing to install" in log
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_emulated_pi_decodes_exactly_the_hosts_tokens(emulated, variant):
+    workdir = emulated["workdir"]
+    bench = read_json(workdir / f"results/{TARGET}/{VARIANTS[variant]}/bench.json")
+    host = read_json(workdir / f"results/{VARIANTS[variant]}/parity.json")
+    parity = read_json(workdir / f"results/{TARGET}/{VARIANTS[variant]}/parity.json")
+    assert bench["emulated"] is True and bench["device"]["machine"] == "aarch64"
+    assert [row["device_tokens"] for row in parity["prompts"]] == [p["pte_tokens"] for p in host["prompts"]]
+    assert bench["parity"]["identical_to_host_pte"] == len(host["prompts"])
+    # The .pte was lowered with fused XNNPACK subgraphs on the host; the A76 loaded and ran it.
+    assert bench["pte"]["per_op_mode_used"] is False and bench["pte"]["fused_accepted_on_device"] is True
+
+
+def test_a_wheel_for_another_platform_is_refused_before_anything_is_sent(emulated, tmp_path):
+    workdir = emulated["workdir"]
+    record = read_json(workdir / f"results/{TARGET}/wheelhouse.json")
+    numpy = next(w for w in record["wheels"] if w["name"].lower() == "numpy")
+    numpy["filename"] = f"numpy-{numpy['version']}-cp311-cp311-manylinux_2_28_x86_64.whl"
+    wrong = tmp_path / "wheelhouse.json"
+    wrong.write_text(json.dumps(record))
+    settings = {**emulated["settings"], "workdir": str(tmp_path / "fresh-device")}
+    with pytest.raises(deploy.DeviceError, match=rf"{numpy['filename']}, built for manylinux_2_28_x86_64, which this device "
+                                                 r"\(aarch64, CPython 3.11, glibc 2.36\) cannot install"):
+        deploy.provision(TARGET, settings, tmp_path / "device.json", workdir / f"results/{TARGET}/platform.json",
+                         wrong, workdir / f"results/{TARGET}/wheelhouse")
+    assert not (tmp_path / "device.json").exists()
+    assert not list(Path(settings["workdir"]).rglob("*.whl"))
