@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma_edge import device_bench
+from gemma_edge import deploy, device_bench
 from gemma_edge.device_bench import DeviceCheckFailed, elf_load_alignment, preflight
 
 
@@ -64,3 +64,12 @@ def test_aarch64_without_neon_is_refused():
 def test_a_pi5s_features_select_dot_product_and_fp16():
     pi5 = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp".split()
     assert device_bench.xnnpack_features("aarch64", pi5) == {"neon": True, "dotprod": True, "fp16": True, "i8mm": False, "sve": False}
+
+
+def test_a_device_short_of_memory_stops_the_bench_with_the_numbers(tmp_path):
+    """The device runner checks before it loads anything, and the host reports its sentence alone."""
+    spec = {"memory_bytes": 2 ** 50, "prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "warmup": 0,
+            "threads": 1, "parity_prompt_ids": [], "max_new_tokens": 4}
+    with pytest.raises(deploy.DeviceError, match=r"^local: the device has \d+ MiB of memory available but the .pte and its KV "
+                                                 r"cache and activations need 1073741824 MiB$"):
+        deploy.run_local_bench(str(tmp_path / "never-loaded.pte"), spec, 120)

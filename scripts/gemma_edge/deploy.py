@@ -381,8 +381,9 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
         "pte": {"sha256": pte_manifest["sha256"], "size_bytes": pte_manifest["size_bytes"],
                 "per_op_mode_used": pte_manifest["lowering"]["per_op_mode_used"],
                 "fused_rejection": pte_manifest["lowering"]["fused_rejection"],
-                # The device loaded and ran the program: a fused one had its XNNPACK subgraphs accepted there.
-                "fused_accepted_on_device": not pte_manifest["lowering"]["per_op_mode_used"]},
+                # The device loaded and ran the program: a fused one had its XNNPACK subgraphs accepted
+                # there (None: lowered per-op, so the fused path was not tried on the device).
+                "fused_accepted_on_device": None if pte_manifest["lowering"]["per_op_mode_used"] else True},
         "device": {k: v for k, v in device.items() if k not in ("target", "wheels")},
         "host_parity": {k: host_parity["summary"][k] for k in ("teacher_forced_top1", "logits_cosine", "greedy_prefix", "passed")},
         "versions": {"host": artifacts.package_versions(), "device": device["versions"]},

@@ -254,12 +254,12 @@ def timed_runs(decoder, prompt: list[int], spec: dict, on_sample=None) -> dict:
 
 
 def run_bench(pte: Path, spec: dict) -> dict:
-    """Warm-up, then repeated timed generations per prompt length, then the parity prompts."""
+    """Pre-flight checks, then warm-up, repeated timed generations per prompt length, and the parity prompts."""
+    for line in preflight(device_facts(), {"memory_bytes": spec.get("memory_bytes")}):
+        print(f"pre-flight: {line}", flush=True)
     from gemma_edge.artifacts import peak_rss_bytes
     from gemma_edge.runtime import PteDecoder, greedy_decode
 
-    for line in preflight(device_facts(), {"memory_bytes": spec.get("memory_bytes")}):
-        print(f"pre-flight: {line}", flush=True)
     threads = spec.get("threads")
     if threads:
         from executorch.extension.pybindings import portable_lib
