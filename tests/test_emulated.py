@@ -3,7 +3,7 @@ the real aarch64 wheels) behind a real OpenSSH server on loopback, provisioned w
 from the wheelhouse the host downloads, then deployed to and benchmarked like a Pi.
 
 The emulator's sysroot is built once per machine and cached (gemma_edge.emulator); the device's
-virtualenv is created and installed for real in every run."""
+virtualenv is created and installed for real in every run, in a fresh device folder."""
 
 import json
 import shutil
@@ -11,44 +11,48 @@ from pathlib import Path
 
 import pytest
 
-from conftest import snakemake, write_config
+from conftest import DEFAULT_CONFIG, REPO, snakemake, write_config
 from gemma_edge import deploy, emulator
+from gemma_edge.config import deep_merge, validate_config
 from gemma_edge.artifacts import read_json, sha256_file
-from sshd import SshServer
 
 TARGET = "pi5_emulated"
 VARIANTS = {"int4": "tiny/int4-g128/xnnpack-auto", "fp32": "tiny/fp32/xnnpack-auto"}
+SCHEMA = REPO / "schemas/config.schema.yaml"
 PI5_FEATURES = "fp asimd aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp".split()
 
 
 @pytest.fixture(scope="session")
-def pi5_sshd(tmp_path_factory):
-    """The emulated Pi: a loopback sshd whose sessions run aarch64 programs under qemu-aarch64."""
+def pi5_emulator():
+    """The emulated Pi as the README sets it up: `setup` (cached per machine: a second call checks
+    the stamp and the guest and builds nothing) and `serve` (its loopback sshd and ssh_config)."""
     root = emulator.default_root()
-    emulator.setup(root)  # cached: a second call checks the stamp and the guest, and builds nothing
-    environment = emulator.session_environment(root, tmp_path_factory.mktemp("pi5-home"))
-    server = SshServer.create(tmp_path_factory.mktemp("pi5-sshd"), environment=environment).start()
-    server.home = Path(environment["HOME"])
-    yield server
-    server.stop()
+    emulator.setup(root)
+    already_serving = emulator.running_port(root)
+    emulator.serve(root)
+    yield root
+    if not already_serving:
+        emulator.stop(root)
 
 
 @pytest.fixture(scope="session")
-def emulated(workflow, pi5_sshd, tmp_path_factory):
-    """Provision (virtualenv from the wheelhouse), deploy and benchmark the INT4 and FP32 .pte."""
-    home = pi5_sshd.home
-    settings = pi5_sshd.target(home / "gemma-edge", python="python3", create_venv=True, emulated=True, threads=2,
-                               command_timeout_s=600, install_timeout_s=3600, bench_timeout_s=3600)
+def emulated(workflow, pi5_emulator, tmp_path_factory):
+    """The config's pi5_emulated target (reached through the ssh_config alias `serve` wrote):
+    provision (virtualenv from the wheelhouse), deploy and benchmark the INT4 and FP32 .pte, on a
+    fresh device folder."""
+    remote = tmp_path_factory.mktemp("pi5-device") / "gemma-edge"
+    overrides = {"workdir": str(remote), "ssh_config": str(pi5_emulator / "ssh/ssh_config"), "command_timeout_s": 600}
     config = write_config(workflow["workdir"] / "pi5-emulated.yaml", {
-        "targets": {TARGET: settings},
+        "targets": {TARGET: overrides},
         "bench": {"prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "warmup": 1},
     })
     configs = [str(workflow["config"]), str(config)]
     outputs = [f"results/{TARGET}/{variant}/bench.json" for variant in VARIANTS.values()]
     run = snakemake(workflow["workdir"], "--cores", "2", *outputs, "--configfile", *configs)
-    yield {"workdir": workflow["workdir"], "remote": home / "gemma-edge", "configs": configs, "settings": settings, "run": run}
+    settings = validate_config(deep_merge(DEFAULT_CONFIG, {"targets": {TARGET: overrides}}), SCHEMA)["targets"][TARGET]
+    yield {"workdir": workflow["workdir"], "remote": remote, "configs": configs, "settings": settings, "run": run}
     # About 11 GB: the wheelhouse on the host, its copy on the device and the installed virtualenv.
-    for folder in (workflow["workdir"] / f"results/{TARGET}/wheelhouse", home / "gemma-edge"):
+    for folder in (workflow["workdir"] / f"results/{TARGET}/wheelhouse", remote):
         shutil.rmtree(folder, ignore_errors=True)
 
 

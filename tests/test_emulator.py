@@ -89,3 +89,14 @@ def test_setup_again_builds_nothing(built_root):
     again = emulator.build_sysroot(built_root)
     assert again["unchanged"] and again["packages"] == stamp["packages"]
     assert (built_root / "sysroot/proc/cpuinfo").read_text() == emulator.pi5_cpuinfo(__import__("os").cpu_count())
+
+
+def test_packages_come_from_the_hosts_own_apt_sources(tmp_path):
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d/debian.sources").write_text(
+        "Types: deb\n# a comment\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n"
+        "Types: deb-src\nURIs: http://sources.example/debian\nSuites: bookworm\nComponents: main\n")
+    (tmp_path / "sources.list").write_text("deb [arch=amd64] http://security.example/debian-security bookworm-security main\n")
+    assert emulator.host_apt_uris("bookworm", tmp_path) == ["http://mirror.example/debian"]
+    assert emulator.host_apt_uris("bookworm-security", tmp_path) == ["http://security.example/debian-security"]
+    assert emulator.host_apt_uris("trixie", tmp_path) == []

@@ -15,7 +15,6 @@ guest gets a Pi 5 /proc/cpuinfo (sysroot/proc/cpuinfo).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import psutil
 
+from .artifacts import sha256_file
 from .loopback_sshd import SshServer, kill_tree
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,37 @@ def pi5_cpuinfo(cores: int) -> str:
     return "\n".join(blocks) + f"\nModel\t\t: Raspberry Pi 5 Model B (emulated: QEMU user-mode, {QEMU_CPU})\n"
 
 
+APT_SOURCES = Path("/etc/apt")
+
+
+def host_apt_uris(suite: str, sources: Path = APT_SOURCES) -> list[str]:
+    """The archive URIs the host's own apt configuration uses for `suite` (deb822 .sources files
+    and one-line .list files), so the sysroot comes from the mirror this machine is set up with."""
+    uris = []
+    for path in sorted(sources.glob("sources.list.d/*.sources")):
+        for stanza in path.read_text(errors="replace").split("\n\n"):
+            fields = {}
+            for line in stanza.splitlines():
+                key, sep, value = line.partition(":")
+                if sep and not line.startswith(("#", " ")):
+                    fields[key.strip().lower()] = value.split()
+            if "deb" in fields.get("types", []) and suite in fields.get("suites", []):
+                uris += fields.get("uris", [])
+    for path in [sources / "sources.list", *sorted(sources.glob("sources.list.d/*.list"))]:
+        if path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
+                if len(words) >= 3 and words[0] == "deb" and words[2] == suite:
+                    uris.append(words[1])
+    return list(dict.fromkeys(uris))
+
+
 def _mirrors() -> dict:
-    return {
-        "debian": os.environ.get("GEMMA_EDGE_DEBIAN_MIRROR", "http://deb.debian.org/debian"),
-        "security": os.environ.get("GEMMA_EDGE_DEBIAN_SECURITY", "http://deb.debian.org/debian-security"),
-    }
+    """Where the arm64 packages come from: GEMMA_EDGE_DEBIAN_MIRROR / GEMMA_EDGE_DEBIAN_SECURITY,
+    else the host's own apt sources for the suite (None where neither names one)."""
+    main = os.environ.get("GEMMA_EDGE_DEBIAN_MIRROR") or next(iter(host_apt_uris(SUITE)), None)
+    security = os.environ.get("GEMMA_EDGE_DEBIAN_SECURITY") or next(iter(host_apt_uris(f"{SUITE}-security")), None)
+    return {"debian": main, "security": security}
 
 
 def _request() -> dict:
@@ -162,11 +188,13 @@ def download_packages(apt: Path) -> list[Path]:
         (apt / sub).mkdir(parents=True, exist_ok=True)
     (apt / "status").write_text("")
     mirrors = _mirrors()
-    (apt / "sources.list").write_text(
-        f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['debian']} {SUITE} main\n"
-        f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['debian']} {SUITE}-updates main\n"
-        f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['security']} {SUITE}-security main\n"
-    )
+    if not mirrors["debian"]:
+        raise EmulatorError(f"the host's apt sources name no Debian {SUITE} archive: set GEMMA_EDGE_DEBIAN_MIRROR to one")
+    lines = [f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['debian']} {SUITE} main",
+             f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['debian']} {SUITE}-updates main"]
+    if mirrors["security"]:
+        lines.append(f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['security']} {SUITE}-security main")
+    (apt / "sources.list").write_text("\n".join(lines) + "\n")
     log.info("reading the %s arm64 package lists from %s", SUITE, mirrors["debian"])
     _apt(apt, "update", what="list")
     log.info("resolving and downloading %d packages and their dependencies", len(PACKAGES))
@@ -179,14 +207,6 @@ def download_packages(apt: Path) -> list[Path]:
 
 def _deb_field(dpkg_deb: str, deb: Path, name: str) -> str:
     return subprocess.run([dpkg_deb, "-f", str(deb), name], capture_output=True, text=True, check=True).stdout.strip()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _finish_sysroot(sysroot: Path, cores: int) -> None:
@@ -234,7 +254,7 @@ def build_sysroot(root: Path) -> dict:
                 raise EmulatorError(f"could not unpack {name} ({deb.name}): {result.stderr.strip()}; delete {root} and run setup again")
             packages.append({"package": name, "version": _deb_field(dpkg_deb, deb, "Version"),
                              "architecture": _deb_field(dpkg_deb, deb, "Architecture"),
-                             "file": deb.name, "bytes": deb.stat().st_size, "sha256": _sha256(deb)})
+                             "file": deb.name, "bytes": deb.stat().st_size, "sha256": sha256_file(deb)})
             downloaded += deb.stat().st_size
         _finish_sysroot(staging, cores)
         size = disk_bytes(staging)
