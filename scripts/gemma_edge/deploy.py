@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from packaging.utils import canonicalize_name
 
 from . import artifacts, device_bench, ssh
 from .artifacts import read_json, write_json
@@ -225,12 +226,8 @@ def wheels_not_installed(client, venv_python: str, wheels: list[dict], timeout: 
     """The wheels whose name and version the device's virtualenv does not have."""
     status, out, _ = ssh.run(client, [venv_python, "-m", "pip", "list", "--format", "json", "--disable-pip-version-check"],
                              timeout, check=False)
-    installed = {_canonical(p["name"]): p["version"] for p in json.loads(out)} if status == 0 else {}
-    return [w for w in wheels if installed.get(_canonical(w["name"])) != w["version"]]
-
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+    installed = {canonicalize_name(p["name"]): p["version"] for p in json.loads(out)} if status == 0 else {}
+    return [w for w in wheels if installed.get(canonicalize_name(w["name"])) != w["version"]]
 
 
 # ---- deploy ----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from .artifacts import sha256_file
+from .artifacts import atomic_output, sha256_file
 from .loopback_sshd import SshServer, kill_tree
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,8 @@ def read_stamp(root: Path) -> dict | None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
 
 
 def disk_bytes(folder: Path) -> int:
