@@ -1,11 +1,14 @@
 """The SSH transport against a real OpenSSH server on loopback: every failure provoked for real."""
 
 import os
+import socket
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from gemma_edge import deploy, ssh
@@ -61,6 +64,64 @@ def test_remote_command_is_stopped_at_its_timeout(sshd):
         assert time.monotonic() - started < 10
     finally:
         client.close()
+
+
+def device_processes(marker: str) -> list:
+    """Processes on the loopback device (this machine) with `marker` as an argument of their own."""
+    return [proc for proc in psutil.process_iter(["cmdline"]) if marker in (proc.info["cmdline"] or [])]
+
+
+def wait_until_gone(marker: str, seconds: float) -> list:
+    deadline = time.monotonic() + seconds
+    while device_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return device_processes(marker)
+
+
+def hanging_argv(marker: str) -> list[str]:
+    """A command that hangs in a child of the remote shell, as a stuck benchmark would."""
+    return ["sh", "-c", 'python3 -c "import time; time.sleep(600)" "$0"; echo never', marker]
+
+
+def test_timed_out_command_leaves_nothing_running_on_the_device(sshd):
+    marker = f"hang-{uuid.uuid4().hex}"
+    client = client_for(sshd)
+    try:
+        with pytest.raises(ssh.RemoteError, match=r"timed out after 2 s"):
+            ssh.run(client, hanging_argv(marker), 2)
+    finally:
+        client.close()
+    assert wait_until_gone(marker, 5) == []
+
+
+def test_command_whose_connection_drops_is_stopped_by_its_remote_deadline(tmp_path):
+    server = SshServer.create(tmp_path / "sshd").start()
+    marker = f"hang-{uuid.uuid4().hex}"
+    client = client_for(server)
+    failures = []
+
+    def run_until_dropped():
+        try:
+            ssh.run(client, hanging_argv(marker), 2)
+        except ssh.RemoteError as error:
+            failures.append(str(error))
+
+    runner = threading.Thread(target=run_until_dropped)
+    try:
+        runner.start()
+        deadline = time.monotonic() + 20
+        while not device_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert device_processes(marker), "the remote command never started"
+        # The network goes away under the session: the host can no longer kill anything.
+        client.get_transport().sock.shutdown(socket.SHUT_RDWR)
+        runner.join(30)
+        assert failures and "connection dropped" in failures[0]
+        assert device_processes(marker), "still running right after the drop: nothing but the deadline can stop it"
+        assert wait_until_gone(marker, 2 + ssh.REMOTE_DEADLINE_GRACE_S + 10) == []
+    finally:
+        client.close()
+        server.stop()
 
 
 def test_wrong_key_is_refused(sshd, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import math
 import os
 import shlex
 import socket
@@ -139,18 +140,35 @@ def run(client: paramiko.SSHClient, argv: list[str], timeout_s: float, check: bo
     return run_shell(client, command, timeout_s, check, shown=command, on_line=on_line)
 
 
+# A remote command runs as `timeout`'s child: GNU timeout puts itself in a process group of its own
+# (pgid = its pid, which the wrapper reports first on stderr) and kills that whole group at the
+# remote deadline. The host kills the group itself when its own timeout fires or the step is
+# interrupted; the remote deadline, a little later, is the backstop when the connection is gone.
+REMOTE_DEADLINE_GRACE_S = 15
+_GROUP_MARK = b"gemma-edge-pgid "
+
+
+def remote_command(command: str, timeout_s: float) -> str:
+    """`command` wrapped so that it runs in its own process group with a deadline on the device."""
+    deadline = math.ceil(timeout_s) + REMOTE_DEADLINE_GRACE_S
+    return (f"echo {_GROUP_MARK.decode()}$$ >&2; "
+            f"exec timeout -k 5 {deadline} sh -c {shlex.quote(command)}")
+
+
 def run_shell(client: paramiko.SSHClient, command: str, timeout_s: float, check: bool = True, shown: str | None = None,
               on_line=None):
     """Run a shell command line built only from shlex-quoted parts; same timeout and errors as run()."""
     shown = shown or command
     try:
         channel = client.get_transport().open_session(timeout=timeout_s)
-        channel.exec_command(command)
+        channel.exec_command(remote_command(command, timeout_s))
     except (paramiko.SSHException, OSError, EOFError) as error:
         raise RemoteError(f"could not start `{shown}` on the device: {error}") from error
     stdout, stderr = bytearray(), bytearray()
+    group = None
     shown_up_to = 0
     deadline = time.monotonic() + timeout_s
+    finished = False
     try:
         while True:
             while channel.recv_ready():
@@ -162,23 +180,58 @@ def run_shell(client: paramiko.SSHClient, command: str, timeout_s: float, check:
                 shown_up_to = end
             while channel.recv_stderr_ready():
                 stderr += channel.recv_stderr(65536)
+            if group is None:
+                group, stderr = _take_group(stderr)
             if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
                 break
             if channel.closed and not channel.exit_status_ready():
                 raise RemoteError(f"the connection dropped while running `{shown}`")
             if time.monotonic() > deadline:
-                channel.close()
                 raise RemoteError(f"`{shown}` timed out after {timeout_s:.0f} s on the device and was stopped")
             if not client.get_transport().is_active():
                 raise RemoteError(f"the connection dropped while running `{shown}`")
             time.sleep(0.02)
         status = channel.recv_exit_status()
+        if status == -1:  # paramiko's status when the session ended without one: the transport died
+            raise RemoteError(f"the connection dropped while running `{shown}`")
+        finished = True
     finally:
         channel.close()
+        if not finished:
+            stop_group(client, group)
+    if group is None:
+        _, stderr = _take_group(stderr)
     out, err = stdout.decode(errors="replace"), stderr.decode(errors="replace")
     if check and status != 0:
         raise RemoteError(f"`{shown}` failed on the device (exit {status}): {err.strip()[-2000:] or out.strip()[-2000:]}")
     return status, out, err
+
+
+def _take_group(stderr: bytearray) -> tuple[int | None, bytearray]:
+    """The process group id the wrapper printed as stderr's first line, and stderr without it."""
+    if not stderr.startswith(_GROUP_MARK) or b"\n" not in stderr:
+        return None, stderr
+    line, _, rest = stderr.partition(b"\n")
+    return int(line[len(_GROUP_MARK):]), bytearray(rest)
+
+
+def stop_group(client: paramiko.SSHClient, group: int | None) -> None:
+    """Kill a remote command's process group (TERM, then KILL after 2 s) if the connection allows;
+    otherwise its remote deadline stops it."""
+    transport = client.get_transport()
+    if group is None or transport is None or not transport.is_active():
+        return
+    script = (f"kill -TERM -- -{group} 2>/dev/null || exit 0; i=0; while [ $i -lt 20 ]; do "
+              f"kill -0 -- -{group} 2>/dev/null || exit 0; sleep 0.1; i=$((i+1)); done; kill -KILL -- -{group} 2>/dev/null; exit 0")
+    try:
+        channel = transport.open_session(timeout=10)
+        try:
+            channel.exec_command(script)
+            channel.status_event.wait(10)
+        finally:
+            channel.close()
+    except (paramiko.SSHException, OSError, EOFError):
+        log.warning("could not stop remote process group %d; its remote deadline will", group)
 
 
 def remote_sha256(client, path: str, timeout_s: float) -> str | None:
