@@ -184,40 +184,43 @@ def test_upload_is_atomic_checked_and_skipped_when_present(sshd, tmp_path):
     assert list(remote.parent.iterdir()) == [remote]
 
 
-def test_dropped_connection_mid_upload_leaves_no_file(tmp_path):
+def test_dropped_upload_says_what_to_do_and_the_next_deploy_clears_it(tmp_path):
     server = SshServer.create(tmp_path / "sshd").start()
-    local = tmp_path / "big.bin"
-    with open(local, "wb") as handle:
+    pte, tokenizer = tmp_path / "model.pte", tmp_path / "tokenizer.json"
+    with open(pte, "wb") as handle:
         for _ in range(40):
             handle.write(os.urandom(8_000_000))
-    remote_dir = tmp_path / "remote"
-    remote_dir.mkdir()
+    tokenizer.write_text("{}")
+    workdir = tmp_path / "remote" / "gemma-edge"
+    settings = server.target(workdir)
 
     def stop_when_transfer_starts():
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not list(remote_dir.glob("*.tmp-*")):
+        while time.monotonic() < deadline and not list(workdir.rglob("*.tmp-*")):
             time.sleep(0.01)
-        server.stop()
+        server.stop()  # sshd and its sessions die mid-transfer
 
     killer = threading.Thread(target=stop_when_transfer_starts)
-    client = client_for(server)
     killer.start()
     try:
-        with pytest.raises(ssh.RemoteError, match="uploading big.bin to .* failed|connection dropped"):
-            ssh.upload_atomically(client, local, str(remote_dir / "big.bin"), 30)
+        with pytest.raises(ssh.RemoteError) as failure:
+            deploy.deploy("dropped", settings, pte, tokenizer, tmp_path / "deployed.json")
     finally:
         killer.join()
-        client.close()
-    assert not (remote_dir / "big.bin").exists()
-    # The temporary file the dropped session left is cleared by the next run's provisioning.
+    message = str(failure.value)
+    assert f"uploading model.pte to root@127.0.0.1:{server.port}:" in message
+    assert "re-run the same command, which removes the partial upload first" in message
+    folder = workdir / "models" / sha256_file(pte)[:16]
+    assert not (folder / "model.pte").exists() and not (tmp_path / "deployed.json").exists()
+    assert list(folder.glob("model.pte.tmp-*")), "the connection was cut: the partial file is still on the device"
+
     server.start()
-    client = client_for(server)
     try:
-        ssh.remove_stale_uploads(client, str(remote_dir), 10)
+        record = deploy.deploy("dropped", settings, pte, tokenizer, tmp_path / "deployed.json")
     finally:
-        client.close()
         server.stop()
-    assert list(remote_dir.iterdir()) == []
+    assert record["files"]["pte"]["sha256"] == sha256_file(folder / "model.pte")
+    assert list(workdir.rglob("*.tmp-*")) == []
 
 
 @pytest.fixture

@@ -244,6 +244,8 @@ def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path) -> 
         timeout = settings["transfer_timeout_s"]
         folder = f"{layout['models']}/{pte_sha[:16]}"
         with connection(settings) as client:
+            # Uploads an earlier run lost with its connection live in the models' folders.
+            ssh.remove_stale_uploads(client, layout["models"], settings["command_timeout_s"])
             ssh.run(client, ["mkdir", "-p", folder], settings["command_timeout_s"])
             files = {
                 "pte": ssh.upload_atomically(client, pte, f"{folder}/model.pte", timeout),

@@ -263,6 +263,7 @@ def upload_atomically(client, local: Path, remote_path: str, timeout_s: float) -
             f"the device has {free / 1e6:.1f} MB free in {directory} but {local.name} needs {size / 1e6:.1f} MB: free space there first"
         )
     temporary = f"{remote_path}.tmp-{os.getpid()}"
+    peer = peer_label(client)
     started = time.monotonic()
     try:
         sftp = client.open_sftp()
@@ -275,28 +276,41 @@ def upload_atomically(client, local: Path, remote_path: str, timeout_s: float) -
         if uploaded != digest:
             raise RemoteError(f"{local.name} arrived corrupted on the device (sha256 {uploaded} != {digest})")
         run(client, ["mv", "-f", temporary, remote_path], timeout_s)
-    except (OSError, EOFError, paramiko.SSHException) as error:
-        _try_remove(client, temporary, timeout_s)
-        raise RemoteError(f"uploading {local.name} to {remote_path} failed: {error or type(error).__name__}") from error
-    except RemoteError:
-        _try_remove(client, temporary, timeout_s)
-        raise
+    except (OSError, EOFError, paramiko.SSHException, RemoteError) as error:
+        removed = _try_remove(client, temporary, timeout_s)
+        raise RemoteError(
+            f"uploading {local.name} to {peer}:{remote_path} failed ({error or type(error).__name__}); check that the "
+            f"device is up and re-run the same command" + ("" if removed else ", which removes the partial upload first")
+        ) from error
     seconds = time.monotonic() - started
     log.info("uploaded %s (%.1f MB) in %.1f s, sha256 verified on the device", local.name, size / 1e6, seconds)
     return {"path": remote_path, "sha256": digest, "size_bytes": size, "uploaded": True, "seconds": seconds}
 
 
-def _try_remove(client, path: str, timeout_s: float) -> None:
+def _try_remove(client, path: str, timeout_s: float) -> bool:
+    """Remove `path` on the device if the connection still allows; whether it did."""
     try:
         if client.get_transport() and client.get_transport().is_active():
-            run(client, ["rm", "-f", path], timeout_s, check=False)
+            run(client, ["rm", "-f", path], timeout_s)
+            return True
     except RemoteError:
-        pass  # the connection is gone; remove_stale_uploads() clears it on the next run
+        pass
+    return False  # the connection is gone: remove_stale_uploads() clears it on the next run
+
+
+def peer_label(client) -> str:
+    """user@host:port of the device this client talks to, for messages."""
+    transport = client.get_transport()
+    try:
+        host, port = transport.getpeername()[:2]
+        return f"{transport.get_username()}@{host}:{port}"
+    except (AttributeError, OSError):
+        return "the device"
 
 
 def remove_stale_uploads(client, directory: str, timeout_s: float) -> None:
-    """Delete temporary upload files an interrupted earlier run left in `directory`."""
-    run_shell(client, f"find {shlex.quote(directory)} -maxdepth 1 -name '*.tmp-*' -type f -delete", timeout_s, check=False)
+    """Delete temporary upload files an interrupted earlier run left anywhere under `directory`."""
+    run_shell(client, f"find {shlex.quote(directory)} -name '*.tmp-*' -type f -delete", timeout_s, check=False)
 
 
 def _progress(name: str, total: int):
