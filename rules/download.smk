@@ -15,6 +15,7 @@ rule download:
         local_path=lambda wc: model_entry(wc)["local_path"],
         hub_cache=hub_cache,
         offline=lambda wc: model_entry(wc)["offline"] or model_entry(wc)["demo"],
+        demo=lambda wc: model_entry(wc)["demo"],
     message:
         "Resolving {params.repo_id}@{params.revision}"
     script:

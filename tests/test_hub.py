@@ -1,5 +1,6 @@
 """The download step's real huggingface_hub code against caches the tests lay out themselves."""
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -56,6 +57,41 @@ def test_corrupted_checkpoint_file_is_caught(demo_checkpoint, tmp_path):
     with pytest.raises(ArtifactError, match="model.safetensors is corrupt"):
         pipeline.load_checkpoint(tmp_path / "c.json")
     assert manifest["files"]["model.safetensors"]["sha256"] != hub.describe_checkpoint(folder)["model.safetensors"]["sha256"]
+
+
+def test_truncated_blob_in_the_cache_is_named_and_reseeding_repairs_it(demo_checkpoint, tmp_path):
+    cache = tmp_path / "hub"
+    commit = hub.seed_hub_cache(demo_checkpoint, cache, TEST_REPO_ID)
+    blob = (cache / "models--tests--gemma4-tiny/snapshots" / commit / "model.safetensors").resolve()
+    with open(blob, "r+b") as handle:
+        handle.truncate(blob.stat().st_size // 2)
+    out = tmp_path / "checkpoint.json"
+    with pytest.raises(hub.DownloadError) as failure:
+        pipeline.download(TEST_REPO_ID, "main", str(cache), True, None, out, demo=True)
+    assert f"the cached model.safetensors ({blob}) is corrupt" in str(failure.value)
+    assert "snakemake --forcerun demo_checkpoint" in str(failure.value)
+    assert not out.exists(), "nothing may record a corrupt checkpoint as good"
+    assert hub.seed_hub_cache(demo_checkpoint, cache, TEST_REPO_ID) == commit
+    manifest = pipeline.download(TEST_REPO_ID, "main", str(cache), True, None, out, demo=True)
+    assert manifest["files"]["model.safetensors"]["sha256"] == blob.name
+
+
+def test_corrupt_hub_file_names_the_command_that_downloads_it_again(tmp_path):
+    """A small file is kept in git: its blob is named by git's sha1 of it, not by sha256."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--model/snapshots/0123456789abcdef0123456789abcdef01234567"
+    config = b'{"model_type": "gemma4_text"}\n'
+    blob = cache / "models--org--model/blobs" / hashlib.sha1(b"blob %d\0" % len(config) + config).hexdigest()
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(config)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").symlink_to(os.path.relpath(blob, snapshot))
+    repair = hub.repair_command("org/model", snapshot.name, str(cache), demo=False)
+    hub.check_cached_files(snapshot, repair)  # intact
+    blob.write_bytes(config[:-2])
+    with pytest.raises(hub.DownloadError, match=r"the cached config.json .* is corrupt.*repair it with `hf download org/model "
+                       r"config.json --revision 0123456789abcdef0123456789abcdef01234567 --cache-dir .* --force-download`"):
+        hub.check_cached_files(snapshot, repair)
 
 
 class _HubStandIn:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 from pathlib import Path
 
-from .artifacts import ArtifactError, sha256_file
+from .artifacts import ArtifactError, atomic_output, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,46 @@ def download_checkpoint(repo_id: str, revision: str, cache_dir: str | None, offl
     return Path(folder)
 
 
+def blob_digest(path: Path, expected: str) -> str:
+    """`path`'s content hash of the kind the hub names its cache blob by: sha256 for an LFS file
+    (64 hex digits), git's blob sha1 for a small file kept in git (40)."""
+    if len(expected) == 64:
+        return sha256_file(path)
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_cached_files(folder: Path, repair: str) -> None:
+    """Every file of a hub snapshot must hash to the name of the cache blob it links to (the hub's
+    recorded etag); raise DownloadError naming the first that does not, and `repair`, the command
+    that fixes it ({name} is replaced by the file's name)."""
+    for path in sorted(Path(folder).iterdir()):
+        if not path.is_symlink() or not any(path.match(p) for p in CHECKPOINT_PATTERNS):
+            continue
+        blob = path.resolve()
+        expected = blob.name
+        if len(expected) not in (40, 64) or not all(c in "0123456789abcdef" for c in expected):
+            continue  # not a hub blob (a cache laid out by hand): nothing recorded to check against
+        log.info("checking %s against the hub's hash", path.name)
+        actual = blob_digest(blob, expected)
+        if actual != expected:
+            raise DownloadError(
+                f"the cached {path.name} ({blob}) is corrupt: it hashes to {actual[:12]}…, not the hub's "
+                f"{expected[:12]}…; repair it with {repair.format(name=path.name)}"
+            )
+
+
+def repair_command(repo_id: str, revision: str, cache_dir: str | None, demo: bool) -> str:
+    """The command that replaces a corrupt cached file of `repo_id` (a demo model is re-seeded)."""
+    if demo:
+        return "`snakemake --forcerun demo_checkpoint` plus your usual arguments (it rebuilds and re-seeds the demo model)"
+    cache = f" --cache-dir {shlex.quote(str(cache_dir))}" if cache_dir else ""
+    return f"`hf download {shlex.quote(repo_id)} {{name}} --revision {shlex.quote(revision)}{cache} --force-download`"
+
+
 def describe_checkpoint(folder: Path) -> dict:
     """sha256 and size of every checkpoint file in `folder` (symlinks into the hub cache resolved)."""
     folder = Path(folder)
@@ -113,8 +154,12 @@ def seed_hub_cache(checkpoint_dir: Path, cache_dir: Path, repo_id: str, revision
     snapshot.mkdir(parents=True, exist_ok=True)
     for path in files:
         blob = repo_folder / "blobs" / hashes[path.name]
+        if blob.exists() and sha256_file(blob) != hashes[path.name]:
+            log.warning("the cached blob of %s was corrupt; replacing it", path.name)
+            blob.unlink()
         if not blob.exists():
-            shutil.copyfile(path, blob)
+            with atomic_output(blob) as tmp:
+                shutil.copyfile(path, tmp)
         link = snapshot / path.name
         if link.is_symlink() or link.exists():
             link.unlink()

@@ -33,8 +33,10 @@ def build_demo(corpus: Path, hub_cache: Path, repo_id: str, train_steps: int, se
     return facts
 
 
-def download(repo_id: str, revision: str, cache_dir: str | None, offline: bool, local_path: str | None, out: Path) -> dict:
-    """Resolve the checkpoint and write a manifest of its files (sha256 each)."""
+def download(repo_id: str, revision: str, cache_dir: str | None, offline: bool, local_path: str | None, out: Path,
+             demo: bool = False) -> dict:
+    """Resolve the checkpoint, check the cached files against the hub's hashes and write a
+    manifest of its files (sha256 each)."""
     if local_path:
         folder, commit = Path(local_path).resolve(), None
         if not folder.is_dir():
@@ -42,6 +44,7 @@ def download(repo_id: str, revision: str, cache_dir: str | None, offline: bool, 
     else:
         folder = hub.download_checkpoint(repo_id, revision, cache_dir, offline)
         commit = folder.name
+        hub.check_cached_files(folder, hub.repair_command(repo_id, commit, cache_dir, demo))
     files = hub.describe_checkpoint(folder)
     total = sum(f["size_bytes"] for f in files.values())
     manifest = {"repo_id": repo_id, "revision": revision, "commit": commit, "path": str(folder), "files": files,
