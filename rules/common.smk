@@ -1,4 +1,7 @@
+import json
 import re
+
+from gemma_edge.config import check_lengths_fit, check_prompts_fit, prompt_token_counts
 
 # Paths and config lookups shared by every stage. Artifacts live under results/<model>/<quant>/…
 # so that models, group sizes and lowering modes coexist and switching back is free.
@@ -144,8 +147,28 @@ def perf_engine_artifact(wildcards):
     }[wildcards.engine]
 
 
+def verify_prompts(wildcards):
+    """verify.prompts, each checked against export.max_seq_len with the model's own tokenizer once it
+    is downloaded (the check runs as Snakemake builds the jobs, so only when verify is needed)."""
+    prompts = config["verify"]["prompts"]
+    counts = None
+    manifest = Path(f"results/{wildcards.model}/checkpoint.json")
+    if manifest.exists():
+        tokenizer = Path(json.loads(manifest.read_text())["path"]) / "tokenizer.json"
+        counts = prompt_token_counts(tokenizer, prompts) if tokenizer.exists() else None
+    check_prompts_fit(prompts, counts, config["verify"]["max_new_tokens"], config["export"]["max_seq_len"])
+    return prompts
+
+
+def bench_settings(wildcards):
+    """The bench section, checked against export.max_seq_len when a device benchmark is needed."""
+    check_lengths_fit(config, "bench")
+    return config["bench"]
+
+
 def perf_spec(wildcards):
     """What the engines' timing depends on (and nothing else, so other perf keys re-run nothing)."""
+    check_lengths_fit(config, "perf")
     timing = ("threads", "prompt_lengths", "new_tokens", "repetitions", "warmup")
     return {**{key: config["perf"][key] for key in timing}, "max_seq_len": config["export"]["max_seq_len"]}
 

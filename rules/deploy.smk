@@ -121,7 +121,7 @@ for target_name in config["targets"]:
         params:
             target=target_name,
             settings=config["targets"][target_name],
-            bench=config["bench"],
+            bench=bench_settings,
         resources:
             **{f"device_{target_name}": 1},
         localrule: True

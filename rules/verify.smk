@@ -16,7 +16,7 @@ rule verify:
     conda:
         "../envs/verify.yaml"
     params:
-        prompts=config["verify"]["prompts"],
+        prompts=verify_prompts,
         max_new_tokens=config["verify"]["max_new_tokens"],
         gates=config["verify"]["gates"],
     resources:

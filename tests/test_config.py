@@ -1,8 +1,10 @@
 """Bad configuration stops the run before any job, with one sentence naming the key."""
 
+import re
+
 import pytest
 
-from conftest import snakemake, write_config
+from conftest import TEST_REPO_ID, snakemake, write_config
 
 
 @pytest.mark.parametrize(
@@ -16,7 +18,6 @@ from conftest import snakemake, write_config
         ({"lowering": {"per_op_mode": "sometimes"}}, "lowering.per_op_mode is 'sometimes', but must be one of auto, true, false"),
         ({"model": "nope"}, "model is 'nope', which is not an entry of models (known: demo, e2b-35l, e2b-4l, e2b-8l, gemma-4-E2B)"),
         ({"models": {"broken": {"revision": "main"}}}, "models.broken is missing the required key 'repo_id'"),
-        ({"perf": {"prompt_lengths": [120]}}, "perf.prompt_lengths + perf.new_tokens (152) exceed export.max_seq_len (128)"),
         ({"models": {"demo": {"repo_id": "local/gemma4-tiny", "demo": True, "synthetic": {"shape": "e2b", "layers": 2}}}},
          "models.demo.synthetic.layers: 2 is less than the minimum of 3"),
         ({"models": {"demo": {"repo_id": "local/gemma4-tiny", "local_path": "/no/such/folder"}}},
@@ -44,3 +45,46 @@ def test_configfile_override_changes_nested_value(tmp_path):
 def test_lint_is_clean(tmp_path):
     result = snakemake(tmp_path, "--lint", check=False)
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, targets, message",
+    [
+        ({"perf": {"prompt_lengths": [120]}}, ["perf"], "perf.prompt_lengths + perf.new_tokens (152) exceed export.max_seq_len (128)"),
+        ({"bench": {"prompt_lengths": [120]}}, ["results/local/bench.json"],
+         "bench.prompt_lengths + bench.new_tokens (152) exceed export.max_seq_len (128)"),
+        ({"export": {"max_seq_len": 16}}, [], "verify.prompts[0] ('Describe the usual properties of', 2 tokens) plus "
+         "verify.max_new_tokens (16) exceed export.max_seq_len (16)"),
+    ],
+)
+def test_lengths_that_do_not_fit_the_context_stop_the_run_before_any_job(tmp_path, overrides, targets, message):
+    config = write_config(tmp_path / "long.yaml", overrides)
+    result = snakemake(tmp_path, "-n", *targets, "--configfile", str(config), check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and message in output, output[-2000:]
+    assert "Job stats" not in output
+
+
+@pytest.mark.parametrize("overrides", [{"perf": {"prompt_lengths": [120]}}, {"bench": {"prompt_lengths": [120]}}])
+def test_lengths_of_steps_not_requested_are_not_held_against_the_run(tmp_path, overrides):
+    config = write_config(tmp_path / "long.yaml", overrides)
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert "verify" in result.stdout
+
+
+def test_verify_prompts_are_counted_with_the_models_tokenizer(seeded_hub, tmp_path):
+    """Once the checkpoint is downloaded its tokenizer counts each prompt exactly: the default
+    prompts take 7-9 positions, so 8 new tokens do not fit 12 even though 2 + 8 would."""
+    cache, _ = seeded_hub
+    config = write_config(tmp_path / "short.yaml", {
+        "model": "tiny", "export": {"max_seq_len": 12}, "verify": {"max_new_tokens": 8},
+        "models": {"tiny": {"repo_id": TEST_REPO_ID, "hub_cache": str(cache), "offline": True}},
+    })
+    before = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert "verify" in before.stdout  # without the tokenizer only the lower bound (2 + 8 <= 12) applies
+    snakemake(tmp_path, "--cores", "1", "results/tiny/checkpoint.json", "--configfile", str(config))
+    result = snakemake(tmp_path, "-n", "--configfile", str(config), check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert re.search(r"verify.prompts\[0\] \('Describe the usual properties of', \d+ tokens\) plus verify.max_new_tokens \(8\) "
+                     r"exceed export.max_seq_len \(12\)", output), output[-2000:]

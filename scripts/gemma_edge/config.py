@@ -99,16 +99,45 @@ def validate_config(config: dict, schema_path: Path) -> dict:
     if len(shapes) != 1 or None in shapes:
         raise ConfigError("config: perf.projection.models must all be synthetic models of one shape "
                           "(models.<name>.synthetic.shape), the shape the projection extends to full depth")
-    perf_max = max(config["perf"]["prompt_lengths"]) + config["perf"]["new_tokens"]
-    if perf_max > config["export"]["max_seq_len"]:
-        raise ConfigError(f"config: perf.prompt_lengths + perf.new_tokens ({perf_max}) exceed export.max_seq_len ({config['export']['max_seq_len']})")
     unknown = [t for t in config["sweep"]["targets"] if t not in config["targets"]]
     if unknown:
         raise ConfigError(f"config: sweep.targets names {unknown[0]!r}, which is not an entry of targets")
-    bench_max = max(config["bench"]["prompt_lengths"]) + config["bench"]["new_tokens"]
-    if bench_max > config["export"]["max_seq_len"]:
-        raise ConfigError(f"config: bench.prompt_lengths + bench.new_tokens ({bench_max}) exceed export.max_seq_len ({config['export']['max_seq_len']})")
     entry = config["models"][config["model"]]
     if entry["local_path"] and not Path(entry["local_path"]).is_dir():
         raise ConfigError(f"config: models.{config['model']}.local_path {entry['local_path']!r} is not a directory")
     return config
+
+
+# Context checks. Each is made by the rule that needs it, while Snakemake builds the jobs (so
+# before any job runs, and only for what the requested targets need): a prompt plus its new
+# tokens must fit the exported context, or the runtime fails deep inside with an error code.
+
+def check_lengths_fit(config: dict, section: str) -> None:
+    """`bench` or `perf`: its longest prompt plus its new tokens within export.max_seq_len."""
+    longest = max(config[section]["prompt_lengths"]) + config[section]["new_tokens"]
+    if longest > config["export"]["max_seq_len"]:
+        raise ConfigError(f"config: {section}.prompt_lengths + {section}.new_tokens ({longest}) exceed "
+                          f"export.max_seq_len ({config['export']['max_seq_len']})")
+
+
+def prompt_token_counts(tokenizer_path: Path, prompts: list[str]) -> list[int]:
+    """Positions each prompt takes: its tokens with BOS (added if the tokenizer does not)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    return [max(len(tokenizer.encode(p, add_special_tokens=True).ids), len(tokenizer.encode(p, add_special_tokens=False).ids) + 1)
+            for p in prompts]
+
+
+def check_prompts_fit(prompts: list[str], counts: list[int] | None, max_new_tokens: int, max_seq_len: int) -> None:
+    """verify.prompts: each prompt's positions plus verify.max_new_tokens within max_seq_len.
+    Without token counts (the tokenizer is not downloaded yet) a prompt takes at least two (BOS
+    and one token); the verify step checks the exact counts before it loads anything."""
+    counts = counts or [2] * len(prompts)
+    for index, (prompt, count) in enumerate(zip(prompts, counts)):
+        if count + max_new_tokens > max_seq_len:
+            raise ConfigError(
+                f"config: verify.prompts[{index}] ({prompt[:40]!r}, {count} tokens) plus verify.max_new_tokens "
+                f"({max_new_tokens}) exceed export.max_seq_len ({max_seq_len}): shorten the prompt, lower "
+                "max_new_tokens or raise max_seq_len"
+            )

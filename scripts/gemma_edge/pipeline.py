@@ -127,15 +127,17 @@ def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str, out: 
 
 def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_new_tokens: int, gates: dict,
            out_json: Path, out_log: Path) -> dict:
+    from .config import check_prompts_fit
     from .parity import Gates, compare_prompt, encode_prompts, render_table, summarise
     from .runtime import PteDecoder
 
     pte_manifest = verify_against_manifest(pte_path)
+    bos_id = pte_manifest["runner_metadata"]["get_bos_id"]
+    prompt_ids = encode_prompts(Path(read_json(checkpoint_manifest)["path"]) / "tokenizer.json", prompts, bos_id)
+    check_prompts_fit(prompts, [len(ids) for ids in prompt_ids], max_new_tokens, pte_manifest["runner_metadata"]["get_max_seq_len"])
     # The reference's logits are the FP32 model's either way; bf16 tables keep the real E2B's
     # reference (about 13 GiB instead of 18.5) beside its .pte on a 24 GiB host.
     model, checkpoint = load_checkpoint(checkpoint_manifest, bf16_tables=True)
-    bos_id = pte_manifest["runner_metadata"]["get_bos_id"]
-    prompt_ids = encode_prompts(Path(checkpoint["path"]) / "tokenizer.json", prompts, bos_id)
     decoder = PteDecoder(pte_path)
     results = []
     for ids in prompt_ids:
