@@ -7,7 +7,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
+from gemma_edge import terminal  # noqa: E402
 from gemma_edge.config import load_config  # noqa: E402
+
+# One sentence on the terminal per failed step (its log has the rest), and Ctrl-C told from a failure.
+terminal.install(workflow)
 
 # config.yaml beside this Snakefile holds the defaults; --configfile files and --config values
 # (already in `config`) are merged over it, from any working directory, then validated.
@@ -55,4 +59,4 @@ onsuccess:
 
 
 onerror:
-    print("A step failed: its log under logs/ holds the traceback; fix the cause and re-run the same command.")
+    print(terminal.run_failed_message(log))

@@ -1,7 +1,10 @@
 """Send a step's logging, warnings and traceback to its rule's log file.
 
 Snakemake prints a failing script's traceback only to the terminal; with this, the rule's `log:`
-file holds the whole story and the terminal gets one clear sentence.
+file holds the whole story and the terminal gets one clear sentence. The step's exit status says
+which of the two endings it took, so the workflow's terminal filter (`gemma_edge.terminal`) can
+drop Snakemake's own report of it: EXIT_REPORTED after a failure the step has already put in one
+sentence, 128 + the signal's number after an interruption (Ctrl-C, or SIGTERM from a scheduler).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -17,8 +21,57 @@ from pathlib import Path
 log = logging.getLogger("gemma_edge")
 
 
+# The step failed and said why on the terminal in one sentence (any other status: it did not).
+EXIT_REPORTED = 3
+# What stops a step: Ctrl-C in its terminal, or a scheduler or `kill` ending it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class StepFailed(SystemExit):
     """Raised after a step's error has been logged; exits non-zero without a second traceback."""
+
+
+class StepInterrupted(KeyboardInterrupt):
+    """A stop signal arrived: unwinds the step like Ctrl-C does, so every `with` block (atomic
+    outputs, temporary folders) removes what it made."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    # The first signal unwinds the step; further ones (a second Ctrl-C, the scheduler's SIGTERM
+    # after it) must not cut short the clean-up it triggers, so they are ignored from here on.
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    raise StepInterrupted(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_unwind():
+    """SIGINT and SIGTERM raise StepInterrupted while the block runs (main thread only)."""
+    try:
+        previous = {stop: signal.signal(stop, _raise_interrupted) for stop in STOP_SIGNALS}
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    except KeyboardInterrupt:
+        # On its way out: no further stop signal may cut short the logging and clean-up that follow.
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, signal.SIG_IGN)
+        raise
+    except BaseException:
+        _restore(previous)
+        raise
+    _restore(previous)
+
+
+def _restore(handlers: dict) -> None:
+    for stop, handler in handlers.items():
+        signal.signal(stop, handler)
 
 
 @contextlib.contextmanager
@@ -43,14 +96,22 @@ def rule_log(log_path: Path | str | None, step: str):
         root.setLevel(logging.INFO)
         logging.captureWarnings(True)
         started = time.monotonic()
-        log.info("%s: started (pid %d)", step, os.getpid())
         try:
-            yield
+            with _stop_signals_unwind():
+                log.info("%s: started (pid %d)", step, os.getpid())
+                yield
             log.info("%s: finished in %.1f s", step, time.monotonic() - started)
+        except KeyboardInterrupt as stop:
+            # By now every `with` block inside the step has removed its temporaries. Nothing on
+            # the terminal: the workflow says once that the run was cancelled.
+            signum = getattr(stop, "signum", signal.SIGINT)
+            log.warning("%s: interrupted by %s after %.1f s; its temporary files were removed",
+                        step, signal.Signals(signum).name, time.monotonic() - started)
+            raise StepFailed(128 + signum) from None
         except Exception as error:  # noqa: BLE001 - every failure is logged, then reported once
             log.error("%s failed: %s\n%s", step, error, traceback.format_exc())
             print(f"{step} failed: {error} (full log: {log_path})", file=terminal)
-            raise StepFailed(1) from error
+            raise StepFailed(EXIT_REPORTED) from error
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
