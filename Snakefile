@@ -1,10 +1,18 @@
 # Gemma 4 -> ExecuTorch: download, export, quantize, lower and verify a .pte, every step cached.
+import os
 import sys
 from pathlib import Path
 
 from snakemake.utils import min_version
 
 min_version("9.0")
+
+# Every step runs in a fresh interpreter (`script:`), which would otherwise draw a random string-hash
+# seed: torch.export and ExecuTorch iterate sets of names in places, so graph node order and the
+# .pte's value ids followed it. One fixed seed for every job (cluster jobs re-read this file too)
+# makes the same config, pins and machine give the same bytes (README "Reproducible artifacts").
+# Set here, never read from the user, so it needs no `envvars:` entry.
+os.environ.update(PYTHONHASHSEED="0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from gemma_edge import terminal  # noqa: E402

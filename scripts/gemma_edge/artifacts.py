@@ -89,6 +89,20 @@ def _remove(path: Path) -> None:
             os.remove(path)
 
 
+def portable_path(path) -> str:
+    """`path` relative to the working directory if it lies inside it, else absolute.
+
+    What a step records about files of its own working directory (a hub cache it seeded, an
+    artifact) must not name that directory, or a copied working directory would point back into
+    the original; a path outside it (a user's hub cache, a local checkpoint folder) is kept whole.
+    """
+    absolute = os.path.abspath(path)
+    for here, there in ((os.getcwd(), absolute), (os.path.realpath(os.getcwd()), os.path.realpath(absolute))):
+        if there == here or there.startswith(here.rstrip(os.sep) + os.sep):
+            return os.path.relpath(there, here)
+    return absolute
+
+
 def write_json(path: Path, payload) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -110,7 +124,7 @@ def write_manifest(artifact: Path, inputs: dict, params: dict, extra: dict | Non
         "artifact": artifact.name,
         "sha256": sha256_file(artifact),
         "size_bytes": artifact.stat().st_size,
-        "inputs": {name: {"path": str(p), "sha256": sha256_file(p)} for name, p in inputs.items()},
+        "inputs": {name: {"path": portable_path(p), "sha256": sha256_file(p)} for name, p in inputs.items()},
         "params": params,
         "versions": package_versions(),
         "peak_rss_mb": peak_rss_mb(),  # of the step that made the artifact, up to now

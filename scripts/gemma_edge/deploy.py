@@ -237,8 +237,9 @@ def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path) -> 
     started = time.monotonic()
     pte_sha = artifacts.sha256_file(pte)
     if settings["kind"] == "local":
-        files = {"pte": {"path": str(Path(pte).resolve()), "sha256": pte_sha, "uploaded": False, "seconds": 0.0},
-                 "tokenizer": {"path": str(Path(tokenizer).resolve()), "uploaded": False, "seconds": 0.0}}
+        # Relative to the working directory (where the local benchmark runs) when inside it.
+        files = {"pte": {"path": artifacts.portable_path(pte), "sha256": pte_sha, "uploaded": False, "seconds": 0.0},
+                 "tokenizer": {"path": artifacts.portable_path(tokenizer), "uploaded": False, "seconds": 0.0}}
     else:
         layout = remote_layout(settings)
         timeout = settings["transfer_timeout_s"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import os
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -50,10 +53,75 @@ def write_program(program: torch.export.ExportedProgram, path: Path) -> dict:
     Call both inside `atomic_output`, dropping every reference to the program in between, so that
     only one copy of the weights is in memory at a time.
     """
+    normalise_metadata(program)
     with open(path, "wb") as handle:
         torch.export.save(program, handle)
     log_memory("torch.export.save")
     return program_fingerprint(program)
+
+
+# ---- the same program, the same bytes ---------------------------------------------------------
+
+_TRACE_FILE = re.compile(r'File "([^"]+)"')
+
+
+def normalise_metadata(program: torch.export.ExportedProgram) -> None:
+    """Make what torch.export.save writes depend on the program alone, not on where or in which
+    process it was made. Two per-node metadata fields torch serialises otherwise differ between
+    identical runs (the archive's `.data/serialization_id` is a hash of the records, so it follows):
+
+    - `stack_trace` names absolute source files (this checkout, the virtualenv's site-packages):
+      each becomes relative to the import root it was found under (`gemma_edge/decoder.py`,
+      `transformers/models/gemma4/modeling_gemma4.py`), or its bare name if under none.
+    - `from_node` (provenance, written after a re-export such as the quantize step's) records each
+      source graph by `id(graph)`, a memory address: the ids are renumbered 1, 2, … in order of
+      first appearance. Only their equality carries meaning (ExecuTorch's debug handles group nodes
+      by it), and renumbering keeps it.
+    """
+    from torch.fx.traceback import NodeSource
+
+    roots = _import_roots()
+    sources: dict[int, NodeSource] = {}  # unique NodeSource objects, in graph order
+
+    def collect(items) -> None:
+        for source in items or ():
+            if isinstance(source, NodeSource) and id(source) not in sources:
+                sources[id(source)] = source
+                collect(source.from_node)
+
+    for module in program.graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if trace := node.meta.get("stack_trace"):
+                node.meta["stack_trace"] = relative_stack_trace(trace, roots)
+            collect(node.meta.get("from_node"))
+    renumbered: dict[int, int] = {}
+    for source in sources.values():
+        if source.node_info is not None:
+            source.node_info.graph_id = renumbered.setdefault(source.node_info.graph_id, len(renumbered) + 1)
+        source._dict = None  # NodeSource caches its serialised form
+
+
+def _import_roots() -> list[str]:
+    """Folders modules are imported from (this package's parent and sys.path), longest first, each
+    both as given and with symlinks resolved."""
+    roots = {str(Path(__file__).resolve().parents[1])}
+    for entry in sys.path:
+        if entry and os.path.isabs(entry) and os.path.isdir(entry):
+            roots.update({os.path.normpath(entry), os.path.realpath(entry)})
+    return sorted(roots, key=len, reverse=True)
+
+
+def relative_stack_trace(trace: str, roots: list[str]) -> str:
+    def relative(match: re.Match) -> str:
+        path = match.group(1)
+        if not os.path.isabs(path):
+            return match.group(0)
+        root = next((r for r in roots if path.startswith(r.rstrip(os.sep) + os.sep)), None)
+        return f'File "{os.path.relpath(path, root) if root else os.path.basename(path)}"'
+
+    return _TRACE_FILE.sub(relative, trace)
 
 
 def check_reloaded(path: Path, fingerprint: dict) -> None:

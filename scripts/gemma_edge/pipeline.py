@@ -26,7 +26,7 @@ def build_demo(corpus: Path, hub_cache: Path, repo_id: str, train_steps: int, se
         else:
             facts = build_demo_checkpoint(Path(corpus), Path(scratch), train_steps, seed)
         commit = hub.seed_hub_cache(Path(scratch), Path(hub_cache), repo_id)
-    facts.update({"repo_id": repo_id, "commit": commit, "hub_cache": str(hub_cache), "versions": artifacts.package_versions(),
+    facts.update({"repo_id": repo_id, "commit": commit, "hub_cache": artifacts.portable_path(hub_cache), "versions": artifacts.package_versions(),
                   "peak_rss_mb": artifacts.peak_rss_mb()})
     write_json(marker, facts)
     log.info("local model seeded as %s@%s", repo_id, commit[:12])
@@ -47,7 +47,9 @@ def download(repo_id: str, revision: str, cache_dir: str | None, offline: bool, 
         hub.check_cached_files(folder, hub.repair_command(repo_id, commit, cache_dir, demo))
     files = hub.describe_checkpoint(folder)
     total = sum(f["size_bytes"] for f in files.values())
-    manifest = {"repo_id": repo_id, "revision": revision, "commit": commit, "path": str(folder), "files": files,
+    # The checkpoint folder relative to the working directory when inside it (the demo's hub cache,
+    # which snapshot_download reports as an absolute path), so a moved working directory still finds it.
+    manifest = {"repo_id": repo_id, "revision": revision, "commit": commit, "path": artifacts.portable_path(folder), "files": files,
                 "total_bytes": total, "versions": artifacts.package_versions()}
     write_json(out, manifest)
     log.info("checkpoint %s@%s: %d files, %.1f MB at %s", repo_id, (commit or "local")[:12], len(files), total / 1e6, folder)
@@ -148,7 +150,7 @@ def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_ne
         result["bos_included"] = result["prompt_ids"][:1] == [bos_id]
     summary = summarise(results, Gates(**gates))
     report = {
-        "pte": {"path": str(pte_path), "sha256": pte_manifest["sha256"], "lowering": pte_manifest["lowering"]},
+        "pte": {"path": artifacts.portable_path(pte_path), "sha256": pte_manifest["sha256"], "lowering": pte_manifest["lowering"]},
         "checkpoint": {"repo_id": checkpoint["repo_id"], "commit": checkpoint["commit"]},
         "reference": "eager FP32 transformers model, greedy, full recompute per token",
         "max_new_tokens": max_new_tokens,
