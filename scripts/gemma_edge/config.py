@@ -133,11 +133,12 @@ def check_prompts_fit(prompts: list[str], counts: list[int] | None, max_new_toke
     """verify.prompts: each prompt's positions plus verify.max_new_tokens within max_seq_len.
     Without token counts (the tokenizer is not downloaded yet) a prompt takes at least two (BOS
     and one token); the verify step checks the exact counts before it loads anything."""
+    bound = "" if counts else "at least "
     counts = counts or [2] * len(prompts)
     for index, (prompt, count) in enumerate(zip(prompts, counts)):
         if count + max_new_tokens > max_seq_len:
             raise ConfigError(
-                f"config: verify.prompts[{index}] ({prompt[:40]!r}, {count} tokens) plus verify.max_new_tokens "
+                f"config: verify.prompts[{index}] ({prompt[:40]!r}, {bound}{count} tokens) plus verify.max_new_tokens "
                 f"({max_new_tokens}) exceed export.max_seq_len ({max_seq_len}): shorten the prompt, lower "
                 "max_new_tokens or raise max_seq_len"
             )

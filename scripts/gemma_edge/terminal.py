@@ -10,6 +10,8 @@ Snakemake's terminal handler (its log file under .snakemake/log/ keeps everythin
 - a step that was interrupted (Ctrl-C or SIGTERM) adds nothing: the run's end says it was cancelled;
 - any other failed step (killed by the kernel, crashed before it could report) gets one sentence
   naming how its process ended and its log;
+- a config refusal (while the Snakefile is read, or while a rule checks what its job needs) is
+  its own sentence, without Snakemake's frame and traceback;
 - the run's closing error lines give way to the Snakefile's `onerror` sentence.
 
 Anything it does not recognise is printed exactly as Snakemake formats it.
@@ -37,6 +39,10 @@ _CLOSING_LINES = (
 _EXIT_STATUS = re.compile(r"CalledProcessError in file .*returned non-zero exit status (\d+)\.", re.S)
 _DIED = re.compile(r"CalledProcessError in file .*died with <Signals\.(\w+): (\d+)>\.", re.S)
 _INTERRUPTED = {128 + stop for stop in STOP_SIGNALS} | {-stop for stop in STOP_SIGNALS}
+# A config refusal (gemma_edge.config.ConfigError), raised while the Snakefile is read or while a
+# rule's input function checks what its job needs: its own sentence, without Snakemake's frame.
+_CONFIG_REFUSALS = {"ConfigError", "InputFunctionException"}
+_CONFIG_SENTENCE = re.compile(r"^\s*(?:ConfigError: )?(config: .+)$", re.M)
 
 _state = {"cancelled": False, "failed": False}
 
@@ -76,6 +82,9 @@ class OneSentencePerFailure(logging.Formatter):
         from snakemake_interface_logger_plugins.common import LogEvent
 
         event = getattr(record, "event", None)
+        if event == LogEvent.ERROR and getattr(record, "exception", None) in _CONFIG_REFUSALS:
+            if match := _CONFIG_SENTENCE.search(record.getMessage()):
+                return match.group(1)
         if event == LogEvent.ERROR and getattr(record, "exception", None) == "RuleException":
             status = step_exit(record.getMessage())
             if status is not None:
