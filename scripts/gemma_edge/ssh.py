@@ -279,7 +279,7 @@ def upload_atomically(client, local: Path, remote_path: str, timeout_s: float) -
     except (OSError, EOFError, paramiko.SSHException, RemoteError) as error:
         removed = _try_remove(client, temporary, timeout_s)
         raise RemoteError(
-            f"uploading {local.name} to {peer}:{remote_path} failed ({error or type(error).__name__}); check that the "
+            f"uploading {local.name} to {peer}:{remote_path} failed ({str(error) or type(error).__name__}); check that the "
             f"device is up and re-run the same command" + ("" if removed else ", which removes the partial upload first")
         ) from error
     seconds = time.monotonic() - started
