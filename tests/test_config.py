@@ -76,7 +76,7 @@ def test_lengths_of_steps_not_requested_are_not_held_against_the_run(tmp_path, o
 
 def test_verify_prompts_are_counted_with_the_models_tokenizer(seeded_hub, tmp_path):
     """Once the checkpoint is downloaded its tokenizer counts each prompt exactly: the default
-    prompts take 7-9 positions, so 8 new tokens do not fit 12 even though 2 + 8 would."""
+    prompts take 7 to 16 positions, so 8 new tokens do not fit 12 even though 2 + 8 would."""
     cache, _ = seeded_hub
     config = write_config(tmp_path / "short.yaml", {
         "model": "tiny", "export": {"max_seq_len": 12}, "verify": {"max_new_tokens": 8},
