@@ -20,14 +20,16 @@ def cluster(tmp_path_factory):
 
 
 def test_heavy_steps_run_as_slurm_jobs_and_device_steps_stay_local(deployed, cluster):
-    target = "results/local/tiny/int4-g32/xnnpack-auto/bench.json"
+    # Group size 64, which the sweep (tests/test_sweep.py, same working directory) then finds built;
+    # forced, so the heavy steps go to SLURM whichever test ran first.
+    target = "results/local/tiny/int4-g64/xnnpack-auto/bench.json"
     result = snakemake(deployed["workdir"], "--workflow-profile", str(REPO / "profiles/slurm"), target,
-                       "--configfile", *deployed["configs"])
+                       "--configfile", *deployed["configs"], "--forcerun", "quantize")
     output = result.stdout + result.stderr
     submitted = set(re.findall(r"has been submitted with SLURM jobid \d+ \(log: \S*/slurm_logs/rule_(\w+)/", output))
     assert submitted == {"quantize", "lower", "verify"}, output[-3000:]
     for local_rule in ("deploy_local", "bench_local"):
         assert re.search(rf"Finished jobid: \d+ \(Rule: {local_rule}\)", output)
     bench = read_json(deployed["workdir"] / target)
-    assert bench["quantization"]["group_size"] == 32
+    assert bench["quantization"]["group_size"] == 64
     assert bench["parity"]["identical_to_host_pte"] == bench["parity"]["prompts"]
