@@ -79,10 +79,12 @@ def blob_digest(path: Path, expected: str) -> str:
     return digest.hexdigest()
 
 
-def check_cached_files(folder: Path, repair: str) -> None:
+def check_cached_files(folder: Path, repair: str) -> dict[str, str]:
     """Every file of a hub snapshot must hash to the name of the cache blob it links to (the hub's
     recorded etag); raise DownloadError naming the first that does not, and `repair`, the command
-    that fixes it ({name} is replaced by the file's name)."""
+    that fixes it ({name} is replaced by the file's name). Returns the sha256 it verified (LFS
+    files, the large ones) by file name, so they are not read a second time."""
+    verified = {}
     for path in sorted(Path(folder).iterdir()):
         if not path.is_symlink() or not any(path.match(p) for p in CHECKPOINT_PATTERNS):
             continue
@@ -97,6 +99,9 @@ def check_cached_files(folder: Path, repair: str) -> None:
                 f"the cached {path.name} ({blob}) is corrupt: it hashes to {actual[:12]}…, not the hub's "
                 f"{expected[:12]}…; repair it with {repair.format(name=path.name)}"
             )
+        if len(expected) == 64:
+            verified[path.name] = actual
+    return verified
 
 
 def repair_command(repo_id: str, revision: str, cache_dir: str | None, demo: bool) -> str:
@@ -107,13 +112,16 @@ def repair_command(repo_id: str, revision: str, cache_dir: str | None, demo: boo
     return f"`hf download {shlex.quote(repo_id)} {{name}} --revision {shlex.quote(revision)}{cache} --force-download`"
 
 
-def describe_checkpoint(folder: Path) -> dict:
-    """sha256 and size of every checkpoint file in `folder` (symlinks into the hub cache resolved)."""
+def describe_checkpoint(folder: Path, known_sha256: dict[str, str] | None = None) -> dict:
+    """sha256 and size of every checkpoint file in `folder` (symlinks into the hub cache resolved);
+    files in `known_sha256` were just hashed and are not read again."""
+    known_sha256 = known_sha256 or {}
     folder = Path(folder)
     files = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and any(path.match(p) for p in CHECKPOINT_PATTERNS):
-            files[path.name] = {"sha256": sha256_file(path), "size_bytes": path.stat().st_size}
+            digest = known_sha256.get(path.name) or sha256_file(path)
+            files[path.name] = {"sha256": digest, "size_bytes": path.stat().st_size}
     missing = [name for name in REQUIRED_FILES if name not in files]
     if not any(name.endswith(".safetensors") for name in files):
         missing.append("*.safetensors")

@@ -37,6 +37,7 @@ def download(repo_id: str, revision: str, cache_dir: str | None, offline: bool, 
              demo: bool = False) -> dict:
     """Resolve the checkpoint, check the cached files against the hub's hashes and write a
     manifest of its files (sha256 each)."""
+    verified = {}
     if local_path:
         folder, commit = Path(local_path).resolve(), None
         if not folder.is_dir():
@@ -44,8 +45,8 @@ def download(repo_id: str, revision: str, cache_dir: str | None, offline: bool, 
     else:
         folder = hub.download_checkpoint(repo_id, revision, cache_dir, offline)
         commit = folder.name
-        hub.check_cached_files(folder, hub.repair_command(repo_id, commit, cache_dir, demo))
-    files = hub.describe_checkpoint(folder)
+        verified = hub.check_cached_files(folder, hub.repair_command(repo_id, commit, cache_dir, demo))
+    files = hub.describe_checkpoint(folder, verified)
     total = sum(f["size_bytes"] for f in files.values())
     # The checkpoint folder relative to the working directory when inside it (the demo's hub cache,
     # which snapshot_download reports as an absolute path), so a moved working directory still finds it.
