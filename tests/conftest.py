@@ -1,15 +1,24 @@
 """Shared fixtures: a demo checkpoint seeded into a private Hugging Face cache, and one real
-workflow run on it whose artifacts the tests share (lowering takes a minute or two)."""
+workflow run on it whose artifacts the tests share (lowering takes a minute or two).
+
+The suite runs on two pytest-xdist workers (pytest.ini). The demo checkpoint, its hub cache and
+the workflow run are built once per session whichever worker needs them first (`built_once`);
+every worker then works on its own copy of the workflow's folder, so no test sees another
+worker's changes. Tests that share a later fixture (the deployed targets, the emulated Pi) carry
+an `xdist_group` mark that keeps them on one worker."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -36,33 +45,59 @@ def write_config(path: Path, overrides: dict) -> Path:
     return path
 
 
+def built_once(tmp_path_factory, name: str, build) -> tuple[Path, object]:
+    """The folder `name` filled by `build(folder)`, and what `build` returned (JSON), once per
+    test session: under pytest-xdist the first worker to ask builds it while holding a lock, and
+    the others wait for it and reuse it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        return folder, build(folder)
+    root = tmp_path_factory.getbasetemp().parent  # one per session, shared by its workers
+    folder, done = root / name, root / f"{name}.done.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            done.write_text(json.dumps(build(folder)))
+    return folder, json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("demo-checkpoint")
-    build_demo_checkpoint(REPO / "resources/demo_corpus.txt", folder, DEFAULT_CONFIG["demo"]["train_steps"], DEFAULT_CONFIG["demo"]["seed"])
+    folder, _ = built_once(tmp_path_factory, "demo-checkpoint", lambda folder: build_demo_checkpoint(
+        REPO / "resources/demo_corpus.txt", folder, DEFAULT_CONFIG["demo"]["train_steps"], DEFAULT_CONFIG["demo"]["seed"]))
     return folder
 
 
 @pytest.fixture(scope="session")
 def seeded_hub(tmp_path_factory, demo_checkpoint) -> tuple[Path, str]:
     """A Hugging Face cache holding the demo checkpoint as tests/gemma4-tiny; returns (cache, commit)."""
-    cache = tmp_path_factory.mktemp("hf-cache")
-    commit = hub.seed_hub_cache(demo_checkpoint, cache, TEST_REPO_ID)
-    return cache, commit
+    return built_once(tmp_path_factory, "hf-cache", lambda folder: hub.seed_hub_cache(demo_checkpoint, folder, TEST_REPO_ID))
+
+
+WORKFLOW_TARGETS = ["results/tiny/int4-g128/xnnpack-auto/parity.json", "results/tiny/fp32/xnnpack-auto/parity.json"]
 
 
 @pytest.fixture(scope="session")
 def workflow(tmp_path_factory, seeded_hub):
-    """Run the workflow once, offline, on the seeded cache: the INT4 target and the FP32 .pte."""
+    """Run the workflow once, offline, on the seeded cache: the INT4 target and the FP32 .pte.
+    Under pytest-xdist each worker gets its own copy of the finished folder (timestamps and
+    Snakemake's records kept, so nothing reruns in it)."""
     cache, commit = seeded_hub
-    workdir = tmp_path_factory.mktemp("workflow")
-    config = write_config(workdir / "test-config.yaml", {
-        "model": "tiny",
-        "models": {"tiny": {"repo_id": TEST_REPO_ID, "revision": "main", "hub_cache": str(cache), "offline": True}},
-    })
-    targets = ["results/tiny/int4-g128/xnnpack-auto/parity.json", "results/tiny/fp32/xnnpack-auto/parity.json"]
-    run = snakemake(workdir, "--cores", "2", *targets, "--configfile", str(config), env={"HF_HUB_OFFLINE": "1"})
-    return {"workdir": workdir, "config": config, "commit": commit, "run": run, "cache": cache}
+
+    def build(workdir: Path) -> None:
+        config = write_config(workdir / "test-config.yaml", {
+            "model": "tiny",
+            "models": {"tiny": {"repo_id": TEST_REPO_ID, "revision": "main", "hub_cache": str(cache), "offline": True}},
+        })
+        snakemake(workdir, "--cores", "2", *WORKFLOW_TARGETS, "--configfile", str(config), env={"HF_HUB_OFFLINE": "1"})
+
+    built, _ = built_once(tmp_path_factory, "workflow", build)
+    workdir = built
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        workdir = tmp_path_factory.mktemp("workflow")
+        shutil.copytree(built, workdir, symlinks=True, dirs_exist_ok=True)
+    return {"workdir": workdir, "config": workdir / "test-config.yaml", "commit": commit, "cache": cache}
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,13 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, TEST_REPO_ID, snakemake, write_config
+from conftest import REPO, TEST_REPO_ID, WORKFLOW_TARGETS, snakemake, write_config
 from gemma_edge import pipeline
 from gemma_edge.artifacts import read_json, sha256_file
 from gemma_edge.export import relative_stack_trace
 
 PTE = "results/tiny/int4-g128/xnnpack-auto/model.pte"
 ARTIFACTS = ["results/tiny/fp32/program.pt2", "results/tiny/int4-g128/program.pt2", PTE]
-FIXTURE_TARGETS = ["results/tiny/int4-g128/xnnpack-auto/parity.json", "results/tiny/fp32/xnnpack-auto/parity.json"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,7 @@ def test_a_moved_working_directory_reruns_nothing_and_names_neither_place(workfl
         return [n for n in names if n != "tiny"] if os.path.samefile(folder, source / "results") else []
 
     shutil.copytree(source, moved, symlinks=True, ignore=ignore)
-    result = snakemake(moved, "-n", *FIXTURE_TARGETS, "--configfile", str(moved / workflow["config"].name))
+    result = snakemake(moved, "-n", *WORKFLOW_TARGETS, "--configfile", str(moved / workflow["config"].name))
     assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-3000:]
     places = {str(source), os.path.realpath(source), str(REPO), os.path.realpath(REPO), sys.prefix, os.path.realpath(sys.prefix)}
     for path in sorted((moved / "results").rglob("*")):
