@@ -4,8 +4,7 @@ workflow run on it whose artifacts the tests share (lowering takes a minute or t
 The suite runs on two pytest-xdist workers (pytest.ini). The demo checkpoint, its hub cache and
 the workflow run are built once per session whichever worker needs them first (`built_once`);
 every worker then works on its own copy of the workflow's folder, so no test sees another
-worker's changes. Tests that share a later fixture (the deployed targets, the emulated Pi) carry
-an `xdist_group` mark that keeps them on one worker."""
+worker's changes. Modules that share a later fixture run on one worker (`SAME_WORKER`)."""
 
 from __future__ import annotations
 
@@ -29,6 +28,29 @@ from gemma_edge.demo_model import build_demo_checkpoint  # noqa: E402
 
 TEST_REPO_ID = "tests/gemma4-tiny"
 DEFAULT_CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+# Test modules that must share one pytest-xdist worker: they build on one session fixture (the
+# deployed targets; the emulated Pi, set up and served once per machine). Every other module is
+# its own unit of work.
+SAME_WORKER = {
+    "test_deploy.py": "deployed", "test_sweep.py": "deployed", "test_slurm.py": "deployed",
+    "test_emulated.py": "emulator", "test_emulator.py": "emulator",
+}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Schedule whole modules, with the SAME_WORKER modules as one unit each. (xdist's own
+    `--dist loadgroup` relies on rewriting node ids, which pytest 9.2 no longer honours:
+    pytest-xdist issue 1386.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SAME_WORKER.get(Path(module).name, module)
+
+    return ModuleGroups(config, log)
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -7,8 +7,6 @@ import pytest
 from conftest import snakemake, write_config
 from gemma_edge.artifacts import read_json, sha256_file
 
-pytestmark = pytest.mark.xdist_group("deployed")  # on one pytest-xdist worker with test_sweep and test_slurm, which build on `deployed`
-
 VARIANT = "tiny/int4-g128/xnnpack-auto"
 INT4 = f"results/{VARIANT}"
 

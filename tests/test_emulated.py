@@ -16,8 +16,6 @@ from gemma_edge import deploy, emulator
 from gemma_edge.config import deep_merge, validate_config
 from gemma_edge.artifacts import read_json, sha256_file
 
-pytestmark = pytest.mark.xdist_group("emulator")  # one pytest-xdist worker sets up and serves the per-machine emulator
-
 TARGET = "pi5_emulated"
 VARIANTS = {"int4": "tiny/int4-g128/xnnpack-auto", "fp32": "tiny/fp32/xnnpack-auto"}
 SCHEMA = REPO / "schemas/config.schema.yaml"

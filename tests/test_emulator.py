@@ -9,8 +9,6 @@ import pytest
 from gemma_edge import emulator
 from gemma_edge.loopback_sshd import SshServer
 
-pytestmark = pytest.mark.xdist_group("emulator")  # one pytest-xdist worker sets up and serves the per-machine emulator
-
 
 def test_pi5_cpuinfo_has_cortex_a76_processors():
     text = emulator.pi5_cpuinfo(3)

@@ -8,8 +8,6 @@ import slurm
 from conftest import REPO, snakemake
 from gemma_edge.artifacts import read_json
 
-pytestmark = pytest.mark.xdist_group("deployed")  # on test_deploy's pytest-xdist worker: it builds on `deployed`
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):

@@ -10,8 +10,6 @@ import yaml
 
 from conftest import snakemake, write_config
 
-pytestmark = pytest.mark.xdist_group("deployed")  # on test_deploy's pytest-xdist worker: it builds on `deployed`
-
 
 @pytest.fixture(scope="module")
 def sweep(deployed):
