@@ -39,6 +39,21 @@ SAME_WORKER = {
 }
 
 
+# The modules that start first (pytest.ini turns off xdist's largest-unit-first order): the
+# longest chain (deploy, sweep, SLURM; it builds the workflow run) on one worker and the
+# performance benchmark, which needs none of it, on the other; then the emulated Pi, then the
+# second build from nothing.
+START_FIRST = ["test_deploy.py", "test_perf.py", "test_emulated.py", "test_reproducible.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = Path(item.nodeid.split("::", 1)[0]).name
+        return START_FIRST.index(name) if name in START_FIRST else len(START_FIRST)
+
+    items.sort(key=rank)
+
+
 def pytest_xdist_make_scheduler(config, log):
     """Schedule whole modules, with the SAME_WORKER modules as one unit each. (xdist's own
     `--dist loadgroup` relies on rewriting node ids, which pytest 9.2 no longer honours:
