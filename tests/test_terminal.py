@@ -24,8 +24,9 @@ DEMO_LOG = "logs/demo/local--gemma4-tiny.log"
 
 def lines_after(output: str, marker: str) -> list[str]:
     lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if marker in line)
-    return lines[start:]
+    starts = [i for i, line in enumerate(lines) if marker in line]
+    assert starts, f"{marker!r} is not in:\n{output}"
+    return lines[starts[0]:]
 
 
 def test_a_failing_step_prints_one_sentence_naming_its_log(tmp_path):
@@ -71,7 +72,9 @@ def test_ctrl_c_cancels_cleanly_and_the_same_command_resumes(tmp_path):
     assert terminal.CANCELLED in stdout, output
     for noise in ("Traceback", "KeyboardInterrupt", "RuleException", "CalledProcessError", "Error in rule", "A step failed"):
         assert noise not in output, output
-    assert len(lines_after(stderr, "Terminating processes on user request")) <= 3, output
+    # After the job's header only Snakemake's own few lines: "Terminating processes on user
+    # request" (printed or not, depending on where its main loop takes the signal), its log, the time.
+    assert len(lines_after(stderr, "Reason: Missing output files")) <= 4, output
     assert "demo_checkpoint: interrupted by SIGINT" in step_log.read_text()
     leftovers = [p for p in (tmp_path / "results").rglob("*")] if (tmp_path / "results").exists() else []
     assert not leftovers, leftovers  # no temporary folder, no partial marker or cache entry
