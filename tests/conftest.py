@@ -54,6 +54,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: known only while it is loaded
 def pytest_xdist_make_scheduler(config, log):
     """Schedule whole modules, with the SAME_WORKER modules as one unit each. (xdist's own
     `--dist loadgroup` relies on rewriting node ids, which pytest 9.2 no longer honours:
