@@ -124,14 +124,6 @@ def corpus_windows(token_ids: list[int], line_starts: list[int]) -> dict[str, tu
     return {"strided": (strided, torch.ones((len(strided), step), dtype=torch.bool)), "lines": (lines, mask)}
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def measure(checkpoint: Path, train_options: dict) -> dict:
     from tokenizers import Tokenizer
     from transformers import Gemma4ForCausalLM
@@ -170,19 +162,16 @@ def measure(checkpoint: Path, train_options: dict) -> dict:
         mask = windows[base][1] if rows_wanted is None else windows[base][1] & rows_wanted[:, None]
         return values[base][mask]
 
-    corpus, fp32_top1, fp32_logits = {}, {}, {}
+    corpus, fp32_top1, fp32_loss, fp32_gap = {}, {}, {}, {}
     with torch.no_grad():
         for base, (rows, _) in windows.items():
-            fp32_logits[base] = model(input_ids=rows[:, :-1]).logits
-            fp32_top1[base] = fp32_logits[base].argmax(-1)
-        for base, (rows, _) in windows.items():
-            logits = fp32_logits[base]
+            logits = model(input_ids=rows[:, :-1]).logits
             top = logits.topk(2, dim=-1).values
-            fp32_logits[base] = {"loss": torch.nn.functional.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none"),
-                                 "gap": top[..., 0] - top[..., 1]}
+            fp32_top1[base] = logits.argmax(-1)
+            fp32_loss[base] = torch.nn.functional.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")
+            fp32_gap[base] = top[..., 0] - top[..., 1]
         for name in subsets:
-            losses = select(name, {b: v["loss"] for b, v in fp32_logits.items()})
-            gaps = select(name, {b: v["gap"] for b, v in fp32_logits.items()})
+            losses, gaps = select(name, fp32_loss), select(name, fp32_gap)
             corpus[name] = {"fp32_loss": float(losses.mean()), "margin_median": float(gaps.median()),
                             "margin_p10": float(torch.quantile(gaps, 0.10)), "positions": int(gaps.numel())}
 
@@ -205,7 +194,7 @@ def measure(checkpoint: Path, train_options: dict) -> dict:
 
     return {
         "checkpoint": str(checkpoint),
-        "margins": {name: {"median": statistics.median(values), "p10": percentile(values, 0.10), "min": min(values),
+        "margins": {name: {"median": statistics.median(values), "p10": statistics.quantiles(values, n=10, method="inclusive")[0], "min": min(values),
                            "positions": len(values)} for name, values in margins.items() if values},
         "corpus": corpus,
         "agreement_8da4w": agreement,
