@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from gemma_edge.demo_model import BOS_ID, TRAIN_LINES_EVERY, build_tokenizer, line_start_tokens, training_batches
+from gemma_edge.demo_model import BOS_ID, DEMO_VOCAB, TRAIN_LINES_EVERY, build_tokenizer, line_start_tokens, training_batches
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = (REPO / "resources/demo_corpus.txt").read_text(encoding="utf-8")
@@ -22,7 +22,7 @@ def test_verify_prompts_open_lines_the_demo_model_trains_on_and_one_it_never_saw
 
 
 def test_training_windows_open_with_bos_then_a_line_and_repeat_with_the_seed():
-    tokenizer = build_tokenizer(CORPUS, 512)
+    tokenizer = build_tokenizer(CORPUS, DEMO_VOCAB)
     encoding = tokenizer.encode(CORPUS, add_special_tokens=False)
     starts = line_start_tokens(encoding, CORPUS)
     assert len(starts) == len(CORPUS.splitlines())

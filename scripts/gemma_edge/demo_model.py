@@ -36,6 +36,10 @@ PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 TRAIN_LINES_EVERY = 4
 
 DEMO_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+# 4 specials, 256 byte tokens and 508 learned pieces (characters and merges): the corpus in as many
+# tokens (24,593) as the 512-entry byte-level BPE took before the tokenizer became Gemma's own
+# byte-fallback kind, the one llama.cpp's converter reads.
+DEMO_VOCAB = 768
 
 
 def demo_text_config(vocab_size: int, layer_types: list[str] = DEMO_LAYER_TYPES, num_kv_shared_layers: int = 2):
@@ -65,51 +69,32 @@ def demo_text_config(vocab_size: int, layer_types: list[str] = DEMO_LAYER_TYPES,
     )
 
 
-def ascii_byte_alphabet() -> list[str]:
-    """The byte-level symbols of printable ASCII plus newline and tab.
+def build_tokenizer(corpus: str, vocab_size: int, merges_from: int | None = None):
+    """A Gemma-style tokenizer, as llama.cpp's converter expects one: spaces as '▁', BPE with byte
+    fallback (<0x00>…<0xFF>), trained on `corpus`'s lines to `merges_from` entries (default:
+    `vocab_size`), then padded with <unusedN> entries to `vocab_size`; `<bos>` is prepended on encode."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
 
-    Restricting the alphabet to these keeps every piece valid UTF-8 when decoded on its own,
-    which ExecuTorch's runner does piece by piece.
-    """
-    from tokenizers import pre_tokenizers
-
-    full = pre_tokenizers.ByteLevel.alphabet()
-    byte_to_symbol = _gpt2_byte_to_unicode()
-    wanted = [byte_to_symbol[b] for b in list(range(32, 127)) + [9, 10]]
-    return [s for s in wanted if s in full]
-
-
-def _gpt2_byte_to_unicode() -> dict[int, str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, codes)}
-
-
-def build_tokenizer(corpus: str, vocab_size: int):
-    """Train a byte-level BPE tokenizer on `corpus`; `<bos>` is prepended on encode."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=ascii_byte_alphabet(),
-        limit_alphabet=len(ascii_byte_alphabet()),
-        show_progress=False,
-    )
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    alphabet = ["▁"] + [chr(c) for c in range(33, 127)] + ["\n", "\t"]
+    trainer = trainers.BpeTrainer(vocab_size=merges_from or vocab_size, special_tokens=SPECIAL_TOKENS + byte_tokens,
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False)
     tokenizer.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", BOS_ID)]
-    )
-    return tokenizer
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    if len(vocab) > vocab_size:
+        raise ValueError(f"the trained vocabulary ({len(vocab)}) is already larger than {vocab_size}")
+    for index in range(vocab_size - len(vocab)):
+        vocab[f"<unused{index}>"] = len(vocab)
+    spec["model"]["unk_token"] = None
+    # The byte tokens are ordinary vocabulary entries in Gemma's tokenizer, not special ones.
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in SPECIAL_TOKENS]
+    padded = Tokenizer.from_str(json.dumps(spec))
+    padded.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS_ID)])
+    return padded
 
 
 def training_batches(token_ids: list[int], seq_len: int, batch_size: int, steps: int, seed: int,
@@ -173,7 +158,7 @@ def train_demo_model(model, token_ids: list[int], steps: int, seed: int, seq_len
     return loss_value
 
 
-def build_demo_checkpoint(corpus_path: Path, out_dir: Path, train_steps: int, seed: int, vocab_size: int = 512,
+def build_demo_checkpoint(corpus_path: Path, out_dir: Path, train_steps: int, seed: int, vocab_size: int = DEMO_VOCAB,
                           train_options: dict | None = None) -> dict:
     """Write a Hugging Face style checkpoint (config, safetensors, tokenizer) of the demo model.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .demo_model import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, _single_thread, write_tokenizer
+from .demo_model import BOS_ID, EOS_ID, PAD_ID, _single_thread, build_tokenizer, write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -86,33 +86,6 @@ def e2b_shape_config(num_layers: int):
     )
 
 
-def byte_fallback_tokenizer(corpus: str, vocab_size: int, merges_from: int = 4096):
-    """A Gemma-style tokenizer: spaces as '▁', BPE with byte fallback (<0x00>…<0xFF>), trained on
-    `corpus` to `merges_from` entries, then padded with <unusedN> entries to `vocab_size`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
-
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    tokenizer = Tokenizer(models.BPE(byte_fallback=True))
-    tokenizer.normalizer = normalizers.Replace(" ", "▁")
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    alphabet = ["▁"] + [chr(c) for c in range(33, 127)] + ["\n", "\t"]
-    trainer = trainers.BpeTrainer(vocab_size=merges_from, special_tokens=SPECIAL_TOKENS + byte_tokens,
-                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False)
-    tokenizer.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
-    spec = json.loads(tokenizer.to_str())
-    vocab = spec["model"]["vocab"]
-    if len(vocab) > vocab_size:
-        raise ValueError(f"the trained vocabulary ({len(vocab)}) is already larger than {vocab_size}")
-    for index in range(vocab_size - len(vocab)):
-        vocab[f"<unused{index}>"] = len(vocab)
-    spec["model"]["unk_token"] = None
-    # The byte tokens are ordinary vocabulary entries in Gemma's tokenizer, not special ones.
-    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in SPECIAL_TOKENS]
-    padded = Tokenizer.from_str(json.dumps(spec))
-    padded.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS_ID)])
-    return padded
-
-
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -122,7 +95,7 @@ def build_synthetic_checkpoint(corpus_path: Path, out_dir: Path, shape: str, lay
     from transformers import Gemma4ForCausalLM, GenerationConfig
 
     config = synthetic_config(shape, layers)
-    tokenizer = byte_fallback_tokenizer(Path(corpus_path).read_text(encoding="utf-8"), config.vocab_size,
+    tokenizer = build_tokenizer(Path(corpus_path).read_text(encoding="utf-8"), config.vocab_size,
                                         merges_from=min(4096, config.vocab_size))
     torch.manual_seed(seed)
     with _single_thread():  # initialisation draws the same numbers whatever the core count
