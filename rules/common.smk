@@ -14,8 +14,8 @@ wildcard_constraints:
     group_size=r"\d+",
     target="|".join(re.escape(t) for t in config["targets"]) or "(?!)",
     engine=r"pte|eager|llamacpp",
-    engine_variant=r"(fp32|int4-g\d+)/xnnpack-(auto|fused|perop)|fp32|q4_0|q8_0|f16",
-    gguf_type=r"q4_0|q8_0|f16",
+    engine_variant=r"(fp32|int4-g\d+)/xnnpack-(auto|fused|perop)|fp32|q4_0|q4_k_m|q8_0|f16",
+    gguf_type=r"q4_0|q4_k_m|q8_0|f16",
 
 
 PER_OP_DIR = {"auto": "auto", True: "perop", False: "fused"}

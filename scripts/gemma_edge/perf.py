@@ -29,7 +29,7 @@ from .runtime import greedy_decode
 log = logging.getLogger(__name__)
 
 ENGINES = ("pte", "eager", "llamacpp")
-GGUF_TYPES = {"q4_0": 2, "q8_0": 7, "f16": 1}  # llama_ftype values (llama.h)
+GGUF_TYPES = {"q4_0": 2, "q4_k_m": 15, "q8_0": 7, "f16": 1}  # llama_ftype values (llama.h)
 
 
 class EagerDecoder:
