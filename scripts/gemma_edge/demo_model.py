@@ -35,14 +35,19 @@ PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 # include the four the default verify prompts open (41, 81, 121, 241; tests/test_demo_model.py).
 TRAIN_LINES_EVERY = 4
 
+# Two sliding layers then a full one, twice; the last three layers reuse the KV of the last unshared
+# layer of their type (1 and 2). The unshared ones end sliding, full, as E2B's do (layers 13 and 14),
+# which llama.cpp relies on when it maps shared layers to their donors (llama-model.cpp).
 DEMO_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
-# 4 specials, 256 byte tokens and 508 learned pieces (characters and merges): the corpus in as many
-# tokens (24,593) as the 512-entry byte-level BPE took before the tokenizer became Gemma's own
-# byte-fallback kind, the one llama.cpp's converter reads.
+DEMO_KV_SHARED_LAYERS = 3
+# 4 specials, 256 byte tokens and 508 learned pieces (characters and in-word merges): the corpus in
+# 24,235 tokens (24,593 with the 512-entry byte-level BPE used before the tokenizer became Gemma's own
+# byte-fallback kind, the one llama.cpp's converter reads), the verify prompts in as many as before.
 DEMO_VOCAB = 768
 
 
-def demo_text_config(vocab_size: int, layer_types: list[str] = DEMO_LAYER_TYPES, num_kv_shared_layers: int = 2):
+def demo_text_config(vocab_size: int, layer_types: list[str] = DEMO_LAYER_TYPES,
+                     num_kv_shared_layers: int = DEMO_KV_SHARED_LAYERS):
     """Gemma 4 text config at toy widths; every linear input width is a multiple of 32."""
     from transformers import Gemma4TextConfig
 
@@ -73,11 +78,16 @@ def build_tokenizer(corpus: str, vocab_size: int, merges_from: int | None = None
     """A Gemma-style tokenizer, as llama.cpp's converter expects one: spaces as '▁', BPE with byte
     fallback (<0x00>…<0xFF>), trained on `corpus`'s lines to `merges_from` entries (default:
     `vocab_size`), then padded with <unusedN> entries to `vocab_size`; `<bos>` is prepended on encode."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     tokenizer = Tokenizer(models.BPE(byte_fallback=True))
     tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    # Pieces never span two words, as SentencePiece's split_by_whitespace ensures for Gemma: else a
+    # prompt ending "… of" would end in a piece ("▁of") the training text only ever had merged
+    # with the next word ("▁of▁the"). Needed for training only; the saved tokenizer, like Gemma's,
+    # has no pre-tokenizer (its merges cannot cross a word anyway).
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     alphabet = ["▁"] + [chr(c) for c in range(33, 127)] + ["\n", "\t"]
     trainer = trainers.BpeTrainer(vocab_size=merges_from or vocab_size, special_tokens=SPECIAL_TOKENS + byte_tokens,
@@ -90,6 +100,7 @@ def build_tokenizer(corpus: str, vocab_size: int, merges_from: int | None = None
     for index in range(vocab_size - len(vocab)):
         vocab[f"<unused{index}>"] = len(vocab)
     spec["model"]["unk_token"] = None
+    spec["pre_tokenizer"] = None
     # The byte tokens are ordinary vocabulary entries in Gemma's tokenizer, not special ones.
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in SPECIAL_TOKENS]
     padded = Tokenizer.from_str(json.dumps(spec))
