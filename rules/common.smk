@@ -137,6 +137,48 @@ def llamacpp_converter():
     return str(converter if converter.is_absolute() else Path(workflow.basedir) / converter)
 
 
+def llamacpp_version():
+    """The llama-cpp-python release requirements-bench.txt pins (its source carries llama.cpp's)."""
+    pins = (Path(workflow.basedir) / "requirements-bench.txt").read_text().splitlines()
+    return next(line.split("==", 1)[1].strip() for line in pins if line.startswith("llama-cpp-python=="))
+
+
+def llamacpp_sdist():
+    """The source distribution bench/setup-llamacpp.sh downloads: llama-bench is built from it."""
+    return str(Path(workflow.basedir) / ".bench" / f"llama_cpp_python-{llamacpp_version()}.tar.gz")
+
+
+def peer_plan(target):
+    """The peers a target benchmarks beside the .pte (bench.peers): per GGUF type, the llama-bench
+    built for the target and the model file, or why llama.cpp cannot run (set-up missing)."""
+
+    def plan(wildcards):
+        unset = None if Path(llamacpp_converter()).is_file() else (
+            "llama.cpp is not set up on this host: run bench/setup-llamacpp.sh once")
+        peers = []
+        for gguf_type in config["bench"]["peers"]["llamacpp"]:
+            peer = {"name": f"llamacpp-{gguf_type}", "engine": "llamacpp", "gguf_type": gguf_type}
+            if unset:
+                peer["reason"] = unset
+            else:
+                peer["program"] = f"results/{target}/llamacpp/llama-bench.json"
+                peer["model"] = f"results/{wildcards.model}/llamacpp/model-{gguf_type}.gguf"
+            peers.append(peer)
+        return peers
+
+    return plan
+
+
+def peer_files(target):
+    """The files `peer_plan` names, as the deploy step's inputs."""
+
+    def files(wildcards):
+        peers = [peer for peer in peer_plan(target)(wildcards) if "program" in peer]
+        return sorted({path for peer in peers for path in (peer["program"], peer["model"])})
+
+    return files
+
+
 def perf_engine_artifact(wildcards):
     """What each engine runs: the .pte, the checkpoint (eager) or the GGUF (llama.cpp)."""
     model, variant = wildcards.model, wildcards.engine_variant

@@ -66,6 +66,31 @@ rule provision:
         "../scripts/provision.py"
 
 
+# llama.cpp's llama-bench for the device's CPU (its probed instruction set), built on this host from
+# the pinned llama.cpp source and linked statically, so that it runs beside the .pte on the device.
+rule llama_bench:
+    input:
+        device="results/{target}/device.json",
+        sdist=llamacpp_sdist(),
+    output:
+        program=directory("results/{target}/llamacpp/bin"),
+        record="results/{target}/llamacpp/llama-bench.json",
+    log:
+        "logs/targets/{target}/llama_bench.log",
+    benchmark:
+        "benchmarks/targets/{target}/llama_bench.tsv"
+    conda:
+        "../envs/deploy.yaml"
+    params:
+        version=llamacpp_version(),
+    threads: 2
+    localrule: True
+    message:
+        "Building llama.cpp's llama-bench for {wildcards.target}'s CPU (cached per CPU after the first build)"
+    script:
+        "../scripts/build_llama_bench.py"
+
+
 for target_name in config["targets"]:
 
     rule:
@@ -75,6 +100,7 @@ for target_name in config["targets"]:
             pte="results/{model}/{quant}/xnnpack-{mode}/model.pte",
             checkpoint="results/{model}/checkpoint.json",
             device=f"results/{target_name}/device.json",
+            peers=peer_files(target_name),
         output:
             deployed=f"results/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/deployed.json",
         log:
@@ -86,11 +112,12 @@ for target_name in config["targets"]:
         params:
             target=target_name,
             settings=config["targets"][target_name],
+            peers=peer_plan(target_name),
         resources:
             **{f"device_{target_name}": 1},
         localrule: True
         message:
-            f"Uploading {{input.pte}} to {target_name}"
+            f"Uploading {{input.pte}} and the peers' programs and models to {target_name}"
         script:
             "../scripts/deploy.py"
 
@@ -126,7 +153,7 @@ for target_name in config["targets"]:
             **{f"device_{target_name}": 1},
         localrule: True
         message:
-            f"Benchmarking decode on {target_name}"
+            f"Benchmarking decode on {target_name}: the .pte, then each peer engine, one at a time"
         script:
             "../scripts/bench.py"
 

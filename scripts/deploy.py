@@ -1,4 +1,4 @@
-"""Snakemake step: upload the .pte and tokenizer to the device, atomically and sha256-checked."""
+"""Snakemake step: upload the .pte, tokenizer and peer engines to the device, atomically and sha256-checked."""
 from pathlib import Path
 
 from gemma_edge import deploy
@@ -8,7 +8,8 @@ from gemma_edge.steplog import rule_log
 
 def main(snakemake):
     tokenizer = Path(read_json(snakemake.input.checkpoint)["path"]) / "tokenizer.json"
-    deploy.deploy(snakemake.params.target, snakemake.params.settings, snakemake.input.pte, tokenizer, snakemake.output.deployed)
+    deploy.deploy(snakemake.params.target, snakemake.params.settings, snakemake.input.pte, tokenizer, snakemake.output.deployed,
+                  snakemake.params.peers)
 
 
 with rule_log(snakemake.log[0], "deploy"):

@@ -27,6 +27,12 @@ from sshd import SshServer  # noqa: E402
 from gemma_edge.demo_model import build_demo_checkpoint  # noqa: E402
 
 TEST_REPO_ID = "tests/gemma4-tiny"
+CONVERTER = REPO / ".bench/llama.cpp/convert_hf_to_gguf.py"
+# Skipped only outside CI: .ci/run installs llama.cpp, so there a missing converter fails the tests.
+needs_llamacpp = pytest.mark.skipif(
+    not CONVERTER.exists() and not os.environ.get("CI"),
+    reason="llama.cpp's converter is not unpacked: run bench/setup-llamacpp.sh (.ci/run does)",
+)
 DEFAULT_CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 
 

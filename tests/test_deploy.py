@@ -4,7 +4,7 @@ import getpass
 
 import pytest
 
-from conftest import snakemake, write_config
+from conftest import needs_llamacpp, snakemake, write_config
 from gemma_edge.artifacts import read_json, sha256_file
 
 VARIANT = "tiny/int4-g128/xnnpack-auto"
@@ -67,3 +67,50 @@ def test_unreachable_device_fails_with_one_sentence_and_no_output(workflow, tmp_
     assert result.returncode != 0
     assert f"probe failed: {getpass.getuser()}@127.0.0.1:9 is unreachable" in result.stdout + result.stderr
     assert not (workflow["workdir"] / "results/dead").exists()
+
+
+PEERS = {"llamacpp-q4_0": "Q4_0", "llamacpp-q4_k_m": "Q4_K - Medium"}
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("target", ["loopback", "local"])
+def test_llama_cpp_runs_beside_the_pte_in_the_same_bench(deployed, target):
+    bench = read_json(deployed["workdir"] / f"results/{target}/bench.json")
+    assert set(bench["engines"]) == set(PEERS)
+    for name, model_type in PEERS.items():
+        engine = bench["engines"][name]
+        assert engine["available"], engine.get("reason")
+        assert model_type in engine["llama_bench"]["model_type"]
+        assert [run["prompt_tokens"] for run in engine["runs"]] == [8, 32]
+        for run in engine["runs"]:
+            for figure in ("prefill_tps", "decode_tps"):
+                assert len(run[figure]["samples"]) == 2 and all(s > 0 for s in run[figure]["samples"])
+        assert set(engine["load"]) == {"before", "after", "busy"}
+    assert {(r["engine"], r["prompt_tokens"]) for r in bench["ratios"]} == {(n, p) for n in PEERS for p in (8, 32)}
+    for row in bench["ratios"]:
+        pte = next(run for run in bench["runs"] if run["prompt_tokens"] == row["prompt_tokens"])
+        peer = next(run for run in bench["engines"][row["engine"]]["runs"] if run["prompt_tokens"] == row["prompt_tokens"])
+        assert row["decode"] == pytest.approx(pte["decode_tps"]["avg"] / peer["decode_tps"]["avg"])
+    assert bench["busy"] == (bench["load"]["busy"] or any(e["load"]["busy"] for e in bench["engines"].values()))
+    deployed_record = read_json(deployed["workdir"] / f"results/{target}" / VARIANT / "deployed.json")
+    for peer in deployed_record["peers"]:  # the device ran the GGUF the host wrote, byte for byte
+        gguf = deployed["workdir"] / f"results/tiny/llamacpp/model-{peer['gguf_type']}.gguf"
+        assert peer["model_sha256"] == sha256_file(gguf)
+        if target == "loopback":
+            assert sha256_file(peer["model"]) == peer["model_sha256"] and sha256_file(peer["binary"]) == peer["binary_sha256"]
+
+
+def test_an_engine_that_cannot_run_is_reported_with_its_reason_not_a_failed_run(deployed):
+    """Without llama.cpp's set-up on the host the bench still runs, and says why llama.cpp is missing."""
+    config = write_config(deployed["workdir"] / "bare.yaml", {
+        "targets": {"bare": {"kind": "local", "threads": 1}},
+        "bench": {"peers": {"llamacpp": ["q4_0"]}},
+        "perf": {"llamacpp_converter": "missing/convert_hf_to_gguf.py"},
+    })
+    snakemake(deployed["workdir"], "--cores", "1", "results/bare/bench.json", "--configfile", *deployed["configs"], str(config))
+    bench = read_json(deployed["workdir"] / "results/bare/bench.json")
+    assert bench["engines"] == {"llamacpp-q4_0": {"engine": "llamacpp", "gguf_type": "q4_0", "available": False,
+                                                  "reason": "llama.cpp is not set up on this host: run bench/setup-llamacpp.sh once"}}
+    assert bench["ratios"] == [] and bench["runs"]
+    log = (deployed["workdir"] / f"logs/targets/bare/{VARIANT}/bench.log").read_text()
+    assert "llamacpp-q4_0 not available: llama.cpp is not set up" in log

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_CONFIG, REPO, snakemake, write_config
+from conftest import DEFAULT_CONFIG, REPO, needs_llamacpp, snakemake, write_config
 from gemma_edge import deploy, emulator
 from gemma_edge.config import deep_merge, validate_config
 from gemma_edge.artifacts import read_json, sha256_file
@@ -117,3 +117,17 @@ def test_a_wheel_for_another_platform_is_refused_before_anything_is_sent(emulate
                          wrong, workdir / f"results/{TARGET}/wheelhouse")
     assert not (tmp_path / "device.json").exists()
     assert not list(Path(settings["workdir"]).rglob("*.whl"))
+
+
+@needs_llamacpp
+def test_llama_cpp_cross_built_for_the_cortex_a76_runs_on_the_emulated_pi(emulated):
+    record = read_json(emulated["workdir"] / f"results/{TARGET}/llamacpp/llama-bench.json")
+    assert record["available"] and record["machine"] == "aarch64" and record["static"]
+    assert record["cpu_options"] == ["-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16"]
+    assert (emulated["workdir"] / record["binary"]).read_bytes()[:20] == bytes.fromhex("7f454c460201010000000000000000000200b700")
+    bench = read_json(emulated["workdir"] / f"results/{TARGET}/{VARIANTS['int4']}/bench.json")
+    for name in ("llamacpp-q4_0", "llamacpp-q4_k_m"):
+        engine = bench["engines"][name]
+        assert engine["available"], engine.get("reason")
+        assert engine["runs"][0]["prompt_tokens"] == 8 and engine["runs"][0]["decode_tps"]["avg"] > 0
+    assert {row["engine"] for row in bench["ratios"]} == {"llamacpp-q4_0", "llamacpp-q4_k_m"}

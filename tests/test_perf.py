@@ -3,18 +3,16 @@ converter sees it, and `snakemake perf` end to end (the .pte, eager FP32 and lla
 checkpoint) on a tiny random Gemma 4 with the same tokenizer design."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, snakemake, write_config
+from conftest import REPO, needs_llamacpp, snakemake, write_config
 from gemma_edge.artifacts import read_json, sha256_file
 from gemma_edge.e2b_shape import (
     E2B,
     TINY_VOCAB,
-    byte_fallback_tokenizer,
     e2b_layer_types,
     e2b_shape_config,
     parameter_count,
@@ -31,12 +29,6 @@ from gemma_edge.perf import (
 )
 from test_workflow import jobs_of
 
-CONVERTER = REPO / ".bench/llama.cpp/convert_hf_to_gguf.py"
-# Skipped only outside CI: .ci/run installs llama.cpp, so there a missing converter fails the tests.
-needs_llamacpp = pytest.mark.skipif(
-    not CONVERTER.exists() and not os.environ.get("CI"),
-    reason="llama.cpp's converter is not unpacked: run bench/setup-llamacpp.sh (.ci/run does)",
-)
 
 
 def meta_model(config):
@@ -79,9 +71,9 @@ def test_too_shallow_an_e2b_shape_is_refused():
 def test_byte_fallback_tokenizer_covers_any_text_at_the_full_vocabulary(tmp_path):
     from transformers import AutoTokenizer
 
-    from gemma_edge.demo_model import write_tokenizer
+    from gemma_edge.demo_model import build_tokenizer, write_tokenizer
 
-    tokenizer = byte_fallback_tokenizer((REPO / "resources/demo_corpus.txt").read_text(), E2B["vocab_size"])
+    tokenizer = build_tokenizer((REPO / "resources/demo_corpus.txt").read_text(), E2B["vocab_size"], merges_from=4096)
     assert tokenizer.get_vocab_size() == E2B["vocab_size"]
     write_tokenizer(tokenizer, tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)

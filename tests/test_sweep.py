@@ -8,7 +8,7 @@ import struct
 import pytest
 import yaml
 
-from conftest import snakemake, write_config
+from conftest import needs_llamacpp, snakemake, write_config
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,27 @@ def bench_paths(workdir):
 
 def test_summary_has_every_target_variant_and_prompt_length(sweep):
     rows = list(csv.DictReader((sweep["workdir"] / "results/summary.csv").open()))
-    assert {(r["target"], r["group_size"], r["prompt_tokens"]) for r in rows} == set(
+    pte = [r for r in rows if r["engine"] == "pte"]
+    assert {(r["target"], r["group_size"], r["prompt_tokens"]) for r in pte} == set(
         itertools.product(["local", "loopback"], ["64", "128"], ["8", "32"]))
-    for row in rows:
+    for row in pte:
         assert float(row["decode_tps"]) > 0 and float(row["prefill_tps"]) > 0
         assert row["device_identical_to_host_pte"] == "5/5"
-    sizes = {r["group_size"]: float(r["pte_mb"]) for r in rows}
+        assert row["busy"] in ("True", "False")
+    sizes = {r["group_size"]: float(r["pte_mb"]) for r in pte}
     assert sizes["64"] != sizes["128"]  # different programs, really built
+
+
+@needs_llamacpp
+def test_summary_sets_llama_cpp_beside_each_pte_with_the_ratio(sweep):
+    rows = list(csv.DictReader((sweep["workdir"] / "results/summary.csv").open()))
+    peers = [r for r in rows if r["engine"] != "pte"]
+    # Measured again in every .pte's run: per target, both GGUF types beside both group sizes.
+    assert {(r["target"], r["engine"], r["measured_beside"], r["prompt_tokens"]) for r in peers} == set(itertools.product(
+        ["local", "loopback"], ["llamacpp-q4_0", "llamacpp-q4_k_m"], ["int4-g64 fused", "int4-g128 fused"], ["8", "32"]))
+    for row in peers:
+        assert row["available"] == "True" and float(row["decode_tps"]) > 0
+        assert float(row["pte_decode_ratio"]) > 0 and float(row["pte_prefill_ratio"]) > 0
 
 
 def png_size(path):
@@ -93,3 +107,29 @@ def test_emulated_targets_are_tabulated_as_such_and_never_plotted_as_speed():
     assert [row["emulated"] for row in emulated + real] == [True, False]
     assert rows_for_plot("decode", emulated + real) == real and rows_for_plot("prefill", emulated + real) == real
     assert rows_for_plot("size", emulated + real) == emulated + real
+
+
+def test_peer_rows_carry_the_ratio_and_an_unavailable_peer_is_a_row_not_a_gap():
+    from gemma_edge.summary import rows_for_plot, rows_of
+
+    speeds = {k: {"avg": 2.0, "stddev": 0.1} for k in ("prefill_tps", "decode_tps", "ttft_s")}
+    bench = {"target": "pi5", "emulated": False, "model": {"repo_id": "tests/gemma4-tiny"},
+             "quantization": {"group_size": 64}, "pte": {"per_op_mode_used": False, "size_bytes": 2_000_000},
+             "runs": [{"prompt_tokens": 8, "new_tokens": 4, **speeds}], "load": {"busy": False},
+             "load_s": 3.0, "peak_rss_bytes": 5e8, "parity": {"identical_to_host_pte": 5, "prompts": 5},
+             "device": {"cpu_model": "Cortex-A76"}, "versions": {"device": {"executorch": "1.5.1"}},
+             "engines": {"llamacpp-q4_0": {"engine": "llamacpp", "gguf_type": "q4_0", "available": True, "load": {"busy": True},
+                                           "runs": [{"prompt_tokens": 8, "new_tokens": 4, **speeds}]},
+                         "llamacpp-q4_k_m": {"engine": "llamacpp", "gguf_type": "q4_k_m", "available": False,
+                                             "reason": "llama-bench exited with status 132: Illegal instruction"}},
+             "ratios": [{"engine": "llamacpp-q4_0", "prompt_tokens": 8, "decode": 1.25, "prefill": 2.5}]}
+    pte, q4_0, q4_k_m = rows_of(bench)
+    assert (pte["engine"], pte["busy"], pte.get("pte_decode_ratio")) == ("pte", False, None)
+    assert (q4_0["variant"], q4_0["measured_beside"], q4_0["busy"]) == ("llama.cpp q4_0", "int4-g64 fused", True)
+    assert (q4_0["pte_decode_ratio"], q4_0["pte_prefill_ratio"]) == (1.25, 2.5)
+    assert q4_k_m["available"] is False and "decode_tps" not in q4_k_m
+    # Beside a second .pte the same peer is measured again: the plots show it once per device.
+    again = rows_of({**bench, "quantization": {"group_size": 128}})
+    shown = rows_for_plot("decode", [pte, q4_0, q4_k_m, *again])
+    assert [row["variant"] for row in shown] == ["int4-g64 fused", "llama.cpp q4_0", "int4-g128 fused"]
+    assert rows_for_plot("size", [pte, q4_0, q4_k_m]) == [pte]

@@ -18,13 +18,13 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
-from . import artifacts, device_bench, ssh
+from . import artifacts, device_bench, peer_bench, ssh
 from .artifacts import read_json, write_json
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-RUNNER_FILES = ("__init__.py", "artifacts.py", "runtime.py", "device_bench.py")
+RUNNER_FILES = ("__init__.py", "artifacts.py", "runtime.py", "device_bench.py", "peer_bench.py")
 RUNTIME_PACKAGES = ("executorch", "torch")
 
 
@@ -232,14 +232,16 @@ def wheels_not_installed(client, venv_python: str, wheels: list[dict], timeout: 
 
 # ---- deploy ----------------------------------------------------------------------------------
 
-def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path) -> dict:
-    """Put the .pte and tokenizer on the device (atomically, skipped when already there)."""
+def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path, peers: list[dict] | None = None) -> dict:
+    """Put the .pte and tokenizer on the device, and each peer engine's program and model (see
+    `place_peers`), atomically, skipped when already there."""
     started = time.monotonic()
     pte_sha = artifacts.sha256_file(pte)
     if settings["kind"] == "local":
         # Relative to the working directory (where the local benchmark runs) when inside it.
         files = {"pte": {"path": artifacts.portable_path(pte), "sha256": pte_sha, "uploaded": False, "seconds": 0.0},
                  "tokenizer": {"path": artifacts.portable_path(tokenizer), "uploaded": False, "seconds": 0.0}}
+        placed = place_peers(peers or [], lambda local, kind: {"path": artifacts.portable_path(local), "uploaded": False})
     else:
         layout = remote_layout(settings)
         timeout = settings["transfer_timeout_s"]
@@ -252,14 +254,45 @@ def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path) -> 
                 "pte": ssh.upload_atomically(client, pte, f"{folder}/model.pte", timeout),
                 "tokenizer": ssh.upload_atomically(client, tokenizer, f"{folder}/tokenizer.json", timeout),
             }
-    record = {"target": name, "kind": settings["kind"], "files": files, "seconds": time.monotonic() - started}
+            placed = place_peers(peers or [], lambda local, kind: upload_peer_file(client, settings, layout, local, kind))
+    record = {"target": name, "kind": settings["kind"], "files": files, "peers": placed,
+              "seconds": time.monotonic() - started}
     write_json(out, record)
     return record
 
 
+def place_peers(peers: list[dict], put) -> list[dict]:
+    """Each peer with its program and model where the device runs them (`put(local, kind)` returns
+    {"path": ...}), or, when its program could not be built for the device, the reason."""
+    placed = []
+    for peer in peers:
+        entry = {"name": peer["name"], "engine": peer["engine"], "gguf_type": peer["gguf_type"]}
+        program = read_json(peer["program"]) if "program" in peer else {"available": False, "reason": peer["reason"]}
+        if not program["available"]:
+            placed.append({**entry, "available": False, "reason": program["reason"]})
+            continue
+        binary = put(Path(program["binary"]), "program")
+        model = put(Path(peer["model"]), "model")
+        placed.append({**entry, "available": True, "binary": binary["path"], "model": model["path"],
+                       "model_sha256": artifacts.sha256_file(peer["model"]), "binary_sha256": program["sha256"]})
+    return placed
+
+
+def upload_peer_file(client, settings: dict, layout: dict, local: Path, kind: str) -> dict:
+    """A peer's program (made executable) or model under <workdir>/peers/<sha256 prefix>/."""
+    digest = artifacts.sha256_file(local)
+    folder = f"{layout['work']}/peers/{digest[:16]}"
+    ssh.run(client, ["mkdir", "-p", folder], settings["command_timeout_s"])
+    ssh.remove_stale_uploads(client, folder, settings["command_timeout_s"])
+    uploaded = ssh.upload_atomically(client, local, f"{folder}/{local.name}", settings["transfer_timeout_s"])
+    if kind == "program":
+        ssh.run(client, ["chmod", "+x", uploaded["path"]], settings["command_timeout_s"])
+    return uploaded
+
+
 # ---- bench -----------------------------------------------------------------------------------
 
-def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dict) -> dict:
+def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dict, peers: list[dict] | None = None) -> dict:
     planned = pte_manifest["lowering"].get("planned_memory_bytes") or 0
     return {
         "memory_bytes": pte_manifest["size_bytes"] + planned,  # the mapped .pte plus its KV cache and activations
@@ -270,6 +303,8 @@ def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dic
         "threads": settings.get("threads"),
         "parity_prompt_ids": [p["prompt_ids"] for p in host_parity["prompts"]],
         "max_new_tokens": host_parity["max_new_tokens"],
+        "peers": peers or [],
+        "peer_timeout_s": settings["bench_timeout_s"],
     }
 
 
@@ -367,7 +402,7 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
     pte_manifest, host_parity, checkpoint = read_json(pte_manifest_path), read_json(host_parity_path), read_json(checkpoint_path)
     if deployed["files"]["pte"]["sha256"] != pte_manifest["sha256"]:
         raise DeviceError("the .pte on the device is not the one built for this configuration; re-run deploy")
-    spec = bench_spec(settings, bench_config, host_parity, pte_manifest)
+    spec = bench_spec(settings, bench_config, host_parity, pte_manifest, deployed.get("peers", []))
     started = time.time()
     result = run_device_bench(name, settings, deployed, spec)
     finished = time.time()
@@ -403,4 +438,14 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
              " (emulated: these speeds say nothing about a Pi)" if report["emulated"] else "")
     log.info("%s: %d/%d prompts identical to the host's run of the same .pte", name, report["parity"]["identical_to_host_pte"],
              report["parity"]["prompts"])
+    for engine_name, engine in report["engines"].items():
+        if not engine["available"]:
+            log.warning("%s: %s not available: %s", name, engine_name, engine["reason"])
+            continue
+        ratio = next(r for r in report["ratios"] if r["engine"] == engine_name)
+        log.info("%s: %s decode %.2f tok/s at prompt %d; .pte/%s decode %.2f, prefill %.2f", name, engine_name,
+                 engine["runs"][0]["decode_tps"]["avg"], ratio["prompt_tokens"], engine_name, ratio["decode"], ratio["prefill"])
+    if report["busy"]:
+        log.warning("%s: other processes used more than %.0f %% of the CPU around a run (bench.json `load`): these speeds "
+                    "are not clean figures; re-run on a quiet machine", name, 100 * peer_bench.BUSY_SHARE)
     return report

@@ -20,11 +20,12 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import struct
 import sys
 import time
 from pathlib import Path
+
+from .peer_bench import bench_llamacpp, ratios, summarise, timed_with_load
 
 
 def device_facts() -> dict:
@@ -193,17 +194,6 @@ def _versions() -> dict:
     return versions
 
 
-def summarise(samples: list[float]) -> dict:
-    return {
-        "avg": statistics.fmean(samples),
-        "stddev": statistics.stdev(samples) if len(samples) > 1 else 0.0,
-        "median": statistics.median(samples),
-        "min": min(samples),
-        "max": max(samples),
-        "samples": samples,
-    }
-
-
 def synthetic_prompt(length: int, bos_id: int, vocab_size: int) -> list[int]:
     """A deterministic prompt of `length` ids starting with BOS, avoiding the special ids 0..3."""
     return [bos_id] + [4 + (i * 7919) % (vocab_size - 4) for i in range(length - 1)]
@@ -254,7 +244,9 @@ def timed_runs(decoder, prompt: list[int], spec: dict, on_sample=None) -> dict:
 
 
 def run_bench(pte: Path, spec: dict) -> dict:
-    """Pre-flight checks, then warm-up, repeated timed generations per prompt length, and the parity prompts."""
+    """Pre-flight checks; warm-up and repeated timed generations per prompt length and the parity
+    prompts on the .pte; then each peer engine in turn (spec["peers"]), the .pte's memory released
+    first. The machine's load is sampled before and after every engine's run."""
     for line in preflight(device_facts(), {"memory_bytes": spec.get("memory_bytes")}):
         print(f"pre-flight: {line}", flush=True)
     from gemma_edge.artifacts import peak_rss_bytes
@@ -270,21 +262,44 @@ def run_bench(pte: Path, spec: dict) -> dict:
     load_s = time.perf_counter() - started
     meta = decoder.metadata
     max_seq_len = int(meta["get_max_seq_len"])
-    runs = []
     for length in spec["prompt_lengths"]:
         if length + spec["new_tokens"] > max_seq_len:
             raise ValueError(f"prompt length {length} + {spec['new_tokens']} new tokens exceeds the .pte's max_seq_len {max_seq_len}")
-        prompt = synthetic_prompt(length, int(meta["get_bos_id"]), int(meta["get_vocab_size"]))
-        runs.append(timed_runs(decoder, prompt, spec))
-        print(f"prompt {length}: prefill {runs[-1]['prefill_tps']['avg']:.1f} tok/s, decode {runs[-1]['decode_tps']['avg']:.1f} tok/s", flush=True)
+
+    def pte_runs():
+        runs = []
+        for length in spec["prompt_lengths"]:
+            prompt = synthetic_prompt(length, int(meta["get_bos_id"]), int(meta["get_vocab_size"]))
+            runs.append(timed_runs(decoder, prompt, spec))
+            print(f"prompt {length}: prefill {runs[-1]['prefill_tps']['avg']:.1f} tok/s, "
+                  f"decode {runs[-1]['decode_tps']['avg']:.1f} tok/s", flush=True)
+        return runs
+
+    runs, load = timed_with_load(pte_runs)
     parity = [greedy_decode(decoder.step, ids, spec["max_new_tokens"]) for ids in spec["parity_prompt_ids"]]
+    peak_rss = peak_rss_bytes()
+    del decoder
+    engines = {}
+    for peer in spec.get("peers", []):
+        engines[peer["name"]] = bench_llamacpp(peer, spec, spec.get("peer_timeout_s", 3600))
+        engine = engines[peer["name"]]
+        if engine["available"]:
+            first = engine["runs"][0]
+            print(f"{peer['name']}: prompt {first['prompt_tokens']}: prefill {first['prefill_tps']['avg']:.1f} tok/s, "
+                  f"decode {first['decode_tps']['avg']:.1f} tok/s", flush=True)
+        else:
+            print(f"{peer['name']}: not available: {engine['reason']}", flush=True)
     return {
         "load_s": load_s,
         "threads": threads or None,
         "runs": runs,
+        "load": load,
         "parity_tokens": parity,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss,
         "runtime": "executorch.runtime (Python bindings), timed around Method.execute",
+        "engines": engines,
+        "ratios": ratios(runs, engines),
+        "busy": load["busy"] or any(e.get("load", {}).get("busy") for e in engines.values()),
     }
 
 

@@ -13,9 +13,10 @@ from .artifacts import atomic_output, read_json, write_json
 log = logging.getLogger(__name__)
 
 COLUMNS = [
-    "target", "emulated", "model", "variant", "group_size", "per_op_mode_used", "pte_mb", "prompt_tokens", "new_tokens",
-    "prefill_tps", "prefill_tps_stddev", "decode_tps", "decode_tps_stddev", "ttft_ms", "load_s", "peak_rss_mb",
-    "host_teacher_forced_top1", "host_logits_cosine", "device_identical_to_host_pte", "cpu_model", "executorch",
+    "target", "emulated", "model", "engine", "variant", "group_size", "per_op_mode_used", "pte_mb", "prompt_tokens",
+    "new_tokens", "prefill_tps", "prefill_tps_stddev", "decode_tps", "decode_tps_stddev", "pte_decode_ratio",
+    "pte_prefill_ratio", "ttft_ms", "load_s", "peak_rss_mb", "host_teacher_forced_top1", "host_logits_cosine",
+    "device_identical_to_host_pte", "busy", "available", "cpu_model", "executorch", "measured_beside",
 ]
 
 
@@ -25,40 +26,69 @@ def variant_name(bench: dict) -> str:
     return f"{'int4-g' + str(group) if group else 'fp32'} {mode}"
 
 
+def speeds(run: dict) -> dict:
+    return {
+        "prompt_tokens": run["prompt_tokens"],
+        "new_tokens": run["new_tokens"],
+        "prefill_tps": round(run["prefill_tps"]["avg"], 2),
+        "prefill_tps_stddev": round(run["prefill_tps"]["stddev"], 2),
+        "decode_tps": round(run["decode_tps"]["avg"], 2),
+        "decode_tps_stddev": round(run["decode_tps"]["stddev"], 2),
+    }
+
+
 def rows_of(bench: dict) -> list[dict]:
+    """The .pte's rows (one per prompt length), then each peer engine's measured in the same run,
+    with the .pte's speed over theirs; a peer that could not run gets one row saying so."""
     host = bench.get("host_parity", {})
+    common = {"target": bench["target"], "emulated": bool(bench.get("emulated")), "model": bench["model"]["repo_id"],
+              "cpu_model": bench["device"].get("cpu_model"), "measured_beside": variant_name(bench)}
     rows = []
     for run in bench["runs"]:
         rows.append({
-            "target": bench["target"],
-            "emulated": bool(bench.get("emulated")),
-            "model": bench["model"]["repo_id"],
+            **common,
+            "engine": "pte",
             "variant": variant_name(bench),
             "group_size": bench["quantization"].get("group_size"),
             "per_op_mode_used": bench["pte"]["per_op_mode_used"],
             "pte_mb": round(bench["pte"]["size_bytes"] / 1e6, 3),
-            "prompt_tokens": run["prompt_tokens"],
-            "new_tokens": run["new_tokens"],
-            "prefill_tps": round(run["prefill_tps"]["avg"], 2),
-            "prefill_tps_stddev": round(run["prefill_tps"]["stddev"], 2),
-            "decode_tps": round(run["decode_tps"]["avg"], 2),
-            "decode_tps_stddev": round(run["decode_tps"]["stddev"], 2),
+            **speeds(run),
             "ttft_ms": round(1000 * run["ttft_s"]["avg"], 2),
             "load_s": round(bench["load_s"], 3),
             "peak_rss_mb": round(bench["peak_rss_bytes"] / 1e6, 1),
             "host_teacher_forced_top1": host.get("teacher_forced_top1"),
             "host_logits_cosine": host.get("logits_cosine"),
             "device_identical_to_host_pte": f"{bench['parity']['identical_to_host_pte']}/{bench['parity']['prompts']}",
-            "cpu_model": bench["device"].get("cpu_model"),
+            "busy": (bench.get("load") or {}).get("busy"),
+            "available": True,
             "executorch": bench["versions"]["device"].get("executorch"),
         })
+    ratios = {(r["engine"], r["prompt_tokens"]): r for r in bench.get("ratios", [])}
+    for name, engine in bench.get("engines", {}).items():
+        peer = {**common, "engine": name, "variant": peer_variant(engine), "available": engine["available"]}
+        if not engine["available"]:
+            rows.append(peer)
+            continue
+        for run in engine["runs"]:
+            ratio = ratios.get((name, run["prompt_tokens"]), {})
+            rows.append({**peer, **speeds(run), "busy": engine["load"]["busy"],
+                         "pte_decode_ratio": _round(ratio.get("decode")), "pte_prefill_ratio": _round(ratio.get("prefill"))})
     return rows
+
+
+def peer_variant(engine: dict) -> str:
+    """A peer's bar label: llama.cpp and its GGUF type."""
+    return f"llama.cpp {engine['gguf_type']}" if engine["engine"] == "llamacpp" else engine["engine"]
+
+
+def _round(value):
+    return None if value is None else round(value, 3)
 
 
 def summarise(bench_paths: list[Path], out_csv: Path, out_json: Path) -> list[dict]:
     benches = [read_json(p) for p in bench_paths]
     rows = [row for bench in benches for row in rows_of(bench)]
-    rows.sort(key=lambda r: (r["target"], r["group_size"] or 0, r["variant"], r["prompt_tokens"]))
+    rows.sort(key=lambda r: (r["target"], r["engine"] != "pte", r["group_size"] or 0, r["variant"], r["prompt_tokens"] or 0))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
@@ -87,8 +117,9 @@ def plot_metric(rows: list[dict], metric: str, ylabel: str, title: str, out_png:
     targets = sorted({t for _, t in longest})
     width = 0.8 / max(len(targets), 1)
     figure, axes = plt.subplots(figsize=(1.6 + 1.4 * len(variants) * max(len(targets), 1) ** 0.5, 3.6), dpi=110)
+    busy_seen = False
     for index, target in enumerate(targets):
-        xs, ys, errs = [], [], []
+        xs, ys, errs, busy = [], [], [], []
         for position, variant in enumerate(variants):
             row = longest.get((variant, target))
             if row is None or row[metric] is None:
@@ -96,11 +127,17 @@ def plot_metric(rows: list[dict], metric: str, ylabel: str, title: str, out_png:
             xs.append(position + (index - (len(targets) - 1) / 2) * width)
             ys.append(row[metric])
             errs.append(row[error] if error else 0)
-        axes.bar(xs, ys, width=width, yerr=errs if error else None, capsize=3, label=target)
+            busy.append(bool(row.get("busy")))
+        bars = axes.bar(xs, ys, width=width, yerr=errs if error else None, capsize=3, label=target)
+        for bar, was_busy in zip(bars, busy):
+            if was_busy:  # measured while other processes used the CPU: not a clean figure
+                bar.set_hatch("//")
+                busy_seen = True
     axes.set_xticks(range(len(variants)), variants, rotation=15)
     axes.set_ylabel(ylabel)
     lengths = sorted({row["prompt_tokens"] for row in longest.values()})
-    axes.set_title(f"{title}\nprompt of {'/'.join(map(str, lengths))} tokens", fontsize=10)
+    note = "; hatched: machine busy during the run" if busy_seen else ""
+    axes.set_title(f"{title}\nprompt of {'/'.join(map(str, lengths))} tokens{note}", fontsize=10)
     axes.legend(title="target", fontsize=8)
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
@@ -126,5 +163,15 @@ def plot_all(rows: list[dict], outputs: dict[str, Path]) -> None:
 
 
 def rows_for_plot(name: str, rows: list[dict]) -> list[dict]:
-    """The rows plot `name` shows: emulated targets never appear in a speed plot."""
-    return [row for row in rows if not (name in SPEED_PLOTS and row["emulated"])]
+    """The rows plot `name` shows: emulated targets never appear in a speed plot; peers appear in
+    the speed plots only (once per target, from the first run they were measured beside)."""
+    shown, first_beside = [], {}
+    for row in rows:
+        if name in SPEED_PLOTS and row["emulated"]:
+            continue
+        if row["engine"] != "pte":
+            beside = first_beside.setdefault((row["target"], row["engine"]), row["measured_beside"])
+            if name not in SPEED_PLOTS or not row["available"] or row["measured_beside"] != beside:
+                continue
+        shown.append(row)
+    return shown
