@@ -90,15 +90,40 @@ def test_provisioning_again_installs_nothing(emulated):
     assert "nothing to install" in log
 
 
+# The A76's int8 GEMMs (NEON dot product) and the host's (AVX2) round the INT4 program's dynamically
+# quantized activations differently, so where two logits are this close the device may pick the
+# other one. Seen on the demo model's unseen prompt: host margin 0.025 at its 11th token.
+NEAR_TIE = 0.1
+
+
+def host_margin_at_divergence(pte, prompt_ids: list[int], host_tokens: list[int], device_tokens: list[int]) -> float:
+    """How far the host's .pte preferred its token over the device's where the two first differ."""
+    from gemma_edge.runtime import PteDecoder
+
+    index = next(i for i, (a, b) in enumerate(zip(host_tokens, device_tokens)) if a != b)
+    logits = PteDecoder(pte).step(prompt_ids + host_tokens[:index], 0)
+    return float(logits[host_tokens[index]] - logits[device_tokens[index]])
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_the_emulated_pi_decodes_exactly_the_hosts_tokens(emulated, variant):
+def test_the_emulated_pi_decodes_the_hosts_tokens_exactly_but_at_near_ties(emulated, variant):
+    """FP32: every token equal. INT4: the trained prompts equal; a divergence only where the host's
+    own .pte had a near-tie (its top two logits within NEAR_TIE), checked on the host's logits."""
     workdir = emulated["workdir"]
     bench = read_json(workdir / f"results/{TARGET}/{VARIANTS[variant]}/bench.json")
     host = read_json(workdir / f"results/{VARIANTS[variant]}/parity.json")
     parity = read_json(workdir / f"results/{TARGET}/{VARIANTS[variant]}/parity.json")
     assert bench["emulated"] is True and bench["device"]["machine"] == "aarch64"
-    assert [row["device_tokens"] for row in parity["prompts"]] == [p["pte_tokens"] for p in host["prompts"]]
-    assert bench["parity"]["identical_to_host_pte"] == len(host["prompts"])
+    different = [(row, p) for row, p in zip(parity["prompts"], host["prompts"]) if row["device_tokens"] != p["pte_tokens"]]
+    assert bench["parity"]["identical_to_host_pte"] == len(host["prompts"]) - len(different)
+    if variant == "fp32":
+        assert not different
+    trained = DEFAULT_CONFIG["verify"]["prompts"][:-1]  # the last default prompt is the unseen one
+    for row, reference in different:
+        assert row["prompt"] not in trained
+        margin = host_margin_at_divergence(workdir / f"results/{VARIANTS[variant]}/model.pte", reference["prompt_ids"],
+                                           reference["pte_tokens"], row["device_tokens"])
+        assert 0 <= margin < NEAR_TIE, (row["prompt"], margin)
     # The .pte was lowered with fused XNNPACK subgraphs on the host; the A76 loaded and ran it.
     assert bench["pte"]["per_op_mode_used"] is False and bench["pte"]["fused_accepted_on_device"] is True
 
@@ -124,7 +149,8 @@ def test_llama_cpp_cross_built_for_the_cortex_a76_runs_on_the_emulated_pi(emulat
     record = read_json(emulated["workdir"] / f"results/{TARGET}/llamacpp/llama-bench.json")
     assert record["available"] and record["machine"] == "aarch64" and record["static"]
     assert record["cpu_options"] == ["-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16"]
-    assert (emulated["workdir"] / record["binary"]).read_bytes()[:20] == bytes.fromhex("7f454c460201010000000000000000000200b700")
+    header = (emulated["workdir"] / record["binary"]).read_bytes()[:20]
+    assert header[:5] == b"\x7fELF\x02" and header[18:20] == b"\xb7\x00"  # 64-bit ELF for aarch64 (EM_AARCH64)
     bench = read_json(emulated["workdir"] / f"results/{TARGET}/{VARIANTS['int4']}/bench.json")
     for name in ("llamacpp-q4_0", "llamacpp-q4_k_m"):
         engine = bench["engines"][name]

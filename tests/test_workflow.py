@@ -10,6 +10,7 @@ import pytest
 
 from conftest import TEST_REPO_ID, snakemake, write_config
 from gemma_edge.artifacts import ArtifactError, read_json, sha256_file, verify_against_manifest
+from gemma_edge.demo_model import DEMO_VOCAB
 from gemma_edge.export import cache_buffers, load_program
 from gemma_edge.parity import TIE_MARGIN
 from gemma_edge.quantize import cache_length_of
@@ -35,13 +36,13 @@ def test_download_went_through_the_seeded_hub_cache(workflow):
 def test_exported_program_holds_the_kv_cache_as_buffers(workflow):
     program = load_program(workflow["workdir"] / "results/tiny/fp32/program.pt2")
     buffers = cache_buffers(program)
-    assert len(buffers) == 2 * 4  # keys and values of the 4 of 6 layers that do not reuse another's
+    assert len(buffers) == 2 * 3  # keys and values of the 3 of 6 layers that do not reuse another's
     assert not program.graph_signature.lifted_tensor_constants
     assert cache_length_of(program) == 128
     targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
     # ExecuTorch's cache and attention ops: 2 writes per cached layer, one attention per layer, and
     # no per-step copies of the one-head cache to every query head, no masks, no index_copy.
-    assert targets["llama.update_cache.default"] == 2 * 4
+    assert targets["llama.update_cache.default"] == 2 * 3
     assert targets["llama.custom_sdpa.default"] == 6
     assert not {"aten.expand.default", "aten.index_copy.default", "aten.index_put.default"} & set(targets)
     manifest = read_json(workflow["workdir"] / "results/tiny/fp32/program.pt2.manifest.json")
@@ -94,7 +95,7 @@ def test_pte_carries_the_llm_runner_metadata_and_its_lowering_record(workflow):
     decoder = PteDecoder(workflow["workdir"] / INT4 / "model.pte")
     assert decoder.metadata["get_max_seq_len"] == 128
     assert decoder.metadata["get_bos_id"] == 2
-    assert decoder.metadata["get_vocab_size"] == 512
+    assert decoder.metadata["get_vocab_size"] == DEMO_VOCAB
     assert decoder.metadata["use_kv_cache"] is True
     lowering = read_json(workflow["workdir"] / INT4 / "model.pte.manifest.json")["lowering"]
     assert lowering["per_op_mode_requested"] == "auto"

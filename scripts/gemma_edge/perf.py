@@ -147,7 +147,9 @@ def convert_to_gguf(converter: Path, checkpoint_manifest: Path, gguf_type: str, 
             raise RuntimeError(f"convert_hf_to_gguf.py failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
         with atomic_output(out) as tmp:
             quantize_gguf(f32, tmp, gguf_type, threads)
-    return {"gguf_type": gguf_type, "converter": str(converter), "checkpoint_commit": checkpoint.get("commit")}
+    # The converter by name and release, not by path: manifests never name this checkout.
+    return {"gguf_type": gguf_type, "converter": converter.name, "checkpoint_commit": checkpoint.get("commit"),
+            "llama_cpp_python": package_versions(("llama_cpp_python",))["llama_cpp_python"]}
 
 
 def quantize_gguf(source: Path, out: Path, gguf_type: str, threads: int) -> None:

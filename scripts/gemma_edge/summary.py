@@ -88,7 +88,7 @@ def _round(value):
 def summarise(bench_paths: list[Path], out_csv: Path, out_json: Path) -> list[dict]:
     benches = [read_json(p) for p in bench_paths]
     rows = [row for bench in benches for row in rows_of(bench)]
-    rows.sort(key=lambda r: (r["target"], r["engine"] != "pte", r["group_size"] or 0, r["variant"], r["prompt_tokens"] or 0))
+    rows.sort(key=lambda r: (r["target"], r["engine"] != "pte", r.get("group_size") or 0, r["variant"], r.get("prompt_tokens") or 0))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
