@@ -241,7 +241,8 @@ def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path, pee
         # Relative to the working directory (where the local benchmark runs) when inside it.
         files = {"pte": {"path": artifacts.portable_path(pte), "sha256": pte_sha, "uploaded": False, "seconds": 0.0},
                  "tokenizer": {"path": artifacts.portable_path(tokenizer), "uploaded": False, "seconds": 0.0}}
-        placed = place_peers(peers or [], lambda local, kind: {"path": artifacts.portable_path(local), "uploaded": False})
+        placed = place_peers(peers or [], lambda local, kind: {"path": artifacts.portable_path(local), "uploaded": False,
+                                                              "sha256": artifacts.sha256_file(local)})
     else:
         layout = remote_layout(settings)
         timeout = settings["transfer_timeout_s"]
@@ -263,7 +264,7 @@ def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path, pee
 
 def place_peers(peers: list[dict], put) -> list[dict]:
     """Each peer with its program and model where the device runs them (`put(local, kind)` returns
-    {"path": ...}), or, when its program could not be built for the device, the reason."""
+    {"path", "sha256"}), or, when its program could not be built for the device, the reason."""
     placed = []
     for peer in peers:
         entry = {"name": peer["name"], "engine": peer["engine"], "gguf_type": peer["gguf_type"]}
@@ -274,7 +275,7 @@ def place_peers(peers: list[dict], put) -> list[dict]:
         binary = put(Path(program["binary"]), "program")
         model = put(Path(peer["model"]), "model")
         placed.append({**entry, "available": True, "binary": binary["path"], "model": model["path"],
-                       "model_sha256": artifacts.sha256_file(peer["model"]), "binary_sha256": program["sha256"]})
+                       "model_sha256": model["sha256"], "binary_sha256": program["sha256"]})
     return placed
 
 

@@ -162,7 +162,7 @@ def ratios(pte_runs: list[dict], engines: dict) -> list[dict]:
     """Per available engine and prompt length: the .pte's decode and prefill tok/s over the engine's."""
     rows = []
     for name, engine in engines.items():
-        if not engine.get("available"):
+        if not engine.get("available", True):
             continue
         theirs = {run["prompt_tokens"]: run for run in engine["runs"]}
         for ours in pte_runs:

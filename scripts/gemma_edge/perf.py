@@ -24,6 +24,7 @@ import torch
 from .artifacts import atomic_output, package_versions, read_json, write_json
 from .artifacts import peak_rss_bytes
 from .device_bench import synthetic_prompt, timed_runs
+from .peer_bench import ratios
 from .runtime import greedy_decode
 
 log = logging.getLogger(__name__)
@@ -188,18 +189,14 @@ def _number(value):
 
 
 def decode_ratio(results: dict) -> list[dict]:
-    """Per prompt length: the .pte's decode and prefill tok/s over llama.cpp's and over eager's."""
-    rows = []
-    by_engine = {engine: {r["prompt_tokens"]: r for r in result["runs"]} for engine, result in results.items()}
-    for length, pte in by_engine["pte"].items():
-        row = {"prompt_tokens": length}
-        for other in ("llamacpp", "eager"):
-            theirs = by_engine.get(other, {}).get(length)
-            if theirs:
-                row[f"decode_vs_{other}"] = pte["decode_tps"]["avg"] / theirs["decode_tps"]["avg"]
-                row[f"prefill_vs_{other}"] = pte["prefill_tps"]["avg"] / theirs["prefill_tps"]["avg"]
-        rows.append(row)
-    return rows
+    """Per prompt length: the .pte's decode and prefill tok/s over llama.cpp's and over eager's
+    (peer_bench.ratios, the device benchmark's, laid out one row per prompt length)."""
+    rows = {run["prompt_tokens"]: {"prompt_tokens": run["prompt_tokens"]} for run in results["pte"]["runs"]}
+    others = {name: results[name] for name in ("llamacpp", "eager") if name in results}
+    for ratio in ratios(results["pte"]["runs"], others):
+        rows[ratio["prompt_tokens"]][f"decode_vs_{ratio['engine']}"] = ratio["decode"]
+        rows[ratio["prompt_tokens"]][f"prefill_vs_{ratio['engine']}"] = ratio["prefill"]
+    return list(rows.values())
 
 
 def build_report(engine_files: dict, step_files: dict, pte_manifest: Path, gguf_manifest: Path, checkpoint: Path) -> dict:
