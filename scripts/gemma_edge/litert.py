@@ -10,8 +10,12 @@ The converter is `litert_torch.generative.export_hf.export` (the `litert-torch e
 command): it traces a prefill and a decode signature with the KV cache as model inputs, converts
 them, the token embedder and the per-layer embedder to TFLite, quantizes each with
 ai-edge-quantizer, and bundles them with the tokenizer into one `.litertlm` file. The tokenizer
-goes in as the checkpoint's Hugging Face `tokenizer.json` (saved by transformers'
-`save_pretrained`); a SentencePiece model is used only when a checkpoint ships `tokenizer.model`.
+goes in as the checkpoint's Hugging Face `tokenizer.json` (re-saved by transformers'
+`save_pretrained`, stored zlib-compressed: section type `HF_Tokenizer_Zlib`), so our locally
+built tokenizer needs no conversion; a SentencePiece model is used only when a checkpoint ships
+`tokenizer.model`. `python -m litert_lm_builder.litertlm_peek_main --litertlm_file=X` lists the
+sections: LLM metadata (BOS/stop tokens, max_num_tokens), executor metadata (KV cache buffers),
+the tokenizer, and the prefill/decode, embedder and per-layer-embedder TFLite models.
 
 Two workarounds with litert-torch 0.10.0 and transformers 5.24.0:
 - litert-torch imports `tensorflow.lite.python.schema_py_generated` without depending on
