@@ -178,12 +178,26 @@ def test_bench_script_needs_only_the_standard_library_and_litert_lm():
     assert imported - set(sys.stdlib_module_names) == {"litert_lm"}
 
 
-def test_bench_summary_has_device_bench_shape():
+def load_bench_module():
     import importlib.util
-
-    from gemma_edge.device_bench import summarise
 
     spec = importlib.util.spec_from_file_location("litert_bench", BENCH_SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.summarise([3.0, 1.0, 2.0]) == summarise([3.0, 1.0, 2.0])
+    return module
+
+
+def test_bench_summary_has_device_bench_shape():
+    from gemma_edge.device_bench import summarise
+
+    assert load_bench_module().summarise([3.0, 1.0, 2.0]) == summarise([3.0, 1.0, 2.0])
+
+
+def test_a_decode_the_runtime_did_not_run_is_refused():
+    """Seen on e2b-4l: its all-zero pad row makes the tied lm_head's INT4 scale 0, XNNPACK refuses
+    the tensor, and Benchmark.run() still returns, with 0 decode tokens at 0 tok/s."""
+    module = load_bench_module()
+    good = {"prefill_tokens": 64, "prefill_tps": 500.0, "decode_tokens": 32, "decode_tps": 20.0}
+    assert module.check_sample(good, 64, 32) is good
+    with pytest.raises(module.BenchFailed, match="decoded 0 of 32"):
+        module.check_sample({**good, "decode_tokens": 0, "decode_tps": 0.0}, 64, 32)

@@ -85,12 +85,28 @@ def benchmark_once(model: Path, threads: int | None, prompt_tokens: int, new_tok
     }
 
 
+class BenchFailed(RuntimeError):
+    """The runtime returned figures for less work than asked (it logs why to stderr)."""
+
+
+def check_sample(sample: dict, prompt_tokens: int, new_tokens: int) -> dict:
+    """`Benchmark.run()` does not raise when a signature fails inside the runtime: XNNPACK refusing
+    a tensor (an INT4 channel whose scale is 0, from an all-zero weight row) leaves 0 decode tokens
+    at 0 tok/s. Refuse such a sample rather than summarise it."""
+    if sample["prefill_tokens"] != prompt_tokens or sample["decode_tokens"] != new_tokens or \
+            sample["prefill_tps"] <= 0 or sample["decode_tps"] <= 0:
+        raise BenchFailed(f"LiteRT-LM prefilled {sample['prefill_tokens']} of {prompt_tokens} tokens and decoded "
+                          f"{sample['decode_tokens']} of {new_tokens} ({sample['decode_tps']:.1f} tok/s): see the "
+                          "runtime's errors above (e.g. a tensor the XNNPACK delegate refused)")
+    return sample
+
+
 def bench_prompt_length(model: Path, prompt_tokens: int, spec: dict, cache_dir: str) -> dict:
-    """`warmup` untimed runs, then `repetitions` timed ones, summarised."""
+    """`warmup` untimed runs, then `repetitions` timed ones, each checked, summarised."""
     args = (model, spec.get("threads"), prompt_tokens, spec["new_tokens"], spec.get("max_seq_len"), cache_dir)
     for _ in range(spec["warmup"]):
-        benchmark_once(*args)
-    samples = [benchmark_once(*args) for _ in range(spec["repetitions"])]
+        check_sample(benchmark_once(*args), prompt_tokens, spec["new_tokens"])
+    samples = [check_sample(benchmark_once(*args), prompt_tokens, spec["new_tokens"]) for _ in range(spec["repetitions"])]
     return {
         "prompt_tokens": prompt_tokens,
         "new_tokens": spec["new_tokens"],
@@ -186,7 +202,11 @@ def main(argv=None) -> int:
     parser.add_argument("--spec", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="a file, or - for standard output")
     args = parser.parse_args(argv)
-    result = run_bench(args.model, json.loads(args.spec.read_text()))
+    try:
+        result = run_bench(args.model, json.loads(args.spec.read_text()))
+    except BenchFailed as error:
+        print(f"benchmark failed: {error}", file=sys.stderr)
+        return 1
     text = json.dumps(result, indent=2, sort_keys=True) + "\n"
     if str(args.out) == "-":
         sys.stdout.write(text)
