@@ -68,3 +68,19 @@ def test_every_rule_names_an_existing_env_a_log_and_a_benchmark():
             assert re.search(r"\n\s*log:", rule), f"rule {name} has no log"
             assert re.search(r"\n\s*benchmark:", rule), f"rule {name} has no benchmark"
     assert seen >= 11
+
+
+def test_litert_venv_shares_the_main_pins():
+    """.venv-litert (requirements-litert.txt) reads checkpoints with the same torch, transformers,
+    tokenizers and safetensors releases as .venv; a looser torch pin would pull PyPI's CUDA build."""
+    main = pinned_requirements()
+    litert = {}
+    for line in (REPO / "requirements-litert.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            assert "==" in line, f"requirements-litert.txt: {line} is not pinned with =="
+            name, version = line.split("==")
+            litert[normalise(name)] = version
+    shared = {name: version for name, version in litert.items() if name in main}
+    assert {"torch", "transformers", "tokenizers", "safetensors"} <= set(shared)
+    assert shared == {name: main[name] for name in shared}

@@ -1,0 +1,203 @@
+"""LiteRT-LM as a peer engine: the demo model converted with litert-torch (FP32 and our INT4 recipe)
+and benchmarked on this host with litert-lm-api, for real.
+
+The converter and runtime live in .venv-litert (bench/setup-litert.sh); these tests run them in
+subprocesses there and compare with eager FP32 from this venv. Without .venv-litert they are
+skipped with that message."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DEFAULT_CONFIG, REPO
+
+LITERT_PYTHON = REPO / ".venv-litert/bin/python"
+BENCH_SCRIPT = REPO / "scripts/gemma_edge/litert_bench.py"
+
+pytestmark = pytest.mark.skipif(
+    not LITERT_PYTHON.exists(),
+    reason="LiteRT-LM's virtualenv .venv-litert is missing: run bench/setup-litert.sh once")
+
+SPEC = {"threads": 2, "prompt_lengths": [16, 48], "new_tokens": 16, "repetitions": 3, "warmup": 1, "max_seq_len": 128,
+        "max_new_tokens": DEFAULT_CONFIG["verify"]["max_new_tokens"]}
+
+
+def run_litert(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(LITERT_PYTHON), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "scripts")})
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def converted(demo_checkpoint, tmp_path_factory):
+    """The demo checkpoint converted to .litertlm twice: FP32 and INT4 (blocks of 128)."""
+    folder = tmp_path_factory.mktemp("litert")
+    manifest = folder / "checkpoint.json"
+    manifest.write_text(json.dumps({"path": str(demo_checkpoint), "commit": None}))
+    models = {}
+    for quantization in ("fp32", "int4"):
+        out = folder / quantization / "model.litertlm"
+        run_litert("-m", "gemma_edge.litert", "convert", "--checkpoint", str(manifest), "--out", str(out),
+                   "--quantization", quantization, "--group-size", "128", "--max-seq-len", str(SPEC["max_seq_len"]))
+        models[quantization] = out
+    return models
+
+
+@pytest.fixture(scope="module")
+def reference(demo_checkpoint):
+    """The verify prompts as ids (BOS first) and eager FP32's greedy tokens for each."""
+    from transformers import Gemma4ForCausalLM
+
+    from gemma_edge.demo_model import BOS_ID
+    from gemma_edge.parity import eager_reference, encode_prompts
+
+    prompts = encode_prompts(demo_checkpoint / "tokenizer.json", DEFAULT_CONFIG["verify"]["prompts"], BOS_ID)
+    model = Gemma4ForCausalLM.from_pretrained(demo_checkpoint, dtype="float32").eval()
+    return prompts, [eager_reference(model, ids, SPEC["max_new_tokens"])[0] for ids in prompts]
+
+
+def bench(model: Path, prompt_ids: list[list[int]], tmp_path: Path) -> dict:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**SPEC, "parity_prompt_ids": prompt_ids}))
+    out = tmp_path / "bench.json"
+    run_litert(str(BENCH_SCRIPT), "--model", str(model), "--spec", str(spec), "--out", str(out))
+    return json.loads(out.read_text())
+
+
+def until_stop(tokens: list[int], stop_id: int) -> list[int]:
+    """LiteRT-LM ends a generation at the stop token and does not return it; eager FP32 runs on."""
+    return tokens[:tokens.index(stop_id)] if stop_id in tokens else tokens
+
+
+def assert_summary(summary: dict, repetitions: int) -> None:
+    assert set(summary) == {"avg", "stddev", "median", "min", "max", "samples"}
+    assert len(summary["samples"]) == repetitions
+    assert all(sample > 0 for sample in summary["samples"])
+    assert summary["min"] <= summary["median"] <= summary["max"] and summary["stddev"] >= 0
+
+
+def test_manifests_say_how_each_model_was_made(converted):
+    from gemma_edge.artifacts import read_json, sha256_file
+
+    fp32 = read_json(converted["fp32"].with_name("model.litertlm.manifest.json"))
+    int4 = read_json(converted["int4"].with_name("model.litertlm.manifest.json"))
+    for model, manifest in ((converted["fp32"], fp32), (converted["int4"], int4)):
+        assert manifest["sha256"] == sha256_file(model) and manifest["size_bytes"] == model.stat().st_size
+        assert manifest["litert_versions"]["litert-torch"] == "0.10.0"
+        assert manifest["litert_versions"]["torch"].startswith("2.13.0")
+        assert manifest["convert_s"] > 0 and manifest["peak_rss_mb"] > 0
+        assert not list(model.parent.glob(".*tmp*")) and not list(model.parent.glob(".litert-*"))
+    assert fp32["recipe_json"] is None and fp32["params"]["quantization"] == "fp32"
+    assert "blocks of 128" in int4["recipe"] and int4["params"]["group_size"] == 128
+    # The demo's per-layer input projection reads 32 channels: no block of 128 fits, so it stays
+    # FP32, as in our own quantize step.
+    assert int4["fp32_linears"] == ["per_layer_projection"]
+    assert int4["size_bytes"] < fp32["size_bytes"]
+
+
+def test_fp32_litertlm_benchmarks_and_decodes_eager_fp32s_tokens(converted, reference, tmp_path):
+    prompts, expected = reference
+    result = bench(converted["fp32"], prompts, tmp_path)
+    assert result["load_s"] > 0 and result["peak_rss_bytes"] > 0
+    assert [run["prompt_tokens"] for run in result["runs"]] == SPEC["prompt_lengths"]
+    for run in result["runs"]:
+        for name in ("prefill_tps", "decode_tps", "ttft_s", "init_s", "wall_s"):
+            assert_summary(run[name], SPEC["repetitions"])
+        assert run["prefill_tokens_counted"] == [run["prompt_tokens"]] * SPEC["repetitions"]
+        assert run["decode_tokens_counted"] == [SPEC["new_tokens"]] * SPEC["repetitions"]
+    assert result["bos_id"] == prompts[0][0]
+    stop_id = result["stop_ids"][0][0]
+    for greedy, ids, tokens in zip(result["greedy"], prompts, expected):
+        assert greedy["prompt_ids"] == ids and greedy["prompt_ids_exact"]
+        assert greedy["tokens"] == until_stop(tokens, stop_id), f"prompt {ids}: {greedy['pieces']}"
+
+
+def test_int4_litertlm_runs_with_our_recipe(converted, reference, tmp_path):
+    prompts, expected = reference
+    result = bench(converted["int4"], prompts[:2], tmp_path)
+    for run in result["runs"]:
+        assert_summary(run["prefill_tps"], SPEC["repetitions"])
+        assert_summary(run["decode_tps"], SPEC["repetitions"])
+    for greedy in result["greedy"]:
+        assert greedy["pieces"] and all(isinstance(token, int) for token in greedy["tokens"])
+
+
+DEVICE_WHEELS = REPO / ".venv-litert/device-wheels"
+
+
+def test_fp32_litertlm_runs_on_the_emulated_pi5_with_only_the_aarch64_wheel(converted, reference, tmp_path):
+    """Debian bookworm's arm64 CPython 3.11.2 under qemu-aarch64 -cpu cortex-a76, with nothing but
+    the aarch64 litert-lm-api wheel unpacked on its path: it loads the model and decodes eager FP32's
+    tokens (emulated speed means nothing)."""
+    import zipfile
+
+    from gemma_edge import emulator
+
+    root = emulator.default_root()
+    try:
+        emulator.check_emulator(root)
+    except emulator.EmulatorError as error:
+        pytest.skip(f"the emulated Pi 5 is not ready ({error})")
+    wheels = sorted(DEVICE_WHEELS.glob("litert_lm_api-*-manylinux_*_aarch64.whl"))
+    assert wheels, f"bench/setup-litert.sh downloads the aarch64 litert-lm-api wheel into {DEVICE_WHEELS}"
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheels[-1]).extractall(site)
+    device = tmp_path / "device"
+    device.mkdir()
+    model = device / "model.litertlm"
+    model.write_bytes(converted["fp32"].read_bytes())
+    prompts, expected = reference
+    spec = device / "spec.json"
+    spec.write_text(json.dumps({**SPEC, "prompt_lengths": [16], "new_tokens": 8, "repetitions": 1,
+                                "parity_prompt_ids": prompts[:2]}))
+    python = emulator.sysroot_of(root) / "usr/bin/python3.11"
+    env = {**os.environ, **emulator.device_environment(root), "PYTHONPATH": str(site)}
+    done = subprocess.run([emulator.find_qemu(), str(python), str(BENCH_SCRIPT), "--model", str(model), "--spec", str(spec),
+                           "--out", str(device / "bench.json")], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((device / "bench.json").read_text())
+    assert result["device"]["machine"] == "aarch64" and result["device"]["qemu_cpu"] == "cortex-a76"
+    assert result["runs"][0]["decode_tokens_counted"] == [8]
+    stop_id = result["stop_ids"][0][0]
+    assert [g["tokens"] for g in result["greedy"]] == [until_stop(t, stop_id) for t in expected[:2]]
+
+
+def test_bench_script_needs_only_the_standard_library_and_litert_lm():
+    tree = ast.parse(BENCH_SCRIPT.read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported - set(sys.stdlib_module_names) == {"litert_lm"}
+
+
+def load_bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("litert_bench", BENCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_summary_has_device_bench_shape():
+    from gemma_edge.device_bench import summarise
+
+    assert load_bench_module().summarise([3.0, 1.0, 2.0]) == summarise([3.0, 1.0, 2.0])
+
+
+def test_a_decode_the_runtime_did_not_run_is_refused():
+    """Seen on e2b-4l: its all-zero pad row makes the tied lm_head's INT4 scale 0, XNNPACK refuses
+    the tensor, and Benchmark.run() still returns, with 0 decode tokens at 0 tok/s."""
+    module = load_bench_module()
+    good = {"prefill_tokens": 64, "prefill_tps": 500.0, "decode_tokens": 32, "decode_tps": 20.0}
+    assert module.check_sample(good, 64, 32) is good
+    with pytest.raises(module.BenchFailed, match="decoded 0 of 32"):
+        module.check_sample({**good, "decode_tokens": 0, "decode_tps": 0.0}, 64, 32)
