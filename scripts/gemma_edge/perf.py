@@ -23,9 +23,11 @@ import torch
 
 from .artifacts import atomic_output, package_versions, read_json, write_json
 from .artifacts import peak_rss_bytes
+from .bandwidth import annotate_runs, measure_read_bandwidth
 from .device_bench import synthetic_prompt, timed_runs
 from .peer_bench import ratios
 from .runtime import greedy_decode
+from .weight_bytes import weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,12 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
     """llama-bench's shape: a warm-up, then `repetitions` timed generations per prompt length."""
     threads = int(spec["threads"])
     set_threads(threads)
+    # This host's memory read bandwidth at the same threads, just before the engine holds any memory,
+    # and the weight bytes a decoded token of its artifact reads (eager's FP32 checkpoint: not counted).
+    limit = measure_read_bandwidth(threads)
+    log.info("%s: memory read bandwidth at %d threads: %.1f ± %.1f GB/s (%s)", engine, threads,
+             limit["gb_per_s"]["avg"], limit["gb_per_s"]["stddev"], limit["method"])
+    weights = weight_bytes(Path(artifact)) if engine in ("pte", "llamacpp") else None
     started = time.perf_counter()
     decoder = open_engine(engine, Path(artifact), int(spec["max_seq_len"]), threads)
     load_s = time.perf_counter() - started
@@ -110,6 +118,7 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
                      index + 1, spec["repetitions"], sample["prefill_tps"], sample["decode_tps"])
 
         runs.append(timed_runs(decoder, synthetic_prompt(length, bos_id, vocab_size), spec, progress))
+    annotate_runs(runs, weights, limit)
     # A few greedy tokens, so the table can say whether two engines computed the same thing.
     greedy = greedy_decode(decoder.step, synthetic_prompt(spec["prompt_lengths"][0], bos_id, vocab_size), 8)
     result = {
@@ -119,6 +128,8 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
         "load_s": load_s,
         "peak_rss_bytes": peak_rss_bytes(),
         "runs": runs,
+        "bandwidth": limit,
+        "weight_bytes": weights,
         "greedy_tokens": greedy,
         "engine_info": getattr(decoder, "info", None),
         "versions": package_versions(("torch", "executorch", "transformers", "llama_cpp_python")),
@@ -239,14 +250,22 @@ def render_table(report: dict) -> str:
     lines.append("\n\\* sampled by Snakemake's benchmark (may miss short spikes); others recorded by the step itself")
     lines += ["", f".pte: {report['pte']['size_bytes'] / 1e6:.1f} MB; GGUF {report['gguf']['gguf_type']}: "
                   f"{report['gguf']['size_bytes'] / 1e6:.1f} MB", ""]
-    lines += ["| engine | prompt | prefill tok/s | decode tok/s | load s | peak RSS MiB | same greedy tokens as eager |",
-              "|---|---:|---:|---:|---:|---:|---|"]
+    lines += ["| engine | prompt | prefill tok/s | decode tok/s | load s | peak RSS MiB | same greedy tokens as eager | "
+              "weight MB/token | bandwidth GB/s | fraction of bandwidth |",
+              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for engine, result in report["engines"].items():
+        limit = result.get("bandwidth")
         for run in result["runs"]:
             pre, dec = run["prefill_tps"], run["decode_tps"]
+            per_token = run.get("weight_bytes_per_token")
             lines.append(f"| {engine} | {run['prompt_tokens']} | {pre['avg']:.1f} ± {pre['stddev']:.1f} | "
                          f"{dec['avg']:.2f} ± {dec['stddev']:.2f} | {result['load_s']:.1f} | "
-                         f"{result['peak_rss_bytes'] / 2**20:.0f} | {_cell(report['same_greedy_tokens'][engine])} |")
+                         f"{result['peak_rss_bytes'] / 2**20:.0f} | {_cell(report['same_greedy_tokens'][engine])} | "
+                         f"{_cell(per_token and per_token / 1e6)} | "
+                         f"{_cell(limit and limit['gb_per_s']['avg'])} | {_cell(run.get('bandwidth_fraction'))} |")
+    lines.append("\nweight MB/token: bytes of weights a decoded token reads (linears and lm_head whole, one row of each "
+                 "embedding table); bandwidth: this host's memory read bandwidth at the same threads, measured in the "
+                 "engine's own job just before it; fraction: weight MB/token × decode tok/s over that bandwidth")
     lines += ["", "| prompt | decode .pte/llama.cpp | prefill .pte/llama.cpp | decode .pte/eager | prefill .pte/eager |",
               "|---:|---:|---:|---:|---:|"]
     for row in report["ratios"]:
