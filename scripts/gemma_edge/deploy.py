@@ -462,6 +462,11 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
              name, first["decode_tps"]["avg"], first["decode_tps"]["stddev"], first["prefill_tps"]["avg"],
              first["prompt_tokens"], report["load_s"], report["peak_rss_bytes"] / 1e6,
              " (emulated: these speeds say nothing about a Pi)" if report["emulated"] else "")
+    if first.get("bandwidth_fraction") is not None:
+        log.info("%s: memory read bandwidth %.1f GB/s at %d threads; the .pte reads %.2f MB of weights a token, so its decode "
+                 "reads %.2f of that bandwidth (prompt %d)", name, report["bandwidth"]["gb_per_s"]["avg"],
+                 report["bandwidth"]["threads"], first["weight_bytes_per_token"] / 1e6, first["bandwidth_fraction"],
+                 first["prompt_tokens"])
     log.info("%s: %d/%d prompts identical to the host's run of the same .pte", name, report["parity"]["identical_to_host_pte"],
              report["parity"]["prompts"])
     for engine_name, engine in report["engines"].items():
