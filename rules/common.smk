@@ -256,6 +256,8 @@ def perf_engine_results(wildcards):
     }
     if not config["perf"]["eager"]:
         del results["eager"]
+    if config["perf"]["litert"] and Path(litert_python()).is_file():
+        results["litert"] = f"results/perf/{model}/{litert_recipe('int4', wildcards.quant)}/litert.json"
     return results
 
 
@@ -288,7 +290,12 @@ def perf_step_benchmarks(wildcards):
     steps[f"gguf ({gguf_type})"] = (f"benchmarks/{model}/llamacpp/gguf-{gguf_type}.tsv",
                                     f"results/{model}/llamacpp/model-{gguf_type}.gguf.manifest.json")
     results = perf_engine_results(wildcards)
-    for name, engine in (("bench .pte", "pte"), ("bench eager", "eager"), ("bench llama.cpp", "llamacpp")):
+    if "litert" in results:
+        recipe = litert_recipe("int4", quant)
+        steps[f"litert ({recipe})"] = (f"benchmarks/{model}/litert/model-{recipe}.tsv",
+                                       f"results/{model}/litert/model-{recipe}.litertlm.manifest.json")
+    engines = (("bench .pte", "pte"), ("bench eager", "eager"), ("bench llama.cpp", "llamacpp"), ("bench LiteRT-LM", "litert"))
+    for name, engine in engines:
         if engine in results:  # results/perf/… and benchmarks/perf/… mirror each other (rule perf_engine).
             steps[name] = (results[engine].replace("results/", "benchmarks/", 1).replace(".json", ".tsv"), results[engine])
     return {name: {"benchmark": tsv, "peak_from": peak} for name, (tsv, peak) in steps.items()}
