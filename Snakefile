@@ -38,6 +38,7 @@ include: "rules/quantize.smk"
 include: "rules/lower.smk"
 include: "rules/verify.smk"
 include: "rules/deploy.smk"
+include: "rules/litert.smk"
 include: "rules/report.smk"
 include: "rules/perf.smk"
 

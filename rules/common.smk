@@ -16,6 +16,7 @@ wildcard_constraints:
     engine=r"pte|eager|llamacpp",
     engine_variant=r"(fp32|int4-g\d+)/xnnpack-(auto|fused|perop)|fp32|q4_0|q4_k_m|q8_0|f16",
     gguf_type=r"q4_0|q4_k_m|q8_0|f16",
+    litert_recipe=r"fp32|int8|int4-g\d+",
 
 
 PER_OP_DIR = {"auto": "auto", True: "perop", False: "fused"}
@@ -148,14 +149,32 @@ def llamacpp_sdist():
     return str(Path(workflow.basedir) / ".bench" / f"llama_cpp_python-{llamacpp_version()}.tar.gz")
 
 
+def litert_python():
+    python = Path(config["perf"]["litert_python"]).expanduser()
+    return str(python if python.is_absolute() else Path(workflow.basedir) / python)
+
+
+def litert_requirements():
+    return str(Path(workflow.basedir) / "requirements-litert.txt")
+
+
+def litert_recipe(recipe, quant):
+    """bench.peers.litert's `int4` takes the benchmarked variant's group size, so LiteRT-LM's INT4
+    blocks match the .pte's groups; fp32 and int8 are recipes of their own."""
+    if recipe != "int4":
+        return recipe
+    return quant if quant.startswith("int4-g") else quant_dir()
+
+
 def peer_plan(target):
-    """The peers a target benchmarks beside the .pte (bench.peers): per GGUF type, the llama-bench
-    built for the target and the model file, or why llama.cpp cannot run (set-up missing)."""
+    """The peers a target benchmarks beside the .pte (bench.peers): per GGUF type and LiteRT-LM
+    recipe, the engine's program for the target and the model file, or why the engine cannot run
+    (its host set-up missing)."""
 
     def plan(wildcards):
+        peers = []
         unset = None if Path(llamacpp_converter()).is_file() else (
             "llama.cpp is not set up on this host: run bench/setup-llamacpp.sh once")
-        peers = []
         for gguf_type in config["bench"]["peers"]["llamacpp"]:
             peer = {"name": f"llamacpp-{gguf_type}", "engine": "llamacpp", "gguf_type": gguf_type}
             if unset:
@@ -163,6 +182,18 @@ def peer_plan(target):
             else:
                 peer["program"] = f"results/{target}/llamacpp/llama-bench.json"
                 peer["model"] = f"results/{wildcards.model}/llamacpp/model-{gguf_type}.gguf"
+            peers.append(peer)
+        unset = None if Path(litert_python()).is_file() else (
+            "LiteRT-LM is not set up on this host: run bench/setup-litert.sh once")
+        for recipe in config["bench"]["peers"]["litert"]:
+            recipe = litert_recipe(recipe, wildcards.quant)
+            peer = {"name": f"litert-{recipe}", "engine": "litert", "recipe": recipe,
+                    "max_seq_len": config["export"]["max_seq_len"]}
+            if unset:
+                peer["reason"] = unset
+            else:
+                peer["program"] = f"results/{target}/litert/runtime.json"
+                peer["model"] = f"results/{wildcards.model}/litert/model-{recipe}.litertlm"
             peers.append(peer)
         return peers
 
@@ -225,6 +256,8 @@ def perf_engine_results(wildcards):
     }
     if not config["perf"]["eager"]:
         del results["eager"]
+    if config["perf"]["litert"] and Path(litert_python()).is_file():
+        results["litert"] = f"results/perf/{model}/{litert_recipe('int4', wildcards.quant)}/litert.json"
     return results
 
 
@@ -257,7 +290,12 @@ def perf_step_benchmarks(wildcards):
     steps[f"gguf ({gguf_type})"] = (f"benchmarks/{model}/llamacpp/gguf-{gguf_type}.tsv",
                                     f"results/{model}/llamacpp/model-{gguf_type}.gguf.manifest.json")
     results = perf_engine_results(wildcards)
-    for name, engine in (("bench .pte", "pte"), ("bench eager", "eager"), ("bench llama.cpp", "llamacpp")):
+    if "litert" in results:
+        recipe = litert_recipe("int4", quant)
+        steps[f"litert ({recipe})"] = (f"benchmarks/{model}/litert/model-{recipe}.tsv",
+                                       f"results/{model}/litert/model-{recipe}.litertlm.manifest.json")
+    engines = (("bench .pte", "pte"), ("bench eager", "eager"), ("bench llama.cpp", "llamacpp"), ("bench LiteRT-LM", "litert"))
+    for name, engine in engines:
         if engine in results:  # results/perf/… and benchmarks/perf/… mirror each other (rule perf_engine).
             steps[name] = (results[engine].replace("results/", "benchmarks/", 1).replace(".json", ".tsv"), results[engine])
     return {name: {"benchmark": tsv, "peak_from": peak} for name, (tsv, peak) in steps.items()}

@@ -52,6 +52,32 @@ rule perf_engine:
         "../scripts/perf_engine.py"
 
 
+# LiteRT-LM is timed by its own runtime's benchmark (the device's litert_bench, in a process of its
+# own with the litert-lm-api wheel for this host), not by our step loop.
+rule perf_litert:
+    input:
+        model="results/{model}/litert/model-{litert_recipe}.litertlm",
+        requirements=litert_requirements(),
+    output:
+        result="results/perf/{model}/{litert_recipe}/litert.json",
+    log:
+        "logs/perf/{model}/{litert_recipe}/litert.log",
+    benchmark:
+        "benchmarks/perf/{model}/{litert_recipe}/litert.tsv"
+    conda:
+        "../envs/perf.yaml"
+    params:
+        spec=perf_spec,
+    resources:
+        mem_mb=config["memory_mb"]["perf"],
+        host_bench=1,
+    threads: config["perf"]["threads"]
+    message:
+        "Timing prefill and decode of LiteRT-LM ({wildcards.litert_recipe}) on this host"
+    script:
+        "../scripts/perf_litert.py"
+
+
 rule perf_table:
     input:
         unpack(perf_table_inputs),
@@ -72,7 +98,7 @@ rule perf_table:
         step_benchmarks=perf_step_benchmarks,
     localrule: True
     message:
-        "Performance table of {wildcards.model} {wildcards.quant}: .pte vs eager FP32 vs llama.cpp"
+        "Performance table of {wildcards.model} {wildcards.quant}: .pte vs eager FP32 vs llama.cpp vs LiteRT-LM"
     script:
         "../scripts/perf_table.py"
 

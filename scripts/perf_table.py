@@ -5,7 +5,7 @@ from gemma_edge.steplog import rule_log
 
 def main(snakemake):
     i, o = snakemake.input, snakemake.output
-    engines = {name: getattr(i, name) for name in ("pte", "eager", "llamacpp") if hasattr(i, name)}
+    engines = {name: getattr(i, name) for name in ("pte", "eager", "llamacpp", "litert") if hasattr(i, name)}
     pipeline.perf_table(engines, snakemake.params.step_benchmarks, i.pte_manifest, i.gguf_manifest, i.checkpoint,
                         o.json, o.table)
 

@@ -33,6 +33,12 @@ needs_llamacpp = pytest.mark.skipif(
     not CONVERTER.exists() and not os.environ.get("CI"),
     reason="llama.cpp's converter is not unpacked: run bench/setup-llamacpp.sh (.ci/run does)",
 )
+LITERT_PYTHON = REPO / ".venv-litert/bin/python"
+# Skipped only outside CI, as llama.cpp: .ci/run makes LiteRT-LM's virtualenv.
+needs_litert = pytest.mark.skipif(
+    not LITERT_PYTHON.exists() and not os.environ.get("CI"),
+    reason="LiteRT-LM's virtualenv .venv-litert is missing: run bench/setup-litert.sh (.ci/run does)",
+)
 DEFAULT_CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 
 

@@ -91,6 +91,20 @@ def test_rmsnorm_rewrite_keeps_the_logits_and_leaves_xnnpack_nothing_to_refuse(d
     assert not {"aten.mean.dim", "aten.pow.Tensor_Scalar"} & targets
 
 
+def test_synthetic_checkpoint_has_no_all_zero_embedding_row(tmp_path):
+    """transformers zeroes the pad token's rows at initialisation; a released checkpoint has none,
+    and a zero row of the tied table is an INT4 channel of scale 0 that LiteRT-LM's XNNPACK refuses."""
+    from safetensors import safe_open
+
+    build_synthetic_checkpoint(REPO / "resources/demo_corpus.txt", tmp_path, "tiny", 4, seed=3)
+    with safe_open(tmp_path / "model.safetensors", "pt") as reader:
+        tables = [name for name in reader.keys() if "embed_tokens" in name]
+        assert len(tables) == 2
+        for name in tables:
+            table = reader.get_tensor(name)
+            assert table.abs().amax(dim=-1).min() > 0, f"{name} has an all-zero row"
+
+
 def test_bf16_checkpoint_exports_with_bf16_tables_and_identical_logits(tmp_path):
     """A checkpoint stored in bf16 (as E2B is) keeps its embedding tables in bf16 for export, the
     per-layer table split by layer and the lm_head tied to the token table, everything else in

@@ -4,7 +4,7 @@ import getpass
 
 import pytest
 
-from conftest import needs_llamacpp, snakemake, write_config
+from conftest import needs_litert, needs_llamacpp, snakemake, write_config
 from gemma_edge.artifacts import read_json, sha256_file
 
 VARIANT = "tiny/int4-g128/xnnpack-auto"
@@ -79,7 +79,7 @@ PEERS = {"llamacpp-q4_0": "Q4_0", "llamacpp-q4_k_m": "Q4_K - Medium"}
 @pytest.mark.parametrize("target", ["loopback", "local"])
 def test_llama_cpp_runs_beside_the_pte_in_the_same_bench(deployed, target):
     bench = read_json(deployed["workdir"] / f"results/{target}/bench.json")
-    assert set(bench["engines"]) == set(PEERS)
+    assert set(PEERS) <= set(bench["engines"])
     for name, model_type in PEERS.items():
         engine = bench["engines"][name]
         assert engine["available"], engine.get("reason")
@@ -89,7 +89,7 @@ def test_llama_cpp_runs_beside_the_pte_in_the_same_bench(deployed, target):
             for figure in ("prefill_tps", "decode_tps"):
                 assert len(run[figure]["samples"]) == 2 and all(s > 0 for s in run[figure]["samples"])
         assert set(engine["load"]) == {"before", "after", "busy"}
-    assert {(r["engine"], r["prompt_tokens"]) for r in bench["ratios"]} == {(n, p) for n in PEERS for p in (8, 32)}
+    assert {(r["engine"], r["prompt_tokens"]) for r in bench["ratios"]} >= {(n, p) for n in PEERS for p in (8, 32)}
     for row in bench["ratios"]:
         pte = next(run for run in bench["runs"] if run["prompt_tokens"] == row["prompt_tokens"])
         peer = next(run for run in bench["engines"][row["engine"]]["runs"] if run["prompt_tokens"] == row["prompt_tokens"])
@@ -103,24 +103,60 @@ def test_llama_cpp_runs_beside_the_pte_in_the_same_bench(deployed, target):
             assert run["weight_bytes_per_token"] == weights["bytes_per_token"]
             assert run["bandwidth_fraction"] == pytest.approx(weights["bytes_per_token"] * run["decode_tps"]["avg"] / 1e9 / limit)
     deployed_record = read_json(deployed["workdir"] / f"results/{target}" / VARIANT / "deployed.json")
-    for peer in deployed_record["peers"]:  # the device ran the GGUF the host wrote, byte for byte
+    for peer in (p for p in deployed_record["peers"] if p["engine"] == "llamacpp"):  # the GGUF the host wrote, byte for byte
         gguf = deployed["workdir"] / f"results/tiny/llamacpp/model-{peer['gguf_type']}.gguf"
         assert peer["model_sha256"] == sha256_file(gguf)
         if target == "loopback":
             assert sha256_file(peer["model"]) == peer["model_sha256"] and sha256_file(peer["binary"]) == peer["binary_sha256"]
 
 
+@needs_litert
+@pytest.mark.parametrize("target", ["loopback", "local"])
+def test_litert_lm_runs_beside_the_pte_with_our_recipe(deployed, target):
+    """LiteRT-LM's .litertlm (INT4 in blocks of the .pte's group size) under the litert-lm-api wheel
+    fetched for the device: its runs, ratios, and its greedy text against FP32 in the parity log."""
+    bench = read_json(deployed["workdir"] / f"results/{target}/bench.json")
+    engine = bench["engines"]["litert-int4-g128"]
+    assert engine["available"], engine.get("reason")
+    assert engine["engine"] == "litert" and engine["recipe"] == "int4-g128" and engine["versions"]["litert-lm-api"] == "0.18.1"
+    assert [run["prompt_tokens"] for run in engine["runs"]] == [8, 32]
+    for run in engine["runs"]:
+        assert run["prefill_tokens_counted"] == [run["prompt_tokens"]] * 2 and run["decode_tokens_counted"] == [8, 8]
+        for figure in ("prefill_tps", "decode_tps", "ttft_s"):
+            assert len(run[figure]["samples"]) == 2 and all(s > 0 for s in run[figure]["samples"])
+    assert set(engine["load"]) == {"before", "after", "busy"}
+    assert {r["prompt_tokens"] for r in bench["ratios"] if r["engine"] == "litert-int4-g128"} == {8, 32}
+    manifest = read_json(deployed["workdir"] / "results/tiny/litert/model-int4-g128.litertlm.manifest.json")
+    assert manifest["params"] == {"quantization": "int4", "group_size": 128, "max_seq_len": 128, "prefill_length": 64}
+    parity = read_json(deployed["workdir"] / f"results/{target}/parity.json")
+    rows = parity["peers"]["litert-int4-g128"]
+    assert len(rows) == len(parity["prompts"]) and all(0 <= row["matched_host_fp32"] <= row["generated"] for row in rows)
+    assert "litert-int4-g128: greedy text of the same prompts" in (deployed["workdir"] / f"results/{target}/parity.log").read_text()
+    deployed_record = read_json(deployed["workdir"] / f"results/{target}" / VARIANT / "deployed.json")
+    peer = next(p for p in deployed_record["peers"] if p["engine"] == "litert")
+    wheel = read_json(deployed["workdir"] / f"results/{target}/litert/runtime.json")
+    assert peer["binary_sha256"] == wheel["sha256"] and wheel["machine"] == bench["device"]["machine"]
+    assert peer["model_sha256"] == manifest["sha256"]
+    if target == "loopback":  # pushed, checked, and not installed: nothing but the files on the device
+        assert sha256_file(peer["binary"]) == peer["binary_sha256"] and sha256_file(peer["model"]) == peer["model_sha256"]
+
+
 def test_an_engine_that_cannot_run_is_reported_with_its_reason_not_a_failed_run(deployed):
-    """Without llama.cpp's set-up on the host the bench still runs, and says why llama.cpp is missing."""
+    """Without llama.cpp's or LiteRT-LM's set-up on the host the bench still runs, and says why
+    each engine is missing."""
     config = write_config(deployed["workdir"] / "bare.yaml", {
         "targets": {"bare": {"kind": "local", "threads": 1}},
-        "bench": {"peers": {"llamacpp": ["q4_0"]}},
-        "perf": {"llamacpp_converter": "missing/convert_hf_to_gguf.py"},
+        "bench": {"peers": {"llamacpp": ["q4_0"], "litert": ["int4"]}},
+        "perf": {"llamacpp_converter": "missing/convert_hf_to_gguf.py", "litert_python": "missing/bin/python"},
     })
     snakemake(deployed["workdir"], "--cores", "1", "results/bare/bench.json", "--configfile", *deployed["configs"], str(config))
     bench = read_json(deployed["workdir"] / "results/bare/bench.json")
-    assert bench["engines"] == {"llamacpp-q4_0": {"engine": "llamacpp", "gguf_type": "q4_0", "available": False,
-                                                  "reason": "llama.cpp is not set up on this host: run bench/setup-llamacpp.sh once"}}
+    assert bench["engines"] == {
+        "llamacpp-q4_0": {"engine": "llamacpp", "gguf_type": "q4_0", "available": False,
+                          "reason": "llama.cpp is not set up on this host: run bench/setup-llamacpp.sh once"},
+        "litert-int4-g128": {"engine": "litert", "recipe": "int4-g128", "available": False,
+                             "reason": "LiteRT-LM is not set up on this host: run bench/setup-litert.sh once"}}
     assert bench["ratios"] == [] and bench["runs"]
     log = (deployed["workdir"] / f"logs/targets/bare/{VARIANT}/bench.log").read_text()
     assert "llamacpp-q4_0 not available: llama.cpp is not set up" in log
+    assert "litert-int4-g128 not available: LiteRT-LM is not set up" in log

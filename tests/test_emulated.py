@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_CONFIG, REPO, needs_llamacpp, snakemake, write_config
+from conftest import DEFAULT_CONFIG, REPO, needs_litert, needs_llamacpp, snakemake, write_config
 from gemma_edge import deploy, emulator
 from gemma_edge.config import deep_merge, validate_config
 from gemma_edge.artifacts import read_json, sha256_file
@@ -156,4 +156,21 @@ def test_llama_cpp_cross_built_for_the_cortex_a76_runs_on_the_emulated_pi(emulat
         engine = bench["engines"][name]
         assert engine["available"], engine.get("reason")
         assert engine["runs"][0]["prompt_tokens"] == 8 and engine["runs"][0]["decode_tps"]["avg"] > 0
-    assert {row["engine"] for row in bench["ratios"]} == {"llamacpp-q4_0", "llamacpp-q4_k_m"}
+    assert {row["engine"] for row in bench["ratios"]} >= {"llamacpp-q4_0", "llamacpp-q4_k_m"}
+
+
+@needs_litert
+def test_litert_lm_runs_on_the_emulated_pi_from_the_aarch64_wheel(emulated):
+    """The litert-lm-api wheel fetched for the device's CPU, pushed, unpacked in a scratch folder and
+    run: LiteRT-LM's INT4 model benchmarks and decodes the parity prompts on the emulated Cortex-A76."""
+    runtime = read_json(emulated["workdir"] / f"results/{TARGET}/litert/runtime.json")
+    assert runtime["available"] and runtime["machine"] == "aarch64"
+    assert runtime["binary"].endswith("manylinux_2_27_aarch64.whl")
+    bench = read_json(emulated["workdir"] / f"results/{TARGET}/{VARIANTS['int4']}/bench.json")
+    engine = bench["engines"]["litert-int4-g128"]
+    assert engine["available"], engine.get("reason")
+    assert engine["device"]["machine"] == "aarch64" and engine["device"]["qemu_cpu"] == "cortex-a76"
+    assert engine["runs"][0]["decode_tokens_counted"] == [4] and engine["runs"][0]["decode_tps"]["avg"] > 0
+    parity = read_json(emulated["workdir"] / f"results/{TARGET}/{VARIANTS['int4']}/parity.json")
+    host = read_json(emulated["workdir"] / f"results/{VARIANTS['int4']}/parity.json")
+    assert len(parity["peers"]["litert-int4-g128"]) == len(host["prompts"])

@@ -9,13 +9,19 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pinned_requirements() -> dict[str, str]:
-    """requirements.txt and the benchmark's requirements-bench.txt (which includes it)."""
+MAIN_REQUIREMENTS = ("requirements.txt", "requirements-bench.txt")
+LITERT_REQUIREMENTS = "requirements-litert.txt"
+
+
+def pinned_requirements(files=(*MAIN_REQUIREMENTS, LITERT_REQUIREMENTS)) -> dict[str, str]:
+    """The pins of requirements.txt, the benchmark's requirements-bench.txt (which includes it) and
+    LiteRT-LM's requirements-litert.txt (whose shared pins agree: test_litert_venv_shares_the_main_pins)."""
     pins = {}
-    for file in ("requirements.txt", "requirements-bench.txt"):
+    for file in files:
         for line in (REPO / file).read_text().splitlines():
             line = line.split("#")[0].strip()
             if line and not line.startswith("-r"):
+                assert "==" in line, f"{file}: {line} is not pinned with =="
                 name, version = line.split("==")
                 pins[normalise(name)] = version
     return pins
@@ -73,14 +79,8 @@ def test_every_rule_names_an_existing_env_a_log_and_a_benchmark():
 def test_litert_venv_shares_the_main_pins():
     """.venv-litert (requirements-litert.txt) reads checkpoints with the same torch, transformers,
     tokenizers and safetensors releases as .venv; a looser torch pin would pull PyPI's CUDA build."""
-    main = pinned_requirements()
-    litert = {}
-    for line in (REPO / "requirements-litert.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            assert "==" in line, f"requirements-litert.txt: {line} is not pinned with =="
-            name, version = line.split("==")
-            litert[normalise(name)] = version
+    main = pinned_requirements(MAIN_REQUIREMENTS)
+    litert = pinned_requirements((LITERT_REQUIREMENTS,))
     shared = {name: version for name, version in litert.items() if name in main}
     assert {"torch", "transformers", "tokenizers", "safetensors"} <= set(shared)
     assert shared == {name: main[name] for name in shared}

@@ -16,14 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_CONFIG, REPO
+from conftest import DEFAULT_CONFIG, LITERT_PYTHON, REPO, needs_litert
 
-LITERT_PYTHON = REPO / ".venv-litert/bin/python"
 BENCH_SCRIPT = REPO / "scripts/gemma_edge/litert_bench.py"
 
-pytestmark = pytest.mark.skipif(
-    not LITERT_PYTHON.exists(),
-    reason="LiteRT-LM's virtualenv .venv-litert is missing: run bench/setup-litert.sh once")
+pytestmark = needs_litert
 
 SPEC = {"threads": 2, "prompt_lengths": [16, 48], "new_tokens": 16, "repetitions": 3, "warmup": 1, "max_seq_len": 128,
         "max_new_tokens": DEFAULT_CONFIG["verify"]["max_new_tokens"]}
@@ -43,11 +40,12 @@ def converted(demo_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("litert")
     manifest = folder / "checkpoint.json"
     manifest.write_text(json.dumps({"path": str(demo_checkpoint), "commit": None}))
+    from gemma_edge.litert import convert_in
+
     models = {}
-    for quantization in ("fp32", "int4"):
+    for quantization, recipe in (("fp32", "fp32"), ("int4", "int4-g128")):
         out = folder / quantization / "model.litertlm"
-        run_litert("-m", "gemma_edge.litert", "convert", "--checkpoint", str(manifest), "--out", str(out),
-                   "--quantization", quantization, "--group-size", "128", "--max-seq-len", str(SPEC["max_seq_len"]))
+        convert_in(str(LITERT_PYTHON), manifest, out, recipe, SPEC["max_seq_len"])
         models[quantization] = out
     return models
 
@@ -69,13 +67,28 @@ def bench(model: Path, prompt_ids: list[list[int]], tmp_path: Path) -> dict:
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({**SPEC, "parity_prompt_ids": prompt_ids}))
     out = tmp_path / "bench.json"
-    run_litert(str(BENCH_SCRIPT), "--model", str(model), "--spec", str(spec), "--out", str(out))
+    run_litert("-m", "gemma_edge.litert_bench", "--model", str(model), "--spec", str(spec), "--out", str(out))
     return json.loads(out.read_text())
 
 
 def until_stop(tokens: list[int], stop_id: int) -> list[int]:
     """LiteRT-LM ends a generation at the stop token and does not return it; eager FP32 runs on."""
     return tokens[:tokens.index(stop_id)] if stop_id in tokens else tokens
+
+
+def assert_same_text(demo_checkpoint, result: dict, prompts: list[list[int]], expected: list[list[int]]) -> None:
+    """Each prompt's streamed text is eager FP32's tokens, all of them up to the stop token (as
+    text: LiteRT-LM's API returns no ids, see deploy.tokens_matched_as_text)."""
+    from tokenizers import Tokenizer
+
+    from gemma_edge.deploy import tokens_matched_as_text
+
+    tokenizer = Tokenizer.from_file(str(demo_checkpoint / "tokenizer.json"))
+    stop_id = result["stop_ids"][0][0]
+    for greedy, ids, tokens in zip(result["greedy"], prompts, expected):
+        wanted = until_stop(tokens, stop_id)
+        assert len(greedy["pieces"]) == len(wanted), f"prompt {ids}: {greedy['pieces']}"
+        assert tokens_matched_as_text(tokenizer, ids, wanted, "".join(greedy["pieces"])) == len(wanted), greedy["pieces"]
 
 
 def assert_summary(summary: dict, repetitions: int) -> None:
@@ -104,7 +117,7 @@ def test_manifests_say_how_each_model_was_made(converted):
     assert int4["size_bytes"] < fp32["size_bytes"]
 
 
-def test_fp32_litertlm_benchmarks_and_decodes_eager_fp32s_tokens(converted, reference, tmp_path):
+def test_fp32_litertlm_benchmarks_and_decodes_eager_fp32s_tokens(converted, reference, demo_checkpoint, tmp_path):
     prompts, expected = reference
     result = bench(converted["fp32"], prompts, tmp_path)
     assert result["load_s"] > 0 and result["peak_rss_bytes"] > 0
@@ -115,10 +128,9 @@ def test_fp32_litertlm_benchmarks_and_decodes_eager_fp32s_tokens(converted, refe
         assert run["prefill_tokens_counted"] == [run["prompt_tokens"]] * SPEC["repetitions"]
         assert run["decode_tokens_counted"] == [SPEC["new_tokens"]] * SPEC["repetitions"]
     assert result["bos_id"] == prompts[0][0]
-    stop_id = result["stop_ids"][0][0]
-    for greedy, ids, tokens in zip(result["greedy"], prompts, expected):
+    for greedy, ids in zip(result["greedy"], prompts):
         assert greedy["prompt_ids"] == ids and greedy["prompt_ids_exact"]
-        assert greedy["tokens"] == until_stop(tokens, stop_id), f"prompt {ids}: {greedy['pieces']}"
+    assert_same_text(demo_checkpoint, result, prompts, expected)
 
 
 def test_int4_litertlm_runs_with_our_recipe(converted, reference, tmp_path):
@@ -131,26 +143,24 @@ def test_int4_litertlm_runs_with_our_recipe(converted, reference, tmp_path):
         assert greedy["pieces"] and all(isinstance(token, int) for token in greedy["tokens"])
 
 
-DEVICE_WHEELS = REPO / ".venv-litert/device-wheels"
-
-
-def test_fp32_litertlm_runs_on_the_emulated_pi5_with_only_the_aarch64_wheel(converted, reference, tmp_path):
+def test_fp32_litertlm_runs_on_the_emulated_pi5_with_only_the_aarch64_wheel(converted, reference, demo_checkpoint, tmp_path):
     """Debian bookworm's arm64 CPython 3.11.2 under qemu-aarch64 -cpu cortex-a76, with nothing but
-    the aarch64 litert-lm-api wheel unpacked on its path: it loads the model and decodes eager FP32's
-    tokens (emulated speed means nothing)."""
+    the aarch64 litert-lm-api wheel the workflow fetches for a Pi (`litert_runtime`) and our runner
+    files on its path: it loads the model and decodes eager FP32's tokens (emulated speed means
+    nothing)."""
     import zipfile
 
-    from gemma_edge import emulator
+    from gemma_edge import emulator, litert_runtime
 
     root = emulator.default_root()
     try:
         emulator.check_emulator(root)
     except emulator.EmulatorError as error:
         pytest.skip(f"the emulated Pi 5 is not ready ({error})")
-    wheels = sorted(DEVICE_WHEELS.glob("litert_lm_api-*-manylinux_*_aarch64.whl"))
-    assert wheels, f"bench/setup-litert.sh downloads the aarch64 litert-lm-api wheel into {DEVICE_WHEELS}"
+    version = litert_runtime.pinned_version(REPO / "requirements-litert.txt")
+    wheel, _ = litert_runtime.fetch_cached(version, "aarch64", litert_runtime.default_cache())
     site = tmp_path / "site"
-    zipfile.ZipFile(wheels[-1]).extractall(site)
+    zipfile.ZipFile(wheel).extractall(site)
     device = tmp_path / "device"
     device.mkdir()
     model = device / "model.litertlm"
@@ -160,37 +170,30 @@ def test_fp32_litertlm_runs_on_the_emulated_pi5_with_only_the_aarch64_wheel(conv
     spec.write_text(json.dumps({**SPEC, "prompt_lengths": [16], "new_tokens": 8, "repetitions": 1,
                                 "parity_prompt_ids": prompts[:2]}))
     python = emulator.sysroot_of(root) / "usr/bin/python3.11"
-    env = {**os.environ, **emulator.device_environment(root), "PYTHONPATH": str(site)}
-    done = subprocess.run([emulator.find_qemu(), str(python), str(BENCH_SCRIPT), "--model", str(model), "--spec", str(spec),
+    env = {**os.environ, **emulator.device_environment(root), "PYTHONPATH": f"{site}:{REPO / 'scripts'}"}
+    done = subprocess.run([emulator.find_qemu(), str(python), "-m", "gemma_edge.litert_bench", "--model", str(model), "--spec", str(spec),
                            "--out", str(device / "bench.json")], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads((device / "bench.json").read_text())
     assert result["device"]["machine"] == "aarch64" and result["device"]["qemu_cpu"] == "cortex-a76"
     assert result["runs"][0]["decode_tokens_counted"] == [8]
-    stop_id = result["stop_ids"][0][0]
-    assert [g["tokens"] for g in result["greedy"]] == [until_stop(t, stop_id) for t in expected[:2]]
+    assert_same_text(demo_checkpoint, result, prompts[:2], expected[:2])
 
 
-def test_bench_script_needs_only_the_standard_library_and_litert_lm():
+def test_bench_script_needs_only_the_standard_library_litert_lm_and_peer_bench():
     tree = ast.parse(BENCH_SCRIPT.read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    relative = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
     assert imported - set(sys.stdlib_module_names) == {"litert_lm"}
+    assert relative == {"peer_bench"}
 
 
 def load_bench_module():
-    import importlib.util
+    from gemma_edge import litert_bench
 
-    spec = importlib.util.spec_from_file_location("litert_bench", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_summary_has_device_bench_shape():
-    from gemma_edge.device_bench import summarise
-
-    assert load_bench_module().summarise([3.0, 1.0, 2.0]) == summarise([3.0, 1.0, 2.0])
+    return litert_bench
 
 
 def test_a_decode_the_runtime_did_not_run_is_refused():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, needs_llamacpp, snakemake, write_config
+from conftest import REPO, needs_litert, needs_llamacpp, snakemake, write_config
 from gemma_edge.artifacts import read_json, sha256_file
 from gemma_edge.e2b_shape import (
     E2B,
@@ -138,14 +138,15 @@ def perf_run(tmp_path_factory):
 @needs_llamacpp
 def test_perf_times_all_three_engines_on_the_same_checkpoint(perf_run):
     perf, workdir = perf_run["perf"], perf_run["workdir"]
-    assert set(perf["engines"]) == {"pte", "eager", "llamacpp"}
-    for engine, result in perf["engines"].items():
+    assert {"pte", "eager", "llamacpp"} <= set(perf["engines"])
+    for engine, result in ((name, perf["engines"][name]) for name in ("pte", "eager", "llamacpp")):
         assert [run["prompt_tokens"] for run in result["runs"]] == [8, 32], engine
         for run in result["runs"]:
             assert run["decode_tps"]["avg"] > 0 and len(run["decode_tps"]["samples"]) == 2
             assert run["prefill_tps"]["avg"] > 0
         assert len(result["greedy_tokens"]) == 8 and max(result["greedy_tokens"]) < TINY_VOCAB
         assert result["threads"] == 2
+        assert set(result["load"]) == {"before", "after", "busy"}
         # This host's bandwidth at the same threads, measured in the engine's job; eager's bytes are not counted.
         assert result["bandwidth"]["threads"] == 2 and result["bandwidth"]["gb_per_s"]["avg"] > 0
         assert (result["weight_bytes"] is None) == (engine == "eager")
@@ -165,6 +166,26 @@ def test_perf_times_all_three_engines_on_the_same_checkpoint(perf_run):
         assert row["decode_vs_llamacpp"] == pytest.approx(pte["decode_tps"]["avg"] / llama["decode_tps"]["avg"])
 
 
+@needs_litert
+def test_perf_times_litert_lm_with_the_pte_s_group_size_by_its_own_benchmark(perf_run):
+    perf, workdir = perf_run["perf"], perf_run["workdir"]
+    litert = perf["engines"]["litert"]
+    assert litert["available"], litert.get("reason")
+    assert litert["recipe"] == "int4-g128" and perf["litert"]["recipe"] == "int4-g128"
+    assert perf["litert"]["size_bytes"] == (workdir / "results/tiny-random/litert/model-int4-g128.litertlm").stat().st_size
+    assert [run["prompt_tokens"] for run in litert["runs"]] == [8, 32]
+    for run in litert["runs"]:
+        assert run["decode_tokens_counted"] == [8, 8] and len(run["decode_tps"]["samples"]) == 2
+    assert perf["same_greedy_tokens"]["litert"] is None  # its benchmark decodes no prompt of ours
+    assert litert["threads"] == 2 and set(litert["load"]) == {"before", "after", "busy"}
+    for row in perf["ratios"]:
+        pte = {r["prompt_tokens"]: r for r in perf["engines"]["pte"]["runs"]}[row["prompt_tokens"]]
+        theirs = {r["prompt_tokens"]: r for r in litert["runs"]}[row["prompt_tokens"]]
+        assert row["decode_vs_litert"] == pytest.approx(pte["decode_tps"]["avg"] / theirs["decode_tps"]["avg"])
+    table = (workdir / "results/perf/tiny-random/int4-g128/xnnpack-auto/perf.md").read_text()
+    assert "| litert | 8 |" in table and "decode .pte/LiteRT-LM" in table and "| litert (int4-g128) |" in table
+
+
 @needs_llamacpp
 def test_perf_table_lists_every_step_with_its_cost(perf_run):
     steps = perf_run["perf"]["steps"]
@@ -181,7 +202,9 @@ def test_perf_table_lists_every_step_with_its_cost(perf_run):
 def test_group_size_change_reruns_only_the_pte_side_of_the_benchmark(perf_run):
     override = write_config(perf_run["workdir"] / "g64.yaml", {"quantization": {"group_size": 64}})
     dry = snakemake(perf_run["workdir"], "-n", "perf", "--configfile", str(perf_run["config"]), str(override))
-    assert jobs_of(dry.stdout) == {"quantize": 1, "lower": 1, "perf_engine": 1, "perf_table": 1, "perf": 1}
+    # LiteRT-LM's INT4 blocks follow the group size too (when it is set up): its model and timing.
+    litert = {"litert_model": 1, "perf_litert": 1} if "litert" in perf_run["perf"]["engines"] else {}
+    assert jobs_of(dry.stdout) == {"quantize": 1, "lower": 1, "perf_engine": 1, "perf_table": 1, "perf": 1, **litert}
     assert "results/perf/tiny-random/int4-g64/xnnpack-auto/pte.json" in dry.stdout
 
 

@@ -8,7 +8,7 @@ import struct
 import pytest
 import yaml
 
-from conftest import needs_llamacpp, snakemake, write_config
+from conftest import needs_litert, needs_llamacpp, snakemake, write_config
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +48,24 @@ def test_summary_has_every_target_variant_and_prompt_length(sweep):
 @needs_llamacpp
 def test_summary_sets_llama_cpp_beside_each_pte_with_the_ratio(sweep):
     rows = list(csv.DictReader((sweep["workdir"] / "results/summary.csv").open()))
-    peers = [r for r in rows if r["engine"] != "pte"]
+    peers = [r for r in rows if r["engine"].startswith("llamacpp")]
     # Measured again in every .pte's run: per target, both GGUF types beside both group sizes.
     assert {(r["target"], r["engine"], r["measured_beside"], r["prompt_tokens"]) for r in peers} == set(itertools.product(
         ["local", "loopback"], ["llamacpp-q4_0", "llamacpp-q4_k_m"], ["int4-g64 fused", "int4-g128 fused"], ["8", "32"]))
     for row in peers:
         assert row["available"] == "True" and float(row["decode_tps"]) > 0
         assert float(row["pte_decode_ratio"]) > 0 and float(row["pte_prefill_ratio"]) > 0
+
+
+@needs_litert
+def test_summary_sets_litert_lm_with_the_same_group_size_beside_each_pte(sweep):
+    rows = list(csv.DictReader((sweep["workdir"] / "results/summary.csv").open()))
+    peers = [r for r in rows if r["engine"].startswith("litert")]
+    assert {(r["target"], r["engine"], r["variant"], r["measured_beside"], r["prompt_tokens"]) for r in peers} == {
+        (target, f"litert-int4-g{g}", f"LiteRT-LM int4-g{g}", f"int4-g{g} fused", length)
+        for target in ("local", "loopback") for g in (64, 128) for length in ("8", "32")}
+    for row in peers:
+        assert row["available"] == "True" and float(row["decode_tps"]) > 0 and float(row["pte_decode_ratio"]) > 0
 
 
 def png_size(path):

@@ -24,7 +24,8 @@ from .artifacts import read_json, write_json
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-RUNNER_FILES = ("__init__.py", "artifacts.py", "runtime.py", "device_bench.py", "peer_bench.py", "bandwidth.py")
+RUNNER_FILES = ("__init__.py", "artifacts.py", "runtime.py", "device_bench.py", "peer_bench.py", "litert_bench.py",
+                "bandwidth.py")
 RUNTIME_PACKAGES = ("executorch", "torch")
 
 
@@ -268,7 +269,7 @@ def weights_of(pte: Path, peers: list[dict]) -> dict:
     from .weight_bytes import weight_bytes
 
     weights = {"pte": weight_bytes(Path(pte))}
-    for peer in peers:
+    for peer in peers:  # a model weight_bytes cannot read (LiteRT-LM's) gets None: no fraction claimed
         if "model" in peer and Path(peer["model"]).exists():
             weights[peer["name"]] = weight_bytes(Path(peer["model"]))
     return weights
@@ -279,12 +280,12 @@ def place_peers(peers: list[dict], put) -> list[dict]:
     {"path", "sha256"}), or, when its program could not be built for the device, the reason."""
     placed = []
     for peer in peers:
-        entry = {"name": peer["name"], "engine": peer["engine"], "gguf_type": peer["gguf_type"]}
+        entry = {key: value for key, value in peer.items() if key not in ("program", "model", "reason")}
         program = read_json(peer["program"]) if "program" in peer else {"available": False, "reason": peer["reason"]}
         if not program["available"]:
             placed.append({**entry, "available": False, "reason": program["reason"]})
             continue
-        binary = put(Path(program["binary"]), "program")
+        binary = put(Path(program["binary"]), program.get("kind", "program"))
         model = put(Path(peer["model"]), "model")
         placed.append({**entry, "available": True, "binary": binary["path"], "model": model["path"],
                        "model_sha256": model["sha256"], "binary_sha256": program["sha256"]})
@@ -292,7 +293,7 @@ def place_peers(peers: list[dict], put) -> list[dict]:
 
 
 def upload_peer_file(client, settings: dict, layout: dict, local: Path, kind: str) -> dict:
-    """A peer's program (made executable) or model under <workdir>/peers/<sha256 prefix>/."""
+    """A peer's program (made executable), runtime wheel or model under <workdir>/peers/<sha256 prefix>/."""
     digest = artifacts.sha256_file(local)
     folder = f"{layout['work']}/peers/{digest[:16]}"
     ssh.run(client, ["mkdir", "-p", folder], settings["command_timeout_s"])
@@ -405,7 +406,50 @@ def compare_tokens(host_parity: dict, device_tokens: list[list[int]]) -> list[di
     return rows
 
 
-def render_parity_log(name: str, rows: list[dict]) -> str:
+def tokens_matched_as_text(tokenizer, prompt_ids: list[int], reference: list[int], text: str) -> int:
+    """How many of `reference`'s first tokens a peer's generated `text` reproduces: the largest k
+    whose decoded continuation of the prompt is a prefix of `text`. A peer that returns text, not
+    ids (LiteRT-LM), cannot be told apart from one that chose another token of the same text (a
+    byte-fallback space and '▁'); a k that ends inside a UTF-8 character is skipped."""
+    base = tokenizer.decode(prompt_ids)
+    matched = 0
+    for k in range(1, len(reference) + 1):
+        continuation = tokenizer.decode(prompt_ids + reference[:k])
+        if continuation.endswith("\ufffd"):
+            continue
+        if not continuation.startswith(base) or not text.startswith(continuation[len(base):]):
+            break
+        matched = k
+    return matched
+
+
+def compare_peer_tokens(host_parity: dict, engines: dict, tokenizer) -> dict:
+    """Per peer that decoded the parity prompts greedily (LiteRT-LM), its text against eager
+    FP32's tokens (`tokens_matched_as_text`). LiteRT-LM ends at its stop token, FP32 runs on."""
+    compared = {}
+    for name, engine in engines.items():
+        if not engine.get("available") or "greedy" not in engine:
+            continue
+        rows = []
+        for prompt, greedy in zip(host_parity["prompts"], engine["greedy"]):
+            text = "".join(greedy["pieces"])
+            rows.append({"prompt": prompt.get("prompt"), "text": text, "generated": len(greedy["pieces"]),
+                         "matched_host_fp32": tokens_matched_as_text(tokenizer, prompt["prompt_ids"],
+                                                                     prompt["reference_tokens"], text)})
+        compared[name] = rows
+    return compared
+
+
+def render_peer_parity(compared: dict) -> list[str]:
+    lines = []
+    for name, rows in compared.items():
+        lines.append(f"{name}: greedy text of the same prompts against eager FP32's tokens (matched / generated)")
+        for row in rows:
+            lines.append(f"  {(row['prompt'] or '')[:34]:<34} {row['matched_host_fp32']:>4}/{row['generated']:<3} {row['text']!r}")
+    return lines
+
+
+def render_parity_log(name: str, rows: list[dict], peers: dict | None = None) -> str:
     lines = [f"device parity on target {name}: the device decoded the host's prompt ids greedily",
              f"{'prompt':<36} {'= host .pte':>11} {'vs FP32':>8} {'diverge':>7}"]
     for row in rows:
@@ -418,6 +462,7 @@ def render_parity_log(name: str, rows: list[dict]) -> str:
             lines.append(f"  host:   {row['host_pte_tokens']}")
     agree = sum(r["matches_host_pte"] for r in rows)
     lines.append(f"{agree}/{len(rows)} prompts identical to the host's run of the same .pte")
+    lines += render_peer_parity(peers or {})
     return "\n".join(lines) + "\n"
 
 
@@ -453,9 +498,13 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
         "parity": {"prompts": len(rows), "identical_to_host_pte": sum(r["matches_host_pte"] for r in rows),
                    "exact_vs_host_fp32": sum(r["first_divergence_from_fp32"] is None for r in rows)},
     }
-    write_json(out_parity, {"target": name, "pte_sha256": pte_manifest["sha256"], "prompts": rows})
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(checkpoint["path"]) / "tokenizer.json"))
+    peers = compare_peer_tokens(host_parity, report["engines"], tokenizer)
+    write_json(out_parity, {"target": name, "pte_sha256": pte_manifest["sha256"], "prompts": rows, "peers": peers})
     with artifacts.atomic_output(out_log) as tmp:
-        tmp.write_text(render_parity_log(name, rows))
+        tmp.write_text(render_parity_log(name, rows, peers))
     write_json(out_bench, report)
     first = report["runs"][0]
     log.info("%s: decode %.2f ± %.2f tok/s, prefill %.1f tok/s (prompt %d), load %.2f s, peak RSS %.0f MB%s",

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from .bandwidth import measure_read_bandwidth
-from .peer_bench import bench_llamacpp, ratios, summarise, timed_with_load
+from .peer_bench import bench_litert, bench_llamacpp, ratios, summarise, timed_with_load
 
 
 def device_facts() -> dict:
@@ -285,7 +285,8 @@ def run_bench(pte: Path, spec: dict) -> dict:
     del decoder
     engines = {}
     for peer in spec.get("peers", []):
-        engines[peer["name"]] = bench_llamacpp(peer, spec, spec.get("peer_timeout_s", 3600))
+        run_engine = bench_litert if peer["engine"] == "litert" else bench_llamacpp
+        engines[peer["name"]] = run_engine(peer, spec, spec.get("peer_timeout_s", 3600))
         engine = engines[peer["name"]]
         if engine["available"]:
             first = engine["runs"][0]

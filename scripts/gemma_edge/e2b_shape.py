@@ -90,6 +90,24 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def fill_padding_rows(model: torch.nn.Module, config) -> list[str]:
+    """Draw the pad token's rows of the embedding tables like every other row.
+
+    transformers' initialisation zeroes the `padding_idx` row; a released checkpoint, trained
+    elsewhere, has no all-zero row. A zero row is not harmless here: through the tied lm_head it
+    is a zero output channel, whose INT4 scale is 0, which LiteRT-LM's XNNPACK delegate refuses
+    ("unsupported scale value (0.000000) in channel 0 for INT4 tensor")."""
+    filled = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+            row = module.weight.data[module.padding_idx]
+            if not row.any():
+                std = module.weight.data.float().std().item()
+                row.copy_(torch.randn(row.shape, dtype=torch.float32).mul_(std).to(row.dtype))
+                filled.append(name)
+    return filled
+
+
 def build_synthetic_checkpoint(corpus_path: Path, out_dir: Path, shape: str, layers: int, seed: int) -> dict:
     """Write config, safetensors (bf16, random, seeded) and a byte-fallback tokenizer of a Gemma 4."""
     from transformers import Gemma4ForCausalLM, GenerationConfig
@@ -100,6 +118,7 @@ def build_synthetic_checkpoint(corpus_path: Path, out_dir: Path, shape: str, lay
     torch.manual_seed(seed)
     with _single_thread():  # initialisation draws the same numbers whatever the core count
         model = Gemma4ForCausalLM(config).eval()
+        fill_padding_rows(model, config)
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     model.to(torch.bfloat16)  # stored as Gemma 4's own checkpoints are: loading upcasts, as it would E2B's
     params = parameter_count(model)

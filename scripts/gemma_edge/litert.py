@@ -32,9 +32,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.machinery
+import importlib.util
+import os
+import re
 import json
 import logging
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -205,6 +209,48 @@ def convert_checkpoint(checkpoint_manifest: Path, out: Path, quantization: str =
     log.info("wrote %s (%.1f MB) in %.1f s, peak RSS %.0f MB", out, manifest["size_bytes"] / 1e6, seconds,
              manifest["peak_rss_mb"])
     return manifest
+
+
+RECIPE = re.compile(r"(?P<quantization>fp32|int8|int4)(-g(?P<group_size>\d+))?$")
+CONVERT_TIMEOUT_S = 4 * 3600
+
+
+class ConverterMissing(RuntimeError):
+    """LiteRT-LM's converter is not installed where the workflow looks for it."""
+
+
+def parse_recipe(recipe: str) -> tuple[str, int | None]:
+    """`int4-g128` -> ("int4", 128); `fp32` and `int8` carry no group size."""
+    match = RECIPE.match(recipe)
+    if not match or (match["quantization"] == "int4") != bool(match["group_size"]):
+        raise ValueError(f"unknown LiteRT-LM recipe {recipe!r}: expected fp32, int8 or int4-g<group size>")
+    return match["quantization"], int(match["group_size"]) if match["group_size"] else None
+
+
+def converter_python(configured: Path) -> str:
+    """This interpreter when it has litert-torch (the rule's own conda environment), else the
+    configured virtualenv's (bench/setup-litert.sh)."""
+    if importlib.util.find_spec("litert_torch") is not None:
+        return sys.executable
+    if not Path(configured).is_file():
+        raise ConverterMissing(f"LiteRT-LM's converter is not set up ({configured} is missing): run bench/setup-litert.sh once")
+    return str(configured)
+
+
+def convert_in(python: str, checkpoint_manifest: Path, out: Path, recipe: str, max_seq_len: int) -> None:
+    """Run `convert` in `python`'s environment; its output goes where this process's does (the
+    rule's log). The converter writes `out` and its manifest atomically itself."""
+    quantization, group_size = parse_recipe(recipe)
+    argv = [python, "-m", "gemma_edge.litert", "convert", "--checkpoint", str(checkpoint_manifest), "--out", str(out),
+            "--quantization", quantization, "--max-seq-len", str(max_seq_len)]
+    if group_size:
+        argv += ["--group-size", str(group_size)]
+    scripts = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [scripts, os.environ.get("PYTHONPATH")]))}
+    log.info("converting with %s (%s, max_seq_len %d)", python, recipe, max_seq_len)
+    done = subprocess.run(argv, env=env, timeout=CONVERT_TIMEOUT_S)
+    if done.returncode != 0:
+        raise RuntimeError(f"LiteRT-LM's conversion to {recipe} failed (exit {done.returncode}): see its output above")
 
 
 def main(argv=None) -> int:

@@ -1,9 +1,10 @@
 """Benchmark and greedy tokens of a LiteRT-LM `.litertlm`, run where it will run (the device).
 
-Needs only the standard library and `litert-lm-api` (import name `litert_lm`), so this one file can
-be uploaded to a Pi and run with `python3 litert_bench.py`:
+Needs only the standard library, `litert-lm-api` (import name `litert_lm`) and `peer_bench` beside
+it, so it runs on a Pi with the runner files and the wheel unpacked on `PYTHONPATH`
+(`peer_bench.bench_litert` does that):
 
-    python3 litert_bench.py --model model.litertlm --spec spec.json --out bench.json
+    python3 -m gemma_edge.litert_bench --model model.litertlm --spec spec.json --out bench.json
 
 The spec holds `threads`, `prompt_lengths`, `new_tokens`, `repetitions`, `warmup`, and optionally
 `max_seq_len` (the KV cache length the model was converted with), `parity_prompt_ids` (prompts as
@@ -19,7 +20,7 @@ What times what (litert-lm-api 0.18.1):
   model load included), `time_to_first_token_in_second`, and tokens per second of the last
   prefill turn and of the last decode turn. We add the wall time of the whole call (`wall_s`).
   llama-bench shape: `prefill_tps`, `decode_tps`, `ttft_s`, `init_s` each as
-  {avg, stddev, median, min, max, samples} (as `device_bench.summarise`).
+  {avg, stddev, median, min, max, samples} (`peer_bench.summarise`).
   The first load writes `<model>_<...>.xnnpack_cache` into `cache_dir`: the warm-up runs pay for
   it, the timed ones reuse it.
 - `load_s` is the wall time of one `litert_lm.Engine(...)` with a warm cache.
@@ -39,24 +40,12 @@ import json
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
 
-
-def summarise(samples: list[float]) -> dict:
-    """{avg, stddev, median, min, max, samples}: device_bench.summarise's shape (llama-bench's
-    avg_ts, stddev_ts, samples_ts)."""
-    return {
-        "avg": statistics.fmean(samples),
-        "stddev": statistics.stdev(samples) if len(samples) > 1 else 0.0,
-        "median": statistics.median(samples),
-        "min": min(samples),
-        "max": max(samples),
-        "samples": samples,
-    }
+from .peer_bench import summarise
 
 
 def cpu_backend(threads: int | None):

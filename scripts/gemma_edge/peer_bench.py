@@ -1,5 +1,6 @@
-"""The peers on the device: llama.cpp's own `llama-bench` on the GGUFs beside the .pte, and how
-busy the machine was around each engine's run. Standard library only: it runs on the device.
+"""The peers on the device: llama.cpp's own `llama-bench` on the GGUFs and LiteRT-LM on its
+.litertlm beside the .pte, and how busy the machine was around each engine's run. Standard
+library only: it runs on the device.
 
 llama-bench is run twice per GGUF, so that its figures line up with the .pte's loop (a prefill of
 the prompt, then single-token decode steps after it):
@@ -8,6 +9,10 @@ the prompt, then single-token decode steps after it):
     llama-bench -p 0 -n N -d L1,L2     decode: N single-token steps after a context of L tokens
 
 each with `-r repetitions -t threads -o json` and llama-bench's own single warm-up run.
+
+LiteRT-LM runs in a process of its own (`litert_bench`, the runtime's own timers, see there), with
+the litert-lm-api wheel the deploy step pushed unpacked into a scratch folder on its
+`PYTHONPATH`: nothing is installed on the device, and the runtime's memory is gone when it ends.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import json
 import os
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 LOAD_WINDOW_S = 1.0
@@ -156,6 +164,52 @@ def bench_llamacpp(peer: dict, spec: dict, timeout_s: float) -> dict:
                                                          "model_type", "model_size", "model_n_params", "n_batch")},
         "rows": prefill + decode,
     }
+
+
+LITERT_SPEC_KEYS = ("threads", "prompt_lengths", "new_tokens", "repetitions", "warmup", "parity_prompt_ids",
+                    "max_new_tokens")
+
+
+def run_litert_bench(wheel: str, model: str, spec: dict, timeout_s: float) -> dict:
+    """`litert_bench` on `model` in a child process with `wheel` unpacked on its path; its result,
+    or RuntimeError with the last lines it printed."""
+    runner_path = str(Path(__file__).resolve().parent.parent)
+    with tempfile.TemporaryDirectory(prefix="litert-") as scratch:
+        site = Path(scratch, "site")
+        try:
+            zipfile.ZipFile(wheel).extractall(site)
+        except (OSError, zipfile.BadZipFile) as error:
+            raise RuntimeError(f"the litert-lm-api wheel could not be unpacked: {error}") from error
+        spec_path, out_path = Path(scratch, "spec.json"), Path(scratch, "bench.json")
+        spec_path.write_text(json.dumps({**spec, "cache_dir": str(Path(scratch, "cache"))}))
+        argv = [sys.executable, "-m", "gemma_edge.litert_bench", "--model", model, "--spec", str(spec_path),
+                "--out", str(out_path)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), runner_path])}
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
+        except subprocess.TimeoutExpired as error:
+            raise RuntimeError(f"LiteRT-LM's benchmark did not finish within {timeout_s:.0f} s") from error
+        tail = " | ".join(line for line in done.stderr.strip().splitlines()[-3:])
+        if done.returncode != 0:
+            raise RuntimeError(f"LiteRT-LM's benchmark exited with status {done.returncode}: {tail or 'no output'}")
+        return json.loads(out_path.read_text())
+
+
+def bench_litert(peer: dict, spec: dict, timeout_s: float) -> dict:
+    """The .litertlm under LiteRT-LM: its runs (the runtime's own timers), greedy tokens of the
+    parity prompts and the machine's load around it; `available: false` with the reason if it
+    cannot run."""
+    head = {"engine": "litert", "recipe": peer.get("recipe")}
+    if not peer.get("available", True):
+        return {**head, "available": False, "reason": peer["reason"]}
+    litert_spec = {key: spec[key] for key in LITERT_SPEC_KEYS if key in spec}
+    litert_spec["max_seq_len"] = peer.get("max_seq_len")
+    started = time.perf_counter()
+    try:
+        result, load = timed_with_load(lambda: run_litert_bench(peer["binary"], peer["model"], litert_spec, timeout_s))
+    except RuntimeError as error:
+        return {**head, "available": False, "reason": str(error)}
+    return {**result, **head, "available": True, "seconds": time.perf_counter() - started, "load": load}
 
 
 def ratios(pte_runs: list[dict], engines: dict) -> list[dict]:

@@ -1,11 +1,13 @@
-"""The performance benchmark: our .pte, eager FP32 PyTorch and llama.cpp on the same checkpoint,
-timed by the same loop on this host, and a table that sets them side by side with what each
-workflow step cost (wall time from Snakemake's benchmark files, peak RSS as each step recorded it).
+"""The performance benchmark: our .pte, eager FP32 PyTorch, llama.cpp and LiteRT-LM on the same
+checkpoint, on this host, and a table that sets them side by side with what each workflow step
+cost (wall time from Snakemake's benchmark files, peak RSS as each step recorded it).
 
-Every engine offers `step(tokens, start_pos) -> logits` and is timed by `device_bench.timed_runs`
-(prefill in one call, then one call per decoded token), the device benchmark's loop, so the numbers
-differ only by the engine. Each engine runs in a process of its own (one rule each), so one's
-memory and threads never weigh on another's.
+The .pte, eager and llama.cpp offer `step(tokens, start_pos) -> logits` and are timed by
+`device_bench.timed_runs` (prefill in one call, then one call per decoded token), the device
+benchmark's loop, so their numbers differ only by the engine. LiteRT-LM offers no such step: it is
+timed by its runtime's own benchmark, as on a device (`peer_bench.bench_litert`). Each engine runs
+in a process of its own (one rule each), so one's memory and threads never weigh on another's,
+and the machine's load is sampled around each (`peer_bench.timed_with_load`).
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from .artifacts import atomic_output, package_versions, read_json, write_json
 from .artifacts import peak_rss_bytes
 from .bandwidth import annotate_runs, measure_read_bandwidth
 from .device_bench import synthetic_prompt, timed_runs
-from .peer_bench import ratios
+from .peer_bench import BUSY_SHARE, bench_litert as run_litert_engine, ratios, timed_with_load
 from .runtime import greedy_decode
 from .weight_bytes import weight_bytes
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("pte", "eager", "llamacpp")
+ENGINES = ("pte", "eager", "llamacpp")  # timed by our loop; LiteRT-LM by its own (bench_litert)
+PEER_ENGINES = ("llamacpp", "eager", "litert")
 GGUF_TYPES = {"q4_0": 2, "q4_k_m": 15, "q8_0": 7, "f16": 1}  # llama_ftype values (llama.h)
 
 
@@ -111,13 +114,18 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
     decoder = open_engine(engine, Path(artifact), int(spec["max_seq_len"]), threads)
     load_s = time.perf_counter() - started
     log.info("%s: loaded %s in %.1f s", engine, artifact, load_s)
-    runs = []
-    for length in spec["prompt_lengths"]:
-        def progress(index, sample, length=length):
-            log.info("%s: prompt %d, repetition %d/%d: prefill %.1f tok/s, decode %.2f tok/s", engine, length,
-                     index + 1, spec["repetitions"], sample["prefill_tps"], sample["decode_tps"])
+    def all_lengths():
+        runs = []
+        for length in spec["prompt_lengths"]:
+            def progress(index, sample, length=length):
+                log.info("%s: prompt %d, repetition %d/%d: prefill %.1f tok/s, decode %.2f tok/s", engine, length,
+                         index + 1, spec["repetitions"], sample["prefill_tps"], sample["decode_tps"])
 
-        runs.append(timed_runs(decoder, synthetic_prompt(length, bos_id, vocab_size), spec, progress))
+            runs.append(timed_runs(decoder, synthetic_prompt(length, bos_id, vocab_size), spec, progress))
+        return runs
+
+    runs, load = timed_with_load(all_lengths)
+    warn_if_busy(engine, load)
     annotate_runs(runs, weights, limit)
     # A few greedy tokens, so the table can say whether two engines computed the same thing.
     greedy = greedy_decode(decoder.step, synthetic_prompt(spec["prompt_lengths"][0], bos_id, vocab_size), 8)
@@ -128,6 +136,7 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
         "load_s": load_s,
         "peak_rss_bytes": peak_rss_bytes(),
         "runs": runs,
+        "load": load,
         "bandwidth": limit,
         "weight_bytes": weights,
         "greedy_tokens": greedy,
@@ -135,6 +144,44 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
         "versions": package_versions(("torch", "executorch", "transformers", "llama_cpp_python")),
     }
     write_json(out, result)
+    return result
+
+
+def warn_if_busy(engine: str, load: dict) -> None:
+    if load["busy"]:
+        log.warning("%s: other processes used more than %.0f %% of the CPU around its runs (load average %.1f): "
+                    "its figures are not clean; re-run on a quiet machine", engine, 100 * BUSY_SHARE,
+                    load["after"]["loadavg_1m"])
+
+
+def bench_litert(model: Path, spec: dict, requirements: Path, out: Path) -> dict:
+    """LiteRT-LM on `model` (.litertlm) with the litert-lm-api wheel for this host, timed by its
+    runtime's own benchmark as on a device; a LiteRT-LM that cannot run here is recorded with the
+    reason, as on a device, and the table says so."""
+    import platform
+
+    from . import litert_runtime
+    from .artifacts import manifest_path
+
+    recipe = read_json(manifest_path(model))["params"]
+    peer = {"recipe": f"{recipe['quantization']}" + (f"-g{recipe['group_size']}" if recipe.get("group_size") else ""),
+            "model": str(model), "max_seq_len": int(spec["max_seq_len"])}
+    try:
+        version = litert_runtime.pinned_version(requirements)
+        wheel, _ = litert_runtime.fetch_cached(version, platform.machine(), litert_runtime.default_cache(),
+                                               ".".join(platform.python_version_tuple()[:2]))
+        peer["binary"] = str(wheel)
+    except litert_runtime.RuntimeUnavailable as error:
+        peer.update(available=False, reason=str(error))
+    result = run_litert_engine(peer, {**spec, "threads": int(spec["threads"])}, 3600)
+    if result["available"]:
+        warn_if_busy("litert", result["load"])
+        first = result["runs"][0]
+        log.info("litert: prompt %d: prefill %.1f tok/s, decode %.2f tok/s", first["prompt_tokens"],
+                 first["prefill_tps"]["avg"], first["decode_tps"]["avg"])
+    else:
+        log.warning("litert: not available: %s", result["reason"])
+    write_json(out, {**result, "artifact": str(model)})
     return result
 
 
@@ -203,7 +250,7 @@ def decode_ratio(results: dict) -> list[dict]:
     """Per prompt length: the .pte's decode and prefill tok/s over llama.cpp's and over eager's
     (peer_bench.ratios, the device benchmark's, laid out one row per prompt length)."""
     rows = {run["prompt_tokens"]: {"prompt_tokens": run["prompt_tokens"]} for run in results["pte"]["runs"]}
-    others = {name: results[name] for name in ("llamacpp", "eager") if name in results}
+    others = {name: results[name] for name in PEER_ENGINES if name in results}
     for ratio in ratios(results["pte"]["runs"], others):
         rows[ratio["prompt_tokens"]][f"decode_vs_{ratio['engine']}"] = ratio["decode"]
         rows[ratio["prompt_tokens"]][f"prefill_vs_{ratio['engine']}"] = ratio["prefill"]
@@ -226,6 +273,7 @@ def build_report(engine_files: dict, step_files: dict, pte_manifest: Path, gguf_
         "steps": steps,
         "pte": {"size_bytes": pte["size_bytes"], "lowering": pte.get("lowering"), "quantization_params": pte.get("program_params")},
         "gguf": {"gguf_type": gguf["params"]["gguf_type"], "size_bytes": gguf["size_bytes"], "sha256": gguf["sha256"]},
+        "litert": litert_facts(results.get("litert")),
         "engines": results,
         "ratios": decode_ratio(results),
         "same_greedy_tokens": same_greedy_tokens(results),
@@ -233,11 +281,21 @@ def build_report(engine_files: dict, step_files: dict, pte_manifest: Path, gguf_
     }
 
 
+def litert_facts(result: dict | None) -> dict | None:
+    """The .litertlm LiteRT-LM ran: its recipe and size (None when LiteRT-LM was not timed)."""
+    if result is None:
+        return None
+    artifact = Path(result["artifact"])
+    return {"recipe": result.get("recipe"), "size_bytes": artifact.stat().st_size if artifact.exists() else None}
+
+
 def same_greedy_tokens(results: dict) -> dict:
-    """Per engine: does it generate eager FP32's greedy tokens (None when eager was not timed)?"""
+    """Per engine: does it generate eager FP32's greedy tokens (None when eager was not timed, or
+    for LiteRT-LM, whose benchmark does not decode the same synthetic prompt)?"""
     if "eager" not in results:
         return {engine: None for engine in results}
-    return {engine: result["greedy_tokens"] == results["eager"]["greedy_tokens"] for engine, result in results.items()}
+    return {engine: result["greedy_tokens"] == results["eager"]["greedy_tokens"] if "greedy_tokens" in result else None
+            for engine, result in results.items()}
 
 
 def render_table(report: dict) -> str:
@@ -248,12 +306,21 @@ def render_table(report: dict) -> str:
         mark = "*" if step.get("peak_rss_source") == "sampled" else ""
         lines.append(f"| {name} | {step['wall_s']:.1f} | {rss}{mark} |")
     lines.append("\n\\* sampled by Snakemake's benchmark (may miss short spikes); others recorded by the step itself")
-    lines += ["", f".pte: {report['pte']['size_bytes'] / 1e6:.1f} MB; GGUF {report['gguf']['gguf_type']}: "
-                  f"{report['gguf']['size_bytes'] / 1e6:.1f} MB", ""]
+    sizes = f".pte: {report['pte']['size_bytes'] / 1e6:.1f} MB; GGUF {report['gguf']['gguf_type']}: {report['gguf']['size_bytes'] / 1e6:.1f} MB"
+    litert = report.get("litert")
+    if litert and litert["size_bytes"]:
+        sizes += f"; .litertlm {litert['recipe']}: {litert['size_bytes'] / 1e6:.1f} MB"
+    lines += ["", sizes, ""]
     lines += ["| engine | prompt | prefill tok/s | decode tok/s | load s | peak RSS MiB | same greedy tokens as eager | "
               "weight MB/token | bandwidth GB/s | fraction of bandwidth |",
               "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    busy = []
     for engine, result in report["engines"].items():
+        if not result.get("available", True):
+            lines.append(f"| {engine} | — | not available: {result['reason']} | | | | | | | |")
+            continue
+        if result.get("load", {}).get("busy"):
+            busy.append(engine)
         limit = result.get("bandwidth")
         for run in result["runs"]:
             pre, dec = run["prefill_tps"], run["decode_tps"]
@@ -266,10 +333,15 @@ def render_table(report: dict) -> str:
     lines.append("\nweight MB/token: bytes of weights a decoded token reads (linears and lm_head whole, one row of each "
                  "embedding table); bandwidth: this host's memory read bandwidth at the same threads, measured in the "
                  "engine's own job just before it; fraction: weight MB/token × decode tok/s over that bandwidth")
-    lines += ["", "| prompt | decode .pte/llama.cpp | prefill .pte/llama.cpp | decode .pte/eager | prefill .pte/eager |",
-              "|---:|---:|---:|---:|---:|"]
+    if busy:
+        lines += ["", f"**Busy machine** while timing {', '.join(busy)}: other processes used more than "
+                      f"{100 * BUSY_SHARE:.0f} % of the CPU around the runs (perf.json `load`); those figures are not clean."]
+    names = {"llamacpp": "llama.cpp", "eager": "eager", "litert": "LiteRT-LM"}
+    peers = ["llamacpp", "eager"] + (["litert"] if "litert" in report["engines"] else [])  # eager left out: "—"
+    header = " | ".join(f"{phase} .pte/{names[name]}" for name in peers for phase in ("decode", "prefill"))
+    lines += ["", f"| prompt | {header} |", "|---:|" + "---:|" * (2 * len(peers))]
     for row in report["ratios"]:
-        cells = [row.get(k) for k in ("decode_vs_llamacpp", "prefill_vs_llamacpp", "decode_vs_eager", "prefill_vs_eager")]
+        cells = [row.get(f"{phase}_vs_{name}") for name in peers for phase in ("decode", "prefill")]
         lines.append(f"| {row['prompt_tokens']} | " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 

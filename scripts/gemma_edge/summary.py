@@ -84,8 +84,12 @@ def rows_of(bench: dict) -> list[dict]:
 
 
 def peer_variant(engine: dict) -> str:
-    """A peer's bar label: llama.cpp and its GGUF type."""
-    return f"llama.cpp {engine['gguf_type']}" if engine["engine"] == "llamacpp" else engine["engine"]
+    """A peer's bar label: the engine and its GGUF type or LiteRT-LM recipe."""
+    if engine["engine"] == "llamacpp":
+        return f"llama.cpp {engine['gguf_type']}"
+    if engine["engine"] == "litert":
+        return f"LiteRT-LM {engine['recipe']}"
+    return engine["engine"]
 
 
 def _round(value):

@@ -298,6 +298,11 @@ def gguf_weight_bytes(path: Path) -> dict:
     }
 
 
-def weight_bytes(path: Path) -> dict:
-    """pte_weight_bytes or gguf_weight_bytes, by the file's suffix."""
-    return pte_weight_bytes(Path(path)) if str(path).endswith(".pte") else gguf_weight_bytes(Path(path))
+def weight_bytes(path: Path) -> dict | None:
+    """pte_weight_bytes or gguf_weight_bytes, by the file's suffix; None for other formats (a
+    `.litertlm` is not attributed yet)."""
+    if str(path).endswith(".pte"):
+        return pte_weight_bytes(Path(path))
+    if str(path).endswith(".gguf"):
+        return gguf_weight_bytes(Path(path))
+    return None
