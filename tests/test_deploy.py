@@ -27,6 +27,9 @@ def test_bench_json_holds_real_figures(deployed, target):
     assert bench["load_s"] > 0 and bench["peak_rss_bytes"] > 10_000_000
     assert bench["versions"]["device"]["executorch"] == "1.5.1"
     assert bench["device"]["cores"] >= 1 and bench["device"]["memory_bytes"] > 0
+    # The device's memory read bandwidth, measured once before the engines, over more than its caches.
+    limit = bench["bandwidth"]
+    assert limit["buffer_bytes"] >= 256 * 2**20 and limit["gb_per_s"]["avg"] > 0 and len(limit["gb_per_s"]["samples"]) == 10
 
 
 @pytest.mark.parametrize("target", ["loopback", "local"])
@@ -92,6 +95,13 @@ def test_llama_cpp_runs_beside_the_pte_in_the_same_bench(deployed, target):
         peer = next(run for run in bench["engines"][row["engine"]]["runs"] if run["prompt_tokens"] == row["prompt_tokens"])
         assert row["decode"] == pytest.approx(pte["decode_tps"]["avg"] / peer["decode_tps"]["avg"])
     assert bench["busy"] == (bench["load"]["busy"] or any(e["load"]["busy"] for e in bench["engines"].values()))
+    # Each engine's weight bytes per token (from the host's copy of its file) and its share of the bandwidth.
+    limit = bench["bandwidth"]["gb_per_s"]["avg"]
+    for runs, weights in [(bench["runs"], bench["weight_bytes"])] + [(e["runs"], e["weight_bytes"]) for e in bench["engines"].values()]:
+        assert 0 < weights["bytes_per_token"] < weights["file"]["size_bytes"]
+        for run in runs:
+            assert run["weight_bytes_per_token"] == weights["bytes_per_token"]
+            assert run["bandwidth_fraction"] == pytest.approx(weights["bytes_per_token"] * run["decode_tps"]["avg"] / 1e9 / limit)
     deployed_record = read_json(deployed["workdir"] / f"results/{target}" / VARIANT / "deployed.json")
     for peer in (p for p in deployed_record["peers"] if p["engine"] == "llamacpp"):  # the GGUF the host wrote, byte for byte
         gguf = deployed["workdir"] / f"results/tiny/llamacpp/model-{peer['gguf_type']}.gguf"

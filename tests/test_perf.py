@@ -147,6 +147,12 @@ def test_perf_times_all_three_engines_on_the_same_checkpoint(perf_run):
         assert len(result["greedy_tokens"]) == 8 and max(result["greedy_tokens"]) < TINY_VOCAB
         assert result["threads"] == 2
         assert set(result["load"]) == {"before", "after", "busy"}
+        # This host's bandwidth at the same threads, measured in the engine's job; eager's bytes are not counted.
+        assert result["bandwidth"]["threads"] == 2 and result["bandwidth"]["gb_per_s"]["avg"] > 0
+        assert (result["weight_bytes"] is None) == (engine == "eager")
+        for run in result["runs"]:
+            assert (run["bandwidth_fraction"] is None) == (engine == "eager")
+            assert engine == "eager" or run["bandwidth_fraction"] > 0
     assert perf["gguf"]["gguf_type"] == "q4_0"
     gguf = workdir / "results/tiny-random/llamacpp/model-q4_0.gguf"
     assert gguf.read_bytes()[:4] == b"GGUF" and sha256_file(gguf) == perf["gguf"]["sha256"]

@@ -39,6 +39,8 @@ def test_summary_has_every_target_variant_and_prompt_length(sweep):
         assert float(row["decode_tps"]) > 0 and float(row["prefill_tps"]) > 0
         assert row["device_identical_to_host_pte"] == "5/5"
         assert row["busy"] in ("True", "False")
+        assert int(row["weight_bytes_per_token"]) > 0 and float(row["bandwidth_gb_per_s"]) > 0
+        assert float(row["bandwidth_fraction"]) > 0
     sizes = {r["group_size"]: float(r["pte_mb"]) for r in pte}
     assert sizes["64"] != sizes["128"]  # different programs, really built
 

@@ -18,13 +18,14 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
-from . import artifacts, device_bench, peer_bench, ssh
+from . import artifacts, bandwidth, device_bench, peer_bench, ssh
 from .artifacts import read_json, write_json
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-RUNNER_FILES = ("__init__.py", "artifacts.py", "runtime.py", "device_bench.py", "peer_bench.py", "litert_bench.py")
+RUNNER_FILES = ("__init__.py", "artifacts.py", "runtime.py", "device_bench.py", "peer_bench.py", "litert_bench.py",
+                "bandwidth.py")
 RUNTIME_PACKAGES = ("executorch", "torch")
 
 
@@ -257,9 +258,21 @@ def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path, pee
             }
             placed = place_peers(peers or [], lambda local, kind: upload_peer_file(client, settings, layout, local, kind))
     record = {"target": name, "kind": settings["kind"], "files": files, "peers": placed,
-              "seconds": time.monotonic() - started}
+              "weight_bytes": weights_of(pte, peers or []), "seconds": time.monotonic() - started}
     write_json(out, record)
     return record
+
+
+def weights_of(pte: Path, peers: list[dict]) -> dict:
+    """Weight bytes a decoded token reads (weight_bytes), from the host's copies of the .pte and of
+    each peer's model: the device benchmark sets its tok/s against them."""
+    from .weight_bytes import weight_bytes
+
+    weights = {"pte": weight_bytes(Path(pte))}
+    for peer in peers:  # a model weight_bytes cannot read (LiteRT-LM's) gets None: no fraction claimed
+        if "model" in peer and Path(peer["model"]).exists():
+            weights[peer["name"]] = weight_bytes(Path(peer["model"]))
+    return weights
 
 
 def place_peers(peers: list[dict], put) -> list[dict]:
@@ -365,6 +378,18 @@ def bench_failure(name: str, status: int, stderr: str) -> str:
     return f"the benchmark failed on {name} (exit {status}): {stderr.strip()[-2000:]}"
 
 
+def add_bandwidth_fractions(result: dict, weights: dict) -> None:
+    """The .pte's and each engine's weight bytes per token, and per run the share of the device's
+    measured memory bandwidth its decode reads (bandwidth.annotate_runs)."""
+    limit = result.get("bandwidth")
+    result["weight_bytes"] = weights.get("pte")
+    bandwidth.annotate_runs(result["runs"], weights.get("pte"), limit)
+    for name, engine in result.get("engines", {}).items():
+        if engine.get("available", True):
+            engine["weight_bytes"] = weights.get(name)
+            bandwidth.annotate_runs(engine["runs"], weights.get(name), limit)
+
+
 def compare_tokens(host_parity: dict, device_tokens: list[list[int]]) -> list[dict]:
     rows = []
     for prompt, produced in zip(host_parity["prompts"], device_tokens):
@@ -452,6 +477,7 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
     result = run_device_bench(name, settings, deployed, spec)
     finished = time.time()
     rows = compare_tokens(host_parity, result.pop("parity_tokens"))
+    add_bandwidth_fractions(result, deployed.get("weight_bytes") or {})
     report = {
         "schema": "gemma-edge.bench/1",
         "target": name,
@@ -485,6 +511,11 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
              name, first["decode_tps"]["avg"], first["decode_tps"]["stddev"], first["prefill_tps"]["avg"],
              first["prompt_tokens"], report["load_s"], report["peak_rss_bytes"] / 1e6,
              " (emulated: these speeds say nothing about a Pi)" if report["emulated"] else "")
+    if first.get("bandwidth_fraction") is not None:
+        log.info("%s: memory read bandwidth %.1f GB/s at %d threads; the .pte reads %.2f MB of weights a token, so its decode "
+                 "reads %.2f of that bandwidth (prompt %d)", name, report["bandwidth"]["gb_per_s"]["avg"],
+                 report["bandwidth"]["threads"], first["weight_bytes_per_token"] / 1e6, first["bandwidth_fraction"],
+                 first["prompt_tokens"])
     log.info("%s: %d/%d prompts identical to the host's run of the same .pte", name, report["parity"]["identical_to_host_pte"],
              report["parity"]["prompts"])
     for engine_name, engine in report["engines"].items():

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from .bandwidth import measure_read_bandwidth
 from .peer_bench import bench_litert, bench_llamacpp, ratios, summarise, timed_with_load
 
 
@@ -253,6 +254,9 @@ def run_bench(pte: Path, spec: dict) -> dict:
     from gemma_edge.runtime import PteDecoder, greedy_decode
 
     threads = spec.get("threads")
+    # The limit every engine's decode shares, measured once before any of them holds memory.
+    bandwidth = measure_read_bandwidth(int(threads or os.cpu_count()))
+    print(f"memory read bandwidth at {bandwidth['threads']} threads: {bandwidth['gb_per_s']['avg']:.1f} GB/s", flush=True)
     if threads:
         from executorch.extension.pybindings import portable_lib
 
@@ -293,6 +297,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
     return {
         "load_s": load_s,
         "threads": threads or None,
+        "bandwidth": bandwidth,
         "runs": runs,
         "load": load,
         "parity_tokens": parity,

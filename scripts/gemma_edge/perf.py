@@ -25,9 +25,11 @@ import torch
 
 from .artifacts import atomic_output, package_versions, read_json, write_json
 from .artifacts import peak_rss_bytes
+from .bandwidth import annotate_runs, measure_read_bandwidth
 from .device_bench import synthetic_prompt, timed_runs
 from .peer_bench import BUSY_SHARE, bench_litert as run_litert_engine, ratios, timed_with_load
 from .runtime import greedy_decode
+from .weight_bytes import weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,12 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
     """llama-bench's shape: a warm-up, then `repetitions` timed generations per prompt length."""
     threads = int(spec["threads"])
     set_threads(threads)
+    # This host's memory read bandwidth at the same threads, just before the engine holds any memory,
+    # and the weight bytes a decoded token of its artifact reads (eager's FP32 checkpoint: not counted).
+    limit = measure_read_bandwidth(threads)
+    log.info("%s: memory read bandwidth at %d threads: %.1f ± %.1f GB/s (%s)", engine, threads,
+             limit["gb_per_s"]["avg"], limit["gb_per_s"]["stddev"], limit["method"])
+    weights = weight_bytes(Path(artifact)) if engine in ("pte", "llamacpp") else None
     started = time.perf_counter()
     decoder = open_engine(engine, Path(artifact), int(spec["max_seq_len"]), threads)
     load_s = time.perf_counter() - started
@@ -118,6 +126,7 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
 
     runs, load = timed_with_load(all_lengths)
     warn_if_busy(engine, load)
+    annotate_runs(runs, weights, limit)
     # A few greedy tokens, so the table can say whether two engines computed the same thing.
     greedy = greedy_decode(decoder.step, synthetic_prompt(spec["prompt_lengths"][0], bos_id, vocab_size), 8)
     result = {
@@ -128,6 +137,8 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
         "peak_rss_bytes": peak_rss_bytes(),
         "runs": runs,
         "load": load,
+        "bandwidth": limit,
+        "weight_bytes": weights,
         "greedy_tokens": greedy,
         "engine_info": getattr(decoder, "info", None),
         "versions": package_versions(("torch", "executorch", "transformers", "llama_cpp_python")),
@@ -300,20 +311,28 @@ def render_table(report: dict) -> str:
     if litert and litert["size_bytes"]:
         sizes += f"; .litertlm {litert['recipe']}: {litert['size_bytes'] / 1e6:.1f} MB"
     lines += ["", sizes, ""]
-    lines += ["| engine | prompt | prefill tok/s | decode tok/s | load s | peak RSS MiB | same greedy tokens as eager |",
-              "|---|---:|---:|---:|---:|---:|---|"]
+    lines += ["| engine | prompt | prefill tok/s | decode tok/s | load s | peak RSS MiB | same greedy tokens as eager | "
+              "weight MB/token | bandwidth GB/s | fraction of bandwidth |",
+              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     busy = []
     for engine, result in report["engines"].items():
         if not result.get("available", True):
-            lines.append(f"| {engine} | — | not available: {result['reason']} | | | | |")
+            lines.append(f"| {engine} | — | not available: {result['reason']} | | | | | | | |")
             continue
         if result.get("load", {}).get("busy"):
             busy.append(engine)
+        limit = result.get("bandwidth")
         for run in result["runs"]:
             pre, dec = run["prefill_tps"], run["decode_tps"]
+            per_token = run.get("weight_bytes_per_token")
             lines.append(f"| {engine} | {run['prompt_tokens']} | {pre['avg']:.1f} ± {pre['stddev']:.1f} | "
                          f"{dec['avg']:.2f} ± {dec['stddev']:.2f} | {result['load_s']:.1f} | "
-                         f"{result['peak_rss_bytes'] / 2**20:.0f} | {_cell(report['same_greedy_tokens'][engine])} |")
+                         f"{result['peak_rss_bytes'] / 2**20:.0f} | {_cell(report['same_greedy_tokens'][engine])} | "
+                         f"{_cell(per_token and per_token / 1e6)} | "
+                         f"{_cell(limit and limit['gb_per_s']['avg'])} | {_cell(run.get('bandwidth_fraction'))} |")
+    lines.append("\nweight MB/token: bytes of weights a decoded token reads (linears and lm_head whole, one row of each "
+                 "embedding table); bandwidth: this host's memory read bandwidth at the same threads, measured in the "
+                 "engine's own job just before it; fraction: weight MB/token × decode tok/s over that bandwidth")
     if busy:
         lines += ["", f"**Busy machine** while timing {', '.join(busy)}: other processes used more than "
                       f"{100 * BUSY_SHARE:.0f} % of the CPU around the runs (perf.json `load`); those figures are not clean."]

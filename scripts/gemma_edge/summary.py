@@ -17,6 +17,7 @@ COLUMNS = [
     "new_tokens", "prefill_tps", "prefill_tps_stddev", "decode_tps", "decode_tps_stddev", "pte_decode_ratio",
     "pte_prefill_ratio", "ttft_ms", "load_s", "peak_rss_mb", "host_teacher_forced_top1", "host_logits_cosine",
     "device_identical_to_host_pte", "busy", "available", "cpu_model", "executorch", "measured_beside",
+    "weight_bytes_per_token", "bandwidth_gb_per_s", "bandwidth_fraction",
 ]
 
 
@@ -26,8 +27,14 @@ def variant_name(bench: dict) -> str:
     return f"{'int4-g' + str(group) if group else 'fp32'} {mode}"
 
 
-def speeds(run: dict) -> dict:
+def speeds(run: dict, bench: dict | None = None) -> dict:
+    """A run's speeds; with its benchmark, also the weight bytes its decode reads per token, the
+    device's measured memory read bandwidth and the share of it that decode achieved."""
+    limit = (bench or {}).get("bandwidth")
     return {
+        "weight_bytes_per_token": run.get("weight_bytes_per_token"),
+        "bandwidth_gb_per_s": round(limit["gb_per_s"]["avg"], 2) if limit else None,
+        "bandwidth_fraction": _round(run.get("bandwidth_fraction")),
         "prompt_tokens": run["prompt_tokens"],
         "new_tokens": run["new_tokens"],
         "prefill_tps": round(run["prefill_tps"]["avg"], 2),
@@ -52,7 +59,7 @@ def rows_of(bench: dict) -> list[dict]:
             "group_size": bench["quantization"].get("group_size"),
             "per_op_mode_used": bench["pte"]["per_op_mode_used"],
             "pte_mb": round(bench["pte"]["size_bytes"] / 1e6, 3),
-            **speeds(run),
+            **speeds(run, bench),
             "ttft_ms": round(1000 * run["ttft_s"]["avg"], 2),
             "load_s": round(bench["load_s"], 3),
             "peak_rss_mb": round(bench["peak_rss_bytes"] / 1e6, 1),
@@ -71,7 +78,7 @@ def rows_of(bench: dict) -> list[dict]:
             continue
         for run in engine["runs"]:
             ratio = ratios.get((name, run["prompt_tokens"]), {})
-            rows.append({**peer, **speeds(run), "busy": engine["load"]["busy"],
+            rows.append({**peer, **speeds(run, bench), "busy": engine["load"]["busy"],
                          "pte_decode_ratio": _round(ratio.get("decode")), "pte_prefill_ratio": _round(ratio.get("prefill"))})
     return rows
 
