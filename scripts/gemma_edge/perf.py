@@ -173,7 +173,8 @@ def bench_litert(model: Path, spec: dict, requirements: Path, out: Path) -> dict
         peer["binary"] = str(wheel)
     except litert_runtime.RuntimeUnavailable as error:
         peer.update(available=False, reason=str(error))
-    result = run_litert_engine(peer, {**spec, "threads": int(spec["threads"])}, 3600)
+    limit = measure_read_bandwidth(int(spec["threads"]))  # the column beside it; a .litertlm's bytes are not counted
+    result = {**run_litert_engine(peer, {**spec, "threads": int(spec["threads"])}, 3600), "bandwidth": limit}
     if result["available"]:
         warn_if_busy("litert", result["load"])
         first = result["runs"][0]
