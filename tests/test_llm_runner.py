@@ -1,0 +1,94 @@
+"""Our .pte and tokenizer under ExecuTorch's own C++ LLM runner (TextLLMRunner), on the workflow's
+demo artifacts: same prompt ids, same greedy tokens as our loop, and the runner's own figures."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import DEFAULT_CONFIG
+from gemma_edge import llm_runner
+from gemma_edge.artifacts import read_json
+from gemma_edge.runtime import PteDecoder, greedy_decode
+
+VARIANTS = {"int4": "results/tiny/int4-g128/xnnpack-auto", "fp32": "results/tiny/fp32/xnnpack-auto"}
+PROMPTS = DEFAULT_CONFIG["verify"]["prompts"]
+MAX_NEW_TOKENS = DEFAULT_CONFIG["verify"]["max_new_tokens"]
+
+
+def binding_missing() -> str | None:
+    """Why ExecuTorch's LLM runner binding cannot be imported, or None if it can."""
+    try:
+        import executorch.extension.llm.runner  # noqa: F401
+    except (ImportError, RuntimeError) as error:  # the package raises RuntimeError when its extension is absent
+        return f"executorch.extension.llm.runner is not importable: {error}"
+    return None
+
+
+needs_binding = pytest.mark.skipif(binding_missing() is not None, reason=binding_missing() or "")
+
+
+def tokenizer_of(workdir: Path) -> Path:
+    return workdir / read_json(workdir / "results/tiny/checkpoint.json")["path"] / "tokenizer.json"
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant(request, workflow):
+    """One .pte generated from with the runner and with our loop, and its parity record."""
+    workdir = workflow["workdir"]
+    folder = workdir / VARIANTS[request.param]
+    pte = folder / "model.pte"
+    decoder = PteDecoder(pte)
+    eos = decoder.metadata["get_eos_ids"]
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    parity = read_json(folder / "parity.json")
+    return {
+        "name": request.param,
+        "runner": llm_runner.generate_with_runner(pte, tokenizer_of(workdir), PROMPTS, MAX_NEW_TOKENS, threads=2),
+        "ours": [greedy_decode(decoder.step, p["prompt_ids"], MAX_NEW_TOKENS, eos_ids) for p in parity["prompts"]],
+        "parity": parity,
+    }
+
+
+@needs_binding
+def test_runner_tokenises_each_prompt_to_our_prompt_ids(variant):
+    for result, recorded in zip(variant["runner"], variant["parity"]["prompts"], strict=True):
+        assert result["prompt_ids"] == recorded["prompt_ids"], result["prompt"]
+        assert result["prompt_ids_count_matches"], result["prompt"]
+
+
+@needs_binding
+def test_runner_greedy_tokens_equal_our_loop(variant):
+    for result, ours in zip(variant["runner"], variant["ours"], strict=True):
+        assert None not in result["tokens"], f"{result['prompt']!r}: pieces that map to no single id: {result['pieces']}"
+        assert result["tokens"] == ours, result["prompt"]
+
+
+@needs_binding
+def test_runner_stats_are_positive_and_count_what_it_generated(variant):
+    for result in variant["runner"]:
+        stats = result["stats"]
+        for name in ("prefill_tps", "decode_tps", "ttft_s", "load_s", "construct_s"):
+            assert isinstance(stats[name], float) and stats[name] > 0, (result["prompt"], name, stats)
+        assert stats["prompt_tokens"] == len(result["prompt_ids"])
+        assert stats["generated_tokens"] == len(result["tokens"]) - 1  # the decode calls after prefill
+
+
+def test_pieces_map_back_to_ids_only_when_unambiguous():
+    table = {"a": [5], "": [0, 1]}
+    assert llm_runner.ids_from_pieces(["a", "", "zz"], table) == [5, None, None]
+
+
+class FakeTokenizer:
+    def __init__(self, adds_bos: bool):
+        self.adds_bos = adds_bos
+
+    def bos_tok(self) -> int:
+        return 2
+
+    def encode(self, text: str, bos: int, eos: int) -> list[int]:
+        return [2] * (bos + self.adds_bos) + [7]
+
+
+def test_bos_is_asked_for_only_when_the_tokenizer_does_not_add_it():
+    assert llm_runner.bos_to_add(FakeTokenizer(adds_bos=False), "x") == 1
+    assert llm_runner.bos_to_add(FakeTokenizer(adds_bos=True), "x") == 0
