@@ -44,6 +44,8 @@ def variant(request, workflow):
     return {
         "name": request.param,
         "runner": llm_runner.generate_with_runner(pte, tokenizer_of(workdir), PROMPTS, MAX_NEW_TOKENS, threads=2),
+        "runner_as_shipped": llm_runner.generate_with_runner(pte, tokenizer_of(workdir), PROMPTS, MAX_NEW_TOKENS, threads=2,
+                                                             exact_ids=False),
         "ours": [greedy_decode(decoder.step, p["prompt_ids"], MAX_NEW_TOKENS, eos_ids) for p in parity["prompts"]],
         "parity": parity,
     }
@@ -61,6 +63,15 @@ def test_runner_greedy_tokens_equal_our_loop(variant):
     for result, ours in zip(variant["runner"], variant["ours"], strict=True):
         assert None not in result["tokens"], f"{result['prompt']!r}: pieces that map to no single id: {result['pieces']}"
         assert result["tokens"] == ours, result["prompt"]
+
+
+@needs_binding
+def test_runner_with_the_tokenizer_as_shipped_gives_the_same_tokens(variant):
+    """The demo's byte-level vocabulary decodes every id to a piece of its own, so the unmodified
+    tokenizer.json (with its decoder) identifies the tokens too."""
+    for shipped, exact in zip(variant["runner_as_shipped"], variant["runner"], strict=True):
+        assert shipped["prompt_ids"] == exact["prompt_ids"]
+        assert shipped["tokens"] == exact["tokens"], shipped["prompt"]
 
 
 @needs_binding

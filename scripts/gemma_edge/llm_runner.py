@@ -26,9 +26,14 @@ how it meets our program:
 - Temperature 0 is greedy (first index of the largest logit, as torch.argmax). The default
   GenerationConfig samples at 0.8, so it is set explicitly. Generation stops at an id of
   `get_eos_ids` (the binding cannot turn that off), so our own loop is compared with the same ids.
-- Generated tokens come back only as decoded text pieces, one per token; the ids are recovered
-  by looking each piece up in the tokenizer's own id -> piece table. A piece several ids decode
-  to, or that is not valid UTF-8 (the binding then raises), cannot be mapped back.
+- Generated tokens come back only as decoded text pieces, one per token, and pieces do not
+  identify tokens: with Gemma's byte fallback `<0x41>` and `A` both decode to "A", and a lone
+  byte above 0x7F is not valid UTF-8, which the binding raises on when it hands the piece to
+  Python. So by default (`exact_ids`) the runner gets a copy of tokenizer.json without its
+  `decoder` section: encoding is untouched (normaliser, pre-tokeniser, model, special tokens),
+  and each piece is then the token's own vocabulary string, unique per id and valid UTF-8.
+  With `exact_ids=False` it gets tokenizer.json as it is, as users run it, and pieces map back
+  only where one id decodes to them.
 - It prints each piece and a `PyTorchObserver {...}` line to standard output itself.
 """
 
@@ -37,11 +42,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
-
-RUNNER_MODULE = "executorch.extension.llm.runner"
-
 
 def register_program_kernels() -> None:
     """The .pte calls ExecuTorch's LLM ops (update_cache, custom_sdpa) and quantized embedding
@@ -75,11 +78,26 @@ def bos_to_add(tokenizer, prompt: str) -> int:
 
 
 def piece_table(tokenizer) -> dict[str, list[int]]:
-    """Each decoded piece and the ids that decode to it."""
+    """Each decoded piece and the ids that decode to it (ids whose piece is not valid UTF-8 left out:
+    the runner's binding cannot hand those to Python either)."""
     table: dict[str, list[int]] = {}
     for token in range(tokenizer.vocab_size()):
-        table.setdefault(tokenizer.decode(token, False), []).append(token)
+        try:
+            piece = tokenizer.decode(token, False)
+        except UnicodeDecodeError:
+            continue
+        table.setdefault(piece, []).append(token)
     return table
+
+
+def without_decoder(tokenizer_path: Path, folder: Path) -> Path:
+    """A copy of tokenizer.json in `folder` without its `decoder` section: it encodes exactly as the
+    original, and decodes each id to its own vocabulary string."""
+    data = json.loads(Path(tokenizer_path).read_text(encoding="utf-8"))
+    data.pop("decoder", None)
+    copy = Path(folder) / "tokenizer.json"
+    copy.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return copy
 
 
 def ids_from_pieces(pieces: list[str], table: dict[str, list[int]]) -> list[int | None]:
@@ -132,17 +150,24 @@ def greedy_config(max_new_tokens: int, num_bos: int, warming: bool = False):
 
 
 def generate_with_runner(pte_path, tokenizer_path, prompts: list[str], max_new_tokens: int,
-                         threads: int | None = None, warmup: bool = True) -> list[dict]:
+                         threads: int | None = None, warmup: bool = True, exact_ids: bool = True) -> list[dict]:
     """Generate greedily from each prompt with ExecuTorch's TextLLMRunner on `pte_path`.
 
     Returns, per prompt: `prompt_ids` (the ids the runner's tokenizer makes, BOS included, as
     pytorch_tokenizers' binding of it encodes them; `prompt_ids_count_matches` says whether the
-    runner counted as many),
-    `tokens` (the generated ids, recovered from the runner's text pieces; None where a piece maps
-    to no single id), `pieces`, and `stats` (runner_stats). With `warmup`, the first prompt is
-    generated once untimed first (it also loads the forward method), as device_bench does.
-    The KV cache is reset before each prompt. `construct_s` in each result's stats is the time
-    the runner took to open the program and read its metadata, before `load_s`."""
+    runner counted as many), `tokens` (the generated ids, recovered from the runner's pieces; None
+    where a piece maps to no single id, which `exact_ids` rules out), `pieces`, and `stats`
+    (runner_stats, plus `construct_s`: opening the program and reading its metadata, before
+    `load_s`). With `warmup`, the first prompt is generated once untimed first (it also loads the
+    forward method), as device_bench does. The KV cache is reset before each prompt."""
+    with tempfile.TemporaryDirectory(prefix="llm-runner-") as folder:
+        runner_tokenizer = without_decoder(tokenizer_path, folder) if exact_ids else Path(tokenizer_path)
+        return run_prompts(pte_path, runner_tokenizer, prompts, max_new_tokens, threads, warmup)
+
+
+def run_prompts(pte_path, tokenizer_path: Path, prompts: list[str], max_new_tokens: int, threads: int | None,
+                warmup: bool) -> list[dict]:
+    """generate_with_runner's work, with the tokenizer file the runner is to load."""
     register_program_kernels()
     set_threads(threads)
     from executorch.extension.llm.runner import TextLLMRunner
@@ -230,10 +255,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--compare", action="store_true", help="also run our own loop on the runner's prompt ids")
+    parser.add_argument("--pieces-as-decoded", action="store_true",
+                        help="give the runner tokenizer.json as it is (ids recovered only where a piece is unambiguous)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     prompts = json.loads(args.prompts.read_text())
-    report = {"runner": generate_with_runner(args.pte, args.tokenizer, prompts, args.max_new_tokens, args.threads)}
+    report = {"runner": generate_with_runner(args.pte, args.tokenizer, prompts, args.max_new_tokens, args.threads,
+                                             exact_ids=not args.pieces_as_decoded)}
     if args.compare:
         ids = [r["prompt_ids"] for r in report["runner"]]
         report["our_loop"] = generate_with_our_loop(args.pte, ids, args.max_new_tokens, args.threads)
