@@ -15,7 +15,9 @@ how it meets our program:
   stats_callback)`) and tokenises it itself with the C++ HF tokenizer of `pytorch_tokenizers`,
   which adds BOS only when `GenerationConfig.num_bos` asks (it does not apply tokenizer.json's
   post-processor). So we ask for one BOS exactly when the tokenizer does not add it, and return
-  the prompt ids that tokenizer makes, for the caller to compare with its own.
+  the prompt ids that tokenizer makes, for the caller to compare with its own. Given a file (not
+  a folder holding tokenizer_config.json), the tokenizer guesses BOS and EOS from the special
+  tokens' names; the .pte's `get_eos_ids` then overrides its EOS.
 - It calls `forward(tokens[1, T], input_pos[T])`: `input_pos` holds the T cache positions because
   the method's second input is declared longer than one element (our dynamic T). Prefill is one
   call of the whole prompt (`enable_dynamic_shape`), then one call per token. Our logits are
@@ -45,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 
 def register_program_kernels() -> None:
     """The .pte calls ExecuTorch's LLM ops (update_cache, custom_sdpa) and quantized embedding
