@@ -49,6 +49,15 @@ import time
 from pathlib import Path
 
 
+def binding_missing() -> str | None:
+    """Why ExecuTorch's LLM runner binding cannot be imported here, or None if it can."""
+    try:
+        import executorch.extension.llm.runner  # noqa: F401
+    except (ImportError, RuntimeError) as error:  # the package raises RuntimeError when its extension is absent
+        return f"executorch.extension.llm.runner is not importable: {error}"
+    return None
+
+
 def register_program_kernels() -> None:
     """The .pte calls ExecuTorch's LLM ops (update_cache, custom_sdpa) and quantized embedding
     kernels; importing these registers them with the runtime the runner shares."""
@@ -262,6 +271,10 @@ def main(argv=None) -> int:
                         help="give the runner tokenizer.json as it is (ids recovered only where a piece is unambiguous)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
+    missing = binding_missing()
+    if missing:
+        print(missing, file=sys.stderr)
+        return BINDING_MISSING
     prompts = json.loads(args.prompts.read_text())
     report = {"runner": generate_with_runner(args.pte, args.tokenizer, prompts, args.max_new_tokens, args.threads,
                                              exact_ids=not args.pieces_as_decoded)}
@@ -271,6 +284,9 @@ def main(argv=None) -> int:
         report["identical"] = [r["tokens"] == o["tokens"] for r, o in zip(report["runner"], report["our_loop"])]
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+BINDING_MISSING = 4  # exit status when the runner's binding is not in this executorch
 
 
 if __name__ == "__main__":
