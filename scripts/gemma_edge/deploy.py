@@ -24,7 +24,7 @@ from .artifacts import read_json, write_json
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-RUNNER_FILES = ("__init__.py", "artifacts.py", "runtime.py", "device_bench.py", "peer_bench.py")
+RUNNER_FILES = ("__init__.py", "artifacts.py", "runtime.py", "device_bench.py", "peer_bench.py", "llm_runner.py")
 RUNTIME_PACKAGES = ("executorch", "torch")
 
 
@@ -293,7 +293,10 @@ def upload_peer_file(client, settings: dict, layout: dict, local: Path, kind: st
 
 # ---- bench -----------------------------------------------------------------------------------
 
-def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dict, peers: list[dict] | None = None) -> dict:
+def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dict, peers: list[dict] | None = None,
+               tokenizer: str | None = None) -> dict:
+    """What the device's benchmark runs. `tokenizer` (tokenizer.json where deploy put it) and the
+    parity prompts' texts are for ExecuTorch's LLM runner, which tokenises text itself."""
     planned = pte_manifest["lowering"].get("planned_memory_bytes") or 0
     return {
         "memory_bytes": pte_manifest["size_bytes"] + planned,  # the mapped .pte plus its KV cache and activations
@@ -303,6 +306,8 @@ def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dic
         "warmup": bench["warmup"],
         "threads": settings.get("threads"),
         "parity_prompt_ids": [p["prompt_ids"] for p in host_parity["prompts"]],
+        "parity_prompts": [p.get("prompt") for p in host_parity["prompts"]],
+        "tokenizer": tokenizer,
         "max_new_tokens": host_parity["max_new_tokens"],
         "peers": peers or [],
         "peer_timeout_s": settings["bench_timeout_s"],
@@ -403,7 +408,8 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
     pte_manifest, host_parity, checkpoint = read_json(pte_manifest_path), read_json(host_parity_path), read_json(checkpoint_path)
     if deployed["files"]["pte"]["sha256"] != pte_manifest["sha256"]:
         raise DeviceError("the .pte on the device is not the one built for this configuration; re-run deploy")
-    spec = bench_spec(settings, bench_config, host_parity, pte_manifest, deployed.get("peers", []))
+    spec = bench_spec(settings, bench_config, host_parity, pte_manifest, deployed.get("peers", []),
+                      deployed["files"]["tokenizer"]["path"])
     started = time.time()
     result = run_device_bench(name, settings, deployed, spec)
     finished = time.time()
