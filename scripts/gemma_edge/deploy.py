@@ -370,9 +370,17 @@ def bench_failure(name: str, status: int, stderr: str) -> str:
     return f"the benchmark failed on {name} (exit {status}): {stderr.strip()[-2000:]}"
 
 
-def compare_tokens(host_parity: dict, device_tokens: list[list[int]]) -> list[dict]:
+def compare_tokens(host_parity: dict, device_tokens: list[list[int]], runner: dict | None = None) -> list[dict]:
+    """Per parity prompt, the device's tokens against the host's run of the same .pte and eager FP32;
+    with an available `runner` block (ExecuTorch's LLM runner on the device), its tokens against the
+    host's .pte too, up to the first EOS (where the runner stops)."""
     rows = []
-    for prompt, produced in zip(host_parity["prompts"], device_tokens):
+    available = bool(runner and runner.get("available"))
+    for index, (prompt, produced) in enumerate(zip(host_parity["prompts"], device_tokens)):
+        extra = {}
+        if available:
+            expected = device_bench.until_eos(prompt["pte_tokens"], set(runner["eos_ids"]))
+            extra = {"runner_tokens": runner["tokens"][index], "runner_matches_host_pte": runner["tokens"][index] == expected}
         rows.append({
             "prompt": prompt.get("prompt"),
             "prompt_ids": prompt["prompt_ids"],
@@ -382,11 +390,12 @@ def compare_tokens(host_parity: dict, device_tokens: list[list[int]]) -> list[di
             "matches_host_pte": produced == prompt["pte_tokens"],
             "matched_host_fp32": sum(a == b for a, b in zip(produced, prompt["reference_tokens"])),
             "first_divergence_from_fp32": next((i for i, (a, b) in enumerate(zip(produced, prompt["reference_tokens"])) if a != b), None),
+            **extra,
         })
     return rows
 
 
-def render_parity_log(name: str, rows: list[dict]) -> str:
+def render_parity_log(name: str, rows: list[dict], runner: dict | None = None) -> str:
     lines = [f"device parity on target {name}: the device decoded the host's prompt ids greedily",
              f"{'prompt':<36} {'= host .pte':>11} {'vs FP32':>8} {'diverge':>7}"]
     for row in rows:
@@ -397,9 +406,23 @@ def render_parity_log(name: str, rows: list[dict]) -> str:
         lines.append(f"  device: {row['device_tokens']}")
         if not row["matches_host_pte"]:
             lines.append(f"  host:   {row['host_pte_tokens']}")
+        if "runner_tokens" in row and row["runner_tokens"] != row["device_tokens"]:
+            lines.append(f"  runner: {row['runner_tokens']}")
     agree = sum(r["matches_host_pte"] for r in rows)
     lines.append(f"{agree}/{len(rows)} prompts identical to the host's run of the same .pte")
+    if runner is not None:
+        lines.append(runner_parity_line(rows, runner))
     return "\n".join(lines) + "\n"
+
+
+def runner_parity_line(rows: list[dict], runner: dict) -> str:
+    """One line on ExecuTorch's LLM runner's tokens, for the parity log."""
+    if not runner.get("available"):
+        return f"ExecuTorch's LLM runner: not available: {runner['reason']}"
+    agree = sum(r["runner_matches_host_pte"] for r in rows)
+    return (f"ExecuTorch's LLM runner: {agree}/{len(rows)} prompts identical to the host's run of the same .pte; "
+            f"its tokens {'equal' if runner['tokens_equal_loop'] else 'DIFFER from'} the device loop's, its prompt ids "
+            f"{'equal' if runner['prompt_ids_equal_loop'] else 'DIFFER from'} the host's")
 
 
 def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, device_path: Path, pte_manifest_path: Path,
@@ -413,7 +436,8 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
     started = time.time()
     result = run_device_bench(name, settings, deployed, spec)
     finished = time.time()
-    rows = compare_tokens(host_parity, result.pop("parity_tokens"))
+    runner = result.get("executorch_runner")
+    rows = compare_tokens(host_parity, result.pop("parity_tokens"), runner)
     report = {
         "schema": "gemma-edge.bench/1",
         "target": name,
@@ -432,11 +456,16 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
         **result,
         "wall_clock": {"started": started, "finished": finished},
         "parity": {"prompts": len(rows), "identical_to_host_pte": sum(r["matches_host_pte"] for r in rows),
-                   "exact_vs_host_fp32": sum(r["first_divergence_from_fp32"] is None for r in rows)},
+                   "exact_vs_host_fp32": sum(r["first_divergence_from_fp32"] is None for r in rows),
+                   "runner_identical_to_host_pte": sum(r["runner_matches_host_pte"] for r in rows)
+                   if runner and runner.get("available") else None},
     }
-    write_json(out_parity, {"target": name, "pte_sha256": pte_manifest["sha256"], "prompts": rows})
+    runner_summary = None if runner is None else {k: runner[k] for k in ("available", "reason", "tokens_equal_loop",
+                                                                          "prompt_ids_equal_loop") if k in runner}
+    write_json(out_parity, {"target": name, "pte_sha256": pte_manifest["sha256"], "prompts": rows,
+                            "executorch_runner": runner_summary})
     with artifacts.atomic_output(out_log) as tmp:
-        tmp.write_text(render_parity_log(name, rows))
+        tmp.write_text(render_parity_log(name, rows, runner))
     write_json(out_bench, report)
     first = report["runs"][0]
     log.info("%s: decode %.2f ± %.2f tok/s, prefill %.1f tok/s (prompt %d), load %.2f s, peak RSS %.0f MB%s",
@@ -445,6 +474,8 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
              " (emulated: these speeds say nothing about a Pi)" if report["emulated"] else "")
     log.info("%s: %d/%d prompts identical to the host's run of the same .pte", name, report["parity"]["identical_to_host_pte"],
              report["parity"]["prompts"])
+    if runner is not None:
+        log_runner(name, runner, report["parity"])
     for engine_name, engine in report["engines"].items():
         if not engine["available"]:
             log.warning("%s: %s not available: %s", name, engine_name, engine["reason"])
@@ -456,3 +487,20 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
         log.warning("%s: other processes used more than %.0f %% of the CPU around a run (bench.json `load`): these speeds "
                     "are not clean figures; re-run on a quiet machine", name, 100 * peer_bench.BUSY_SHARE)
     return report
+
+
+def log_runner(name: str, runner: dict, parity: dict) -> None:
+    """One line on ExecuTorch's LLM runner: its own rates beside our loop's on the same prompts, and its tokens."""
+    if not runner["available"]:
+        log.warning("%s: ExecuTorch's LLM runner not available: %s", name, runner["reason"])
+        return
+
+    def rate(stats: dict, figure: str) -> str:
+        return f"{stats[figure]['avg']:.1f}" if stats[figure] else "n/a"
+
+    stats, ours = runner["stats"], runner["loop_same_prompts"]
+    log.info("%s: ExecuTorch's LLM runner decode %s tok/s, prefill %s tok/s (our loop on the same prompts: %s, %s); "
+             "tokens %s our loop's, %d/%d identical to the host's .pte", name, rate(stats, "decode_tps"),
+             rate(stats, "prefill_tps"), rate(ours, "decode_tps"), rate(ours, "prefill_tps"),
+             "equal to" if runner["tokens_equal_loop"] else "DIFFERENT from", parity["runner_identical_to_host_pte"],
+             parity["prompts"])
