@@ -312,7 +312,11 @@ def bench_llm_runner(pte: Path, spec: dict, loop_tokens: list[list[int]], eos_id
             except subprocess.TimeoutExpired:
                 return {"available": False, "reason": f"the runner did not finish within {timeout_s:.0f} s"}
             if done.returncode != 0:
-                tail = " | ".join(line for line in done.stderr.strip().splitlines()[-3:])
+                lines = done.stderr.strip().splitlines()
+                missing = [line for line in lines if line.startswith("executorch.extension.llm.runner is not importable")]
+                if missing:
+                    return {"available": False, "reason": missing[-1]}
+                tail = " | ".join(lines[-3:])
                 return {"available": False, "reason": f"the runner failed (exit {done.returncode}): {tail}"}
             return runner_block(json.loads(out.read_text()), spec, loop_tokens, eos_ids)
 

@@ -53,8 +53,11 @@ def binding_missing() -> str | None:
     """Why ExecuTorch's LLM runner binding cannot be imported here, or None if it can."""
     try:
         import executorch.extension.llm.runner  # noqa: F401
-    except (ImportError, RuntimeError) as error:  # the package raises RuntimeError when its extension is absent
-        return f"executorch.extension.llm.runner is not importable: {error}"
+    except (ImportError, RuntimeError) as error:
+        # The package turns any ImportError of its extension into a RuntimeError saying "build from
+        # source"; the ImportError it hides says why (on aarch64: libatomic.so.1 missing on the device).
+        cause = error.__cause__ or error.__context__
+        return f"executorch.extension.llm.runner is not importable: {error}" + (f" ({cause})" if cause else "")
     return None
 
 
