@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_CONFIG
-from gemma_edge import llm_runner
+from conftest import DEFAULT_CONFIG, REPO
+from gemma_edge import device_bench, llm_runner
 from gemma_edge.artifacts import read_json
 from gemma_edge.runtime import PteDecoder, greedy_decode
 
@@ -78,10 +78,14 @@ def test_runner_with_the_tokenizer_as_shipped_prints_the_same_text(variant, work
 
 @needs_binding
 def test_runner_stats_are_positive_and_count_what_it_generated(variant):
+    """The runner's clock counts whole milliseconds: a demo prefill can take "0 ms" (seen on the
+    local target), and then its rate is None, not infinite."""
     for result in variant["runner"]:
         stats = result["stats"]
-        for name in ("prefill_tps", "decode_tps", "ttft_s", "load_s", "construct_s"):
+        for name in ("decode_tps", "load_s", "construct_s"):
             assert isinstance(stats[name], float) and stats[name] > 0, (result["prompt"], name, stats)
+        assert stats["ttft_s"] >= 0 and (stats["prefill_tps"] is None) == (stats["ttft_s"] == 0)
+        assert stats["prefill_tps"] is None or stats["prefill_tps"] > 0
         assert stats["prompt_tokens"] == len(result["prompt_ids"])
         assert stats["generated_tokens"] == len(result["tokens"]) - 1  # the decode calls after prefill
 
@@ -105,3 +109,49 @@ class FakeTokenizer:
 def test_bos_is_asked_for_only_when_the_tokenizer_does_not_add_it():
     assert llm_runner.bos_to_add(FakeTokenizer(adds_bos=False), "x") == 1
     assert llm_runner.bos_to_add(FakeTokenizer(adds_bos=True), "x") == 0
+
+
+def bench_spec_for(workdir: Path, parity: dict, **changes) -> dict:
+    """The part of the device benchmark's spec (deploy.bench_spec) the runner's block reads."""
+    return {"tokenizer": str(tokenizer_of(workdir)), "parity_prompts": [p["prompt"] for p in parity["prompts"]],
+            "parity_prompt_ids": [p["prompt_ids"] for p in parity["prompts"]], "max_new_tokens": MAX_NEW_TOKENS,
+            "threads": 2, "peer_timeout_s": 600, **changes}
+
+
+@pytest.fixture
+def runner_process_env(monkeypatch):
+    """The device's benchmark runs the runner as `python -m gemma_edge.llm_runner`, importable as deploy uploads it."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "scripts"))
+
+
+@needs_binding
+def test_the_bench_runs_the_runner_in_a_process_of_its_own_and_compares_it_with_its_loop(workflow, runner_process_env):
+    folder = workflow["workdir"] / VARIANTS["int4"]
+    parity = read_json(folder / "parity.json")
+    loop = [p["pte_tokens"] for p in parity["prompts"]]
+    eos = device_bench.eos_id_set(PteDecoder(folder / "model.pte").metadata)
+    block = device_bench.bench_llm_runner(folder / "model.pte", bench_spec_for(workflow["workdir"], parity), loop, eos)
+    assert block["available"], block.get("reason")
+    assert block["tokens"] == [device_bench.until_eos(t, eos) for t in loop] and block["tokens_equal_loop"]
+    assert block["prompt_ids_equal_loop"] and block["loop_same_prompts"]["tokens_equal_runner"]
+    assert block["stats"]["decode_tps"]["avg"] > 0 and block["loop_same_prompts"]["decode_tps"]["avg"] > 0
+    assert set(block["load"]) == {"before", "after", "busy"}
+
+
+@needs_binding
+def test_a_runner_that_cannot_run_is_reported_with_its_reason_not_raised(workflow, runner_process_env, tmp_path):
+    folder = workflow["workdir"] / VARIANTS["int4"]
+    parity = read_json(folder / "parity.json")
+    loop = [p["pte_tokens"] for p in parity["prompts"]]
+    missing = bench_spec_for(workflow["workdir"], parity, tokenizer=str(tmp_path / "missing.json"))
+    block = device_bench.bench_llm_runner(folder / "model.pte", missing, loop, {1})
+    assert not block["available"] and block["reason"].startswith("the runner failed (exit 1): ")
+    assert "missing.json" in block["reason"]
+    no_texts = bench_spec_for(workflow["workdir"], parity, parity_prompts=None)
+    assert device_bench.bench_llm_runner(folder / "model.pte", no_texts, loop, {1})["reason"] == (
+        "the host sent no tokenizer or no prompt texts for the runner")
+
+
+def test_the_loop_is_compared_up_to_the_first_eos_where_the_runner_stops():
+    assert device_bench.until_eos([5, 1, 7, 1], {1, 106}) == [5, 1]
+    assert device_bench.until_eos([5, 6], {1}) == [5, 6]
