@@ -5,7 +5,9 @@ import getpass
 import pytest
 
 from conftest import needs_litert, needs_llamacpp, snakemake, write_config
+from gemma_edge import summary
 from gemma_edge.artifacts import read_json, sha256_file
+from gemma_edge.device_bench import until_eos
 
 VARIANT = "tiny/int4-g128/xnnpack-auto"
 INT4 = f"results/{VARIANT}"
@@ -160,3 +162,48 @@ def test_an_engine_that_cannot_run_is_reported_with_its_reason_not_a_failed_run(
     log = (deployed["workdir"] / f"logs/targets/bare/{VARIANT}/bench.log").read_text()
     assert "llamacpp-q4_0 not available: llama.cpp is not set up" in log
     assert "litert-int4-g128 not available: LiteRT-LM is not set up" in log
+
+
+@pytest.mark.parametrize("target", ["loopback", "local"])
+def test_executorch_runner_reproduces_the_loop_tokens_in_the_same_bench(deployed, target):
+    """ExecuTorch's own LLM runner ran our .pte and the uploaded tokenizer on the device, after our
+    loop: it tokenised the prompt texts to the host's ids and generated the device loop's tokens."""
+    bench = read_json(deployed["workdir"] / f"results/{target}/bench.json")
+    parity = read_json(deployed["workdir"] / f"results/{target}/parity.json")
+    host = read_json(deployed["workdir"] / INT4 / "parity.json")
+    runner = bench["executorch_runner"]
+    assert runner["available"], runner.get("reason")
+    assert runner["prompts"] == [p["prompt"] for p in host["prompts"]]
+    assert runner["prompt_ids"] == [p["prompt_ids"] for p in host["prompts"]] and runner["prompt_ids_equal_loop"]
+    eos = set(runner["eos_ids"])
+    assert runner["tokens"] == [until_eos(row["device_tokens"], eos) for row in parity["prompts"]]
+    assert runner["tokens_equal_loop"] and runner["loop_same_prompts"]["tokens_equal_runner"]
+    for stats in (runner["stats"], runner["loop_same_prompts"]):
+        for figure in ("prefill_tps", "decode_tps"):  # a rate whose span rounded to 0 ms is left out
+            assert stats[figure] and all(s > 0 for s in stats[figure]["samples"]), (figure, stats[figure])
+            assert stats[figure]["min"] <= stats[figure]["median"] <= stats[figure]["max"]
+        # The runner's clock counts whole milliseconds: the demo's prefill can take "0 ms".
+        assert len(stats["ttft_s"]["samples"]) == len(host["prompts"]) and stats["ttft_s"]["max"] > 0
+        assert all(s >= 0 for s in stats["ttft_s"]["samples"])
+        assert stats["load_s"] > 0
+    assert len(runner["stats"]["decode_tps"]["samples"]) == len(host["prompts"])
+    assert [s["prompt_tokens"] for s in runner["stats_per_prompt"]] == [len(ids) for ids in runner["prompt_ids"]]
+    assert [s["generated_tokens"] for s in runner["stats_per_prompt"]] == [len(t) - 1 for t in runner["tokens"]]
+    assert set(runner["load"]) == {"before", "after", "busy"}
+    assert bench["busy"] == (bench["load"]["busy"] or runner["load"]["busy"]
+                             or any(e["load"]["busy"] for e in bench["engines"].values() if "load" in e))
+    assert all(row["runner_matches_host_pte"] for row in parity["prompts"])
+    assert bench["parity"]["runner_identical_to_host_pte"] == len(host["prompts"])
+    assert parity["executorch_runner"] == {"available": True, "tokens_equal_loop": True, "prompt_ids_equal_loop": True}
+    n = len(host["prompts"])
+    log = (deployed["workdir"] / f"results/{target}/parity.log").read_text()
+    assert f"ExecuTorch's LLM runner: {n}/{n} prompts identical to the host's run of the same .pte" in log
+    bench_log = (deployed["workdir"] / f"logs/targets/{target}/{VARIANT}/bench.log").read_text()
+    assert f"{target}: ExecuTorch's LLM runner decode" in bench_log and "tokens equal to our loop's" in bench_log
+
+
+def test_executorch_runner_columns_in_the_summary(deployed):
+    row = next(r for r in summary.rows_of(read_json(deployed["workdir"] / "results/local/bench.json")) if r["engine"] == "pte")
+    runner = read_json(deployed["workdir"] / "results/local/bench.json")["executorch_runner"]
+    assert row["runner_decode_tps"] == round(runner["stats"]["decode_tps"]["avg"], 2) > 0
+    assert row["runner_tokens_equal"] is True

@@ -7,6 +7,7 @@ virtualenv is created and installed for real in every run, in a fresh device fol
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,32 @@ def test_litert_lm_runs_on_the_emulated_pi_from_the_aarch64_wheel(emulated):
     parity = read_json(emulated["workdir"] / f"results/{TARGET}/{VARIANTS['int4']}/parity.json")
     host = read_json(emulated["workdir"] / f"results/{VARIANTS['int4']}/parity.json")
     assert len(parity["peers"]["litert-int4-g128"]) == len(host["prompts"])
+
+
+# The aarch64 wheel's runner extension links libatomic.so.1 (the x86-64 one does not), which the
+# emulator's minimal Debian sysroot lacks; a Pi without the libatomic1 package would say the same.
+RUNNER_NEEDS = "libatomic.so.1: cannot open shared object file"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_executorch_runner_on_the_emulated_pi_reproduces_its_loop_or_says_why_not(emulated, variant):
+    """The aarch64 executorch wheel ships the LLM runner's binding. Where it loads, the runner
+    tokenises the prompt texts to the host's ids and generates exactly the device loop's tokens;
+    where the device lacks a library it needs, the bench records that, and still succeeds."""
+    workdir = emulated["workdir"]
+    wheelhouse = read_json(workdir / f"results/{TARGET}/wheelhouse.json")
+    wheel = next(w for w in wheelhouse["wheels"] if w["name"].lower() == "executorch")
+    with zipfile.ZipFile(workdir / f"results/{TARGET}/wheelhouse" / wheel["filename"]) as archive:
+        assert "executorch/extension/llm/runner/_llm_runner.cpython-311-aarch64-linux-gnu.so" in archive.namelist()
+    bench = read_json(workdir / f"results/{TARGET}/{VARIANTS[variant]}/bench.json")
+    runner = bench["executorch_runner"]
+    if not runner["available"]:
+        assert runner["reason"].startswith("executorch.extension.llm.runner is not importable: ")
+        assert RUNNER_NEEDS in runner["reason"], runner["reason"]
+        assert bench["runs"] and set(runner) == {"available", "reason", "load"}
+        log = (workdir / f"results/{TARGET}/{VARIANTS[variant]}/parity.log").read_text()
+        assert f"ExecuTorch's LLM runner: not available: {runner['reason']}" in log
+        return
+    assert runner["prompt_ids_equal_loop"] and runner["tokens_equal_loop"]
+    assert runner["loop_same_prompts"]["tokens_equal_runner"]
+    assert runner["stats"]["decode_tps"]["avg"] > 0

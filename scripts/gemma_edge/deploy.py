@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUNNER_FILES = ("__init__.py", "artifacts.py", "runtime.py", "device_bench.py", "peer_bench.py", "litert_bench.py",
-                "bandwidth.py")
+                "bandwidth.py", "llm_runner.py")
 RUNTIME_PACKAGES = ("executorch", "torch")
 
 
@@ -306,7 +306,10 @@ def upload_peer_file(client, settings: dict, layout: dict, local: Path, kind: st
 
 # ---- bench -----------------------------------------------------------------------------------
 
-def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dict, peers: list[dict] | None = None) -> dict:
+def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dict, peers: list[dict] | None = None,
+               tokenizer: str | None = None) -> dict:
+    """What the device's benchmark runs. `tokenizer` (tokenizer.json where deploy put it) and the
+    parity prompts' texts are for ExecuTorch's LLM runner, which tokenises text itself."""
     planned = pte_manifest["lowering"].get("planned_memory_bytes") or 0
     return {
         "memory_bytes": pte_manifest["size_bytes"] + planned,  # the mapped .pte plus its KV cache and activations
@@ -316,6 +319,8 @@ def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dic
         "warmup": bench["warmup"],
         "threads": settings.get("threads"),
         "parity_prompt_ids": [p["prompt_ids"] for p in host_parity["prompts"]],
+        "parity_prompts": [p.get("prompt") for p in host_parity["prompts"]],
+        "tokenizer": tokenizer,
         "max_new_tokens": host_parity["max_new_tokens"],
         "peers": peers or [],
         "peer_timeout_s": settings["bench_timeout_s"],
@@ -390,9 +395,17 @@ def add_bandwidth_fractions(result: dict, weights: dict) -> None:
             bandwidth.annotate_runs(engine["runs"], weights.get(name), limit)
 
 
-def compare_tokens(host_parity: dict, device_tokens: list[list[int]]) -> list[dict]:
+def compare_tokens(host_parity: dict, device_tokens: list[list[int]], runner: dict | None = None) -> list[dict]:
+    """Per parity prompt, the device's tokens against the host's run of the same .pte and eager FP32;
+    with an available `runner` block (ExecuTorch's LLM runner on the device), its tokens against the
+    host's .pte too, up to the first EOS (where the runner stops)."""
     rows = []
-    for prompt, produced in zip(host_parity["prompts"], device_tokens):
+    available = bool(runner and runner.get("available"))
+    for index, (prompt, produced) in enumerate(zip(host_parity["prompts"], device_tokens)):
+        extra = {}
+        if available:
+            expected = device_bench.until_eos(prompt["pte_tokens"], set(runner["eos_ids"]))
+            extra = {"runner_tokens": runner["tokens"][index], "runner_matches_host_pte": runner["tokens"][index] == expected}
         rows.append({
             "prompt": prompt.get("prompt"),
             "prompt_ids": prompt["prompt_ids"],
@@ -402,6 +415,7 @@ def compare_tokens(host_parity: dict, device_tokens: list[list[int]]) -> list[di
             "matches_host_pte": produced == prompt["pte_tokens"],
             "matched_host_fp32": sum(a == b for a, b in zip(produced, prompt["reference_tokens"])),
             "first_divergence_from_fp32": next((i for i, (a, b) in enumerate(zip(produced, prompt["reference_tokens"])) if a != b), None),
+            **extra,
         })
     return rows
 
@@ -449,7 +463,7 @@ def render_peer_parity(compared: dict) -> list[str]:
     return lines
 
 
-def render_parity_log(name: str, rows: list[dict], peers: dict | None = None) -> str:
+def render_parity_log(name: str, rows: list[dict], runner: dict | None = None, peers: dict | None = None) -> str:
     lines = [f"device parity on target {name}: the device decoded the host's prompt ids greedily",
              f"{'prompt':<36} {'= host .pte':>11} {'vs FP32':>8} {'diverge':>7}"]
     for row in rows:
@@ -460,10 +474,24 @@ def render_parity_log(name: str, rows: list[dict], peers: dict | None = None) ->
         lines.append(f"  device: {row['device_tokens']}")
         if not row["matches_host_pte"]:
             lines.append(f"  host:   {row['host_pte_tokens']}")
+        if "runner_tokens" in row and row["runner_tokens"] != row["device_tokens"]:
+            lines.append(f"  runner: {row['runner_tokens']}")
     agree = sum(r["matches_host_pte"] for r in rows)
     lines.append(f"{agree}/{len(rows)} prompts identical to the host's run of the same .pte")
+    if runner is not None:
+        lines.append(runner_parity_line(rows, runner))
     lines += render_peer_parity(peers or {})
     return "\n".join(lines) + "\n"
+
+
+def runner_parity_line(rows: list[dict], runner: dict) -> str:
+    """One line on ExecuTorch's LLM runner's tokens, for the parity log."""
+    if not runner.get("available"):
+        return f"ExecuTorch's LLM runner: not available: {runner['reason']}"
+    agree = sum(r["runner_matches_host_pte"] for r in rows)
+    return (f"ExecuTorch's LLM runner: {agree}/{len(rows)} prompts identical to the host's run of the same .pte; "
+            f"its tokens {'equal' if runner['tokens_equal_loop'] else 'DIFFER from'} the device loop's, its prompt ids "
+            f"{'equal' if runner['prompt_ids_equal_loop'] else 'DIFFER from'} the host's")
 
 
 def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, device_path: Path, pte_manifest_path: Path,
@@ -472,11 +500,13 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
     pte_manifest, host_parity, checkpoint = read_json(pte_manifest_path), read_json(host_parity_path), read_json(checkpoint_path)
     if deployed["files"]["pte"]["sha256"] != pte_manifest["sha256"]:
         raise DeviceError("the .pte on the device is not the one built for this configuration; re-run deploy")
-    spec = bench_spec(settings, bench_config, host_parity, pte_manifest, deployed.get("peers", []))
+    spec = bench_spec(settings, bench_config, host_parity, pte_manifest, deployed.get("peers", []),
+                      deployed["files"]["tokenizer"]["path"])
     started = time.time()
     result = run_device_bench(name, settings, deployed, spec)
     finished = time.time()
-    rows = compare_tokens(host_parity, result.pop("parity_tokens"))
+    runner = result.get("executorch_runner")
+    rows = compare_tokens(host_parity, result.pop("parity_tokens"), runner)
     add_bandwidth_fractions(result, deployed.get("weight_bytes") or {})
     report = {
         "schema": "gemma-edge.bench/1",
@@ -496,15 +526,20 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
         **result,
         "wall_clock": {"started": started, "finished": finished},
         "parity": {"prompts": len(rows), "identical_to_host_pte": sum(r["matches_host_pte"] for r in rows),
-                   "exact_vs_host_fp32": sum(r["first_divergence_from_fp32"] is None for r in rows)},
+                   "exact_vs_host_fp32": sum(r["first_divergence_from_fp32"] is None for r in rows),
+                   "runner_identical_to_host_pte": sum(r["runner_matches_host_pte"] for r in rows)
+                   if runner and runner.get("available") else None},
     }
+    runner_summary = None if runner is None else {k: runner[k] for k in ("available", "reason", "tokens_equal_loop",
+                                                                          "prompt_ids_equal_loop") if k in runner}
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(Path(checkpoint["path"]) / "tokenizer.json"))
     peers = compare_peer_tokens(host_parity, report["engines"], tokenizer)
-    write_json(out_parity, {"target": name, "pte_sha256": pte_manifest["sha256"], "prompts": rows, "peers": peers})
+    write_json(out_parity, {"target": name, "pte_sha256": pte_manifest["sha256"], "prompts": rows,
+                            "executorch_runner": runner_summary, "peers": peers})
     with artifacts.atomic_output(out_log) as tmp:
-        tmp.write_text(render_parity_log(name, rows, peers))
+        tmp.write_text(render_parity_log(name, rows, runner, peers))
     write_json(out_bench, report)
     first = report["runs"][0]
     log.info("%s: decode %.2f ± %.2f tok/s, prefill %.1f tok/s (prompt %d), load %.2f s, peak RSS %.0f MB%s",
@@ -518,6 +553,8 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
                  first["prompt_tokens"])
     log.info("%s: %d/%d prompts identical to the host's run of the same .pte", name, report["parity"]["identical_to_host_pte"],
              report["parity"]["prompts"])
+    if runner is not None:
+        log_runner(name, runner, report["parity"])
     for engine_name, engine in report["engines"].items():
         if not engine["available"]:
             log.warning("%s: %s not available: %s", name, engine_name, engine["reason"])
@@ -529,3 +566,20 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
         log.warning("%s: other processes used more than %.0f %% of the CPU around a run (bench.json `load`): these speeds "
                     "are not clean figures; re-run on a quiet machine", name, 100 * peer_bench.BUSY_SHARE)
     return report
+
+
+def log_runner(name: str, runner: dict, parity: dict) -> None:
+    """One line on ExecuTorch's LLM runner: its own rates beside our loop's on the same prompts, and its tokens."""
+    if not runner["available"]:
+        log.warning("%s: ExecuTorch's LLM runner not available: %s", name, runner["reason"])
+        return
+
+    def rate(stats: dict, figure: str) -> str:
+        return f"{stats[figure]['avg']:.1f}" if stats[figure] else "n/a"
+
+    stats, ours = runner["stats"], runner["loop_same_prompts"]
+    log.info("%s: ExecuTorch's LLM runner decode %s tok/s, prefill %s tok/s (our loop on the same prompts: %s, %s); "
+             "tokens %s our loop's, %d/%d identical to the host's .pte", name, rate(stats, "decode_tps"),
+             rate(stats, "prefill_tps"), rate(ours, "decode_tps"), rate(ours, "prefill_tps"),
+             "equal to" if runner["tokens_equal_loop"] else "DIFFERENT from", parity["runner_identical_to_host_pte"],
+             parity["prompts"])

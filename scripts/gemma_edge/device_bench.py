@@ -21,7 +21,9 @@ import os
 import platform
 import shutil
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -244,10 +246,98 @@ def timed_runs(decoder, prompt: list[int], spec: dict, on_sample=None) -> dict:
     }
 
 
+def eos_id_set(meta: dict) -> set[int]:
+    """The .pte's `get_eos_ids` (one id or a list) as a set."""
+    eos = meta.get("get_eos_ids", [])
+    return {int(i) for i in (eos if isinstance(eos, list) else [eos])}
+
+
+def until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    """`tokens` up to and including the first EOS id: ExecuTorch's runner stops there, our parity loop does not."""
+    for index, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:index + 1]
+    return list(tokens)
+
+
+RUNNER_FIGURES = ("prefill_tps", "decode_tps", "ttft_s")
+
+
+def runner_block(report: dict, spec: dict, loop_tokens: list[list[int]], eos_ids: set[int]) -> dict:
+    """bench.json's `executorch_runner` block from `gemma_edge.llm_runner --compare`'s report: the
+    runner's tokens and prompt ids against our loop's (the parity prompts, on this device), its own
+    Stats summarised over the prompts, and our loop's on the same prompts with the same definitions."""
+    runner, ours = report["runner"], report["our_loop"]
+
+    def summary(results: list[dict]) -> dict:
+        figures = {name: summarise(values) if (values := [r["stats"][name] for r in results if r["stats"][name] is not None])
+                   else None for name in RUNNER_FIGURES}
+        return {**figures, "load_s": results[0]["stats"]["load_s"] if results else None}
+
+    tokens = [r["tokens"] for r in runner]
+    return {
+        "available": True,
+        "runner": "ExecuTorch's C++ TextLLMRunner (executorch.extension.llm.runner), greedy, tokenising the prompt text itself",
+        "prompts": [r["prompt"] for r in runner],
+        "prompt_ids": [r["prompt_ids"] for r in runner],
+        "prompt_ids_equal_loop": [r["prompt_ids"] for r in runner] == spec["parity_prompt_ids"],
+        "tokens": tokens,
+        "eos_ids": sorted(eos_ids),
+        "tokens_equal_loop": tokens == [until_eos(t, eos_ids) for t in loop_tokens],
+        "stats": {**summary(runner), "construct_s": runner[0]["stats"]["construct_s"] if runner else None,
+                  "clock": "the runner's own Stats, in whole milliseconds"},
+        "stats_per_prompt": [r["stats"] for r in runner],
+        "loop_same_prompts": {**summary(ours), "clock": "time.perf_counter around our loop's calls",
+                              "tokens_equal_runner": [o["tokens"] for o in ours] == tokens},
+    }
+
+
+def bench_llm_runner(pte: Path, spec: dict, loop_tokens: list[list[int]], eos_ids: set[int]) -> dict:
+    """The parity prompts under ExecuTorch's own LLM runner (`python -m gemma_edge.llm_runner
+    --compare`, a process of its own, so that the runner's aborts, its memory and its printing stay
+    out of this one), with the machine's load around it. The runner failing, missing or rejecting the
+    program gives `available: false` and the reason, never a failed benchmark."""
+    def run() -> dict:
+        if not spec.get("tokenizer") or not spec.get("parity_prompts") or None in spec["parity_prompts"]:
+            return {"available": False, "reason": "the host sent no tokenizer or no prompt texts for the runner"}
+        with tempfile.TemporaryDirectory(prefix="llm-runner-bench-") as scratch:
+            prompts, out = Path(scratch) / "prompts.json", Path(scratch) / "runner.json"
+            prompts.write_text(json.dumps(spec["parity_prompts"]))
+            argv = [sys.executable, "-m", "gemma_edge.llm_runner", "--pte", str(pte), "--tokenizer", spec["tokenizer"],
+                    "--prompts", str(prompts), "--max-new-tokens", str(spec["max_new_tokens"]), "--compare", "--out", str(out)]
+            if spec.get("threads"):
+                argv += ["--threads", str(spec["threads"])]
+            timeout_s = spec.get("peer_timeout_s", 3600)
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                return {"available": False, "reason": f"the runner did not finish within {timeout_s:.0f} s"}
+            if done.returncode != 0:
+                lines = done.stderr.strip().splitlines()
+                missing = [line for line in lines if line.startswith("executorch.extension.llm.runner is not importable")]
+                if missing:
+                    return {"available": False, "reason": missing[-1]}
+                tail = " | ".join(lines[-3:])
+                return {"available": False, "reason": f"the runner failed (exit {done.returncode}): {tail}"}
+            return runner_block(json.loads(out.read_text()), spec, loop_tokens, eos_ids)
+
+    block, load = timed_with_load(run)
+    block["load"] = load
+    if block["available"]:
+        prefill, decode = (block["stats"][figure] for figure in ("prefill_tps", "decode_tps"))
+        print(f"executorch runner: prefill {prefill['avg'] if prefill else float('nan'):.1f} tok/s, "
+              f"decode {decode['avg'] if decode else float('nan'):.1f} tok/s, "
+              f"tokens {'equal to' if block['tokens_equal_loop'] else 'DIFFERENT from'} our loop's", flush=True)
+    else:
+        print(f"executorch runner: not available: {block['reason']}", flush=True)
+    return block
+
+
 def run_bench(pte: Path, spec: dict) -> dict:
     """Pre-flight checks; warm-up and repeated timed generations per prompt length and the parity
-    prompts on the .pte; then each peer engine in turn (spec["peers"]), the .pte's memory released
-    first. The machine's load is sampled before and after every engine's run."""
+    prompts on the .pte; then, the .pte's memory released first, the parity prompts under
+    ExecuTorch's own LLM runner and each peer engine in turn (spec["peers"]). The machine's load is
+    sampled before and after every engine's run."""
     for line in preflight(device_facts(), {"memory_bytes": spec.get("memory_bytes")}):
         print(f"pre-flight: {line}", flush=True)
     from gemma_edge.artifacts import peak_rss_bytes
@@ -283,6 +373,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
     parity = [greedy_decode(decoder.step, ids, spec["max_new_tokens"]) for ids in spec["parity_prompt_ids"]]
     peak_rss = peak_rss_bytes()
     del decoder
+    runner = bench_llm_runner(pte, spec, parity, eos_id_set(meta))
     engines = {}
     for peer in spec.get("peers", []):
         run_engine = bench_litert if peer["engine"] == "litert" else bench_llamacpp
@@ -305,7 +396,8 @@ def run_bench(pte: Path, spec: dict) -> dict:
         "runtime": "executorch.runtime (Python bindings), timed around Method.execute",
         "engines": engines,
         "ratios": ratios(runs, engines),
-        "busy": load["busy"] or any(e.get("load", {}).get("busy") for e in engines.values()),
+        "executorch_runner": runner,
+        "busy": load["busy"] or runner["load"]["busy"] or any(e.get("load", {}).get("busy") for e in engines.values()),
     }
 
 

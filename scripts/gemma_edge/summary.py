@@ -18,6 +18,7 @@ COLUMNS = [
     "pte_prefill_ratio", "ttft_ms", "load_s", "peak_rss_mb", "host_teacher_forced_top1", "host_logits_cosine",
     "device_identical_to_host_pte", "busy", "available", "cpu_model", "executorch", "measured_beside",
     "weight_bytes_per_token", "bandwidth_gb_per_s", "bandwidth_fraction",
+    "runner_decode_tps", "runner_tokens_equal",
 ]
 
 
@@ -51,6 +52,7 @@ def rows_of(bench: dict) -> list[dict]:
     common = {"target": bench["target"], "emulated": bool(bench.get("emulated")), "model": bench["model"]["repo_id"],
               "cpu_model": bench["device"].get("cpu_model"), "measured_beside": variant_name(bench)}
     rows = []
+    runner = runner_columns(bench.get("executorch_runner"))
     for run in bench["runs"]:
         rows.append({
             **common,
@@ -69,6 +71,7 @@ def rows_of(bench: dict) -> list[dict]:
             "busy": (bench.get("load") or {}).get("busy"),
             "available": True,
             "executorch": bench["versions"]["device"].get("executorch"),
+            **runner,
         })
     ratios = {(r["engine"], r["prompt_tokens"]): r for r in bench.get("ratios", [])}
     for name, engine in bench.get("engines", {}).items():
@@ -81,6 +84,15 @@ def rows_of(bench: dict) -> list[dict]:
             rows.append({**peer, **speeds(run, bench), "busy": engine["load"]["busy"],
                          "pte_decode_ratio": _round(ratio.get("decode")), "pte_prefill_ratio": _round(ratio.get("prefill"))})
     return rows
+
+
+def runner_columns(runner: dict | None) -> dict:
+    """The .pte under ExecuTorch's own LLM runner (on the parity prompts, not the rows' prompt
+    lengths): its mean decode rate and whether its tokens equal our loop's; empty when it did not run."""
+    if not runner or not runner.get("available"):
+        return {}
+    decode = runner["stats"]["decode_tps"]
+    return {"runner_decode_tps": round(decode["avg"], 2) if decode else None, "runner_tokens_equal": runner["tokens_equal_loop"]}
 
 
 def peer_variant(engine: dict) -> str:
