@@ -26,6 +26,17 @@ def test_read_bandwidth_streams_a_buffer_far_larger_than_the_last_level_cache():
     assert best in result["method"]
 
 
+def test_measured_in_a_child_the_buffer_never_counts_in_the_benchmarks_peak_rss():
+    """The benchmarks report the peak RSS of the engine they run next in the same process."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = bandwidth.measure_in_child(1)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert result["threads"] == 1 and result["gb_per_s"]["avg"] > 0
+    assert after - before < result["buffer_bytes"] // 4
+
+
 def test_buffer_is_eight_caches_at_least_256_mib_and_refused_beyond_a_quarter_of_free_memory():
     assert bandwidth.buffer_size(32 * 2**20, 24 * 2**30) == 256 * 2**20
     assert bandwidth.buffer_size(64 * 2**20, 24 * 2**30) == 512 * 2**20

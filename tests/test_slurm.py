@@ -27,7 +27,8 @@ def test_heavy_steps_run_as_slurm_jobs_and_device_steps_stay_local(deployed, clu
                        "--configfile", *deployed["configs"], "--forcerun", "quantize")
     output = result.stdout + result.stderr
     submitted = set(re.findall(r"has been submitted with SLURM jobid \d+ \(log: \S*/slurm_logs/rule_(\w+)/", output))
-    assert submitted == {"quantize", "lower", "verify"}, output[-3000:]
+    # LiteRT-LM's conversion for group size 64 is a heavy step too, unless the sweep built it first.
+    assert {"quantize", "lower", "verify"} <= submitted <= {"quantize", "lower", "verify", "litert_model"}, output[-3000:]
     for local_rule in ("deploy_local", "bench_local"):
         assert re.search(rf"Finished jobid: \d+ \(Rule: {local_rule}\)", output)
     bench = read_json(deployed["workdir"] / target)

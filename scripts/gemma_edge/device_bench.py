@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bandwidth import measure_read_bandwidth
+from .bandwidth import measure_in_child
 from .peer_bench import bench_litert, bench_llamacpp, ratios, summarise, timed_with_load
 
 
@@ -345,7 +345,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
 
     threads = spec.get("threads")
     # The limit every engine's decode shares, measured once before any of them holds memory.
-    bandwidth = measure_read_bandwidth(int(threads or os.cpu_count()))
+    bandwidth = measure_in_child(int(threads or os.cpu_count()))
     print(f"memory read bandwidth at {bandwidth['threads']} threads: {bandwidth['gb_per_s']['avg']:.1f} GB/s", flush=True)
     if threads:
         from executorch.extension.pybindings import portable_lib

@@ -25,7 +25,7 @@ import torch
 
 from .artifacts import atomic_output, package_versions, read_json, write_json
 from .artifacts import peak_rss_bytes
-from .bandwidth import annotate_runs, measure_read_bandwidth
+from .bandwidth import annotate_runs, measure_in_child
 from .device_bench import synthetic_prompt, timed_runs
 from .peer_bench import BUSY_SHARE, bench_litert as run_litert_engine, ratios, timed_with_load
 from .runtime import greedy_decode
@@ -106,7 +106,7 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
     set_threads(threads)
     # This host's memory read bandwidth at the same threads, just before the engine holds any memory,
     # and the weight bytes a decoded token of its artifact reads (eager's FP32 checkpoint: not counted).
-    limit = measure_read_bandwidth(threads)
+    limit = measure_in_child(threads)
     log.info("%s: memory read bandwidth at %d threads: %.1f ± %.1f GB/s (%s)", engine, threads,
              limit["gb_per_s"]["avg"], limit["gb_per_s"]["stddev"], limit["method"])
     weights = weight_bytes(Path(artifact)) if engine in ("pte", "llamacpp") else None
@@ -173,7 +173,7 @@ def bench_litert(model: Path, spec: dict, requirements: Path, out: Path) -> dict
         peer["binary"] = str(wheel)
     except litert_runtime.RuntimeUnavailable as error:
         peer.update(available=False, reason=str(error))
-    limit = measure_read_bandwidth(int(spec["threads"]))  # the column beside it; a .litertlm's bytes are not counted
+    limit = measure_in_child(int(spec["threads"]))  # the column beside it; a .litertlm's bytes are not counted
     result = {**run_litert_engine(peer, {**spec, "threads": int(spec["threads"])}, 3600), "bandwidth": limit}
     if result["available"]:
         warn_if_busy("litert", result["load"])
