@@ -157,17 +157,11 @@ def measure_in_child(threads: int, timeout_s: float = 600) -> dict:
     """`measure_read_bandwidth` in a process of its own, so that its buffer never counts in the
     caller's peak RSS (which the benchmarks report for the engine they run next)."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    package_parent = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "gemma_edge.bandwidth", "--threads", str(threads)], capture_output=True,
-                          text=True, timeout=timeout_s, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"the bandwidth measurement failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from .peer_bench import run_module
+
+    output = run_module("bandwidth", ["--threads", str(threads)], timeout_s, "the bandwidth measurement")
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:

@@ -170,10 +170,25 @@ LITERT_SPEC_KEYS = ("threads", "prompt_lengths", "new_tokens", "repetitions", "w
                     "max_new_tokens")
 
 
+def run_module(module: str, args: list[str], timeout_s: float, what: str, path: tuple[str, ...] = ()) -> str:
+    """`python -m gemma_edge.<module> args` in a process of its own, with this package (and `path`)
+    on its PYTHONPATH: its standard output, or RuntimeError naming `what` with its last lines."""
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*path, package_parent, os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, "-m", f"gemma_edge.{module}", *args], capture_output=True, text=True,
+                              timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"{what} did not finish within {timeout_s:.0f} s") from error
+    if done.returncode != 0:
+        tail = " | ".join(line for line in done.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"{what} exited with status {done.returncode}: {tail or 'no output'}")
+    return done.stdout
+
+
 def run_litert_bench(wheel: str, model: str, spec: dict, timeout_s: float) -> dict:
     """`litert_bench` on `model` in a child process with `wheel` unpacked on its path; its result,
     or RuntimeError with the last lines it printed."""
-    runner_path = str(Path(__file__).resolve().parent.parent)
     with tempfile.TemporaryDirectory(prefix="litert-") as scratch:
         site = Path(scratch, "site")
         try:
@@ -182,16 +197,8 @@ def run_litert_bench(wheel: str, model: str, spec: dict, timeout_s: float) -> di
             raise RuntimeError(f"the litert-lm-api wheel could not be unpacked: {error}") from error
         spec_path, out_path = Path(scratch, "spec.json"), Path(scratch, "bench.json")
         spec_path.write_text(json.dumps({**spec, "cache_dir": str(Path(scratch, "cache"))}))
-        argv = [sys.executable, "-m", "gemma_edge.litert_bench", "--model", model, "--spec", str(spec_path),
-                "--out", str(out_path)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), runner_path])}
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
-        except subprocess.TimeoutExpired as error:
-            raise RuntimeError(f"LiteRT-LM's benchmark did not finish within {timeout_s:.0f} s") from error
-        tail = " | ".join(line for line in done.stderr.strip().splitlines()[-3:])
-        if done.returncode != 0:
-            raise RuntimeError(f"LiteRT-LM's benchmark exited with status {done.returncode}: {tail or 'no output'}")
+        run_module("litert_bench", ["--model", model, "--spec", str(spec_path), "--out", str(out_path)], timeout_s,
+                   "LiteRT-LM's benchmark", path=(str(site),))
         return json.loads(out_path.read_text())
 
 
