@@ -266,23 +266,13 @@ def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path, pee
 def weights_of(pte: Path, peers: list[dict]) -> dict:
     """Weight bytes a decoded token reads (weight_bytes), from the host's copies of the .pte and of
     each peer's model: the device benchmark sets its tok/s against them."""
+    from .weight_bytes import readable_weight_bytes
+
     weights = {"pte": readable_weight_bytes(Path(pte))}
-    for peer in peers:  # a model weight_bytes cannot read (LiteRT-LM's) gets None: no fraction claimed
+    for peer in peers:  # a model weight_bytes cannot read gets None: no fraction claimed
         if "model" in peer and Path(peer["model"]).exists():
             weights[peer["name"]] = readable_weight_bytes(Path(peer["model"]))
     return weights
-
-
-def readable_weight_bytes(path: Path) -> dict | None:
-    """weight_bytes(path), or None (and a warning) for a file it cannot attribute: the fraction is
-    then left out, and the deploy goes on."""
-    from .weight_bytes import weight_bytes
-
-    try:
-        return weight_bytes(path)
-    except (ValueError, OSError) as error:
-        log.warning("weight bytes per token of %s not counted: %s", path, error)
-        return None
 
 
 def place_peers(peers: list[dict], put) -> list[dict]:
