@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from . import elf
 from .bandwidth import measure_in_child
-from .peer_bench import bench_litert, bench_llamacpp, ratios, summarise, timed_with_load
+from .peer_bench import ModuleFailed, bench_litert, bench_llamacpp, ratios, run_module, summarise, timed_with_load
 
 
 def device_facts() -> dict:
@@ -282,6 +281,7 @@ def until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
 
 
 RUNNER_FIGURES = ("prefill_tps", "decode_tps", "ttft_s")
+BINDING_NOT_IMPORTABLE = "executorch.extension.llm.runner is not importable"  # llm_runner.binding_missing's sentence
 
 
 def runner_block(report: dict, spec: dict, loop_tokens: list[list[int]], eos_ids: set[int]) -> dict:
@@ -328,22 +328,16 @@ def bench_llm_runner(pte: Path, spec: dict, loop_tokens: list[list[int]], eos_id
         with tempfile.TemporaryDirectory(prefix="llm-runner-bench-") as scratch:
             prompts, out = Path(scratch) / "prompts.json", Path(scratch) / "runner.json"
             prompts.write_text(json.dumps(spec["parity_prompts"]))
-            argv = [sys.executable, "-m", "gemma_edge.llm_runner", "--pte", str(pte), "--tokenizer", spec["tokenizer"],
-                    "--prompts", str(prompts), "--max-new-tokens", str(spec["max_new_tokens"]), "--compare", "--out", str(out)]
+            args = ["--pte", str(pte), "--tokenizer", spec["tokenizer"], "--prompts", str(prompts),
+                    "--max-new-tokens", str(spec["max_new_tokens"]), "--compare", "--out", str(out)]
             if spec.get("threads"):
-                argv += ["--threads", str(spec["threads"])]
-            timeout_s = spec.get("peer_timeout_s", 3600)
+                args += ["--threads", str(spec["threads"])]
             try:
-                done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                return {"available": False, "reason": f"the runner did not finish within {timeout_s:.0f} s"}
-            if done.returncode != 0:
-                lines = done.stderr.strip().splitlines()
-                missing = [line for line in lines if line.startswith("executorch.extension.llm.runner is not importable")]
-                if missing:
-                    return {"available": False, "reason": missing[-1]}
-                tail = " | ".join(lines[-3:])
-                return {"available": False, "reason": f"the runner failed (exit {done.returncode}): {tail}"}
+                run_module("llm_runner", args, spec.get("peer_timeout_s", 3600), "the runner")
+            except ModuleFailed as error:
+                # executorch's own message hides why its binding did not import; llm_runner prints the cause.
+                missing = [line for line in error.stderr.splitlines() if line.startswith(BINDING_NOT_IMPORTABLE)]
+                return {"available": False, "reason": missing[-1] if missing else str(error)}
             return runner_block(json.loads(out.read_text()), spec, loop_tokens, eos_ids)
 
     block, load = timed_with_load(run)
