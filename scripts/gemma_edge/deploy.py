@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUNNER_FILES = ("__init__.py", "artifacts.py", "runtime.py", "device_bench.py", "peer_bench.py", "litert_bench.py",
-                "bandwidth.py", "llm_runner.py")
+                "bandwidth.py", "llm_runner.py", "elf.py")
 RUNTIME_PACKAGES = ("executorch", "torch")
 
 
@@ -117,6 +117,9 @@ def provision(name: str, settings: dict, out: Path, platform_path: Path | None =
         raise DeviceError(f"{name}: {error}") from error
     for line in checked:
         log.info("pre-flight: %s", line)
+    runner_missing = device_bench.runner_preflight(facts)
+    if runner_missing:
+        log.warning("pre-flight: %s; the benchmarks will go on without it", runner_missing)
     record = {"target": name, "kind": settings["kind"], "emulated": is_emulated(settings, facts), **facts, "wheels": wheels}
     write_json(out, record)
     log.info("%s: %s, %s cores, %.1f GB, %s; executorch %s, torch %s%s", name, facts["cpu_model"], facts["cores"],
