@@ -4,8 +4,8 @@ and the portable / custom operators run between them.
 
     python -m gemma_edge.op_profile results/e2b-4l/int4-g128/xnnpack-auto/model.pte --tokens 32
 
-Every event is timed, so the profiled token is slower than an untraced one; the shares, not the
-absolute milliseconds, are the result. The untraced decode speed of the same run is printed beside.
+Every event is timed, so a profiled token is slower than an untraced one; the shares, not the
+absolute milliseconds, are the result. The traced run's wall time per token is printed beside them.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def read_events(etdump: Path) -> tuple[list[tuple[str, bool, list[float]]], int]
 
 
 def profile_decode(pte_path: Path, prompt_len: int, new_tokens: int, threads: int) -> dict:
-    """Decode with and without the tracer's cost in the same process; the traced run's breakdown."""
+    """One traced warm-up decode (discarded with its module), then one traced decode on a fresh
+    load: its breakdown per token and its wall time per token."""
     from executorch.extension.pybindings import portable_lib
 
     portable_lib._unsafe_reset_threadpool(threads)
