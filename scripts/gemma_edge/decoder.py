@@ -291,10 +291,14 @@ class KVCacheDecoder(nn.Module):
 
     `attention="executorch"` (what the export uses) writes new keys and values with ExecuTorch's
     `llama::update_cache` and attends with `llama::custom_sdpa`: the cache is laid out
-    [1, max_seq_len, kv_heads, head_dim], attention reads only the first start_pos + T positions,
-    causally, and reads the single KV head for all query heads instead of copying it to each one
-    (what transformers' attention does by `repeat_kv`, on every layer and step). `"transformers"`
-    keeps transformers' own cache update, masks and attention (the eager benchmark's baseline).
+    [1, positions, kv_heads, head_dim] and attention reads the single KV head for all query heads
+    instead of copying it to each one (what transformers' attention does by `repeat_kv`, on every
+    layer and step). Full-attention layers keep `max_seq_len` positions and attend causally to the
+    first start_pos + T. When `max_seq_len` exceeds the sliding window W, sliding layers keep a
+    ring buffer of 2W positions instead (`RingCacheLayer`): constant memory and constant attention
+    cost at any depth, with at most W new tokens per call, so W - 1 earlier positions and the call's
+    own always fit. `"transformers"` keeps transformers' own cache update, masks and attention (the
+    eager benchmark's baseline), up to the window.
     """
 
     def __init__(self, model: nn.Module, max_seq_len: int, attention: str = "executorch"):
@@ -304,20 +308,28 @@ class KVCacheDecoder(nn.Module):
 
         if attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, not {attention!r}")
+        config = model.config
+        trained = getattr(config, "max_position_embeddings", None)
+        if trained is not None and max_seq_len > trained:
+            raise ValueError(f"export.max_seq_len ({max_seq_len}) exceeds the positions the model was trained for "
+                             f"(max_position_embeddings {trained})")
         window = sliding_window_of(model)
-        if window is not None and max_seq_len > window:
-            raise ValueError(
-                f"export.max_seq_len ({max_seq_len}) exceeds the model's sliding window ({window}); "
-                "generation past the window needs a ring-buffer cache this exporter does not build"
-            )
+        self.window = window if window is not None and max_seq_len > window else None
+        if self.window is not None and attention != "executorch":
+            raise ValueError(f"export.max_seq_len ({max_seq_len}) exceeds the model's sliding window ({window}), which "
+                             "needs ring-buffer caches: export.attention must be executorch")
         self.model = model
         self.max_seq_len = max_seq_len
         self.attention = attention
-        config = model.config
+        self.tokens_per_call = self.window if self.window is not None else max_seq_len - 1
         self.cache = StaticCache(config=config, max_cache_len=max_seq_len)
-        # Sliding layers become plain static layers: exact while the sequence fits in the window.
-        layer_class = CustomOpCacheLayer if attention == "executorch" else StaticLayer
-        self.cache.layers = [layer_class(max_seq_len) for _ in self.cache.layers]
+        # Sliding layers within the window are plain static layers: exact while the sequence fits in it.
+        ring = [self.window is not None and kind == "sliding_attention" for kind in config.layer_types]
+        if attention == "transformers":
+            self.cache.layers = [StaticLayer(max_seq_len) for _ in self.cache.layers]
+        else:
+            self.cache.layers = [RingCacheLayer(2 * self.window) if is_ring else CustomOpCacheLayer(max_seq_len)
+                                 for is_ring in ring]
         num_heads, head_dims = get_head_shapes(config)
         dtype = compute_dtype(model)
         self.cache.early_initialization(1, num_heads, head_dims, dtype, torch.device("cpu"))
@@ -329,10 +341,16 @@ class KVCacheDecoder(nn.Module):
                 # carries strides the runtime reads as a non-default dim order, which update_cache refuses.
                 layer.keys = torch.zeros(layer.keys.transpose(1, 2).shape, dtype=dtype)
                 layer.values = torch.zeros(layer.values.transpose(1, 2).shape, dtype=dtype)
-            self.register_buffer(f"cache_keys_{index}", layer.keys, persistent=False)
-            self.register_buffer(f"cache_values_{index}", layer.values, persistent=False)
+            self.register_buffer(cache_buffer_name("keys", index, ring[index]), layer.keys, persistent=False)
+            self.register_buffer(cache_buffer_name("values", index, ring[index]), layer.values, persistent=False)
             if attention == "transformers":
                 self.register_buffer(f"cache_length_{index}", layer.cumulative_length, persistent=False)
+        if self.window is not None:
+            # Which position each ring slot holds, plus one (0: empty). Every sliding layer writes the
+            # same positions to the same slots, so one record serves them all. Zero, not -1, for
+            # empty: the ExecuTorch runtime starts a mutable buffer zeroed, whatever it held at export.
+            self.register_buffer("cache_ring_positions", torch.zeros(2 * self.window, dtype=torch.long),
+                                 persistent=False)
         if attention == "executorch":
             register_executorch_llm_ops()
             _register_custom_sdpa()
@@ -340,11 +358,17 @@ class KVCacheDecoder(nn.Module):
     def cache_buffer_names(self) -> list[str]:
         return [name for name, _ in self.named_buffers() if name.startswith("cache_")]
 
+    def cache_bytes(self) -> int:
+        """Bytes of every cache buffer: the KV cache's memory at max_seq_len, whatever the depth."""
+        return sum(buffer.numel() * buffer.element_size() for name, buffer in self.named_buffers()
+                   if name.startswith("cache_"))
+
     def _bind_cache_to_buffers(self, input_pos: torch.Tensor) -> None:
         for index in self.cached_layers:
             layer = self.cache.layers[index]
-            layer.keys = getattr(self, f"cache_keys_{index}")
-            layer.values = getattr(self, f"cache_values_{index}")
+            is_ring = isinstance(layer, RingCacheLayer)
+            layer.keys = getattr(self, cache_buffer_name("keys", index, is_ring))
+            layer.values = getattr(self, cache_buffer_name("values", index, is_ring))
             if self.attention == "transformers":
                 layer.cumulative_length = getattr(self, f"cache_length_{index}")
                 # A fresh read of input_pos[0] per layer: if several buffers were last written from
@@ -358,13 +382,20 @@ class KVCacheDecoder(nn.Module):
         start_pos = input_pos[0].item()
         torch._check(start_pos >= 0)
         torch._check(start_pos + tokens.shape[1] <= self.max_seq_len)
+        # custom_sdpa masks full-attention layers causally from start_pos itself: no mask tensor for them.
+        masks = {"full_attention": None, "sliding_attention": None}
+        extra = {}
+        if self.window is not None:
+            slots = input_pos % self.cache_ring_positions.shape[0]
+            self.cache_ring_positions.index_copy_(0, slots, input_pos + 1)
+            masks["sliding_attention"] = ring_mask(self.cache_ring_positions, input_pos, self.window)
+            extra["ring_slots"] = slots.unsqueeze(0)
         # Only this call attends through the custom ops: the model itself keeps its attention.
         config = self.model.config
         own_attention, config._attn_implementation = config._attn_implementation, EXECUTORCH_ATTENTION
         try:
-            # custom_sdpa masks causally from start_pos itself: no mask tensors to build per step.
             return self._logits(tokens, input_pos, start_pos=start_pos, new_tokens=tokens.shape[1],
-                                attention_mask={"full_attention": None, "sliding_attention": None})
+                                attention_mask=masks, **extra)
         finally:
             config._attn_implementation = own_attention
 
@@ -378,6 +409,22 @@ class KVCacheDecoder(nn.Module):
             **extra,
         )
         return output.logits[:, -1, :]
+
+
+def cache_buffer_name(kind: str, layer: int, ring: bool) -> str:
+    """`cache_keys_3` holds max_seq_len positions, `cache_ring_keys_3` a sliding layer's ring."""
+    return f"cache_{'ring_' if ring else ''}{kind}_{layer}"
+
+
+def ring_mask(slots_held: torch.Tensor, input_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """[1, 1, T, slots] additive mask: query position p sees the slots holding positions p - window + 1 .. p.
+
+    `slots_held` is each slot's position plus one, 0 for an empty slot, which is never seen. The
+    window is transformers' (a query and the window - 1 positions before it)."""
+    distance = input_pos.unsqueeze(1) + 1 - slots_held.unsqueeze(0)
+    visible = (slots_held.unsqueeze(0) > 0) & (distance >= 0) & (distance < window)
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(visible, zero, torch.full((), float("-inf"))).unsqueeze(0).unsqueeze(0)
 
 
 def _kv_sharing_modes(config) -> list[str]:
@@ -395,14 +442,31 @@ class CustomOpCacheLayer(StaticLayer):
         return self.keys, self.values
 
 
+class RingCacheLayer(StaticLayer):
+    """A sliding layer's ring buffer, written by `llama::update_cache_with_indices` at the call's slots
+    (position modulo the ring's length, computed once per call by KVCacheDecoder)."""
+
+    def update(self, key_states, value_states, *args, kwargs=None, **more):
+        extra = kwargs or more
+        start_pos, slots = extra["start_pos"], extra["ring_slots"]
+        torch.ops.llama.update_cache_with_indices(key_states.transpose(1, 2), self.keys, start_pos, slots)
+        torch.ops.llama.update_cache_with_indices(value_states.transpose(1, 2), self.values, start_pos, slots)
+        return self.keys, self.values
+
+
 def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=None, start_pos=None, new_tokens=None,
                           **kwargs):
     """transformers' attention interface over `llama::custom_sdpa`: query [1, heads, q, dim] and the
-    [1, max_seq_len, kv_heads, dim] caches in, [1, q, heads, dim] out, as transformers expects.
+    [1, positions, kv_heads, dim] caches in, [1, q, heads, dim] out, as transformers expects.
 
     The queries are the last q of the call's `new_tokens`: Gemma 4 runs the layers that reuse
-    another layer's keys and values on the last token only (all that `logits_to_keep=1` needs), and
-    custom_sdpa masks causally from the position of the first query it is given."""
+    another layer's keys and values on the last token only (all that `logits_to_keep=1` needs, and
+    transformers slices their masks to match). Without a mask, custom_sdpa masks causally from the
+    position of the first query it is given; a ring buffer's mask says which slots each query sees."""
+    if attention_mask is not None:
+        mask = attention_mask[0, 0, -query.shape[2]:, :]
+        output = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key, value, 0, mask, 0.0, False, scaling)
+        return output, None
     first_query = start_pos + new_tokens - query.shape[2]
     output = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key, value, first_query, None, 0.0, True, scaling)
     return output, None
@@ -418,7 +482,7 @@ def example_inputs(prompt_len: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.full((1, prompt_len), 2, dtype=torch.long), torch.arange(prompt_len, dtype=torch.long))
 
 
-def dynamic_shapes(max_seq_len: int):
-    """Tokens per call may be anything from 1 (decode) to max_seq_len - 1 (prefill)."""
-    seq = torch.export.Dim("seq", min=1, max=max_seq_len - 1)
+def dynamic_shapes(tokens_per_call: int):
+    """Tokens per call may be anything from 1 (decode) to `tokens_per_call` (a prefill or its chunk)."""
+    seq = torch.export.Dim("seq", min=1, max=tokens_per_call)
     return ({1: seq}, {0: seq})

@@ -31,18 +31,52 @@ def export_decoder(model: torch.nn.Module, max_seq_len: int, xnnpack_norms: bool
     decoder = KVCacheDecoder(model, max_seq_len, attention).eval()
     with torch.no_grad():
         program = torch.export.export(
-            decoder, example_inputs(), dynamic_shapes=dynamic_shapes(max_seq_len), strict=False
+            decoder, example_inputs(), dynamic_shapes=dynamic_shapes(decoder.tokens_per_call), strict=False
         )
     buffers = cache_buffers(program)
     if len(buffers) != len(decoder.cache_buffer_names()):
         raise RuntimeError("the KV cache is not held as module buffers in the exported program (lifted as constants?)")
-    log.info("exported: %d graph nodes, %d KV-cache buffers", len(program.graph.nodes), len(buffers))
+    log.info("exported: %d graph nodes, %d KV-cache buffers (%.1f MiB at %d positions, up to %d tokens per call%s)",
+             len(program.graph.nodes), len(buffers), kv_cache_bytes_of(program) / 2**20, max_seq_len,
+             decoder.tokens_per_call, f", ring buffers of {2 * decoder.window} on sliding layers" if decoder.window else "")
     return program
 
 
 def cache_buffers(program: torch.export.ExportedProgram) -> list[str]:
     """The KV-cache tensors the program holds as (mutable) buffers rather than lifted constants."""
     return [name for name in program.graph_signature.buffers if name.startswith("cache_")]
+
+
+def _buffer_values(program: torch.export.ExportedProgram) -> dict:
+    """Each buffer's fake value, from the graph's placeholders (shape and dtype, no data needed)."""
+    by_input = program.graph_signature.inputs_to_buffers
+    return {by_input[node.name]: node.meta["val"] for node in program.graph.nodes
+            if node.op == "placeholder" and node.name in by_input}
+
+
+def kv_cache_bytes_of(program: torch.export.ExportedProgram) -> int:
+    """Bytes the program's KV cache (and ring positions) occupy: the same at any depth."""
+    values = _buffer_values(program)
+    return sum(values[name].numel() * values[name].element_size() for name in cache_buffers(program))
+
+
+def tokens_per_call_of(program: torch.export.ExportedProgram) -> int:
+    """The most tokens one call takes, read back from the program's dynamic `tokens` shape."""
+    tokens = next((n for n in program.graph.nodes if n.op == "placeholder" and n.name == "tokens"), None)
+    if tokens is None or not isinstance(tokens.meta["val"].shape[1], torch.SymInt):
+        raise ValueError("the program takes no dynamic `tokens` input: was it made by the export step?")
+    return int(program.range_constraints[tokens.meta["val"].shape[1].node.expr].upper)
+
+
+def context_length_of(program: torch.export.ExportedProgram) -> int:
+    """max_seq_len: the positions a full-attention layer's cache holds.
+
+    Without ring buffers a call takes up to max_seq_len - 1 tokens; with them, the full-length
+    caches (`cache_keys_N`, laid out [1, positions, heads, dim]) say it."""
+    values = _buffer_values(program)
+    if not any(name.startswith("cache_ring_") for name in values):
+        return tokens_per_call_of(program) + 1
+    return int(next(v.shape[1] for name, v in values.items() if name.startswith("cache_keys_")))
 
 
 def write_program(program: torch.export.ExportedProgram, path: Path) -> dict:

@@ -22,13 +22,15 @@ from .steplog import log_memory
 log = logging.getLogger(__name__)
 
 
-def runner_metadata(text_config: dict, max_seq_len: int) -> dict:
-    """Constant methods ExecuTorch's LLM runner reads from a .pte."""
+def runner_metadata(text_config: dict, max_context_len: int, tokens_per_call: int) -> dict:
+    """Constant methods ExecuTorch's LLM runner reads from a .pte: `get_max_seq_len` is the most
+    tokens one call takes (the runner prefills longer prompts in chunks of it),
+    `get_max_context_len` the positions the KV cache holds."""
     eos = text_config.get("eos_token_id", 1)
     eos_ids = eos if isinstance(eos, list) else [eos]
     return {
-        "get_max_seq_len": max_seq_len,
-        "get_max_context_len": max_seq_len,
+        "get_max_seq_len": tokens_per_call,
+        "get_max_context_len": max_context_len,
         "get_n_layers": int(text_config["num_hidden_layers"]),
         "get_vocab_size": int(text_config["vocab_size"]),
         "get_bos_id": int(text_config.get("bos_token_id", 2)),

@@ -39,18 +39,24 @@ GGUF_TYPES = {"q4_0": 2, "q4_k_m": 15, "q8_0": 7, "f16": 1}  # llama_ftype value
 
 
 class EagerDecoder:
-    """The eager FP32 transformers model, with its own attention, behind the in-graph-cache wrapper."""
+    """The eager FP32 transformers model as it ships: its own attention and its own growing cache
+    (which keeps a window's worth on sliding layers). A call at position 0 starts a new sequence."""
 
     def __init__(self, model, max_seq_len: int):
-        from .decoder import KVCacheDecoder
-
-        self.decoder = KVCacheDecoder(model, max_seq_len, attention="transformers").eval()
+        self.model, self.max_seq_len, self.cache = model, max_seq_len, None
 
     def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        if start_pos == 0:
+            self.cache = DynamicCache(config=self.model.config)
+        if start_pos + len(tokens) > self.max_seq_len:
+            raise ValueError(f"position {start_pos + len(tokens)} is past max_seq_len {self.max_seq_len}")
         ids = torch.tensor([tokens], dtype=torch.long)
-        positions = torch.arange(start_pos, start_pos + len(tokens), dtype=torch.long)
+        positions = torch.arange(start_pos, start_pos + len(tokens), dtype=torch.long).unsqueeze(0)
         with torch.no_grad():
-            return self.decoder(ids, positions)[0]
+            output = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=1)
+        return output.logits[0, -1]
 
 
 class LlamaCppDecoder:

@@ -110,19 +110,20 @@ def quantize(program_path: Path, group_size: int, embeddings: str, out: Path, ou
 
 def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str, out: Path, out_manifest: Path) -> dict:
     from .decoder import read_text_config_dict
-    from .export import load_program
+    from .export import context_length_of, kv_cache_bytes_of, load_program, tokens_per_call_of
     from .lower import lower_with_fallback, runner_metadata
-    from .quantize import cache_length_of
 
     program_manifest = verify_against_manifest(program_path)
     text_config = read_text_config_dict(Path(read_json(checkpoint_manifest)["path"]))
     loaded = [load_program(program_path)]
-    metadata = runner_metadata(text_config, cache_length_of(loaded[0]))
+    metadata = runner_metadata(text_config, context_length_of(loaded[0]), tokens_per_call_of(loaded[0]))
+    kv_cache_bytes = kv_cache_bytes_of(loaded[0])
     # The first attempt lowers the program just loaded (handed over, not kept); a fallback loads afresh.
     record = lower_with_fallback(lambda: loaded.pop() if loaded else load_program(program_path),
                                  per_op_mode, metadata, Path(out))
     log_memory("lowering, writing and loading the .pte")
-    extra = {"lowering": record, "runner_metadata": metadata, "program_params": program_manifest["params"],
+    extra = {"lowering": record, "runner_metadata": metadata, "kv_cache_bytes": kv_cache_bytes,
+             "program_params": program_manifest["params"],
              "quantization": program_manifest.get("quantization")}
     return write_manifest(out, {"program": program_path, "checkpoint": checkpoint_manifest},
                           {"backend": "xnnpack", "per_op_mode": per_op_mode}, extra, manifest=out_manifest)
@@ -137,7 +138,8 @@ def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_ne
     pte_manifest = verify_against_manifest(pte_path)
     bos_id = pte_manifest["runner_metadata"]["get_bos_id"]
     prompt_ids = encode_prompts(Path(read_json(checkpoint_manifest)["path"]) / "tokenizer.json", prompts, bos_id)
-    check_prompts_fit(prompts, [len(ids) for ids in prompt_ids], max_new_tokens, pte_manifest["runner_metadata"]["get_max_seq_len"])
+    check_prompts_fit(prompts, [len(ids) for ids in prompt_ids], max_new_tokens,
+                      pte_manifest["runner_metadata"]["get_max_context_len"])
     # The reference's logits are the FP32 model's either way; bf16 tables keep the real E2B's
     # reference (about 13 GiB instead of 18.5) beside its .pte on a 24 GiB host.
     model, checkpoint = load_checkpoint(checkpoint_manifest, bf16_tables=True)

@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from .decoder import dynamic_shapes, example_inputs
+from .export import tokens_per_call_of
 from .steplog import log_memory
 
 log = logging.getLogger(__name__)
@@ -214,20 +215,12 @@ def drop_unreferenced_attributes(graph_module: fx.GraphModule) -> None:
     graph_module.recompile()
 
 
-def cache_length_of(program: torch.export.ExportedProgram) -> int:
-    """max_seq_len, read back from the program's dynamic shape: 1..max_seq_len - 1 tokens per call."""
-    tokens = next((n for n in program.graph.nodes if n.op == "placeholder" and n.name == "tokens"), None)
-    if tokens is None or not isinstance(tokens.meta["val"].shape[1], torch.SymInt):
-        raise ValueError("the program takes no dynamic `tokens` input: was it made by the export step?")
-    return int(program.range_constraints[tokens.meta["val"].shape[1].node.expr].upper) + 1
-
-
 def quantize_program(program: torch.export.ExportedProgram, group_size: int, embeddings: str):
     """Quantize an exported FP32 decoder; returns the re-exported program and a report.
 
     Pass the program without keeping a reference (`quantize_program(load_program(path), ...)`): the
     FP32 weights are then freed as each is replaced, instead of staying alive to the end."""
-    max_seq_len = cache_length_of(program)
+    tokens_per_call = tokens_per_call_of(program)
     graph_module = program.module()
     del program  # the graph module shares its tensors; this drops the program's own references
     log_memory("loading the FP32 program")
@@ -242,6 +235,6 @@ def quantize_program(program: torch.export.ExportedProgram, group_size: int, emb
     drop_unreferenced_attributes(graph_module)
     with torch.no_grad():
         quantized = torch.export.export(
-            graph_module, example_inputs(), dynamic_shapes=dynamic_shapes(max_seq_len), strict=False
+            graph_module, example_inputs(), dynamic_shapes=dynamic_shapes(tokens_per_call), strict=False
         )
     return quantized, report

@@ -23,12 +23,19 @@ class PteDecoder:
         except Exception as error:  # noqa: BLE001 - the runtime reports load failures as RuntimeError/ValueError
             raise ArtifactError(f"{pte_path} could not be loaded by the ExecuTorch runtime: {error}") from error
         self.metadata = {name: _constant(program, name) for name in program.method_names if name != "forward"}
+        # The most tokens one call takes (ExecuTorch's runner prefills in chunks of it too).
+        self.tokens_per_call = int(self.metadata.get("get_max_seq_len", 0)) or None
 
     def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
-        """Feed `tokens` at positions start_pos.. and return the last position's logits (float32, 1-D)."""
-        ids = torch.tensor([tokens], dtype=torch.long)
-        positions = torch.arange(start_pos, start_pos + len(tokens), dtype=torch.long)
-        return self.method.execute([ids, positions])[0][0].to(torch.float32)
+        """Feed `tokens` at positions start_pos.. and return the last position's logits (float32, 1-D),
+        in calls of at most `tokens_per_call` tokens."""
+        chunk = self.tokens_per_call or len(tokens)
+        for first in range(0, len(tokens), chunk):
+            part = tokens[first : first + chunk]
+            ids = torch.tensor([part], dtype=torch.long)
+            positions = torch.arange(start_pos + first, start_pos + first + len(part), dtype=torch.long)
+            logits = self.method.execute([ids, positions])[0][0]
+        return logits.to(torch.float32)
 
 
 def _constant(program, name: str):
