@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma_edge.decoder import KVCacheDecoder, load_for_export, load_text_model, stored_dtypes
+from gemma_edge.decoder import KVCacheDecoder, load_for_export, load_text_model, ring_mask, stored_dtypes
 from gemma_edge.e2b_shape import build_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def test_cache_decoder_prefill_then_decode_matches_full_recompute(demo_checkpoin
     recompute of the sequence by an untouched model."""
     model = load_text_model(demo_checkpoint)
     reference_model = load_text_model(demo_checkpoint)
-    decoder = KVCacheDecoder(model, max_seq_len=32, attention=attention).eval()
+    decoder = KVCacheDecoder(model, max_seq_len=16, attention=attention).eval()  # within the 16-token window
     prompt = torch.tensor([[2, 50, 51, 52, 53, 54]])
     with torch.no_grad():
         logits = decoder(prompt, torch.arange(6))
@@ -51,10 +51,45 @@ def test_cache_decoder_prefill_then_decode_matches_full_recompute(demo_checkpoin
             torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
 
 
-def test_cache_longer_than_sliding_window_is_refused(demo_checkpoint):
+def test_ring_buffers_match_full_recompute_across_the_window_and_the_wrap(demo_checkpoint):
+    """Past the sliding window: a 40-token prompt prefilled 16 tokens a call, then 30 decode steps,
+    against transformers' own masks recomputing the whole sequence. The demo's window is 16, its
+    rings 32 slots, so the prefill fills the ring and the decode wraps it twice more."""
     model = load_text_model(demo_checkpoint)
-    with pytest.raises(ValueError, match=r"export.max_seq_len \(256\) exceeds the model's sliding window \(128\)"):
-        KVCacheDecoder(model, max_seq_len=256)
+    reference_model = load_text_model(demo_checkpoint)
+    decoder = KVCacheDecoder(model, max_seq_len=96).eval()
+    assert decoder.window == 16 and decoder.tokens_per_call == 16
+    sequence = torch.tensor([[2] + list(range(40, 79))])
+    with torch.no_grad():
+        for start in range(0, 40, 16):
+            logits = decoder(sequence[:, start : start + 16], torch.arange(start, min(start + 16, 40)))
+            reference = reference_model(input_ids=sequence[:, : start + 16]).logits[:, -1]
+            torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+        for position in range(40, 70):
+            token = logits.argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, token], dim=1)
+            logits = decoder(token, torch.tensor([position]))
+            torch.testing.assert_close(logits, reference_model(input_ids=sequence).logits[:, -1], atol=1e-4, rtol=1e-4)
+    # The ring holds the last 32 positions, each slot its own (position + 1 recorded).
+    held = sorted(decoder.cache_ring_positions.tolist())
+    assert held == list(range(70 - 32 + 1, 70 + 1))
+
+
+def test_ring_mask_shows_each_query_exactly_its_window():
+    slots = torch.tensor([9, 10, 3, 4, 5, 6, 7, 8]) + 1  # positions 3..10 held in a ring of 8, + 1
+    slots[2] = 0  # one slot empty
+    mask = ring_mask(slots, torch.tensor([9, 10]), window=4)[0, 0]
+    visible = [[int(p) - 1 for p, m in zip(slots, row) if m == 0] for row in mask]
+    assert visible == [[9, 6, 7, 8], [9, 10, 7, 8]]
+    assert set(mask.unique().tolist()) == {0.0, float("-inf")}
+
+
+def test_cache_past_the_trained_positions_or_transformers_attention_past_the_window_is_refused(demo_checkpoint):
+    model = load_text_model(demo_checkpoint)
+    with pytest.raises(ValueError, match=r"export.max_seq_len \(2048\) exceeds .* \(max_position_embeddings 1024\)"):
+        KVCacheDecoder(model, max_seq_len=2048)
+    with pytest.raises(ValueError, match=r"sliding window \(16\).*export.attention must be executorch"):
+        KVCacheDecoder(model, max_seq_len=64, attention="transformers")
 
 
 def test_every_demo_token_but_high_bytes_decodes_to_valid_utf8_on_its_own(demo_checkpoint):

@@ -11,9 +11,9 @@ import pytest
 from conftest import TEST_REPO_ID, snakemake, write_config
 from gemma_edge.artifacts import ArtifactError, read_json, sha256_file, verify_against_manifest
 from gemma_edge.demo_model import DEMO_VOCAB
-from gemma_edge.export import cache_buffers, load_program
+from gemma_edge.decoder import read_text_config_dict
+from gemma_edge.export import cache_buffers, context_length_of, kv_cache_bytes_of, load_program, tokens_per_call_of
 from gemma_edge.parity import TIE_MARGIN
-from gemma_edge.quantize import cache_length_of
 from gemma_edge.runtime import PteDecoder
 
 INT4 = "results/tiny/int4-g128/xnnpack-auto"
@@ -34,17 +34,30 @@ def test_download_went_through_the_seeded_hub_cache(workflow):
 
 
 def test_exported_program_holds_the_kv_cache_as_buffers(workflow):
+    """128 positions of context over a 16-token sliding window: the one cached full-attention layer
+    holds 128 positions, the two cached sliding layers a ring of 32, with one record of which
+    position each ring slot holds."""
     program = load_program(workflow["workdir"] / "results/tiny/fp32/program.pt2")
     buffers = cache_buffers(program)
-    assert len(buffers) == 2 * 3  # keys and values of the 3 of 6 layers that do not reuse another's
+    # keys and values of the 3 of 6 layers that do not reuse another's, and the ring's positions
+    assert sorted(buffers) == sorted(["cache_ring_keys_0", "cache_ring_values_0", "cache_ring_keys_1",
+                                      "cache_ring_values_1", "cache_keys_2", "cache_values_2", "cache_ring_positions"])
     assert not program.graph_signature.lifted_tensor_constants
-    assert cache_length_of(program) == 128
+    assert context_length_of(program) == 128 and tokens_per_call_of(program) == 16
+    config = read_text_config_dict(Path(read_json(workflow["workdir"] / "results/tiny/checkpoint.json")["path"]))
+    ring_bytes = 2 * (2 * 16 * config["num_key_value_heads"] * config["head_dim"] * 4)  # 2 layers, keys + values
+    full_bytes = 2 * 128 * config["num_key_value_heads"] * config["global_head_dim"] * 4
+    assert kv_cache_bytes_of(program) == ring_bytes + full_bytes + 32 * 8
     targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
     # ExecuTorch's cache and attention ops: 2 writes per cached layer, one attention per layer, and
-    # no per-step copies of the one-head cache to every query head, no masks, no index_copy.
-    assert targets["llama.update_cache.default"] == 2 * 3
+    # no per-step copies of the one-head cache to every query head; the ring's slot record is the
+    # one index_copy, and its mask the one `where`, shared by every sliding layer.
+    assert targets["llama.update_cache.default"] == 2
+    assert targets["llama.update_cache_with_indices.default"] == 2 * 2
     assert targets["llama.custom_sdpa.default"] == 6
-    assert not {"aten.expand.default", "aten.index_copy.default", "aten.index_put.default"} & set(targets)
+    assert targets["aten.index_copy_.default"] + targets["aten.index_copy.default"] == 1
+    assert targets["aten.where.self"] == 1
+    assert "aten.expand.default" not in targets
     manifest = read_json(workflow["workdir"] / "results/tiny/fp32/program.pt2.manifest.json")
     assert manifest["eager_max_abs_diff"] < 1e-4
 
@@ -93,7 +106,8 @@ def test_quantize_manifest_lists_layers_kept_in_fp32(workflow):
 
 def test_pte_carries_the_llm_runner_metadata_and_its_lowering_record(workflow):
     decoder = PteDecoder(workflow["workdir"] / INT4 / "model.pte")
-    assert decoder.metadata["get_max_seq_len"] == 128
+    assert decoder.metadata["get_max_seq_len"] == 16  # tokens per call: the runner prefills in chunks of it
+    assert decoder.metadata["get_max_context_len"] == 128
     assert decoder.metadata["get_bos_id"] == 2
     assert decoder.metadata["get_vocab_size"] == DEMO_VOCAB
     assert decoder.metadata["use_kv_cache"] is True

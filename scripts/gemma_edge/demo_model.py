@@ -40,6 +40,9 @@ TRAIN_LINES_EVERY = 4
 # which llama.cpp relies on when it maps shared layers to their donors (llama-model.cpp).
 DEMO_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
 DEMO_KV_SHARED_LAYERS = 3
+# A window a quarter of the default max_seq_len (128): every verify prompt longer than 32 tokens, and
+# every generation past it, runs through the ring buffers (E2B's window is 512, its context 4096+).
+DEMO_SLIDING_WINDOW = 16
 # 4 specials, 256 byte tokens and 508 learned pieces (characters and in-word merges): the corpus in
 # 24,235 tokens (24,593 with the 512-entry byte-level BPE used before the tokenizer became Gemma's own
 # byte-fallback kind, the one llama.cpp's converter reads), the verify prompts in as many as before.
@@ -62,7 +65,7 @@ def demo_text_config(vocab_size: int, layer_types: list[str] = DEMO_LAYER_TYPES,
         head_dim=32,
         global_head_dim=64,
         layer_types=list(layer_types),
-        sliding_window=128,
+        sliding_window=DEMO_SLIDING_WINDOW,
         num_kv_shared_layers=num_kv_shared_layers,
         hidden_size_per_layer_input=32,
         final_logit_softcapping=30.0,
