@@ -53,6 +53,8 @@ def test_memory_and_disk_shortfalls_name_the_numbers(facts):
     small = {**facts, "memory_available_bytes": 512 * 2**20, "disk_free_bytes": 100_000_000}
     with pytest.raises(DeviceCheckFailed, match=r"512 MiB of memory available but the .pte and its KV cache and activations need 4096 MiB"):
         preflight(small, {"memory_bytes": 4 * 2**30})
+    with pytest.raises(DeviceCheckFailed, match=r"need 4096 MiB \(the KV cache 76.5 MiB of it, at 4096 positions\)$"):
+        preflight(small, {"memory_bytes": 4 * 2**30, "kv_cache_bytes": 76.5 * 2**20, "max_context_len": 4096})
     with pytest.raises(DeviceCheckFailed, match=r"100 MB of free disk but needs 3500 MB"):
         preflight(small, {"disk_bytes": 3_500_000_000})
 

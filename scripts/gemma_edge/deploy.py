@@ -316,6 +316,8 @@ def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dic
     planned = pte_manifest["lowering"].get("planned_memory_bytes") or 0
     return {
         "memory_bytes": pte_manifest["size_bytes"] + planned,  # the mapped .pte plus its KV cache and activations
+        "kv_cache_bytes": pte_manifest.get("kv_cache_bytes"),
+        "max_context_len": pte_manifest["runner_metadata"].get("get_max_context_len"),
         "prompt_lengths": bench["prompt_lengths"],
         "new_tokens": bench["new_tokens"],
         "repetitions": bench["repetitions"],

@@ -159,8 +159,8 @@ def preflight(facts: dict, needs: dict | None = None) -> list[str]:
     """Check the device against what the runtime and the benchmark need; raise DeviceCheckFailed
     with one sentence naming the number, else return what was checked.
 
-    `needs` may give `memory_bytes` (the .pte plus its planned KV cache and activations) and
-    `disk_bytes` (what is about to be written)."""
+    `needs` may give `memory_bytes` (the .pte plus its planned KV cache and activations), of which
+    `kv_cache_bytes` at `max_context_len` positions, and `disk_bytes` (what is about to be written)."""
     needs = needs or {}
     checked = []
     machine = facts.get("machine")
@@ -179,10 +179,12 @@ def preflight(facts: dict, needs: dict | None = None) -> list[str]:
         checked.append(f"libraries aligned to >= {alignment['bytes'] // 1024} KiB, kernel pages {facts['page_size'] // 1024} KiB")
     available = facts.get("memory_available_bytes")
     if needs.get("memory_bytes") and available is not None:
+        cache = (f" (the KV cache {needs['kv_cache_bytes'] / 2**20:.1f} MiB of it, at {needs['max_context_len']} positions)"
+                 if needs.get("kv_cache_bytes") else "")
         if available < needs["memory_bytes"]:
             raise DeviceCheckFailed(f"the device has {available / 2**20:.0f} MiB of memory available but the .pte and its KV "
-                                    f"cache and activations need {needs['memory_bytes'] / 2**20:.0f} MiB")
-        checked.append(f"memory: {needs['memory_bytes'] / 2**20:.0f} MiB needed, {available / 2**20:.0f} MiB available")
+                                    f"cache and activations need {needs['memory_bytes'] / 2**20:.0f} MiB{cache}")
+        checked.append(f"memory: {needs['memory_bytes'] / 2**20:.0f} MiB needed{cache}, {available / 2**20:.0f} MiB available")
     free = facts.get("disk_free_bytes")
     if needs.get("disk_bytes") and free is not None:
         if free < needs["disk_bytes"]:
@@ -358,7 +360,8 @@ def run_bench(pte: Path, spec: dict) -> dict:
     ExecuTorch's own LLM runner and each peer engine in turn (spec["peers"]). The machine's load is
     sampled before and after every engine's run."""
     facts = device_facts()
-    for line in preflight(facts, {"memory_bytes": spec.get("memory_bytes")}):
+    needs = {key: spec.get(key) for key in ("memory_bytes", "kv_cache_bytes", "max_context_len")}
+    for line in preflight(facts, needs):
         print(f"pre-flight: {line}", flush=True)
     runner_missing = runner_preflight(facts)
     if runner_missing:
@@ -378,10 +381,11 @@ def run_bench(pte: Path, spec: dict) -> dict:
     decoder = PteDecoder(pte)
     load_s = time.perf_counter() - started
     meta = decoder.metadata
-    max_seq_len = int(meta["get_max_seq_len"])
+    context = int(meta.get("get_max_context_len", meta["get_max_seq_len"]))
     for length in spec["prompt_lengths"]:
-        if length + spec["new_tokens"] > max_seq_len:
-            raise ValueError(f"prompt length {length} + {spec['new_tokens']} new tokens exceeds the .pte's max_seq_len {max_seq_len}")
+        if length + spec["new_tokens"] > context:
+            raise ValueError(f"prompt length {length} + {spec['new_tokens']} new tokens exceeds the .pte's context "
+                             f"(max_seq_len {context})")
 
     def pte_runs():
         runs = []
@@ -395,6 +399,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
     runs, load = timed_with_load(pte_runs)
     parity = [greedy_decode(decoder.step, ids, spec["max_new_tokens"]) for ids in spec["parity_prompt_ids"]]
     peak_rss = peak_rss_bytes()
+    decoder_tokens_per_call = decoder.tokens_per_call
     del decoder
     runner = bench_llm_runner(pte, spec, parity, eos_id_set(meta), runner_missing)
     engines = {}
@@ -416,6 +421,8 @@ def run_bench(pte: Path, spec: dict) -> dict:
         "load": load,
         "parity_tokens": parity,
         "peak_rss_bytes": peak_rss,
+        "kv_cache": {"bytes": spec.get("kv_cache_bytes"), "max_context_len": context,
+                     "tokens_per_call": decoder_tokens_per_call},
         "runtime": "executorch.runtime (Python bindings), timed around Method.execute",
         "engines": engines,
         "ratios": ratios(runs, engines),
