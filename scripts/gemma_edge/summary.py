@@ -23,9 +23,12 @@ COLUMNS = [
 
 
 def variant_name(bench: dict) -> str:
-    group = bench["quantization"].get("group_size")
-    mode = "per-op" if bench["pte"]["per_op_mode_used"] else "fused"
-    return f"{'int4-g' + str(group) if group else 'fp32'} {mode}"
+    return variant_label(bench["quantization"].get("group_size"), bench["pte"]["per_op_mode_used"])
+
+
+def variant_label(group_size: int | None, per_op_mode_used: bool) -> str:
+    """A .pte's name in the table and plots: `int4-g128 fused`, `fp32 per-op`, …"""
+    return f"{'int4-g' + str(group_size) if group_size else 'fp32'} {'per-op' if per_op_mode_used else 'fused'}"
 
 
 def speeds(run: dict, bench: dict | None = None) -> dict:
