@@ -10,7 +10,7 @@ from conftest import REPO, needs_llamacpp, snakemake
 from gemma_edge import bandwidth
 from gemma_edge.artifacts import read_json
 from gemma_edge.decoder import read_text_config_dict
-from gemma_edge.weight_bytes import gguf_weight_bytes, pte_weight_bytes, read_gguf_tensors
+from gemma_edge.weight_bytes import gguf_weight_bytes, pte_weight_bytes, read_gguf_tensors, readable_weight_bytes, weight_bytes
 
 
 def test_read_bandwidth_streams_a_buffer_far_larger_than_the_last_level_cache():
@@ -120,3 +120,14 @@ def test_gguf_bytes_come_from_its_tensor_table_and_add_up_to_the_file(demo, demo
     assert parts["embedding_rows"] == rows["token_embd.weight"]["row_bytes"] + per_layer["row_bytes"]
     assert parts["embedding_rows"] < 0.01 * result["bytes_per_token"]
     assert result["bytes_per_token"] == file["weights_bytes"] - per_layer["bytes"] + parts["embedding_rows"]
+
+
+def test_a_file_weight_bytes_cannot_read_gets_no_bytes_and_no_fraction(tmp_path):
+    """The deploy and the perf table go on without the fraction (LiteRT-LM's own attribution,
+    from real .litertlm files, is in test_litert.py)."""
+    broken = tmp_path / "model.litertlm"
+    broken.write_bytes(b"NOTLITERT" + bytes(64))
+    with pytest.raises(ValueError, match="not a .litertlm"):
+        weight_bytes(broken)
+    assert readable_weight_bytes(broken) is None
+    assert weight_bytes(tmp_path / "model.onnx") is None

@@ -99,7 +99,7 @@ def test_llama_cpp_runs_beside_the_pte_in_the_same_bench(deployed, target):
     assert bench["busy"] == (bench["load"]["busy"] or any(e["load"]["busy"] for e in bench["engines"].values()))
     # Each engine's weight bytes per token (from the host's copy of its file) and its share of the bandwidth.
     limit = bench["bandwidth"]["gb_per_s"]["avg"]
-    engines = [bench["engines"][name] for name in PEERS]  # a .litertlm's bytes are not attributed (None)
+    engines = [bench["engines"][name] for name in PEERS]
     for runs, weights in [(bench["runs"], bench["weight_bytes"])] + [(e["runs"], e["weight_bytes"]) for e in engines]:
         assert 0 < weights["bytes_per_token"] < weights["file"]["size_bytes"]
         for run in runs:
@@ -129,6 +129,13 @@ def test_litert_lm_runs_beside_the_pte_with_our_recipe(deployed, target):
             assert len(run[figure]["samples"]) == 2 and all(s > 0 for s in run[figure]["samples"])
     assert set(engine["load"]) == {"before", "after", "busy"}
     assert {r["prompt_tokens"] for r in bench["ratios"] if r["engine"] == "litert-int4-g128"} == {8, 32}
+    # The bytes a decoded token reads, from the host's copy of the .litertlm, and its share of the bandwidth.
+    weights = engine["weight_bytes"]
+    assert weights["artifact"] == "litertlm" and 0 < weights["bytes_per_token"] < weights["file"]["size_bytes"]
+    for run in engine["runs"]:
+        assert run["weight_bytes_per_token"] == weights["bytes_per_token"]
+        assert run["bandwidth_fraction"] == pytest.approx(
+            weights["bytes_per_token"] * run["decode_tps"]["avg"] / 1e9 / bench["bandwidth"]["gb_per_s"]["avg"])
     manifest = read_json(deployed["workdir"] / "results/tiny/litert/model-int4-g128.litertlm.manifest.json")
     assert manifest["params"] == {"quantization": "int4", "group_size": 128, "max_seq_len": 128, "prefill_length": 64}
     parity = read_json(deployed["workdir"] / f"results/{target}/parity.json")

@@ -1,13 +1,16 @@
 """The device's pre-flight facts and checks: CPU features for XNNPACK, library alignment against
-the kernel's page size, memory against the .pte and its KV cache, free disk."""
+the kernel's page size, memory against the .pte and its KV cache, free disk, and the system
+libraries ExecuTorch's LLM runner links (a missing one leaves the runner out, not the benchmark)."""
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from gemma_edge import deploy, device_bench
-from gemma_edge.device_bench import DeviceCheckFailed, elf_load_alignment, preflight
+from gemma_edge import deploy, device_bench, elf
+from gemma_edge.device_bench import DeviceCheckFailed, preflight
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +32,10 @@ def test_facts_describe_this_machine(facts):
 
 def test_elf_alignment_is_read_from_the_program_headers(tmp_path):
     library = Path(sys.executable).resolve()  # an ELF executable: its PT_LOAD segments are page aligned
-    assert elf_load_alignment(library) in (4096, 16384, 65536, 2 ** 21)
+    assert elf.load_alignment(library) in (4096, 16384, 65536, 2 ** 21)
     text = tmp_path / "not-elf.so"
     text.write_text("not a library")
-    assert elf_load_alignment(text) is None
+    assert elf.load_alignment(text) is None and elf.machine(text) is None and elf.needed(text) == []
 
 
 def test_this_host_passes_its_own_checks(facts):
@@ -73,3 +76,85 @@ def test_a_device_short_of_memory_stops_the_bench_with_the_numbers(tmp_path):
     with pytest.raises(deploy.DeviceError, match=r"^local: the device has \d+ MiB of memory available but the .pte and its KV "
                                                  r"cache and activations need 1073741824 MiB$"):
         deploy.run_local_bench(str(tmp_path / "never-loaded.pte"), spec, 120)
+
+
+# ---- the LLM runner's system libraries ---------------------------------------------------------
+
+def test_the_runner_extensions_links_are_read_as_the_loader_reads_them():
+    """This host's executorch: its runner extension links the runtime and the C/C++ libraries, and
+    (the x86-64 build) not libatomic, so there is nothing for the device to provide."""
+    extension = device_bench.runner_extension()
+    assert extension is not None and extension.name.startswith("_llm_runner.")
+    linked = elf.needed(extension)
+    assert {"libexecutorch.so", "libtorch.so", "libstdc++.so.6", "libc.so.6"} <= set(linked)
+    if elf.machine(extension) == elf.MACHINES["x86_64"]:
+        assert "libatomic.so.1" not in linked
+        assert device_bench.runner_libraries(extension, "x86_64") == {"extension": extension.name, "needs": {}}
+
+
+def host_libatomic() -> Path:
+    """This host's own libatomic.so.1 (g++ brings it), a real library to lay out device roots with."""
+    found = elf.find_library("libatomic.so.1", "x86_64")
+    assert found, "libatomic.so.1 is not installed on this host (apt-get install libatomic1)"
+    return Path(found).resolve()
+
+
+def test_a_library_is_found_only_where_the_loader_looks_and_only_if_built_for_the_device(tmp_path):
+    library = host_libatomic()
+    device = tmp_path / "device"
+    (device / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
+    assert elf.find_library("libatomic.so.1", "x86_64", device, environ={}) is None
+    shutil.copy(library, device / "usr/lib/x86_64-linux-gnu/libatomic.so.1")
+    assert elf.find_library("libatomic.so.1", "x86_64", device, environ={}) == "/usr/lib/x86_64-linux-gnu/libatomic.so.1"
+    # The same file where an aarch64 device's loader looks: built for another machine, it does not count.
+    (device / "usr/lib/aarch64-linux-gnu").mkdir(parents=True)
+    shutil.copy(library, device / "usr/lib/aarch64-linux-gnu/libatomic.so.1")
+    assert elf.find_library("libatomic.so.1", "aarch64", device, environ={}) is None
+    # A folder only /etc/ld.so.conf names (through an include), and one only LD_LIBRARY_PATH names.
+    vendor = tmp_path / "vendor-device"
+    (vendor / "etc/ld.so.conf.d").mkdir(parents=True)
+    (vendor / "etc/ld.so.conf").write_text("include /etc/ld.so.conf.d/*.conf\n")
+    (vendor / "etc/ld.so.conf.d/vendor.conf").write_text("# a vendor's libraries\n/opt/vendor/lib\n")
+    (vendor / "opt/vendor/lib").mkdir(parents=True)
+    shutil.copy(library, vendor / "opt/vendor/lib/libatomic.so.1")
+    assert elf.find_library("libatomic.so.1", "x86_64", vendor, environ={}) == "/opt/vendor/lib/libatomic.so.1"
+    assert elf.library_folders("x86_64", vendor, {"LD_LIBRARY_PATH": "/srv/lib::/opt/vendor/lib"})[:2] == ["/srv/lib", "/opt/vendor/lib"]
+
+
+@pytest.fixture(scope="module")
+def extension_linking_libatomic(tmp_path_factory) -> Path:
+    """A real shared library that links libatomic.so.1, as the aarch64 wheel's runner extension does,
+    built for this host by its own C compiler (g++ brings it)."""
+    out = tmp_path_factory.mktemp("extension") / "_llm_runner.cpython-311-x86_64-linux-gnu.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-x", "c", "-", "-o", str(out), "-Wl,--no-as-needed", "-latomic"],
+                   input="int runner(void) { return 0; }\n", text=True, check=True)
+    return out
+
+
+def test_a_device_without_libatomic_gets_the_runner_left_out_with_the_fix(extension_linking_libatomic, tmp_path):
+    """A device root without libatomic.so.1: the pre-flight says, in one sentence, that the runner
+    cannot load and how to fix it; the bench records the runner as not available without starting
+    it, and goes on."""
+    assert "libatomic.so.1" in elf.needed(extension_linking_libatomic)
+    without = tmp_path / "sysroot-without"
+    (without / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
+    facts = {"llm_runner_libraries": device_bench.runner_libraries(extension_linking_libatomic, "x86_64", without)}
+    assert facts["llm_runner_libraries"] == {"extension": extension_linking_libatomic.name, "needs": {"libatomic.so.1": None}}
+    reason = device_bench.runner_preflight(facts)
+    assert reason == ("ExecuTorch's LLM runner links libatomic.so.1, which this device does not have (our loop does not "
+                      "need it): install it with `sudo apt install libatomic1`")
+    block = device_bench.bench_llm_runner(tmp_path / "never-loaded.pte", {"tokenizer": None}, [], set(), unavailable=reason)
+    assert block["available"] is False and block["reason"] == reason and set(block) == {"available", "reason", "load"}
+    # With the library in place the same extension passes.
+    with_it = tmp_path / "sysroot-with"
+    (with_it / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
+    shutil.copy(host_libatomic(), with_it / "usr/lib/x86_64-linux-gnu/libatomic.so.1")
+    facts = {"llm_runner_libraries": device_bench.runner_libraries(extension_linking_libatomic, "x86_64", with_it)}
+    assert device_bench.runner_preflight(facts) is None
+    assert device_bench.runner_preflight({"llm_runner_libraries": None}) is None  # no executorch yet (probe)
+
+
+def test_this_host_records_the_runners_libraries_in_its_facts(facts):
+    libraries = facts["llm_runner_libraries"]
+    assert libraries["extension"].startswith("_llm_runner.") and all(libraries["needs"].values())
+    assert device_bench.runner_preflight(facts) is None

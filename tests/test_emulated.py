@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DEFAULT_CONFIG, REPO, needs_litert, needs_llamacpp, snakemake, write_config
-from gemma_edge import deploy, emulator
+from gemma_edge import deploy, device_bench, emulator
 from gemma_edge.config import deep_merge, validate_config
 from gemma_edge.artifacts import read_json, sha256_file
 
@@ -177,30 +177,46 @@ def test_litert_lm_runs_on_the_emulated_pi_from_the_aarch64_wheel(emulated):
     assert len(parity["peers"]["litert-int4-g128"]) == len(host["prompts"])
 
 
-# The aarch64 wheel's runner extension links libatomic.so.1 (the x86-64 one does not), which the
-# emulator's minimal Debian sysroot lacks; a Pi without the libatomic1 package would say the same.
-RUNNER_NEEDS = "libatomic.so.1: cannot open shared object file"
+RUNNER_EXTENSION = "executorch/extension/llm/runner/_llm_runner.cpython-311-aarch64-linux-gnu.so"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_executorch_runner_on_the_emulated_pi_reproduces_its_loop_or_says_why_not(emulated, variant):
-    """The aarch64 executorch wheel ships the LLM runner's binding. Where it loads, the runner
-    tokenises the prompt texts to the host's ids and generates exactly the device loop's tokens;
-    where the device lacks a library it needs, the bench records that, and still succeeds."""
+def test_executorch_runner_on_the_emulated_pi_generates_exactly_its_loops_tokens(emulated, variant):
+    """The aarch64 executorch wheel ships the LLM runner's binding, whose extension links
+    libatomic.so.1 (the emulator's sysroot has Debian's libatomic1, as Raspberry Pi OS has): the
+    runner loads our .pte on the Cortex-A76, tokenises the prompt texts to the host's ids and
+    generates exactly the device loop's tokens."""
+    workdir = emulated["workdir"]
+    device = read_json(workdir / f"results/{TARGET}/device.json")
+    assert device["llm_runner_libraries"] == {"extension": Path(RUNNER_EXTENSION).name,
+                                              "needs": {"libatomic.so.1": "/usr/lib/aarch64-linux-gnu/libatomic.so.1"}}
+    bench = read_json(workdir / f"results/{TARGET}/{VARIANTS[variant]}/bench.json")
+    runner = bench["executorch_runner"]
+    assert runner["available"], runner.get("reason")
+    assert runner["prompt_ids_equal_loop"] and runner["tokens_equal_loop"]
+    assert runner["loop_same_prompts"]["tokens_equal_runner"]
+    assert runner["stats"]["decode_tps"]["avg"] > 0 and runner["stats"]["load_s"] > 0
+    log = (workdir / f"results/{TARGET}/{VARIANTS[variant]}/parity.log").read_text()
+    assert "ExecuTorch's LLM runner: " in log and "its tokens equal the device loop's" in log
+
+
+def test_a_pi_without_libatomic_gets_the_runner_left_out_with_the_fix(emulated, pi5_emulator, tmp_path):
+    """The real aarch64 runner extension against the emulator's own sysroot, and against a copy of
+    its library folder without libatomic1's files (a Pi without that package): the pre-flight
+    finds the library in the first and names the fix for the second."""
     workdir = emulated["workdir"]
     wheelhouse = read_json(workdir / f"results/{TARGET}/wheelhouse.json")
     wheel = next(w for w in wheelhouse["wheels"] if w["name"].lower() == "executorch")
     with zipfile.ZipFile(workdir / f"results/{TARGET}/wheelhouse" / wheel["filename"]) as archive:
-        assert "executorch/extension/llm/runner/_llm_runner.cpython-311-aarch64-linux-gnu.so" in archive.namelist()
-    bench = read_json(workdir / f"results/{TARGET}/{VARIANTS[variant]}/bench.json")
-    runner = bench["executorch_runner"]
-    if not runner["available"]:
-        assert runner["reason"].startswith("executorch.extension.llm.runner is not importable: ")
-        assert RUNNER_NEEDS in runner["reason"], runner["reason"]
-        assert bench["runs"] and set(runner) == {"available", "reason", "load"}
-        log = (workdir / f"results/{TARGET}/{VARIANTS[variant]}/parity.log").read_text()
-        assert f"ExecuTorch's LLM runner: not available: {runner['reason']}" in log
-        return
-    assert runner["prompt_ids_equal_loop"] and runner["tokens_equal_loop"]
-    assert runner["loop_same_prompts"]["tokens_equal_runner"]
-    assert runner["stats"]["decode_tps"]["avg"] > 0
+        extension = Path(archive.extract(RUNNER_EXTENSION, tmp_path / "wheel"))
+    sysroot = emulator.sysroot_of(pi5_emulator)
+    found = device_bench.runner_libraries(extension, "aarch64", sysroot)
+    assert found["needs"] == {"libatomic.so.1": "/usr/lib/aarch64-linux-gnu/libatomic.so.1"}
+    assert device_bench.runner_preflight({"llm_runner_libraries": found}) is None
+    without = tmp_path / "sysroot-without-libatomic1"
+    shutil.copytree(sysroot / "usr/lib/aarch64-linux-gnu", without / "usr/lib/aarch64-linux-gnu", symlinks=True)
+    for library in (without / "usr/lib/aarch64-linux-gnu").glob("libatomic.so*"):
+        library.unlink()
+    missing = device_bench.runner_libraries(extension, "aarch64", without)
+    assert missing["needs"] == {"libatomic.so.1": None}
+    assert device_bench.runner_preflight({"llm_runner_libraries": missing}).endswith("`sudo apt install libatomic1`")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import DEFAULT_CONFIG, LITERT_PYTHON, REPO, needs_litert
+
+from gemma_edge import litertlm_file
+from gemma_edge.weight_bytes import is_lookup, weight_bytes
 
 BENCH_SCRIPT = REPO / "scripts/gemma_edge/litert_bench.py"
 
@@ -115,6 +119,96 @@ def test_manifests_say_how_each_model_was_made(converted):
     # FP32, as in our own quantize step.
     assert int4["fp32_linears"] == ["per_layer_projection"]
     assert int4["size_bytes"] < fp32["size_bytes"]
+
+
+def peek_sections(model: Path) -> list[dict]:
+    """The sections as litert-lm-builder's own peek tool prints them."""
+    printed = run_litert("-m", "litert_lm_builder.litertlm_peek_main", "--litertlm_file", str(model), timeout=120).stdout
+    sections = []
+    for block in re.split(r"^Section \d+:$", printed, flags=re.M)[1:]:
+        fields = dict(re.findall(r"^  (Begin Offset|End Offset|Data Type): *(\S+)$", block, flags=re.M))
+        model_type = re.search(r"^    Key: model_type, Value \(String\): (\S+)$", block, flags=re.M)
+        sections.append({"begin": int(fields["Begin Offset"]), "end": int(fields["End Offset"]),
+                         "data_type": fields["Data Type"], "model_type": model_type and model_type.group(1)})
+    return sections
+
+
+def our_lookup_tables(model: dict) -> list[dict]:
+    tables = []
+    for index, subgraph in enumerate(model["subgraphs"]):
+        for op in subgraph["operators"]:
+            for position in (p for p, _ in enumerate(op["inputs"]) if is_lookup(op, p)):
+                tensor = subgraph["tensors"][op["inputs"][position]]
+                tables.append({"subgraph": index, "buffer": tensor["buffer"], "shape": tensor["shape"],
+                               "scales": tensor["scales"]})
+    return tables
+
+
+@pytest.mark.parametrize("quantization", ["fp32", "int4"])
+def test_our_litertlm_reader_reads_what_literts_own_tools_read(converted, quantization):
+    """litertlm_file (the flatbuffers runtime alone, in the main venv) against litert-lm-builder's
+    peek tool for the sections, and ai-edge-litert's generated schema for each TFLite section's
+    buffers, signatures and lookup tables."""
+    model = converted[quantization]
+    with litertlm_file.mapped(model) as data:
+        header = litertlm_file.read_header(data)
+        ours = {s["index"]: litertlm_file.read_tflite(data[s["begin"]:s["end"]])
+                for s in header["sections"] if s["data_type"] == "TFLiteModel"}
+    assert [{"begin": s["begin"], "end": s["end"], "data_type": s["data_type"], "model_type": s["items"].get("model_type")}
+            for s in header["sections"]] == peek_sections(model)
+    theirs = json.loads(run_litert(str(REPO / "tests/litert_reference.py"), str(model), timeout=120).stdout)
+    assert sorted(int(index) for index in theirs) == sorted(ours) and len(ours) == 3
+    for index, reference in theirs.items():
+        mine = ours[int(index)]
+        assert [b["bytes"] for b in mine["buffers"]] == reference["buffers"]
+        assert mine["signatures"] == reference["signatures"] and len(mine["subgraphs"]) == reference["subgraphs"]
+        assert set(reference["metadata_buffers"]) <= set(mine["metadata_buffers"])
+        assert our_lookup_tables(mine) == reference["tables"]
+
+
+@pytest.mark.parametrize("quantization", ["fp32", "int4"])
+def test_litertlm_bytes_per_token_read_the_embedders_as_rows_and_add_up_to_the_file(converted, demo_checkpoint, quantization):
+    from gemma_edge.decoder import read_text_config_dict
+
+    result = weight_bytes(converted[quantization])
+    config = read_text_config_dict(demo_checkpoint)
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    per_layer = config["num_hidden_layers"] * config["hidden_size_per_layer_input"]
+    parts, file = result["parts"], result["file"]
+    assert result["artifact"] == "litertlm" and result["vocab_size"] == vocab
+    # Every byte of the file once: weights, TFLite graphs, other sections, header, the 16 KiB alignment.
+    assert file["weights_bytes"] + file["graph_bytes"] + file["other_sections_bytes"] + file["header_bytes"] \
+        + file["padding_bytes"] == file["size_bytes"] == converted[quantization].stat().st_size
+    assert 0 <= file["padding_bytes"] < 16384 * len(result["sections"])
+    assert result["bytes_per_token"] == sum(parts.values()) == (
+        file["weights_bytes"] - file["embedding_tables_bytes"] - file["outside_decode_bytes"] + parts["embedding_rows"])
+    # The externalized embedder and per-layer embedder: one row each (INT8 with its float32 scale, or FP32).
+    tables = {t["model_type"]: t for t in result["embedding_tables"]}
+    assert {name: t["shape"] for name, t in tables.items()} == {
+        "tf_lite_embedder": [vocab, hidden], "tf_lite_per_layer_embedder": [vocab, per_layer]}
+    element = 4 if quantization == "fp32" else 1
+    scale = 0 if quantization == "fp32" else 4
+    for name, width in (("tf_lite_embedder", hidden), ("tf_lite_per_layer_embedder", per_layer)):
+        assert tables[name]["row_bytes"] == width * element + scale
+        assert tables[name]["bytes"] == vocab * tables[name]["row_bytes"]
+    assert parts["embedding_rows"] == (hidden + per_layer) * element + 2 * scale
+    assert parts["embedding_rows"] < 0.01 * result["bytes_per_token"]
+    sections = {s["model_type"]: s for s in result["sections"]}
+    for name in tables:  # nothing else of an embedder's weights but a few shape constants
+        assert sections[name]["read_per_token_bytes"] < tables[name]["row_bytes"] + 256
+    # The tied lm_head's own copy in the decoder, read whole: INT4 with an FP16 scale per block, or FP32.
+    if quantization == "fp32":
+        assert parts["lm_head"] == vocab * hidden * 4 and result["lm_head_tensors"] == 1
+    else:
+        assert parts["lm_head"] == vocab * hidden // 2 + vocab * (hidden // 128) * 2 and result["lm_head_tensors"] == 2
+    # Every weight of the decoder but a few constants only prefill's subgraph holds is read a token.
+    decoder = sections["tf_lite_prefill_decode"]
+    assert decoder["decode_signatures"] == ["decode"]
+    assert 0 < decoder["outside_decode_bytes"] <= file["outside_decode_bytes"] < 1024
+    assert decoder["read_per_token_bytes"] == decoder["weights_bytes"] - decoder["outside_decode_bytes"] == (
+        result["bytes_per_token"] - sum(sections[name]["read_per_token_bytes"] for name in tables))
+    if quantization == "int4":  # INT4 linears beside INT8 tables: well under half the file
+        assert result["bytes_per_token"] < 0.45 * file["size_bytes"]
 
 
 def test_fp32_litertlm_benchmarks_and_decodes_eager_fp32s_tokens(converted, reference, demo_checkpoint, tmp_path):

@@ -177,6 +177,11 @@ def test_perf_times_litert_lm_with_the_pte_s_group_size_by_its_own_benchmark(per
     for run in litert["runs"]:
         assert run["decode_tokens_counted"] == [8, 8] and len(run["decode_tps"]["samples"]) == 2
     assert perf["same_greedy_tokens"]["litert"] is None  # its benchmark decodes no prompt of ours
+    weights, limit = litert["weight_bytes"], litert["bandwidth"]["gb_per_s"]["avg"]
+    assert weights["artifact"] == "litertlm" and weights["file"]["size_bytes"] == perf["litert"]["size_bytes"]
+    for run in litert["runs"]:
+        assert run["weight_bytes_per_token"] == weights["bytes_per_token"] > 0
+        assert run["bandwidth_fraction"] == pytest.approx(weights["bytes_per_token"] * run["decode_tps"]["avg"] / 1e9 / limit)
     assert litert["threads"] == 2 and set(litert["load"]) == {"before", "after", "busy"}
     for row in perf["ratios"]:
         pte = {r["prompt_tokens"]: r for r in perf["engines"]["pte"]["runs"]}[row["prompt_tokens"]]

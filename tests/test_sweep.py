@@ -68,6 +68,7 @@ def test_summary_sets_litert_lm_with_the_same_group_size_beside_each_pte(sweep):
         for target in ("local", "loopback") for g in (64, 128) for length in ("8", "32")}
     for row in peers:
         assert row["available"] == "True" and float(row["decode_tps"]) > 0 and float(row["pte_decode_ratio"]) > 0
+        assert int(row["weight_bytes_per_token"]) > 0 and float(row["bandwidth_fraction"]) > 0
 
 
 def test_summary_sets_each_pte_s_quality_beside_its_speed(sweep):

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUNNER_FILES = ("__init__.py", "artifacts.py", "runtime.py", "device_bench.py", "peer_bench.py", "litert_bench.py",
-                "bandwidth.py", "llm_runner.py")
+                "bandwidth.py", "llm_runner.py", "elf.py")
 RUNTIME_PACKAGES = ("executorch", "torch")
 
 
@@ -117,6 +117,9 @@ def provision(name: str, settings: dict, out: Path, platform_path: Path | None =
         raise DeviceError(f"{name}: {error}") from error
     for line in checked:
         log.info("pre-flight: %s", line)
+    runner_missing = device_bench.runner_preflight(facts)
+    if runner_missing:
+        log.warning("pre-flight: %s; the benchmarks will go on without it", runner_missing)
     record = {"target": name, "kind": settings["kind"], "emulated": is_emulated(settings, facts), **facts, "wheels": wheels}
     write_json(out, record)
     log.info("%s: %s, %s cores, %.1f GB, %s; executorch %s, torch %s%s", name, facts["cpu_model"], facts["cores"],
@@ -266,23 +269,13 @@ def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path, pee
 def weights_of(pte: Path, peers: list[dict]) -> dict:
     """Weight bytes a decoded token reads (weight_bytes), from the host's copies of the .pte and of
     each peer's model: the device benchmark sets its tok/s against them."""
+    from .weight_bytes import readable_weight_bytes
+
     weights = {"pte": readable_weight_bytes(Path(pte))}
-    for peer in peers:  # a model weight_bytes cannot read (LiteRT-LM's) gets None: no fraction claimed
+    for peer in peers:  # a model weight_bytes cannot read gets None: no fraction claimed
         if "model" in peer and Path(peer["model"]).exists():
             weights[peer["name"]] = readable_weight_bytes(Path(peer["model"]))
     return weights
-
-
-def readable_weight_bytes(path: Path) -> dict | None:
-    """weight_bytes(path), or None (and a warning) for a file it cannot attribute: the fraction is
-    then left out, and the deploy goes on."""
-    from .weight_bytes import weight_bytes
-
-    try:
-        return weight_bytes(path)
-    except (ValueError, OSError) as error:
-        log.warning("weight bytes per token of %s not counted: %s", path, error)
-        return None
 
 
 def place_peers(peers: list[dict], put) -> list[dict]:

@@ -20,15 +20,14 @@ import json
 import os
 import platform
 import shutil
-import struct
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from . import elf
 from .bandwidth import measure_in_child
-from .peer_bench import bench_litert, bench_llamacpp, ratios, summarise, timed_with_load
+from .peer_bench import ModuleFailed, bench_litert, bench_llamacpp, ratios, run_module, summarise, timed_with_load
 
 
 def device_facts() -> dict:
@@ -63,6 +62,7 @@ def device_facts() -> dict:
     facts["xnnpack_features"] = xnnpack_features(facts["machine"], facts["cpu_features"] or [])
     facts["emulator"] = {"qemu_cpu": os.environ["QEMU_CPU"]} if os.environ.get("QEMU_CPU") else None
     facts["library_alignment"] = runtime_library_alignment()
+    facts["llm_runner_libraries"] = runner_libraries(runner_extension(), facts["machine"])
     return facts
 
 
@@ -90,27 +90,6 @@ def xnnpack_features(machine: str, cpu_features: list[str]) -> dict:
     return {name: flag in present for name, flag in XNNPACK_FEATURES.get(machine, {}).items()}
 
 
-def elf_load_alignment(path: Path) -> int | None:
-    """The smallest alignment of a loadable segment of a 64-bit ELF shared library (None if not ELF64).
-
-    A kernel whose page size exceeds it cannot map the library (a Pi 5 runs 16 KiB pages)."""
-    with open(path, "rb") as handle:
-        header = handle.read(64)
-        if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:
-            return None
-        order = "<" if header[5] == 1 else ">"
-        phoff, = struct.unpack_from(order + "Q", header, 32)
-        phentsize, phnum = struct.unpack_from(order + "HH", header, 54)
-        handle.seek(phoff)
-        table = handle.read(phentsize * phnum)
-    aligns = []
-    for index in range(phnum):
-        kind, = struct.unpack_from(order + "I", table, index * phentsize)
-        if kind == 1:  # PT_LOAD
-            aligns.append(struct.unpack_from(order + "Q", table, index * phentsize + 48)[0])
-    return min(aligns) if aligns else None
-
-
 def runtime_library_alignment() -> dict | None:
     """Smallest segment alignment over the shared libraries of the installed executorch and torch
     (None when neither is installed), and which library has it."""
@@ -123,12 +102,53 @@ def runtime_library_alignment() -> dict | None:
             continue
         for root in spec.submodule_search_locations:
             for library in sorted(Path(root).rglob("*.so*")):
-                align = elf_load_alignment(library) if library.is_file() else None
+                align = elf.load_alignment(library) if library.is_file() else None
                 if align and (smallest is None or align < smallest["bytes"]):
                     smallest = {"bytes": align, "library": str(library.relative_to(Path(root).parent))}
     if smallest:
         smallest["loads_with_16k_pages"] = smallest["bytes"] >= 16384  # Raspberry Pi OS's Pi 5 kernel
     return smallest
+
+
+# System libraries ExecuTorch's LLM runner extension links on some platforms and our .pte loop does
+# not need, with the Debian (Raspberry Pi OS) package that provides each: the aarch64 executorch
+# wheel's _llm_runner links libatomic.so.1, the x86-64 one does not.
+RUNNER_SYSTEM_LIBRARIES = {"libatomic.so.1": "libatomic1"}
+
+
+def runner_extension() -> Path | None:
+    """The installed executorch's LLM runner extension (`_llm_runner*.so`), or None."""
+    from importlib import util
+
+    spec = util.find_spec("executorch")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(Path(root, "extension/llm/runner").glob("_llm_runner*.so"))
+        if found:
+            return found[0]
+    return None
+
+
+def runner_libraries(extension: Path | None, machine: str, root: Path = Path("/")) -> dict | None:
+    """Which of RUNNER_SYSTEM_LIBRARIES the runner `extension` links, each with where this device's
+    loader finds it (None: nowhere); `root` is where the device's files are (a sysroot stands for
+    one). None without an extension."""
+    if extension is None:
+        return None
+    linked = elf.needed(extension)
+    return {"extension": Path(extension).name,
+            "needs": {soname: elf.find_library(soname, machine, root) for soname in RUNNER_SYSTEM_LIBRARIES if soname in linked}}
+
+
+def runner_preflight(facts: dict) -> str | None:
+    """Why ExecuTorch's LLM runner cannot load on this device, in one sentence naming the fix, or
+    None. Not a failed check: our loop does not need these libraries, so the benchmark goes on."""
+    needs = (facts.get("llm_runner_libraries") or {}).get("needs") or {}
+    missing = [soname for soname, found in needs.items() if found is None]
+    if not missing:
+        return None
+    packages = " ".join(RUNNER_SYSTEM_LIBRARIES[soname] for soname in missing)
+    return (f"ExecuTorch's LLM runner links {', '.join(missing)}, which this device does not have (our loop does "
+            f"not need it): install it with `sudo apt install {packages}`")
 
 
 class DeviceCheckFailed(RuntimeError):
@@ -261,6 +281,7 @@ def until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
 
 
 RUNNER_FIGURES = ("prefill_tps", "decode_tps", "ttft_s")
+BINDING_NOT_IMPORTABLE = "executorch.extension.llm.runner is not importable"  # llm_runner.binding_missing's sentence
 
 
 def runner_block(report: dict, spec: dict, loop_tokens: list[list[int]], eos_ids: set[int]) -> dict:
@@ -292,33 +313,31 @@ def runner_block(report: dict, spec: dict, loop_tokens: list[list[int]], eos_ids
     }
 
 
-def bench_llm_runner(pte: Path, spec: dict, loop_tokens: list[list[int]], eos_ids: set[int]) -> dict:
+def bench_llm_runner(pte: Path, spec: dict, loop_tokens: list[list[int]], eos_ids: set[int],
+                     unavailable: str | None = None) -> dict:
     """The parity prompts under ExecuTorch's own LLM runner (`python -m gemma_edge.llm_runner
     --compare`, a process of its own, so that the runner's aborts, its memory and its printing stay
     out of this one), with the machine's load around it. The runner failing, missing or rejecting the
-    program gives `available: false` and the reason, never a failed benchmark."""
+    program, or a pre-flight reason (`unavailable`, from `runner_preflight`: then it is not started),
+    gives `available: false` and the reason, never a failed benchmark."""
     def run() -> dict:
+        if unavailable:
+            return {"available": False, "reason": unavailable}
         if not spec.get("tokenizer") or not spec.get("parity_prompts") or None in spec["parity_prompts"]:
             return {"available": False, "reason": "the host sent no tokenizer or no prompt texts for the runner"}
         with tempfile.TemporaryDirectory(prefix="llm-runner-bench-") as scratch:
             prompts, out = Path(scratch) / "prompts.json", Path(scratch) / "runner.json"
             prompts.write_text(json.dumps(spec["parity_prompts"]))
-            argv = [sys.executable, "-m", "gemma_edge.llm_runner", "--pte", str(pte), "--tokenizer", spec["tokenizer"],
-                    "--prompts", str(prompts), "--max-new-tokens", str(spec["max_new_tokens"]), "--compare", "--out", str(out)]
+            args = ["--pte", str(pte), "--tokenizer", spec["tokenizer"], "--prompts", str(prompts),
+                    "--max-new-tokens", str(spec["max_new_tokens"]), "--compare", "--out", str(out)]
             if spec.get("threads"):
-                argv += ["--threads", str(spec["threads"])]
-            timeout_s = spec.get("peer_timeout_s", 3600)
+                args += ["--threads", str(spec["threads"])]
             try:
-                done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                return {"available": False, "reason": f"the runner did not finish within {timeout_s:.0f} s"}
-            if done.returncode != 0:
-                lines = done.stderr.strip().splitlines()
-                missing = [line for line in lines if line.startswith("executorch.extension.llm.runner is not importable")]
-                if missing:
-                    return {"available": False, "reason": missing[-1]}
-                tail = " | ".join(lines[-3:])
-                return {"available": False, "reason": f"the runner failed (exit {done.returncode}): {tail}"}
+                run_module("llm_runner", args, spec.get("peer_timeout_s", 3600), "the runner")
+            except ModuleFailed as error:
+                # executorch's own message hides why its binding did not import; llm_runner prints the cause.
+                missing = [line for line in error.stderr.splitlines() if line.startswith(BINDING_NOT_IMPORTABLE)]
+                return {"available": False, "reason": missing[-1] if missing else str(error)}
             return runner_block(json.loads(out.read_text()), spec, loop_tokens, eos_ids)
 
     block, load = timed_with_load(run)
@@ -338,8 +357,12 @@ def run_bench(pte: Path, spec: dict) -> dict:
     prompts on the .pte; then, the .pte's memory released first, the parity prompts under
     ExecuTorch's own LLM runner and each peer engine in turn (spec["peers"]). The machine's load is
     sampled before and after every engine's run."""
-    for line in preflight(device_facts(), {"memory_bytes": spec.get("memory_bytes")}):
+    facts = device_facts()
+    for line in preflight(facts, {"memory_bytes": spec.get("memory_bytes")}):
         print(f"pre-flight: {line}", flush=True)
+    runner_missing = runner_preflight(facts)
+    if runner_missing:
+        print(f"pre-flight: {runner_missing}; the benchmark goes on without the runner", flush=True)
     from gemma_edge.artifacts import peak_rss_bytes
     from gemma_edge.runtime import PteDecoder, greedy_decode
 
@@ -373,7 +396,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
     parity = [greedy_decode(decoder.step, ids, spec["max_new_tokens"]) for ids in spec["parity_prompt_ids"]]
     peak_rss = peak_rss_bytes()
     del decoder
-    runner = bench_llm_runner(pte, spec, parity, eos_id_set(meta))
+    runner = bench_llm_runner(pte, spec, parity, eos_id_set(meta), runner_missing)
     engines = {}
     for peer in spec.get("peers", []):
         run_engine = bench_litert if peer["engine"] == "litert" else bench_llamacpp

@@ -39,10 +39,15 @@ SUITE = "bookworm"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 HOST_ALIAS = "pi5-emulated"
 # What a Raspberry Pi OS Bookworm Python has to hand; apt adds the rest of the dependency closure.
+# libatomic1: the aarch64 executorch wheel's LLM runner extension (_llm_runner) links
+# libatomic.so.1. Raspberry Pi OS Bookworm (Lite and desktop) has it: pi-gen's stage 2, which makes
+# the Lite image, installs build-essential, whose gcc-12 depends on libgcc-12-dev, which depends on
+# libatomic1. A Pi set up without build-essential (or after removing it) lacks it, and the bench's
+# pre-flight then names the fix (device_bench.runner_preflight).
 PACKAGES = (
     "python3.11", "python3", "python3.11-venv", "python3-pip-whl", "python3-setuptools-whl",
-    "libc6", "libstdc++6", "libgcc-s1", "libgomp1", "zlib1g", "libssl3", "libffi8", "libexpat1",
-    "libbz2-1.0", "liblzma5", "libzstd1", "libsqlite3-0", "libuuid1", "libncursesw6",
+    "libc6", "libstdc++6", "libgcc-s1", "libgomp1", "libatomic1", "zlib1g", "libssl3", "libffi8",
+    "libexpat1", "libbz2-1.0", "liblzma5", "libzstd1", "libsqlite3-0", "libuuid1", "libncursesw6",
     "libtinfo6", "libreadline8", "libcrypt1", "ca-certificates",
 )
 PI5_FEATURES = ("fp asimd aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp").split()

@@ -170,19 +170,28 @@ LITERT_SPEC_KEYS = ("threads", "prompt_lengths", "new_tokens", "repetitions", "w
                     "max_new_tokens")
 
 
+class ModuleFailed(RuntimeError):
+    """A `run_module` child timed out or failed: the message names it with its last lines, `stderr`
+    holds all it printed there (empty after a timeout)."""
+
+    def __init__(self, message: str, stderr: str = ""):
+        super().__init__(message)
+        self.stderr = stderr
+
+
 def run_module(module: str, args: list[str], timeout_s: float, what: str, path: tuple[str, ...] = ()) -> str:
     """`python -m gemma_edge.<module> args` in a process of its own, with this package (and `path`)
-    on its PYTHONPATH: its standard output, or RuntimeError naming `what` with its last lines."""
+    on its PYTHONPATH: its standard output, or ModuleFailed naming `what` with its last lines."""
     package_parent = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*path, package_parent, os.environ.get("PYTHONPATH")]))}
     try:
         done = subprocess.run([sys.executable, "-m", f"gemma_edge.{module}", *args], capture_output=True, text=True,
                               timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired as error:
-        raise RuntimeError(f"{what} did not finish within {timeout_s:.0f} s") from error
+        raise ModuleFailed(f"{what} did not finish within {timeout_s:.0f} s") from error
     if done.returncode != 0:
         tail = " | ".join(line for line in done.stderr.strip().splitlines()[-3:])
-        raise RuntimeError(f"{what} exited with status {done.returncode}: {tail or 'no output'}")
+        raise ModuleFailed(f"{what} exited with status {done.returncode}: {tail or 'no output'}", done.stderr)
     return done.stdout
 
 

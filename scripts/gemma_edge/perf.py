@@ -29,7 +29,7 @@ from .bandwidth import annotate_runs, measure_in_child
 from .device_bench import synthetic_prompt, timed_runs
 from .peer_bench import BUSY_SHARE, bench_litert as run_litert_engine, ratios, timed_with_load
 from .runtime import greedy_decode
-from .weight_bytes import weight_bytes
+from .weight_bytes import readable_weight_bytes, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,11 @@ def bench_litert(model: Path, spec: dict, requirements: Path, out: Path) -> dict
         peer["binary"] = str(wheel)
     except litert_runtime.RuntimeUnavailable as error:
         peer.update(available=False, reason=str(error))
-    limit = measure_in_child(int(spec["threads"]))  # the column beside it; a .litertlm's bytes are not counted
+    limit = measure_in_child(int(spec["threads"]))
     result = {**run_litert_engine(peer, {**spec, "threads": int(spec["threads"])}, 3600), "bandwidth": limit}
     if result["available"]:
+        result["weight_bytes"] = readable_weight_bytes(Path(model))
+        annotate_runs(result["runs"], result["weight_bytes"], limit)
         warn_if_busy("litert", result["load"])
         first = result["runs"][0]
         log.info("litert: prompt %d: prefill %.1f tok/s, decode %.2f tok/s", first["prompt_tokens"],

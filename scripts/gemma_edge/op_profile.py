@@ -1,0 +1,158 @@
+"""Where a decoded token's time goes inside a .pte: ExecuTorch's own event tracer (ETDump), read
+back with its Inspector, split into XNNPACK delegate calls (and the XNNPACK operators inside them)
+and the portable / custom operators run between them.
+
+    python -m gemma_edge.op_profile results/e2b-4l/int4-g128/xnnpack-auto/model.pte --tokens 32
+
+Every event is timed, so a profiled token is slower than an untraced one; the shares, not the
+absolute milliseconds, are the result. The traced run's wall time per token is printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+DELEGATE_CALL = "DELEGATE_CALL"
+OPERATOR_CALL = "OPERATOR_CALL"
+NATIVE_PREFIX = "native_call_"
+SLOWEST = 5
+
+
+def load_traced(pte_path: Path):
+    """The .pte loaded by the pybindings with ETDump on (and the LLM custom ops registered)."""
+    import executorch.kernels.quantized  # noqa: F401  (embedding_byte)
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (update_cache, custom_sdpa)
+    from executorch.extension.pybindings import portable_lib
+
+    return portable_lib._load_for_executorch(str(pte_path), enable_etdump=True)
+
+
+def run_decode(module, prompt_len: int, new_tokens: int, token: int = 5) -> float:
+    """Prefill `prompt_len` tokens, then decode `new_tokens` one at a time; returns decode seconds."""
+    ids = torch.full((1, prompt_len), token, dtype=torch.long)
+    module.run_method("forward", (ids, torch.arange(prompt_len, dtype=torch.long)))
+    start = time.perf_counter()
+    for i in range(new_tokens):
+        module.run_method("forward", (torch.tensor([[token]], dtype=torch.long), torch.tensor([prompt_len + i], dtype=torch.long)))
+    return time.perf_counter() - start
+
+
+def op_kind(name: str) -> str:
+    """An event's operator with its instance number dropped: 'Add (ND) #3' -> 'Add (ND)',
+    'native_call_cat.out' -> 'cat.out'."""
+    return re.sub(r" #\d+$", "", name.removeprefix(NATIVE_PREFIX))
+
+
+def decode_share(raw: list[float], runs: int) -> float:
+    """Milliseconds per decoded token of one event: its raw times after the prefill run, averaged."""
+    if len(raw) != runs:
+        raise ValueError(f"an event ran {len(raw)} times, not once per run ({runs})")
+    return sum(raw[1:]) / (runs - 1)
+
+
+def summarise_events(events: list[tuple[str, bool, list[float]]], runs: int) -> dict:
+    """Per-token milliseconds from ETDump events (name, is_delegated_op, raw times per run; the first
+    run is the prefill): the delegate calls and the operator calls between them, each with its parts.
+
+    An OPERATOR_CALL event spans one portable / custom kernel and holds a `native_call_*` event
+    when the kernel is a native one; a DELEGATE_CALL spans one XNNPACK subgraph and holds its
+    operators (is_delegated_op). Totals come from the spans, parts from what they hold."""
+    totals = {DELEGATE_CALL: 0.0, OPERATOR_CALL: 0.0}
+    counts = {DELEGATE_CALL: 0, OPERATOR_CALL: 0}
+    xnnpack, portable = defaultdict(float), defaultdict(float)
+    slowest = []  # single XNNPACK operators, with the delegate call they run in
+    for name, delegated, raw in events:
+        ms = decode_share(raw, runs)
+        if name in totals:
+            totals[name] += ms
+            counts[name] += 1
+        elif delegated:
+            xnnpack[op_kind(name)] += ms
+            slowest.append((ms, f"{name} (delegate call {counts[DELEGATE_CALL] + 1})"))
+        elif name.startswith(NATIVE_PREFIX):
+            portable[op_kind(name)] += ms
+    named = sum(portable.values())
+    return {
+        "delegate_calls": counts[DELEGATE_CALL], "delegate_ms": totals[DELEGATE_CALL],
+        "operator_calls": counts[OPERATOR_CALL], "operator_ms": totals[OPERATOR_CALL],
+        "xnnpack_ms": dict(sorted(xnnpack.items(), key=lambda kv: -kv[1])),
+        "portable_ms": dict(sorted(portable.items(), key=lambda kv: -kv[1])),
+        # operator calls that hold no native_call event: the LLM custom ops (update_cache, custom_sdpa)
+        "custom_ms": max(0.0, totals[OPERATOR_CALL] - named),
+        # delegate time outside every XNNPACK operator: the delegate's own work per call (setting
+        # inputs and outputs, reshaping for the token count) and dispatch
+        "delegate_overhead_ms": max(0.0, totals[DELEGATE_CALL] - sum(xnnpack.values())),
+        "slowest_ms": {name: ms for ms, name in sorted(slowest, reverse=True)[:SLOWEST]},
+    }
+
+
+def read_events(etdump: Path) -> tuple[list[tuple[str, bool, list[float]]], int]:
+    """The Execute block's events of an ETDump file, and how many times the method ran."""
+    from executorch.devtools import Inspector
+
+    inspector = Inspector(etdump_path=str(etdump))
+    block = next(b for b in inspector.event_blocks if b.name == "Execute")
+    events = [(e.name, bool(e.is_delegated_op), list(e.perf_data.raw)) for e in block.events if e.perf_data]
+    return events, max(len(raw) for _, _, raw in events)
+
+
+def profile_decode(pte_path: Path, prompt_len: int, new_tokens: int, threads: int) -> dict:
+    """One traced warm-up decode (discarded with its module), then one traced decode on a fresh
+    load: its breakdown per token and its wall time per token."""
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(threads)
+    module = load_traced(pte_path)
+    run_decode(module, prompt_len, new_tokens)  # warm-up; its events are dropped with the module
+    module = load_traced(pte_path)
+    seconds = run_decode(module, prompt_len, new_tokens)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "decode.etdp"
+        module.write_etdump_result_to_file(str(path))
+        events, runs = read_events(path)
+    if runs != new_tokens + 1:
+        raise RuntimeError(f"the trace holds {runs} runs of forward, expected {new_tokens + 1}")
+    summary = summarise_events(events, runs)
+    summary.update({"pte": str(pte_path), "threads": threads, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+                    "traced_ms_per_token": 1000 * seconds / new_tokens})
+    return summary
+
+
+def render(summary: dict, top: int = 12) -> str:
+    total = summary["delegate_ms"] + summary["operator_ms"]
+    share = lambda ms: f"{ms:8.3f} ms  {100 * ms / total:5.1f} %"  # noqa: E731
+    lines = [f"{summary['pte']}: {summary['threads']} threads, prompt {summary['prompt_tokens']}, "
+             f"{summary['new_tokens']} decoded tokens; traced {summary['traced_ms_per_token']:.2f} ms/token wall",
+             f"per token: {summary['delegate_calls']} XNNPACK delegate calls {share(summary['delegate_ms'])}, "
+             f"{summary['operator_calls']} operator calls {share(summary['operator_ms'])}",
+             "", "XNNPACK operators (inside the delegate calls):"]
+    lines += [f"  {name:48s} {share(ms)}" for name, ms in list(summary["xnnpack_ms"].items())[:top]]
+    lines += [f"  {'(the delegate outside its operators)':48s} {share(summary['delegate_overhead_ms'])}"]
+    lines += ["", "slowest single XNNPACK operators:"]
+    lines += [f"  {name:48s} {share(ms)}" for name, ms in summary["slowest_ms"].items()]
+    lines += ["", "operators between the delegate calls:",
+              f"  {'LLM custom ops (update_cache, custom_sdpa)':48s} {share(summary['custom_ms'])}"]
+    lines += [f"  {name:48s} {share(ms)}" for name, ms in summary["portable_ms"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pte", type=Path)
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens before decoding (default 64)")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens decoded and profiled (default 32)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(render(profile_decode(args.pte, args.prompt, args.tokens, args.threads)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""Where a decoded token's time goes inside the workflow's demo .pte, from ExecuTorch's own event
+tracer: the split must account for the delegate calls and operators the lowering recorded."""
+
+import pytest
+
+from gemma_edge import op_profile
+from gemma_edge.artifacts import read_json
+
+PTE = "results/tiny/int4-g128/xnnpack-auto/model.pte"
+
+
+@pytest.fixture(scope="module")
+def profile(workflow):
+    return op_profile.profile_decode(workflow["workdir"] / PTE, prompt_len=8, new_tokens=6, threads=1)
+
+
+def test_every_delegate_call_of_the_program_is_traced_once_per_token(profile, workflow):
+    lowering = read_json(workflow["workdir"] / (PTE + ".manifest.json"))["lowering"]
+    assert profile["delegate_calls"] == lowering["xnnpack_delegate_calls"]
+    # every portable kernel traced is one the lowering left outside XNNPACK (names: aten.cat.out -> cat.out)
+    left_out = {name.split(".", 1)[1] for name in lowering["portable_ops"]}
+    assert set(profile["portable_ms"]) <= left_out
+    assert profile["operator_calls"] >= sum(lowering["portable_ops"].values()) - lowering["portable_ops"].get("aten.sym_size.int", 0)
+
+
+def test_the_parts_add_up_to_the_spans_that_hold_them(profile):
+    assert profile["delegate_ms"] > 0 and profile["operator_ms"] > 0
+    assert sum(profile["xnnpack_ms"].values()) + profile["delegate_overhead_ms"] == pytest.approx(profile["delegate_ms"])
+    assert sum(profile["portable_ms"].values()) + profile["custom_ms"] == pytest.approx(profile["operator_ms"], abs=1e-6)
+    # INT4 linears run inside XNNPACK; the cache update and attention outside it, as custom ops
+    assert any("QB4W" in name for name in profile["xnnpack_ms"])
+    assert profile["custom_ms"] > 0
+    assert profile["traced_ms_per_token"] > 0
+
+
+def test_the_table_names_each_part(profile):
+    table = op_profile.render(profile)
+    assert "XNNPACK delegate calls" in table and "LLM custom ops" in table
+    assert next(iter(profile["xnnpack_ms"])) in table
+
+
+def test_a_trace_with_a_missing_run_is_refused():
+    with pytest.raises(ValueError, match="ran 2 times"):
+        op_profile.decode_share([1.0, 2.0], runs=3)
+
+
+def test_operator_instances_are_grouped_by_kind():
+    assert op_profile.op_kind("Add (ND) #12") == "Add (ND)"
+    assert op_profile.op_kind("native_call_cat.out") == "cat.out"
