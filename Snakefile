@@ -41,6 +41,7 @@ include: "rules/deploy.smk"
 include: "rules/litert.smk"
 include: "rules/report.smk"
 include: "rules/perf.smk"
+include: "rules/quality.smk"
 
 
 rule all:

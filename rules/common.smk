@@ -111,6 +111,42 @@ def sweep_benches():
     ]
 
 
+def sweep_qualities():
+    """Each swept variant's quality.json, and the GGUFs' (bench.peers.llamacpp) when llama.cpp is set up."""
+    sweep = config["sweep"]
+    modes = [PER_OP_DIR[m] for m in sweep["per_op_modes"]]
+    paths = [f"results/{config['model']}/int4-g{group}/xnnpack-{mode}/quality.json"
+             for group in sweep["group_sizes"] for mode in modes]
+    if Path(llamacpp_converter()).is_file():
+        paths += [f"results/{config['model']}/llamacpp/quality-{gguf_type}.json" for gguf_type in config["bench"]["peers"]["llamacpp"]]
+    return paths
+
+
+# The quality step (rules/quality.smk).
+
+
+def quality_text_name(wildcards):
+    """The held-out text as configured: the demo model's own (text like its training corpus, not in
+    it) for a trained demo model, quality.text for any other."""
+    entry = model_entry(wildcards)
+    return config["quality"]["demo_text" if entry["demo"] and not entry["synthetic"] else "text"]
+
+
+def quality_text(wildcards):
+    """quality_text_name, relative paths taken from the workflow folder (where resources/ is)."""
+    text = Path(quality_text_name(wildcards)).expanduser()
+    return str(text if text.is_absolute() else Path(workflow.basedir) / text)
+
+
+def quality_settings(**extra):
+    return {"max_tokens": config["quality"]["max_tokens"], "scored_positions": config["quality"]["scored_positions"], **extra}
+
+
+def is_synthetic(wildcards):
+    """A randomly initialised model: its quality figures would mean nothing (the step says so)."""
+    return bool(model_entry(wildcards)["synthetic"])
+
+
 for _target in config["targets"]:
     workflow.register_resource(f"device_{_target}", 1)
 # The performance benchmark's engines time this host: one at a time, whatever their thread count.

@@ -1,9 +1,10 @@
-# The sweep's answer: one table and four plots, shown by `snakemake --report report.html`.
+# The sweep's answer: one table and five plots, shown by `snakemake --report report.html`.
 
 
 rule summary:
     input:
         benches=sweep_benches(),
+        qualities=sweep_qualities(),
     output:
         csv=report("results/summary.csv", caption="../report/summary.rst", category="Sweep"),
         json="results/summary.json",
@@ -11,6 +12,7 @@ rule summary:
         prefill=report("results/plots/prefill.png", caption="../report/prefill.rst", category="Sweep"),
         size=report("results/plots/size.png", caption="../report/size.rst", category="Sweep"),
         parity=report("results/plots/parity.png", caption="../report/parity_plot.rst", category="Sweep"),
+        quality=report("results/plots/quality.png", caption="../report/quality_plot.rst", category="Sweep"),
     log:
         "logs/summary.log",
     benchmark:
@@ -19,8 +21,9 @@ rule summary:
         "../envs/report.yaml"
     localrule: True
     message:
-        "Summarising {params.benchmarks} benchmark(s) into results/summary.csv and plots"
+        "Summarising {params.benchmarks} benchmark(s) and {params.qualities} quality result(s) into results/summary.csv and plots"
     params:
         benchmarks=lambda wc, input: len(input.benches),
+        qualities=lambda wc, input: len(input.qualities),
     script:
         "../scripts/summary.py"

@@ -125,6 +125,7 @@ def seeded_hub(tmp_path_factory, demo_checkpoint) -> tuple[Path, str]:
     return built_once(tmp_path_factory, "hf-cache", lambda folder: hub.seed_hub_cache(demo_checkpoint, folder, TEST_REPO_ID))
 
 
+QUALITY_TOKENS = 8 * 127  # eight chunks of the 128-token context (BOS + 127 text tokens)
 WORKFLOW_TARGETS = ["results/tiny/int4-g128/xnnpack-auto/parity.json", "results/tiny/fp32/xnnpack-auto/parity.json"]
 
 
@@ -139,6 +140,8 @@ def workflow(tmp_path_factory, seeded_hub):
         config = write_config(workdir / "test-config.yaml", {
             "model": "tiny",
             "models": {"tiny": {"repo_id": TEST_REPO_ID, "revision": "main", "hub_cache": str(cache), "offline": True}},
+            # The demo checkpoint under another name: the quality step gets the demo's held-out text, 8 chunks.
+            "quality": {"text": "resources/quality/demo_heldout.txt", "max_tokens": QUALITY_TOKENS},
         })
         snakemake(workdir, "--cores", "2", *WORKFLOW_TARGETS, "--configfile", str(config), env={"HF_HUB_OFFLINE": "1"})
 

@@ -16,6 +16,8 @@ from conftest import TEST_REPO_ID, snakemake, write_config
         ({"quantization": {"group_size": 100}}, "quantization.group_size is 100, but must be one of 32, 64, 128, 256"),
         ({"export": {"attention": "flash"}}, "export.attention is 'flash', but must be one of executorch, transformers"),
         ({"lowering": {"per_op_mode": "sometimes"}}, "lowering.per_op_mode is 'sometimes', but must be one of auto, true, false"),
+        ({"quality": {"scored_positions": "middle"}}, "quality.scored_positions is 'middle', but must be one of all, second_half"),
+        ({"quality": {"gates": {"max_mean_kl": "small"}}}, "quality.gates.max_mean_kl is 'small', but must be of type"),
         ({"model": "nope"}, "model is 'nope', which is not an entry of models (known: demo, e2b-35l, e2b-4l, e2b-8l, gemma-4-E2B)"),
         ({"models": {"broken": {"revision": "main"}}}, "models.broken is missing the required key 'repo_id'"),
         ({"models": {"demo": {"repo_id": "local/gemma4-tiny", "demo": True, "synthetic": {"shape": "e2b", "layers": 2}}}},

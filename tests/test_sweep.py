@@ -8,7 +8,9 @@ import struct
 import pytest
 import yaml
 
-from conftest import needs_litert, needs_llamacpp, snakemake, write_config
+from conftest import QUALITY_TOKENS, REPO, needs_litert, needs_llamacpp, snakemake, write_config
+from gemma_edge.artifacts import read_json
+from test_workflow import jobs_of
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +71,66 @@ def test_summary_sets_litert_lm_with_the_same_group_size_beside_each_pte(sweep):
         assert int(row["weight_bytes_per_token"]) > 0 and float(row["bandwidth_fraction"]) > 0
 
 
+def test_summary_sets_each_pte_s_quality_beside_its_speed(sweep):
+    workdir = sweep["workdir"]
+    rows = list(csv.DictReader((workdir / "results/summary.csv").open()))
+    pte = [r for r in rows if r["engine"] == "pte"]
+    for row in pte:
+        quality = read_json(workdir / f"results/tiny/int4-g{row['group_size']}/xnnpack-auto/quality.json")["summary"]
+        assert float(row["kl_mean"]) == pytest.approx(quality["kl"]["mean"], abs=1e-6) and quality["kl"]["mean"] > 0
+        assert 0 < float(row["top1_agreement"]) < 1 and float(row["kl_p99"]) > float(row["kl_median"]) > 0
+        assert row["quality_tokens"] == str(QUALITY_TOKENS) and float(row["perplexity"]) > 0
+    assert len({r["fp32_perplexity"] for r in rows if r["fp32_perplexity"]}) == 1  # one reference, the same ids
+    assert len({r["kl_mean"] for r in pte}) == 2  # two programs, two figures
+    table = read_json(workdir / "results/summary.json")["quality"]
+    assert table[0]["variant"] == "eager FP32 (reference)" and table[0]["kl_mean"] == 0
+    assert {"int4-g64 fused", "int4-g128 fused"} <= {e["variant"] for e in table}
+    assert all(e["same_ids_as_first"] for e in table[1:])
+    assert "quality against eager FP32" in (workdir / "logs/summary.log").read_text()
+
+
+@needs_llamacpp
+def test_llama_cpp_s_ggufs_are_scored_on_our_ids_and_its_own_tokenizer_is_checked(sweep):
+    from llama_cpp import Llama
+
+    from gemma_edge.quality import text_ids
+
+    workdir = sweep["workdir"]
+    rows = list(csv.DictReader((workdir / "results/summary.csv").open()))
+    pte_reference = {r["fp32_perplexity"] for r in rows if r["engine"] == "pte"}
+    for gguf_type in ("q4_0", "q4_k_m"):
+        quality = read_json(workdir / f"results/tiny/llamacpp/quality-{gguf_type}.json")
+        peers = [r for r in rows if r["engine"] == f"llamacpp-{gguf_type}"]
+        assert peers and {r["kl_mean"] for r in peers} == {str(round(quality["summary"]["kl"]["mean"], 6))}
+        assert {r["fp32_perplexity"] for r in peers} == pte_reference and quality["summary"]["kl"]["mean"] > 0
+        assert quality["variant"] == f"llama.cpp {gguf_type}" and quality["gates"] is None
+        # The record says what llama.cpp's own tokenizer makes of the text, against ours.
+        text = (REPO / "resources/quality/demo_heldout.txt").read_text(encoding="utf-8")
+        checkpoint = read_json(workdir / "results/tiny/checkpoint.json")
+        ours = text_ids(workdir / checkpoint["path"] / "tokenizer.json", text)
+        vocab = Llama(model_path=str(workdir / f"results/tiny/llamacpp/model-{gguf_type}.gguf"), vocab_only=True, verbose=False)
+        theirs = vocab.tokenize(text.encode(), add_bos=False, special=False)
+        check = quality["llamacpp_tokenizer"]
+        assert (check["identical"], check["ours"], check["theirs"]) == (ours == theirs, len(ours), len(theirs))
+        assert check["used"].startswith("ours")
+
+
+def test_a_group_size_change_rescores_only_the_new_pte(sweep, tmp_path):
+    override = write_config(tmp_path / "g256.yaml", {"sweep": {"group_sizes": [64, 128, 256]}})
+    dry = snakemake(sweep["workdir"], "-n", "results/summary.csv", "--configfile", *sweep["configs"], str(override))
+    assert "results/tiny/int4-g256/xnnpack-auto/quality.json" in dry.stdout
+    jobs = jobs_of(dry.stdout)
+    # The new .pte is built, verified, benchmarked and scored; the GGUFs' scores stand.
+    assert jobs["quality"] == 1 and jobs["summary"] == 1 and not {"gguf", "quality_gguf", "export"} & set(jobs)
+
+
 def png_size(path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", path
     return struct.unpack(">II", data[16:24])
 
 
-@pytest.mark.parametrize("plot", ["decode", "prefill", "size", "parity"])
+@pytest.mark.parametrize("plot", ["decode", "prefill", "size", "parity", "quality"])
 def test_plots_are_real_images(sweep, plot):
     path = sweep["workdir"] / f"results/plots/{plot}.png"
     width, height = png_size(path)
@@ -86,7 +141,7 @@ def test_plots_are_real_images(sweep, plot):
 def test_html_report_holds_the_plots_and_table(sweep):
     html = (sweep["workdir"] / "report.html").read_text(errors="replace")
     assert len(html) > 100_000
-    for name in ("summary.csv", "decode.png", "prefill.png", "size.png", "parity.png", "Sweep"):
+    for name in ("summary.csv", "decode.png", "prefill.png", "size.png", "parity.png", "quality.png", "Sweep", "Quality"):
         assert name in html, name
 
 

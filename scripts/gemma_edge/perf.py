@@ -60,14 +60,15 @@ class EagerDecoder:
 
 
 class LlamaCppDecoder:
-    """A GGUF model in llama.cpp (llama-cpp-python's bindings); logits of the last token only."""
+    """A GGUF model in llama.cpp (llama-cpp-python's bindings); `step` returns the last token's
+    logits, and with `all_logits` `logits_of` returns every position's (the quality step's)."""
 
-    def __init__(self, gguf_path: Path, max_seq_len: int, threads: int):
+    def __init__(self, gguf_path: Path, max_seq_len: int, threads: int, all_logits: bool = False):
         import llama_cpp
         from llama_cpp import Llama
 
         self.llm = Llama(model_path=str(gguf_path), n_ctx=max_seq_len, n_batch=max_seq_len, n_ubatch=max_seq_len,
-                         n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+                         n_threads=threads, n_threads_batch=threads, logits_all=all_logits, verbose=False)
         self.vocab_size = self.llm.n_vocab()
         # The CPU features llama.cpp was built with and uses (AVX2, NEON, REPACK, ...).
         self.info = {"system_info": llama_cpp.llama_print_system_info().decode().strip()}
@@ -81,6 +82,16 @@ class LlamaCppDecoder:
             self.llm.reset()
         self.llm.eval(tokens)
         return torch.from_numpy(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab_size,)))
+
+    def logits_of(self, tokens: list[int]) -> torch.Tensor:
+        """Logits at every position of `tokens`, fed from position 0 in one batch (needs all_logits)."""
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return torch.from_numpy(self.llm.scores[: len(tokens)].copy())
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's own tokenization of `text` (from the GGUF's vocabulary), without BOS."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
 
 def set_threads(threads: int) -> None:

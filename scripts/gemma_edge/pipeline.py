@@ -175,6 +175,63 @@ def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_ne
 
 
 
+def quality(engine: str, artifact: Path, checkpoint_manifest: Path, text_path: Path, text_name: str, settings: dict,
+            gates: dict, synthetic: bool, threads: int, out: Path, out_manifest: Path) -> dict:
+    """Perplexity and KL divergence of the .pte (engine `pte`) or a GGUF (`llamacpp`) against eager
+    FP32 on a held-out text (gemma_edge.quality); the gates apply to the .pte only. `settings`:
+    max_tokens, scored_positions and, for a GGUF, context (the .pte's is its own metadata)."""
+    from .decoder import read_text_config_dict
+    from .perf import set_threads
+    from .quality import SCHEMA, SYNTHETIC_REASON, Gates, gate_failures, measure, render
+    from .summary import peer_variant, variant_label
+
+    recorded = verify_against_manifest(artifact)
+    checkpoint = read_json(checkpoint_manifest)
+    if engine == "pte":
+        variant = variant_label(recorded["program_params"].get("group_size"), recorded["lowering"]["per_op_mode_used"])
+    else:
+        variant = peer_variant({"engine": engine, "gguf_type": recorded["params"]["gguf_type"]})
+    text = Path(text_path).read_text(encoding="utf-8")
+    report = {
+        "schema": SCHEMA,
+        "engine": engine,
+        "variant": variant,
+        "artifact": {"path": artifacts.portable_path(artifact), "sha256": recorded["sha256"], "size_bytes": recorded["size_bytes"],
+                     **({"gguf_type": recorded["params"]["gguf_type"]} if engine == "llamacpp" else {})},
+        "checkpoint": {"repo_id": checkpoint["repo_id"], "commit": checkpoint["commit"]},
+        # As configured (relative to the workflow folder): the sha256 says which text it was.
+        "text": {"configured": text_name, "sha256": artifacts.sha256_file(text_path), "characters": len(text)},
+        "settings": settings,
+        "gates": gates if engine == "pte" else None,
+        "versions": artifacts.package_versions(("torch", "executorch", "transformers", "tokenizers", "llama_cpp_python")),
+    }
+    failures = []
+    if synthetic:
+        report.update(meaningful=False, reason=SYNTHETIC_REASON)
+        log.warning("quality of %s not measured: %s", variant, SYNTHETIC_REASON)
+    else:
+        set_threads(threads)
+        model, _ = load_checkpoint(checkpoint_manifest, bf16_tables=True)
+        folder = Path(checkpoint["path"])
+        bos_id = int(read_text_config_dict(folder).get("bos_token_id", 2))
+        report.update(meaningful=True, threads=threads, **measure(
+            engine, artifact, model, folder / "tokenizer.json", bos_id, text, settings["max_tokens"],
+            settings["scored_positions"], threads, settings.get("context")))
+        if engine == "pte":
+            failures = gate_failures(report["summary"], Gates(**gates))
+        report.update(passed=not failures, failures=failures)
+    log.info("quality: %s", render(report))
+    if failures:
+        rejected = Path(out).with_name(Path(out).stem + ".rejected.json")
+        write_json(rejected, report)
+        raise RuntimeError(f"quality gates missed by {variant}: {'; '.join(failures)} (details in {rejected})")
+    write_json(out, report)
+    params = {"engine": engine, "text": text_name, "settings": settings, "gates": report["gates"], "synthetic": synthetic}
+    write_manifest(out, {"artifact": artifact, "checkpoint": checkpoint_manifest}, params,
+                   {"text_sha256": report["text"]["sha256"]}, manifest=out_manifest)
+    return report
+
+
 def gguf(converter: Path, checkpoint_manifest: Path, gguf_type: str, threads: int, out: Path, out_manifest: Path) -> dict:
     """llama.cpp's own converter on the downloaded checkpoint, then llama.cpp's quantizer."""
     from .perf import convert_to_gguf

@@ -19,13 +19,18 @@ COLUMNS = [
     "device_identical_to_host_pte", "busy", "available", "cpu_model", "executorch", "measured_beside",
     "weight_bytes_per_token", "bandwidth_gb_per_s", "bandwidth_fraction",
     "runner_decode_tps", "runner_tokens_equal",
+    "perplexity", "fp32_perplexity", "ppl_ratio", "kl_mean", "kl_median", "kl_p99", "top1_agreement",
+    "quality_tokens", "quality_note",
 ]
 
 
 def variant_name(bench: dict) -> str:
-    group = bench["quantization"].get("group_size")
-    mode = "per-op" if bench["pte"]["per_op_mode_used"] else "fused"
-    return f"{'int4-g' + str(group) if group else 'fp32'} {mode}"
+    return variant_label(bench["quantization"].get("group_size"), bench["pte"]["per_op_mode_used"])
+
+
+def variant_label(group_size: int | None, per_op_mode_used: bool) -> str:
+    """A .pte's name in the table and plots: `int4-g128 fused`, `fp32 per-op`, …"""
+    return f"{'int4-g' + str(group_size) if group_size else 'fp32'} {'per-op' if per_op_mode_used else 'fused'}"
 
 
 def speeds(run: dict, bench: dict | None = None) -> dict:
@@ -45,9 +50,11 @@ def speeds(run: dict, bench: dict | None = None) -> dict:
     }
 
 
-def rows_of(bench: dict) -> list[dict]:
+def rows_of(bench: dict, qualities: dict | None = None) -> list[dict]:
     """The .pte's rows (one per prompt length), then each peer engine's measured in the same run,
-    with the .pte's speed over theirs; a peer that could not run gets one row saying so."""
+    with the .pte's speed over theirs; a peer that could not run gets one row saying so. With
+    `qualities` (quality_index), each row also gets its engine's quality against FP32."""
+    qualities = qualities or {}
     host = bench.get("host_parity", {})
     common = {"target": bench["target"], "emulated": bool(bench.get("emulated")), "model": bench["model"]["repo_id"],
               "cpu_model": bench["device"].get("cpu_model"), "measured_beside": variant_name(bench)}
@@ -72,10 +79,12 @@ def rows_of(bench: dict) -> list[dict]:
             "available": True,
             "executorch": bench["versions"]["device"].get("executorch"),
             **runner,
+            **quality_columns(qualities.get(("pte", bench["pte"].get("sha256")))),
         })
     ratios = {(r["engine"], r["prompt_tokens"]): r for r in bench.get("ratios", [])}
     for name, engine in bench.get("engines", {}).items():
-        peer = {**common, "engine": name, "variant": peer_variant(engine), "available": engine["available"]}
+        peer = {**common, "engine": name, "variant": peer_variant(engine), "available": engine["available"],
+                **quality_columns(qualities.get((name, bench["model"].get("commit"))))}
         if not engine["available"]:
             rows.append(peer)
             continue
@@ -84,6 +93,65 @@ def rows_of(bench: dict) -> list[dict]:
             rows.append({**peer, **speeds(run, bench), "busy": engine["load"]["busy"],
                          "pte_decode_ratio": _round(ratio.get("decode")), "pte_prefill_ratio": _round(ratio.get("prefill"))})
     return rows
+
+
+def quality_index(qualities: list[dict]) -> dict:
+    """quality.json results by what a summary row names: ("pte", the .pte's sha256), or (the peer's
+    engine name, e.g. "llamacpp-q4_0", the checkpoint's commit)."""
+    index = {}
+    for quality in qualities:
+        if quality["engine"] == "pte":
+            index[("pte", quality["artifact"]["sha256"])] = quality
+        else:
+            index[(f"{quality['engine']}-{quality['artifact']['gguf_type']}", quality["checkpoint"]["commit"])] = quality
+    return index
+
+
+def quality_columns(quality: dict | None) -> dict:
+    """A row's quality against eager FP32 (gemma_edge.quality), or why it has none."""
+    if quality is None:
+        return {}
+    if not quality["meaningful"]:
+        return {"quality_note": "not measured: " + quality["reason"].split(":")[0]}
+    q = quality["summary"]
+    return {"perplexity": round(q["perplexity"], 4), "fp32_perplexity": round(q["fp32_perplexity"], 4),
+            "ppl_ratio": round(q["ppl_ratio"], 5), "kl_mean": round(q["kl"]["mean"], 6), "kl_median": round(q["kl"]["median"], 6),
+            "kl_p99": round(q["kl"]["p99"], 5), "top1_agreement": round(q["top1_agreement"], 4), "quality_tokens": q["tokens"],
+            "quality_note": "FP32 perplexity above a uniform guess: read KL and top-1, not perplexity" if quality.get("note") else None}
+
+
+def quality_table(qualities: list[dict]) -> list[dict]:
+    """One entry per scored engine, eager FP32 (the reference) first; each says whether it scored
+    the same token ids as the first, so the table compares at equal text."""
+    scored = [q for q in qualities if q["meaningful"]]
+    first = scored[0] if scored else None
+    table = []
+    if first:
+        table.append({"variant": "eager FP32 (reference)", "engine": "eager", "perplexity": first["summary"]["fp32_perplexity"],
+                      "ppl_ratio": 1.0, "kl_mean": 0.0, "top1_agreement": 1.0, "tokens": first["summary"]["tokens"]})
+    for quality in qualities:
+        entry = {"variant": quality["variant"], "engine": quality["engine"], "meaningful": quality["meaningful"]}
+        if quality["meaningful"]:
+            s = quality["summary"]
+            entry.update(perplexity=s["perplexity"], ppl_ratio=s["ppl_ratio"], kl_mean=s["kl"]["mean"], kl_stderr=s["kl"]["stderr"],
+                         kl_median=s["kl"]["median"], kl_p99=s["kl"]["p99"], top1_agreement=s["top1_agreement"], tokens=s["tokens"],
+                         same_ids_as_first=quality["tokens"]["ids_sha256"] == first["tokens"]["ids_sha256"])
+        else:
+            entry["reason"] = quality["reason"]
+        table.append(entry)
+    return table
+
+
+def render_quality_table(table: list[dict]) -> str:
+    lines = [f"{'variant':<24} {'PPL':>9} {'PPL/FP32':>9} {'KL mean':>9} {'KL med':>9} {'KL p99':>8} {'top-1':>7} {'tokens':>6}"]
+    for e in table:
+        if e.get("meaningful") is False:
+            lines.append(f"{e['variant']:<24} not measured: {e['reason'].split(':')[0]}")
+            continue
+        cell = lambda key, spec: format(e[key], spec) if e.get(key) is not None else "-"  # noqa: E731
+        lines.append(f"{e['variant']:<24} {cell('perplexity', '9.4f')} {cell('ppl_ratio', '9.4f')} {cell('kl_mean', '9.5f')} "
+                     f"{cell('kl_median', '9.5f')} {cell('kl_p99', '8.4f')} {cell('top1_agreement', '7.4f')} {e['tokens']:>6}")
+    return "\n".join(lines)
 
 
 def runner_columns(runner: dict | None) -> dict:
@@ -108,9 +176,11 @@ def _round(value):
     return None if value is None else round(value, 3)
 
 
-def summarise(bench_paths: list[Path], out_csv: Path, out_json: Path) -> list[dict]:
+def summarise(bench_paths: list[Path], out_csv: Path, out_json: Path, quality_paths: list[Path] = ()) -> list[dict]:
     benches = [read_json(p) for p in bench_paths]
-    rows = [row for bench in benches for row in rows_of(bench)]
+    qualities = [read_json(p) for p in quality_paths]
+    index = quality_index(qualities)
+    rows = [row for bench in benches for row in rows_of(bench, index)]
     rows.sort(key=lambda r: (r["target"], r["engine"] != "pte", r.get("group_size") or 0, r["variant"], r.get("prompt_tokens") or 0))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
@@ -118,9 +188,16 @@ def summarise(bench_paths: list[Path], out_csv: Path, out_json: Path) -> list[di
     writer.writerows(rows)
     with atomic_output(out_csv) as tmp:
         tmp.write_text(buffer.getvalue())
-    write_json(out_json, {"rows": rows, "sources": [str(p) for p in bench_paths],
+    table = quality_table(qualities)
+    write_json(out_json, {"rows": rows, "sources": [str(p) for p in bench_paths], "quality": table,
+                          "quality_sources": [str(p) for p in quality_paths],
                           "versions": benches[0]["versions"]["host"] if benches else {}})
     log.info("summary of %d benchmark(s), %d rows", len(benches), len(rows))
+    if table:
+        log.info("quality against eager FP32:\n%s", render_quality_table(table))
+    if any(e.get("same_ids_as_first") is False for e in table):
+        log.warning("the quality results did not all score the same token ids (text, max_tokens or context differ): "
+                    "their figures are not comparable")
     return rows
 
 
@@ -179,8 +256,55 @@ PLOTS = {
 }
 
 
+def plot_tradeoff(rows: list[dict], out_png: Path) -> None:
+    """Decode speed against mean KL divergence from FP32: one point per variant or engine and
+    target (at the longest prompt length), so the trade-off of a group size is one picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    longest = {}
+    for row in rows:
+        key = (row["variant"], row["target"])
+        if row.get("kl_mean") is not None and row.get("decode_tps") is not None and (
+                key not in longest or row["prompt_tokens"] > longest[key]["prompt_tokens"]):
+            longest[key] = row
+    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    colours = {target: f"C{i}" for i, target in enumerate(sorted({t for _, t in longest}))}
+    busy_seen = False
+    for (variant, target), row in sorted(longest.items()):
+        busy = bool(row.get("busy"))
+        busy_seen |= busy
+        marker = "o" if row["engine"] == "pte" else "s" if row["engine"].startswith("llamacpp") else "^"
+        axes.errorbar(row["kl_mean"], row["decode_tps"], yerr=row.get("decode_tps_stddev") or 0, fmt=marker, capsize=3,
+                      color=colours[target], markerfacecolor="none" if busy else colours[target], markersize=7)
+        axes.annotate(variant, (row["kl_mean"], row["decode_tps"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    if longest and all(row["kl_mean"] > 0 for row in longest.values()):
+        axes.set_xscale("log")
+    for target, colour in colours.items():
+        axes.plot([], [], "o", color=colour, label=target)
+    axes.set_xlabel("mean KL divergence from eager FP32 per token (nats; lower is better)")
+    axes.set_ylabel("decode tokens/s")
+    lengths = sorted({row["prompt_tokens"] for row in longest.values()})
+    note = "; hollow: machine busy during the run" if busy_seen else ""
+    heading = f"prompt of {'/'.join(map(str, lengths))} tokens; ○ .pte, □ llama.cpp{note}" if longest else \
+        "no engine has both a speed and a quality figure (see quality_note in summary.csv)"
+    axes.set_title(f"Decode speed against quality loss\n{heading}", fontsize=10)
+    if colours:
+        axes.legend(title="target", fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_output(out_png) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+
+
 def plot_all(rows: list[dict], outputs: dict[str, Path]) -> None:
     for name, path in outputs.items():
+        if name == "quality":  # a speed plot too: emulated targets and repeated peer rows left out
+            plot_tradeoff(rows_for_plot("decode", rows), Path(path))
+            continue
         metric, ylabel, title, error = PLOTS[name]
         plot_metric(rows_for_plot(name, rows), metric, ylabel, title, Path(path), error)
 
