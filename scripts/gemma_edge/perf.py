@@ -67,7 +67,10 @@ class LlamaCppDecoder:
         import llama_cpp
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(gguf_path), n_ctx=max_seq_len, n_batch=max_seq_len, n_ubatch=max_seq_len,
+        # Prompts go in batches of up to 512 tokens, llama-bench's default micro-batch: a long context
+        # then costs llama.cpp no more scratch memory than a short one.
+        batch = min(max_seq_len, 512)
+        self.llm = Llama(model_path=str(gguf_path), n_ctx=max_seq_len, n_batch=batch, n_ubatch=batch,
                          n_threads=threads, n_threads_batch=threads, logits_all=all_logits, verbose=False)
         self.vocab_size = self.llm.n_vocab()
         # The CPU features llama.cpp was built with and uses (AVX2, NEON, REPACK, ...).
