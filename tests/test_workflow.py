@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from transformers import AutoConfig
 
 from conftest import TEST_REPO_ID, snakemake, write_config
 from gemma_edge.artifacts import ArtifactError, read_json, sha256_file, verify_against_manifest
+from gemma_edge.decoder import read_text_config_dict
 from gemma_edge.demo_model import DEMO_VOCAB
 from gemma_edge.export import cache_buffers, context_length_of, kv_cache_bytes_of, load_program, tokens_per_call_of
 from gemma_edge.parity import TIE_MARGIN
@@ -44,9 +44,10 @@ def test_exported_program_holds_the_kv_cache_as_buffers(workflow):
                                       "cache_ring_values_1", "cache_keys_2", "cache_values_2", "cache_ring_positions"])
     assert not program.graph_signature.lifted_tensor_constants
     assert context_length_of(program) == 128 and tokens_per_call_of(program) == 16
-    config = AutoConfig.from_pretrained(read_json(workflow["workdir"] / "results/tiny/checkpoint.json")["path"])
-    ring_bytes = 2 * (2 * 16 * config.num_key_value_heads * config.head_dim * 4)  # 2 layers, keys + values
-    full_bytes = 2 * 128 * config.num_key_value_heads * config.global_head_dim * 4
+    config = read_text_config_dict(Path(read_json(workflow["workdir"] / "results/tiny/checkpoint.json")["path"]))
+    full_head_dim = config["per_layer_config"]["2"]["head_dim"]  # full-attention layers have their own width
+    ring_bytes = 2 * 2 * 32 * config["num_key_value_heads"] * config["head_dim"] * 4  # 2 layers, keys + values, 32 slots
+    full_bytes = 2 * 128 * config["num_key_value_heads"] * full_head_dim * 4
     assert kv_cache_bytes_of(program) == ring_bytes + full_bytes + 32 * 8
     targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
     # ExecuTorch's cache and attention ops: 2 writes per cached layer, one attention per layer, and
