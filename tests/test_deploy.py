@@ -29,6 +29,9 @@ def test_bench_json_holds_real_figures(deployed, target):
     assert bench["load_s"] > 0 and bench["peak_rss_bytes"] > 10_000_000
     assert bench["versions"]["device"]["executorch"] == "1.5.1"
     assert bench["device"]["cores"] >= 1 and bench["device"]["memory_bytes"] > 0
+    # The KV cache the .pte holds, as its manifest says: 128 positions of context, 16 tokens a call.
+    manifest = read_json(deployed["workdir"] / INT4 / "model.pte.manifest.json")
+    assert bench["kv_cache"] == {"bytes": manifest["kv_cache_bytes"], "max_context_len": 128, "tokens_per_call": 16}
     # The device's memory read bandwidth, measured once before the engines, over more than its caches.
     limit = bench["bandwidth"]
     assert limit["buffer_bytes"] >= 256 * 2**20 and limit["gb_per_s"]["avg"] > 0 and len(limit["gb_per_s"]["samples"]) == 10

@@ -358,11 +358,6 @@ class KVCacheDecoder(nn.Module):
     def cache_buffer_names(self) -> list[str]:
         return [name for name, _ in self.named_buffers() if name.startswith("cache_")]
 
-    def cache_bytes(self) -> int:
-        """Bytes of every cache buffer: the KV cache's memory at max_seq_len, whatever the depth."""
-        return sum(buffer.numel() * buffer.element_size() for name, buffer in self.named_buffers()
-                   if name.startswith("cache_"))
-
     def _bind_cache_to_buffers(self, input_pos: torch.Tensor) -> None:
         for index in self.cached_layers:
             layer = self.cache.layers[index]
