@@ -381,7 +381,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
     decoder = PteDecoder(pte)
     load_s = time.perf_counter() - started
     meta = decoder.metadata
-    context = int(meta.get("get_max_context_len", meta["get_max_seq_len"]))
+    context = decoder.context
     for length in spec["prompt_lengths"]:
         if length + spec["new_tokens"] > context:
             raise ValueError(f"prompt length {length} + {spec['new_tokens']} new tokens exceeds the .pte's context "
@@ -399,7 +399,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
     runs, load = timed_with_load(pte_runs)
     parity = [greedy_decode(decoder.step, ids, spec["max_new_tokens"]) for ids in spec["parity_prompt_ids"]]
     peak_rss = peak_rss_bytes()
-    decoder_tokens_per_call = decoder.tokens_per_call
+    kv_cache = {"bytes": spec.get("kv_cache_bytes"), "max_context_len": context, "tokens_per_call": decoder.tokens_per_call}
     del decoder
     runner = bench_llm_runner(pte, spec, parity, eos_id_set(meta), runner_missing)
     engines = {}
@@ -421,8 +421,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
         "load": load,
         "parity_tokens": parity,
         "peak_rss_bytes": peak_rss,
-        "kv_cache": {"bytes": spec.get("kv_cache_bytes"), "max_context_len": context,
-                     "tokens_per_call": decoder_tokens_per_call},
+        "kv_cache": kv_cache,
         "runtime": "executorch.runtime (Python bindings), timed around Method.execute",
         "engines": engines,
         "ratios": ratios(runs, engines),

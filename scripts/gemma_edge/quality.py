@@ -207,8 +207,7 @@ def open_candidate(engine: str, artifact: Path, context: int | None, threads: in
         from .runtime import PteDecoder
 
         decoder = PteDecoder(artifact)
-        context = decoder.metadata.get("get_max_context_len", decoder.metadata["get_max_seq_len"])
-        return (lambda chunk: pte_logits(decoder, chunk)), int(context), {
+        return (lambda chunk: pte_logits(decoder, chunk)), decoder.context, {
             "bos_id": decoder.metadata["get_bos_id"], "how": "the .pte in the ExecuTorch runtime, one token per call "
             "against its in-graph KV cache (as decode runs it), from position 0 for each chunk"}
     if engine == "llamacpp":

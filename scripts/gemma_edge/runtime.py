@@ -23,8 +23,10 @@ class PteDecoder:
         except Exception as error:  # noqa: BLE001 - the runtime reports load failures as RuntimeError/ValueError
             raise ArtifactError(f"{pte_path} could not be loaded by the ExecuTorch runtime: {error}") from error
         self.metadata = {name: _constant(program, name) for name in program.method_names if name != "forward"}
-        # The most tokens one call takes (ExecuTorch's runner prefills in chunks of it too).
+        # The most tokens one call takes (ExecuTorch's runner prefills in chunks of it too), and the
+        # positions the KV cache holds (the same number in a .pte from before ring buffers).
         self.tokens_per_call = int(self.metadata.get("get_max_seq_len", 0)) or None
+        self.context = int(self.metadata.get("get_max_context_len", self.tokens_per_call or 0)) or None
 
     def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
         """Feed `tokens` at positions start_pos.. and return the last position's logits (float32, 1-D),
