@@ -1,7 +1,7 @@
 import json
 import re
 
-from gemma_edge.config import check_lengths_fit, check_prompts_fit, prompt_token_counts
+from gemma_edge.config import check_lengths_fit, check_prompts_fit, prompt_token_counts, requirement_pins
 
 # Paths and config lookups shared by every stage. Artifacts live under results/<model>/<quant>/…
 # so that models, group sizes and lowering modes coexist and switching back is free.
@@ -72,11 +72,12 @@ def target_settings(wildcards):
 
 
 def runtime_pins():
-    """The executorch and torch releases on this host, which every device's wheelhouse pins (a
-    change of either re-runs the wheelhouse steps)."""
-    from importlib.metadata import version
-
-    return {name: version(name).split("+", 1)[0] for name in ("executorch", "torch")}
+    """The executorch and torch releases pinned in requirements.txt (the ones the .pte is lowered
+    with), which every device's wheelhouse pins: a change of either re-runs the wheelhouse steps.
+    Read from the pins, not the running interpreter, so that Snakemake itself needs neither
+    installed (--sdm conda)."""
+    pins = requirement_pins(Path(workflow.basedir) / "requirements.txt")
+    return {name: pins[name] for name in ("executorch", "torch")}
 
 
 def provision_inputs(wildcards):

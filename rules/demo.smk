@@ -12,7 +12,7 @@ rule demo_checkpoint:
     benchmark:
         "benchmarks/demo/{repo}.tsv"
     conda:
-        "../envs/demo.yaml"
+        "../envs/torch.yaml"
     params:
         hub_cache=lambda wc, output: str(Path(output.marker).parent),
         repo_id=lambda wc: wc.repo.replace("--", "/", 1),

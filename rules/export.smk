@@ -9,7 +9,7 @@ rule export:
     benchmark:
         "benchmarks/{model}/fp32/export.tsv"
     conda:
-        "../envs/export.yaml"
+        "../envs/torch.yaml"
     params:
         max_seq_len=config["export"]["max_seq_len"],
         dtype=config["export"]["dtype"],

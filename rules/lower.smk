@@ -10,7 +10,7 @@ rule lower:
     benchmark:
         "benchmarks/{model}/{quant}/xnnpack-{mode}/lower.tsv"
     conda:
-        "../envs/lower.yaml"
+        "../envs/torch.yaml"
     params:
         per_op_mode=lambda wc: PER_OP_MODE[wc.mode],
     resources:

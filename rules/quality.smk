@@ -21,7 +21,7 @@ rule quality:
     benchmark:
         "benchmarks/{model}/{quant}/xnnpack-{mode}/quality.tsv"
     conda:
-        "../envs/verify.yaml"
+        "../envs/torch.yaml"
     params:
         engine="pte",
         text=quality_text_name,

@@ -9,7 +9,7 @@ rule quantize:
     benchmark:
         "benchmarks/{model}/int4-g{group_size}/quantize.tsv"
     conda:
-        "../envs/quantize.yaml"
+        "../envs/torch.yaml"
     params:
         group_size=lambda wc: int(wc.group_size),
         embeddings=config["quantization"]["embeddings"],

@@ -14,7 +14,7 @@ rule verify:
     benchmark:
         "benchmarks/{model}/{quant}/xnnpack-{mode}/verify.tsv"
     conda:
-        "../envs/verify.yaml"
+        "../envs/torch.yaml"
     params:
         prompts=verify_prompts,
         max_new_tokens=config["verify"]["max_new_tokens"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -142,3 +143,15 @@ def check_prompts_fit(prompts: list[str], counts: list[int] | None, max_new_toke
                 f"({max_new_tokens}) exceed export.max_seq_len ({max_seq_len}): shorten the prompt, lower "
                 "max_new_tokens or raise max_seq_len"
             )
+
+
+def requirement_pins(path: Path) -> dict[str, str]:
+    """name -> version of each `name==version` line of a pip requirements file (comments, options
+    and `-r` includes skipped), names in their normal form (lower case, `-` for `_` and `.`)."""
+    pins = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line and not line.startswith("-"):
+            name, version = (part.strip() for part in line.split("==", 1))
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
