@@ -1,12 +1,15 @@
-"""Each rule's conda environment pins the same versions as requirements.txt."""
+"""Each rule's conda environment pins the same versions as requirements.txt, and runs its rules."""
 
 import re
+import shutil
 import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+import envs
+from conftest import REPO, needs_litert, needs_llamacpp, write_config
 
 
 MAIN_REQUIREMENTS = ("requirements.txt", "requirements-bench.txt")
@@ -84,3 +87,82 @@ def test_litert_venv_shares_the_main_pins():
     shared = {name: version for name, version in litert.items() if name in main}
     assert {"torch", "transformers", "tokenizers", "safetensors"} <= set(shared)
     assert shared == {name: main[name] for name in shared}
+
+
+# Each environment file's rules, run by Snakemake in a virtualenv made from that file alone (tests/envs.py),
+# on the demo workflow's artifacts: the stages in the order the workflow's graph needs them, and
+# what each asks for. Every rule that names the environment runs, but for those in NOT_RUN.
+STAGES = [
+    ("download", ["results/tiny/checkpoint.json"]),
+    ("torch", ["results/demo-hub/local--gemma4-tiny-3l.json", "results/tiny/int4-g128/xnnpack-auto/parity.json",
+               "results/tiny/int4-g128/xnnpack-auto/quality.json"]),
+    ("litert", ["results/tiny/litert/model-int4-g128.litertlm"]),
+    ("perf", ["results/tiny/llamacpp/quality-q4_0.json", "results/tiny/llamacpp/quality-q4_k_m.json",
+              "results/perf/tiny/int4-g128/xnnpack-auto/perf.md"]),
+    ("deploy", ["results/loopback/platform.json", "results/local/bench.json"]),
+    ("report", ["results/summary.csv"]),
+]
+NOT_RUN = {
+    "wheelhouse": "downloads a device's torch and executorch wheels; test_emulated runs it for the emulated Pi",
+    "perf_litert": "LiteRT-LM's host timing; test_litert runs it (perf.litert is off here)",
+    "perf_projection": "needs the E2B-shaped models; test_perf runs it on its own small ones",
+}
+ENV_TARGETS = ["loopback", "local"]
+
+
+def rules_by_env() -> dict[str, set[str]]:
+    """Rule names per environment file, from rules/*.smk (a rule made per target once per target)."""
+    found = {}
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        for name, rule in rule_blocks(smk.read_text()):
+            env = Path(re.search(r'conda:\s*\n\s*"\.\./envs/([^"]+)\.yaml"', rule).group(1)).name
+            name = re.sub(r'^f?"|"$', "", name)
+            names = {name.replace("{target_name}", target) for target in ENV_TARGETS}
+            found.setdefault(env, set()).update(names)
+    return found
+
+
+def rules_run(output: str) -> set[str]:
+    """The rules of the jobs Snakemake reports finished."""
+    return set(re.findall(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", output, re.MULTILINE))
+
+
+def test_every_env_is_one_stage_and_every_rule_is_run_or_says_why():
+    stages = {env for env, _ in STAGES}
+    assert stages == {path.stem for path in (REPO / "envs").glob("*.yaml")}
+    assert set(NOT_RUN) <= set().union(*rules_by_env().values())
+
+
+@pytest.fixture(scope="module")
+def env_workdir(workflow, sshd, tmp_path_factory):
+    """A copy of the demo workflow's folder, with a synthetic 3-layer model for the demo_checkpoint
+    rule, a loopback device to probe and the local target to benchmark on, all kept small."""
+    workdir = tmp_path_factory.mktemp("env-workflow")
+    shutil.copytree(workflow["workdir"], workdir, symlinks=True, dirs_exist_ok=True)
+    overrides = write_config(workdir / "envs-test.yaml", {
+        "models": {"tiny3": {"repo_id": "local/gemma4-tiny-3l", "demo": True, "synthetic": {"shape": "tiny", "layers": 3}}},
+        "targets": {"loopback": sshd.target(tmp_path_factory.mktemp("env-remote") / "gemma-edge"),
+                    "local": {"kind": "local", "threads": 2}},
+        "bench": {"prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "warmup": 1},
+        "perf": {"prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "litert": False},
+        "sweep": {"group_sizes": [128], "per_op_modes": ["auto"], "targets": ["local"]},
+    })
+    return workdir, [str(workflow["config"]), str(overrides)]
+
+
+@needs_llamacpp
+@needs_litert
+def test_each_env_runs_its_rules(env_workdir):
+    workdir, configs = env_workdir
+    driver = envs.driver_venv(pinned_requirements(MAIN_REQUIREMENTS))
+    by_env = rules_by_env()
+    for env, targets in STAGES:
+        venv = envs.venv_with(env, envs.env_packages(REPO / "envs" / f"{env}.yaml"))
+        expected = by_env[env] - set(NOT_RUN)
+        result = envs.snakemake_in_env(driver, venv, workdir, "--cores", "2", "--configfile", *configs,
+                                       "--allowed-rules", *sorted(by_env[env]), "--forcerun", *sorted(expected), "--", *targets)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"envs/{env}.yaml could not run its rules:\n{output[-6000:]}"
+        assert rules_run(output) == expected, f"envs/{env}.yaml: ran {sorted(rules_run(output))}"
+        for target in targets:
+            assert (workdir / target).stat().st_size > 0

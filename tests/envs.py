@@ -1,0 +1,85 @@
+"""Virtualenvs made from one environment file's package list alone, and Snakemake run so that a
+rule's step sees only that environment, the way `snakemake --sdm conda` runs it.
+
+No conda channel is reachable from the test machines, so an `envs/*.yaml` file becomes a
+virtualenv with its pip list (the index options left to pip's own configuration). Each is built
+once per machine and kept under ~/.cache/gemma-edge/envs, keyed by its list and the interpreter.
+
+Under `--sdm conda` a rule's Python step runs with its environment's interpreter, and Snakemake's
+script preamble appends Snakemake's own `sys.path`: the step sees its environment first, then the
+packages of the environment Snakemake runs from. Here that second one is a virtualenv holding only
+what the process running Snakemake needs (`DRIVER_PACKAGES`), so a step that imports anything its
+environment file does not list (beyond Snakemake and its dependencies) fails here as for a user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from filelock import FileLock
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("GEMMA_EDGE_CACHE", Path.home() / ".cache/gemma-edge")) / "envs"
+# What the process running Snakemake imports itself: Snakemake, and tokenizers for the early
+# prompt-length check as jobs are built (rules/common.smk). README "Set-up" says the same.
+DRIVER_PACKAGES = ("snakemake", "tokenizers")
+
+
+def env_packages(env_file: Path) -> list[str]:
+    """The pip requirements an environment file lists (options such as --extra-index-url left out)."""
+    spec = yaml.safe_load(Path(env_file).read_text())
+    pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict) and "pip" in d)
+    return [entry for entry in pip if not entry.startswith("-")]
+
+
+def llamacpp_wheels() -> list[Path]:
+    """The per-machine folders bench/setup-llamacpp.sh keeps its llama-cpp-python wheel in (pip
+    would otherwise build the pinned source distribution again, several minutes)."""
+    return sorted(Path(CACHE.parent, "llama-cpp-python").glob(f"*-{platform.machine()}-*"))
+
+
+def venv_with(name: str, packages: list[str]) -> Path:
+    """A virtualenv holding `packages` and what they depend on, nothing else; built once."""
+    key = hashlib.sha256("\n".join([sys.version, *sorted(packages)]).encode()).hexdigest()[:12]
+    folder = CACHE / f"{name}-{key}"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if (folder / "bin/python").exists():
+            return folder
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(partial)], check=True)
+        links = [arg for wheels in llamacpp_wheels() for arg in ("--find-links", str(wheels))]
+        result = subprocess.run([str(partial / "bin/python"), "-m", "pip", "install", "-q", *links, *packages],
+                                capture_output=True, text=True, timeout=1800)
+        if result.returncode != 0:
+            raise AssertionError(f"pip could not make the {name} environment:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        partial.rename(folder)  # a virtualenv finds itself from its interpreter's path, so a move keeps it whole
+    return folder
+
+
+def site_packages(venv: Path) -> Path:
+    return next((venv / "lib").glob("python3*/site-packages"))
+
+
+def driver_venv(pins: dict[str, str]) -> Path:
+    """The virtualenv Snakemake runs from: the DRIVER_PACKAGES at their requirements.txt pins."""
+    return venv_with("snakemake", [f"{name}=={pins[name]}" for name in DRIVER_PACKAGES])
+
+
+def snakemake_in_env(driver: Path, env: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Snakemake from `driver` run by the `env` virtualenv's interpreter, so that every step runs in
+    `env` (Snakemake runs Python steps with its own interpreter) and finds Snakemake's packages only
+    after the environment's own, as under --sdm conda."""
+    bootstrap = ("import runpy, site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'snakemake'; "
+                 "runpy.run_module('snakemake', run_name='__main__')")
+    command = [str(env / "bin/python"), "-c", bootstrap, str(site_packages(driver)),
+               "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1800)
