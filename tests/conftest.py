@@ -22,7 +22,8 @@ from filelock import FileLock
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from gemma_edge import hub  # noqa: E402
+from gemma_edge import hub, loopback_sshd  # noqa: E402
+from gemma_edge.config import requirement_pins  # noqa: E402
 from sshd import SshServer  # noqa: E402
 from gemma_edge.demo_model import build_demo_checkpoint  # noqa: E402
 
@@ -40,6 +41,19 @@ needs_litert = pytest.mark.skipif(
     reason="LiteRT-LM's virtualenv .venv-litert is missing: run bench/setup-litert.sh (.ci/run does)",
 )
 DEFAULT_CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+PINS = requirement_pins(REPO / "requirements.txt")  # what the tests expect installed, from the pins
+
+
+def require(unavailable: str | None) -> None:
+    """What a test needs from the machine (Debian packages, root), given as the reason it is
+    missing, or None: outside CI the test is skipped with that reason; under CI, whose .ci/run
+    installs all of it, the test fails."""
+    if unavailable is None:
+        return
+    message = f"{unavailable}; .ci/run installs what the whole suite needs"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 # Test modules that must share one pytest-xdist worker: they build on one session fixture (the
@@ -58,12 +72,28 @@ SAME_WORKER = {
 START_FIRST = ["test_deploy.py", "test_perf.py", "test_emulated.py", "test_reproducible.py"]
 
 
+# What a test needs beyond the virtualenv, by the fixture that needs it (pytest.ini names the
+# markers): `pytest -m "not needs_sshd"` runs the suite without root and Debian's openssh-server.
+NEEDS = {"sshd": "needs_sshd", "cluster": "needs_slurm", "pi5_emulator": "needs_emulator", "built_root": "needs_emulator"}
+
+
+def qemu_unavailable() -> str | None:
+    """Why the emulated Pi 5 cannot run here, or None."""
+    from gemma_edge import emulator
+
+    return None if shutil.which(emulator.QEMU) else f"{emulator.QEMU} is not installed (Debian: qemu-user-static)"
+
+
 def pytest_collection_modifyitems(items):
     def rank(item) -> int:
         name = Path(item.nodeid.split("::", 1)[0]).name
         return START_FIRST.index(name) if name in START_FIRST else len(START_FIRST)
 
     items.sort(key=rank)
+    for item in items:
+        for fixture, marker in NEEDS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: known only while it is loaded
@@ -156,6 +186,7 @@ def workflow(tmp_path_factory, seeded_hub):
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory):
     """A real OpenSSH server on loopback standing in for the Pi, stopped after the session."""
+    require(loopback_sshd.unavailable())
     server = SshServer.create(tmp_path_factory.mktemp("sshd")).start()
     yield server
     server.stop()

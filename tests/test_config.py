@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import TEST_REPO_ID, snakemake, write_config
+from conftest import DEFAULT_CONFIG, TEST_REPO_ID, snakemake, write_config
 
 
 @pytest.mark.parametrize(
@@ -18,7 +18,7 @@ from conftest import TEST_REPO_ID, snakemake, write_config
         ({"lowering": {"per_op_mode": "sometimes"}}, "lowering.per_op_mode is 'sometimes', but must be one of auto, true, false"),
         ({"quality": {"scored_positions": "middle"}}, "quality.scored_positions is 'middle', but must be one of all, second_half"),
         ({"quality": {"gates": {"max_mean_kl": "small"}}}, "quality.gates.max_mean_kl is 'small', but must be of type"),
-        ({"model": "nope"}, "model is 'nope', which is not an entry of models (known: demo, e2b-35l, e2b-4l, e2b-8l, gemma-4-E2B)"),
+        ({"model": "nope"}, f"model is 'nope', which is not an entry of models (known: {', '.join(sorted(DEFAULT_CONFIG['models']))})"),
         ({"models": {"broken": {"revision": "main"}}}, "models.broken is missing the required key 'repo_id'"),
         ({"models": {"demo": {"repo_id": "local/gemma4-tiny", "demo": True, "synthetic": {"shape": "e2b", "layers": 2}}}},
          "models.demo.synthetic.layers: 2 is less than the minimum of 3"),

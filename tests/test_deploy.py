@@ -4,7 +4,7 @@ import getpass
 
 import pytest
 
-from conftest import needs_litert, needs_llamacpp, snakemake, write_config
+from conftest import PINS, needs_litert, needs_llamacpp, snakemake, write_config
 from gemma_edge import summary
 from gemma_edge.artifacts import read_json, sha256_file
 from gemma_edge.device_bench import until_eos
@@ -27,7 +27,7 @@ def test_bench_json_holds_real_figures(deployed, target):
             assert len(stats["samples"]) == 2 and all(s > 0 for s in stats["samples"])
             assert stats["min"] <= stats["median"] <= stats["max"]
     assert bench["load_s"] > 0 and bench["peak_rss_bytes"] > 10_000_000
-    assert bench["versions"]["device"]["executorch"] == "1.5.1"
+    assert bench["versions"]["device"]["executorch"] == PINS["executorch"]
     assert bench["device"]["cores"] >= 1 and bench["device"]["memory_bytes"] > 0
     # The KV cache the .pte holds, as its manifest says: 128 positions of context, 16 tokens a call.
     manifest = read_json(deployed["workdir"] / INT4 / "model.pte.manifest.json")

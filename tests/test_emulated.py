@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_CONFIG, REPO, needs_litert, needs_llamacpp, snakemake, write_config
-from gemma_edge import deploy, device_bench, emulator
+from conftest import DEFAULT_CONFIG, PINS, REPO, needs_litert, needs_llamacpp, qemu_unavailable, require, snakemake, write_config
+from gemma_edge import deploy, device_bench, emulator, loopback_sshd
 from gemma_edge.config import deep_merge, validate_config
 from gemma_edge.artifacts import read_json, sha256_file
 
@@ -27,6 +27,8 @@ PI5_FEATURES = "fp asimd aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid as
 def pi5_emulator():
     """The emulated Pi as the README sets it up: `setup` (cached per machine: a second call checks
     the stamp and the guest and builds nothing) and `serve` (its loopback sshd and ssh_config)."""
+    require(qemu_unavailable())
+    require(loopback_sshd.unavailable())
     root = emulator.default_root()
     emulator.setup(root)
     already_serving = emulator.running_port(root)
@@ -64,7 +66,7 @@ def test_the_device_is_an_emulated_cortex_a76_with_debian_python(emulated):
     assert set(PI5_FEATURES) <= set(device["cpu_features"])
     assert device["xnnpack_features"] == {"neon": True, "dotprod": True, "fp16": True, "i8mm": False, "sve": False}
     assert device["python"] == "3.11.2" and device["libc"] == ["glibc", "2.36"]
-    assert deploy.public_version(device["versions"]["torch"]) == "2.13.0" and device["versions"]["executorch"] == "1.5.1"
+    assert deploy.public_version(device["versions"]["torch"]) == PINS["torch"] and device["versions"]["executorch"] == PINS["executorch"]
     assert device["library_alignment"]["bytes"] >= device["page_size"]
 
 

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from conftest import qemu_unavailable, require
 from gemma_edge import emulator
 from gemma_edge.loopback_sshd import SshServer
 
@@ -51,8 +52,7 @@ def test_missing_qemu_says_how_to_install_it(tmp_path, monkeypatch):
 
 
 def test_missing_sysroot_says_to_run_setup(tmp_path):
-    if not emulator.shutil.which(emulator.QEMU):
-        pytest.skip("qemu-user-static is not installed")
+    require(qemu_unavailable())
     with pytest.raises(emulator.EmulatorError, match="run `python -m gemma_edge.emulator setup` first"):
         emulator.check_emulator(tmp_path)
 
@@ -72,6 +72,7 @@ def test_device_environment_points_qemu_at_the_sysroot(tmp_path):
 @pytest.fixture(scope="module")
 def built_root():
     """The emulator as the README sets it up (cached per machine: a second setup builds nothing)."""
+    require(qemu_unavailable())
     root = emulator.default_root()
     emulator.setup(root)
     return root

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_CONFIG, LITERT_PYTHON, REPO, needs_litert
+from conftest import DEFAULT_CONFIG, LITERT_PYTHON, PINS, REPO, needs_litert
 
 from gemma_edge import litertlm_file
 from gemma_edge.weight_bytes import is_lookup, weight_bytes
@@ -110,7 +110,7 @@ def test_manifests_say_how_each_model_was_made(converted):
     for model, manifest in ((converted["fp32"], fp32), (converted["int4"], int4)):
         assert manifest["sha256"] == sha256_file(model) and manifest["size_bytes"] == model.stat().st_size
         assert manifest["litert_versions"]["litert-torch"] == "0.10.0"
-        assert manifest["litert_versions"]["torch"].startswith("2.13.0")
+        assert manifest["litert_versions"]["torch"].startswith(PINS["torch"])
         assert manifest["convert_s"] > 0 and manifest["peak_rss_mb"] > 0
         assert not list(model.parent.glob(".*tmp*")) and not list(model.parent.glob(".litert-*"))
     assert fp32["recipe_json"] is None and fp32["params"]["quantization"] == "fp32"

@@ -5,15 +5,13 @@ import re
 import pytest
 
 import slurm
-from conftest import REPO, snakemake
+from conftest import REPO, require, snakemake
 from gemma_edge.artifacts import read_json
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = slurm.available()
-    if reason:
-        pytest.skip(reason)
+    require(slurm.available())
     started = slurm.SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     yield started
     started.stop()

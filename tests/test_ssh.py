@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import PINS
 from gemma_edge import deploy, ssh
 from gemma_edge.artifacts import sha256_file
 from sshd import SshServer
@@ -261,4 +262,4 @@ def test_runtime_versions_must_match_the_host_release():
         deploy.check_versions({"executorch": "1.5.1", "torch": "2.12.0"}, host)
     with pytest.raises(deploy.DeviceError, match=r"executorch None"):
         deploy.check_versions({"executorch": None, "torch": "2.13.0"}, host)
-    assert deploy.host_runtime_versions()["torch"] == "2.13.0"
+    assert deploy.host_runtime_versions()["torch"] == PINS["torch"]

@@ -157,3 +157,23 @@ def test_a_cancel_after_a_failure_says_both(monkeypatch):
     formatter.format(_rule_exception(f"returned non-zero exit status {EXIT_REPORTED}"))
     formatter.format(_record(LogEvent.JOB_ERROR, rule_name="verify", log=["logs/demo/verify.log"]))
     assert terminal.run_failed_message() == terminal.CANCELLED_AFTER_FAILURE
+
+
+def test_a_step_log_leaves_out_the_named_third_party_noise_and_keeps_the_rest(tmp_path):
+    """rule_log drops the messages steplog.QUIET_* name (in a subprocess: it redirects the
+    process's stdout and stderr) and keeps every other warning and record."""
+    log_path = tmp_path / "step.log"
+    code = f"""
+import logging, warnings
+from gemma_edge.steplog import rule_log
+with rule_log({str(log_path)!r}, "noise"):
+    warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use TreeSpec", FutureWarning)
+    warnings.warn("something else is deprecated", FutureWarning)
+    logging.getLogger("torchao").warning("Failed to load /x/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: no CUDA")
+    logging.getLogger("torchao").warning("Failed to load /x/torchao/_C_other.so")
+    logging.getLogger("torchao.kernel.intmm").warning("Warning: Detected no triton, on systems without Triton")
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO / "scripts", timeout=120)
+    text = log_path.read_text()
+    assert "something else is deprecated" in text and "_C_other.so" in text
+    assert "LeafSpec" not in text and "_C_mxfp8" not in text and "triton" not in text

@@ -7,6 +7,7 @@ sshd applies to every session after its own defaults (so they can override PATH)
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -69,6 +70,16 @@ def kill_tree(pid: int) -> bool:
             pass
     psutil.wait_procs(family, timeout=10)
     return True
+
+
+def unavailable() -> str | None:
+    """Why a loopback sshd cannot be started here, or None if it can."""
+    for tool, path in (("sshd", SSHD), ("ssh-keygen", shutil.which("ssh-keygen"))):
+        if not path or not Path(path).exists():
+            return f"{tool} is not installed (Debian: openssh-server, openssh-client)"
+    if os.geteuid() != 0:
+        return "sshd's privilege separation directory /run/sshd and root logins need root"
+    return None
 
 
 @dataclass

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 log = logging.getLogger("gemma_edge")
@@ -25,6 +27,20 @@ log = logging.getLogger("gemma_edge")
 EXIT_REPORTED = 3
 # What stops a step: Ctrl-C in its terminal, or a scheduler or `kill` ending it.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+# Third-party messages that say nothing about this step on a CPU host, by logger (or warning
+# category) and message: torch's pytree deprecation, repeated through every lowering log; torchao
+# failing to load its CUDA-only kernels and finding no Triton. Anything else is logged.
+QUIET_WARNINGS = ((FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),)
+QUIET_RECORDS = (("torchao", r"Failed to load .*/torchao/_C_(mxfp8|cutlass)"),
+                 ("torchao.kernel.intmm", r"Warning: Detected no triton"))
+
+
+def _third_party_noise(record: logging.LogRecord) -> bool:
+    """False for a record QUIET_RECORDS names (a logging filter: keeps every other record)."""
+    message = record.getMessage()
+    return not any(record.name == name and re.match(pattern, message) for name, pattern in QUIET_RECORDS)
 
 
 class StepFailed(SystemExit):
@@ -92,6 +108,9 @@ def rule_log(log_path: Path | str | None, step: str):
         root = logging.getLogger()
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_third_party_noise)
+        for category, pattern in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, category=category)
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         logging.captureWarnings(True)
