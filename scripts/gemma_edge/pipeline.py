@@ -12,6 +12,11 @@ from .steplog import log_memory
 
 log = logging.getLogger(__name__)
 
+# What the quantize and lower steps build, named in their manifests (the only ones there are, so
+# the config has no key for either).
+SCHEME = "8da4w"  # INT8 dynamic activations + INT4 per-group weights (gemma_edge.quantize)
+BACKEND = "xnnpack"  # ExecuTorch's XNNPACK delegate (gemma_edge.lower)
+
 
 def build_demo(corpus: Path, hub_cache: Path, repo_id: str, train_steps: int, seed: int, marker: Path,
                synthetic: dict | None = None) -> dict:
@@ -104,7 +109,7 @@ def quantize(program_path: Path, group_size: int, embeddings: str, out: Path, ou
         fingerprint = write_program(quantized, tmp)
         del quantized
         check_reloaded(tmp, fingerprint)
-    params = {"scheme": "8da4w", "group_size": group_size, "embeddings": embeddings}
+    params = {"scheme": SCHEME, "group_size": group_size, "embeddings": embeddings}
     return write_manifest(out, {"program": program_path}, params, {"quantization": report}, manifest=out_manifest)
 
 
@@ -126,7 +131,7 @@ def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str, out: 
              "program_params": program_manifest["params"],
              "quantization": program_manifest.get("quantization")}
     return write_manifest(out, {"program": program_path, "checkpoint": checkpoint_manifest},
-                          {"backend": "xnnpack", "per_op_mode": per_op_mode}, extra, manifest=out_manifest)
+                          {"backend": BACKEND, "per_op_mode": per_op_mode}, extra, manifest=out_manifest)
 
 
 def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_new_tokens: int, gates: dict,
