@@ -96,7 +96,7 @@ def main() -> None:
     nodes = len(program.graph.nodes)
     metadata = runner_metadata({"num_hidden_layers": 0, "vocab_size": 0}, cache_length_of(program))
     with tempfile.TemporaryDirectory() as folder, stage("lower step total"):
-        record = lower_with_fallback(lambda: program, "true" if args.per_op else "false", metadata,
+        record = lower_with_fallback(lambda: program, bool(args.per_op), metadata,
                                      Path(folder) / "model.pte")
     print(f"{args.program}: {nodes} graph nodes; {record['xnnpack_delegate_calls']} XNNPACK delegate calls; "
           f"portable ops {sum(record['portable_ops'].values())}")

@@ -1,6 +1,7 @@
 import json
 import re
 
+from gemma_edge import variant
 from gemma_edge.config import check_lengths_fit, check_prompts_fit, prompt_token_counts, requirement_pins
 
 # Paths and config lookups shared by every stage. Artifacts live under results/<model>/<quant>/…
@@ -9,18 +10,16 @@ from gemma_edge.config import check_lengths_fit, check_prompts_fit, prompt_token
 
 wildcard_constraints:
     model=r"[A-Za-z0-9._-]+",
-    quant=r"fp32|int4-g\d+",
-    mode=r"auto|fused|perop",
+    quant=variant.QUANT_PATTERN,
+    mode=variant.MODE_PATTERN,
     group_size=r"\d+",
     target="|".join(re.escape(t) for t in config["targets"]) or "(?!)",
     engine=r"pte|eager|llamacpp",
-    engine_variant=r"(fp32|int4-g\d+)/xnnpack-(auto|fused|perop)|fp32|q4_0|q4_k_m|q8_0|f16",
+    engine_variant=rf"({variant.QUANT_PATTERN})/xnnpack-({variant.MODE_PATTERN})|fp32|q4_0|q4_k_m|q8_0|f16",
     gguf_type=r"q4_0|q4_k_m|q8_0|f16",
-    litert_recipe=r"fp32|int8|int4-g\d+",
+    litert_recipe=rf"int8|{variant.QUANT_PATTERN}",
 
 
-PER_OP_DIR = {"auto": "auto", True: "perop", False: "fused"}
-PER_OP_MODE = {"auto": "auto", "perop": "true", "fused": "false"}
 DEMO_HUB = "results/demo-hub"
 
 
@@ -29,13 +28,19 @@ def model_entry(wildcards):
 
 
 def quant_dir():
-    return f"int4-g{config['quantization']['group_size']}"
+    return variant.quant_dir(config["quantization"]["group_size"])
 
 
 def variant_dir():
     """results/<model>/int4-g<N>/xnnpack-<mode> of the configured variant."""
-    mode = PER_OP_DIR[config["lowering"]["per_op_mode"]]
-    return f"results/{config['model']}/{quant_dir()}/xnnpack-{mode}"
+    swept = variant.variant_dir(config["model"], config["quantization"]["group_size"], config["lowering"]["per_op_mode"])
+    return f"results/{swept}"
+
+
+def swept_variants():
+    """<model>/int4-g<N>/xnnpack-<mode> of each variant the sweep takes."""
+    sweep = config["sweep"]
+    return [variant.variant_dir(config["model"], group, mode) for group in sweep["group_sizes"] for mode in sweep["per_op_modes"]]
 
 
 def parity_path():
@@ -102,22 +107,12 @@ def current_variant_file(name):
 
 
 def sweep_benches():
-    sweep = config["sweep"]
-    modes = [PER_OP_DIR[m] for m in sweep["per_op_modes"]]
-    return [
-        f"results/{target}/{config['model']}/int4-g{group}/xnnpack-{mode}/bench.json"
-        for target in sweep["targets"]
-        for group in sweep["group_sizes"]
-        for mode in modes
-    ]
+    return [f"results/{target}/{swept}/bench.json" for target in config["sweep"]["targets"] for swept in swept_variants()]
 
 
 def sweep_qualities():
     """Each swept variant's quality.json, and the GGUFs' (bench.peers.llamacpp) when llama.cpp is set up."""
-    sweep = config["sweep"]
-    modes = [PER_OP_DIR[m] for m in sweep["per_op_modes"]]
-    paths = [f"results/{config['model']}/int4-g{group}/xnnpack-{mode}/quality.json"
-             for group in sweep["group_sizes"] for mode in modes]
+    paths = [f"results/{swept}/quality.json" for swept in swept_variants()]
     if Path(llamacpp_converter()).is_file():
         paths += [f"results/{config['model']}/llamacpp/quality-{gguf_type}.json" for gguf_type in config["bench"]["peers"]["llamacpp"]]
     return paths
@@ -200,7 +195,7 @@ def litert_recipe(recipe, quant):
     blocks match the .pte's groups; fp32 and int8 are recipes of their own."""
     if recipe != "int4":
         return recipe
-    return quant if quant.startswith("int4-g") else quant_dir()
+    return quant if variant.group_size_of(quant) else quant_dir()
 
 
 def peer_plan(target):

@@ -12,7 +12,7 @@ rule lower:
     conda:
         "../envs/torch.yaml"
     params:
-        per_op_mode=lambda wc: PER_OP_MODE[wc.mode],
+        per_op_mode=lambda wc: variant.per_op_mode_of(wc.mode),
     resources:
         mem_mb=config["memory_mb"]["lower"],
     threads: 2

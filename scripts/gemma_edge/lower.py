@@ -92,13 +92,13 @@ def write_pte(manager, path: Path) -> None:
             manager.write_to_file(handle)
 
 
-def lower_with_fallback(load, per_op_mode: str, metadata: dict, pte_path: Path) -> dict:
-    """Lower and write `pte_path`, honouring per_op_mode auto/true/false; return what happened.
+def lower_with_fallback(load, per_op_mode: str | bool, metadata: dict, pte_path: Path) -> dict:
+    """Lower and write `pte_path`, honouring per_op_mode "auto", True or False; return what happened.
 
     Lowering consumes the program it is given (it moves its constants into the delegates), so each
     attempt lowers a fresh program from `load()`: the per-op one after a rejected fused one too."""
-    attempts = {"auto": [False, True], "false": [False], "true": [True]}[str(per_op_mode).lower()]
-    record = {"per_op_mode_requested": str(per_op_mode).lower(), "fused_rejection": None}
+    attempts = {"auto": [False, True], False: [False], True: [True]}[per_op_mode]
+    record = {"per_op_mode_requested": per_op_mode, "fused_rejection": None}
     for mode in attempts:
         label = "per-op" if mode else "fused"
         log.info("lowering to XNNPACK (%s subgraphs)", label)

@@ -113,7 +113,7 @@ def quantize(program_path: Path, group_size: int, embeddings: str, out: Path, ou
     return write_manifest(out, {"program": program_path}, params, {"quantization": report}, manifest=out_manifest)
 
 
-def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str, out: Path, out_manifest: Path) -> dict:
+def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str | bool, out: Path, out_manifest: Path) -> dict:
     from .decoder import read_text_config_dict
     from .export import context_length_of, kv_cache_bytes_of, load_program, tokens_per_call_of
     from .lower import lower_with_fallback, runner_metadata
@@ -188,7 +188,8 @@ def quality(engine: str, artifact: Path, checkpoint_manifest: Path, text_path: P
     from .decoder import read_text_config_dict
     from .perf import set_threads
     from .quality import SCHEMA, SYNTHETIC_REASON, Gates, gate_failures, measure, render
-    from .summary import peer_variant, variant_label
+    from .summary import peer_variant
+    from .variant import label as variant_label
 
     recorded = verify_against_manifest(artifact)
     checkpoint = read_json(checkpoint_manifest)

@@ -8,6 +8,7 @@ import io
 import logging
 from pathlib import Path
 
+from . import variant
 from .artifacts import atomic_output, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -25,12 +26,7 @@ COLUMNS = [
 
 
 def variant_name(bench: dict) -> str:
-    return variant_label(bench["quantization"].get("group_size"), bench["pte"]["per_op_mode_used"])
-
-
-def variant_label(group_size: int | None, per_op_mode_used: bool) -> str:
-    """A .pte's name in the table and plots: `int4-g128 fused`, `fp32 per-op`, …"""
-    return f"{'int4-g' + str(group_size) if group_size else 'fp32'} {'per-op' if per_op_mode_used else 'fused'}"
+    return variant.label(bench["quantization"].get("group_size"), bench["pte"]["per_op_mode_used"])
 
 
 def speeds(run: dict, bench: dict | None = None) -> dict:
