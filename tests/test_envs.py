@@ -99,7 +99,7 @@ STAGES = [
     ("litert", ["results/tiny/litert/model-int4-g128.litertlm"]),
     ("perf", ["results/tiny/llamacpp/quality-q4_0.json", "results/tiny/llamacpp/quality-q4_k_m.json",
               "results/perf/tiny/int4-g128/xnnpack-auto/perf.md"]),
-    ("deploy", ["results/loopback/platform.json", "results/local/bench.json"]),
+    ("deploy", ["results/loopback/bench.json", "results/local/bench.json"]),
     ("report", ["results/summary.csv"]),
 ]
 NOT_RUN = {
