@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -392,9 +393,8 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     if len(set(xs)) < 2:
         raise ValueError(f"a projection needs benchmarks at two or more depths, got layers {sorted(set(xs))}")
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x in xs)
-    return mean_y - slope * mean_x, slope
+    slope, intercept = statistics.linear_regression(xs, ys)
+    return intercept, slope
 
 
 def project_steps(reports: list[dict], target_parameters: int) -> list[dict]:
