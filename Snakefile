@@ -65,7 +65,7 @@ rule projection:
 
 
 onsuccess:
-    print(f"Done: {parity_path()} (logs in logs/, timings in benchmarks/)")
+    print(terminal.done_message(workflow.dag.targetjobs))
 
 
 onerror:

@@ -177,3 +177,14 @@ with rule_log({str(log_path)!r}, "noise"):
     text = log_path.read_text()
     assert "something else is deprecated" in text and "_C_other.so" in text
     assert "LeafSpec" not in text and "_C_mxfp8" not in text and "triton" not in text
+
+
+def test_the_done_line_names_what_was_asked_for():
+    from types import SimpleNamespace as Job
+
+    pte = Job(output=["results/m/int4-g128/xnnpack-auto/model.pte"], input=["results/m/int4-g128/program.pt2"])
+    perf = Job(output=[], input=["results/perf/m/int4-g128/xnnpack-auto/perf.md"])  # a rule target: its inputs
+    assert terminal.done_message([pte]).startswith("Done: results/m/int4-g128/xnnpack-auto/model.pte (logs in logs/")
+    assert "Done: results/perf/m/int4-g128/xnnpack-auto/perf.md (" in terminal.done_message([perf])
+    many = [Job(output=[f"results/{name}.json"], input=[]) for name in "abcde"]
+    assert "results/a.json, results/b.json, results/c.json and 2 more" in terminal.done_message(many)

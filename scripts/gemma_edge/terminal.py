@@ -159,3 +159,11 @@ def run_failed_message(snakemake_logs=()) -> str:
     if not cancelled(snakemake_logs):
         return FAILED
     return CANCELLED_AFTER_FAILURE if _state["failed"] else CANCELLED
+
+
+def done_message(target_jobs) -> str:
+    """The line after a successful run: what it made sure of, the asked-for files (a target rule
+    without outputs, such as `all` or `perf`, by its inputs)."""
+    paths = sorted({str(path) for job in target_jobs for path in (job.output or job.input)})
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return f"Done: {shown or 'nothing was asked for'} (logs in logs/, timings in benchmarks/)"
