@@ -33,8 +33,8 @@ def quant_dir():
 
 def variant_dir():
     """results/<model>/int4-g<N>/xnnpack-<mode> of the configured variant."""
-    swept = variant.variant_dir(config["model"], config["quantization"]["group_size"], config["lowering"]["per_op_mode"])
-    return f"results/{swept}"
+    configured = variant.variant_dir(config["model"], config["quantization"]["group_size"], config["lowering"]["per_op_mode"])
+    return f"results/{configured}"
 
 
 def swept_variants():
