@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from conftest import qemu_unavailable, require
-from gemma_edge import emulator
+from gemma_edge import emulator, loopback_sshd
 from gemma_edge.loopback_sshd import SshServer
 
 
@@ -22,7 +22,9 @@ def test_pi5_cpuinfo_has_cortex_a76_processors():
     assert "Raspberry Pi 5" in text.splitlines()[-1]
 
 
+@pytest.mark.needs_sshd
 def test_setenv_reaches_commands_through_a_real_sshd(tmp_path):
+    require(loopback_sshd.unavailable())  # a server of its own
     home = tmp_path / "device-home"  # a home without shell start-up files, so nothing rewrites PATH
     home.mkdir()
     environment = {"GEMMA_EDGE_PROBE": "two words", "PATH": f"{tmp_path}/bin:/usr/bin:/bin", "HOME": str(home)}

@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import PINS
-from gemma_edge import deploy, ssh
+from conftest import PINS, require
+from gemma_edge import deploy, loopback_sshd, ssh
 from gemma_edge.artifacts import sha256_file
 from sshd import SshServer
 
@@ -95,7 +95,9 @@ def test_timed_out_command_leaves_nothing_running_on_the_device(sshd):
     assert wait_until_gone(marker, 5) == []
 
 
+@pytest.mark.needs_sshd
 def test_command_whose_connection_drops_is_stopped_by_its_remote_deadline(tmp_path):
+    require(loopback_sshd.unavailable())  # a server of its own
     server = SshServer.create(tmp_path / "sshd").start()
     marker = f"hang-{uuid.uuid4().hex}"
     client = client_for(server)
@@ -185,7 +187,9 @@ def test_upload_is_atomic_checked_and_skipped_when_present(sshd, tmp_path):
     assert list(remote.parent.iterdir()) == [remote]
 
 
+@pytest.mark.needs_sshd
 def test_dropped_upload_says_what_to_do_and_the_next_deploy_clears_it(tmp_path):
+    require(loopback_sshd.unavailable())  # a server of its own
     server = SshServer.create(tmp_path / "sshd").start()
     pte, tokenizer = tmp_path / "model.pte", tmp_path / "tokenizer.json"
     with open(pte, "wb") as handle:
