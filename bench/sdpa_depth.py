@@ -1,0 +1,65 @@
+"""ExecuTorch's `llama::custom_sdpa` for one decoded token against a KV cache of E2B's full-attention
+shape (8 query heads, head_dim 512, 1 or 8 KV heads, 4,096 positions), after a context of 16 to
+4,064 tokens: the attention cost a full layer adds per token as the context grows (bench/LOG.md,
+"Context past the sliding window"). The eager op runs the same CPU kernel as the .pte's; beside
+it, the same attention as plain matrix products, for scale.
+
+    .venv/bin/python bench/sdpa_depth.py [--threads 2] [--calls 200]
+"""
+
+import argparse
+import time
+
+import torch
+from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401 - registers torch.ops.llama
+
+QUERY_HEADS, HEAD_DIM, POSITIONS = 8, 512, 4096
+
+
+def ms_per_call(kv_heads: int, start_pos: int, calls: int) -> float:
+    query = torch.randn(1, 1, QUERY_HEADS, HEAD_DIM)
+    keys, values = (torch.randn(1, POSITIONS, kv_heads, HEAD_DIM) for _ in range(2))
+    for _ in range(10):
+        torch.ops.llama.custom_sdpa(query, keys, values, start_pos, None, 0.0, True)
+    started = time.perf_counter()
+    for _ in range(calls):
+        torch.ops.llama.custom_sdpa(query, keys, values, start_pos, None, 0.0, True)
+    return (time.perf_counter() - started) / calls * 1e3
+
+
+def ms_per_matmul_attention(start_pos: int, calls: int) -> float:
+    """The same attention for one KV head as two matrix products and a softmax in eager PyTorch
+    (its BLAS), over the filled positions only: what the arithmetic alone costs here."""
+    query = torch.randn(QUERY_HEADS, HEAD_DIM)
+    keys, values = (torch.randn(POSITIONS, HEAD_DIM) for _ in range(2))
+    filled_keys, filled_values = keys[: start_pos + 1], values[: start_pos + 1]
+    scale = HEAD_DIM ** -0.5
+
+    def attend():
+        return torch.softmax(query @ filled_keys.T * scale, dim=-1) @ filled_values
+
+    for _ in range(10):
+        attend()
+    started = time.perf_counter()
+    for _ in range(calls):
+        attend()
+    return (time.perf_counter() - started) / calls * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| KV heads | context | custom_sdpa ms per call | matmul attention ms (1 KV head) | K+V MB read once |")
+    print("|---:|---:|---:|---:|---:|")
+    for kv_heads in (1, QUERY_HEADS):
+        for start_pos in (15, 511, 2047, 4063):
+            megabytes = 2 * (start_pos + 1) * kv_heads * HEAD_DIM * 4 / 1e6
+            matmul = f"{ms_per_matmul_attention(start_pos, args.calls):.2f}" if kv_heads == 1 else "—"
+            print(f"| {kv_heads} | {start_pos + 1} | {ms_per_call(kv_heads, start_pos, args.calls):.2f} | {matmul} | {megabytes:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
