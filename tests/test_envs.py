@@ -10,6 +10,7 @@ import yaml
 
 import envs
 from conftest import REPO, needs_litert, needs_llamacpp, write_config
+from gemma_edge.config import normal_name
 
 
 MAIN_REQUIREMENTS = ("requirements.txt", "requirements-bench.txt")
@@ -26,24 +27,16 @@ def pinned_requirements(files=(*MAIN_REQUIREMENTS, LITERT_REQUIREMENTS)) -> dict
             if line and not line.startswith("-r"):
                 assert "==" in line, f"{file}: {line} is not pinned with =="
                 name, version = line.split("==")
-                pins[normalise(name)] = version
+                pins[normal_name(name)] = version
     return pins
 
 
-def normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def env_pins(path: Path) -> dict[str, str]:
-    spec = yaml.safe_load(path.read_text())
-    pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict) and "pip" in d)
     pins = {}
-    for entry in pip:
-        if entry.startswith("-"):
-            continue
+    for entry in envs.env_packages(path):
         assert "==" in entry, f"{path.name}: {entry} is not pinned with =="
         name, version = entry.split("==")
-        pins[normalise(name)] = version
+        pins[normal_name(name)] = version
     return pins
 
 

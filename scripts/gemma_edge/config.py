@@ -153,5 +153,10 @@ def requirement_pins(path: Path) -> dict[str, str]:
         line = line.split("#", 1)[0].strip()
         if "==" in line and not line.startswith("-"):
             name, version = (part.strip() for part in line.split("==", 1))
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+            pins[normal_name(name)] = version
     return pins
+
+
+def normal_name(name: str) -> str:
+    """A package name in its normal form (PEP 503): lower case, runs of `-`, `_` and `.` as one `-`."""
+    return re.sub(r"[-_.]+", "-", name).lower()
