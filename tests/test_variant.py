@@ -14,7 +14,8 @@ def test_folder_names_read_back_to_the_config_values(group_size, per_op_mode):
     assert model == "tiny" and mode.startswith("xnnpack-")
     assert re.fullmatch(variant.QUANT_PATTERN, quant) and re.fullmatch(variant.MODE_PATTERN, mode.removeprefix("xnnpack-"))
     assert variant.group_size_of(quant) == group_size
-    assert variant.per_op_mode_of(mode.removeprefix("xnnpack-")) is per_op_mode or variant.per_op_mode_of(mode.removeprefix("xnnpack-")) == per_op_mode == "auto"
+    read_back = variant.per_op_mode_of(mode.removeprefix("xnnpack-"))
+    assert read_back == per_op_mode and type(read_back) is type(per_op_mode)  # True stays a bool, not 1
 
 
 def test_the_folder_names_and_labels_users_see():
