@@ -9,7 +9,7 @@ from conftest import REPO, needs_llamacpp, snakemake
 
 from gemma_edge import bandwidth
 from gemma_edge.artifacts import read_json
-from gemma_edge.decoder import read_text_config_dict
+from gemma_edge.checkpoint import read_text_config_dict
 from gemma_edge.weight_bytes import gguf_weight_bytes, pte_weight_bytes, read_gguf_tensors, readable_weight_bytes, weight_bytes
 
 

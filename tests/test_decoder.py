@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma_edge.decoder import KVCacheDecoder, load_for_export, load_text_model, ring_mask, stored_dtypes
+from gemma_edge.checkpoint import load_for_export, load_text_model, stored_dtypes
+from gemma_edge.decoder import KVCacheDecoder, ring_mask
 from gemma_edge.e2b_shape import build_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +168,7 @@ def test_bf16_checkpoint_exports_with_bf16_tables_and_identical_logits(tmp_path)
 
 def test_split_per_layer_table_is_read_block_by_block(tmp_path):
     """Rows are read in blocks (here 7 rows, which divide nothing) and land where they belong."""
-    from gemma_edge.decoder import PerLayerTables, StoredTensors
+    from gemma_edge.checkpoint import PerLayerTables, StoredTensors
 
     build_synthetic_checkpoint(REPO / "resources/demo_corpus.txt", tmp_path, "tiny", 4, seed=3)
     reference = load_text_model(tmp_path, torch.bfloat16)
@@ -180,7 +181,7 @@ def test_split_per_layer_table_is_read_block_by_block(tmp_path):
 
 
 def test_truncated_checkpoint_is_refused_on_reading(tmp_path):
-    from gemma_edge.decoder import StoredTensors
+    from gemma_edge.checkpoint import StoredTensors
 
     build_synthetic_checkpoint(REPO / "resources/demo_corpus.txt", tmp_path, "tiny", 4, seed=3)
     weights = tmp_path / "model.safetensors"
@@ -192,7 +193,7 @@ def test_truncated_checkpoint_is_refused_on_reading(tmp_path):
 
 
 def test_unreadable_safetensors_header_is_named(tmp_path):
-    from gemma_edge.decoder import StoredTensors
+    from gemma_edge.checkpoint import StoredTensors
 
     (tmp_path / "model.safetensors").write_bytes((20).to_bytes(8, "little") + b"{not json at all...}")
     with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):

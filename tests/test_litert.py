@@ -168,7 +168,7 @@ def test_our_litertlm_reader_reads_what_literts_own_tools_read(converted, quanti
 
 @pytest.mark.parametrize("quantization", ["fp32", "int4"])
 def test_litertlm_bytes_per_token_read_the_embedders_as_rows_and_add_up_to_the_file(converted, demo_checkpoint, quantization):
-    from gemma_edge.decoder import read_text_config_dict
+    from gemma_edge.checkpoint import read_text_config_dict
 
     result = weight_bytes(converted[quantization])
     config = read_text_config_dict(demo_checkpoint)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import TEST_REPO_ID, snakemake, write_config
 from gemma_edge.artifacts import ArtifactError, read_json, sha256_file, verify_against_manifest
-from gemma_edge.decoder import read_text_config_dict
+from gemma_edge.checkpoint import read_text_config_dict
 from gemma_edge.demo_model import DEMO_VOCAB
 from gemma_edge.export import cache_buffers, context_length_of, kv_cache_bytes_of, load_program, tokens_per_call_of
 from gemma_edge.parity import TIE_MARGIN

@@ -286,7 +286,7 @@ def build_report(engine_files: dict, step_files: dict, pte_manifest: Path, gguf_
     steps = {name: read_step_cost(files["benchmark"], files["peak_from"])
              for name, files in step_files.items() if Path(files["benchmark"]).exists()}
     pte, gguf, model = read_json(pte_manifest), read_json(gguf_manifest), read_json(checkpoint)
-    from .decoder import read_text_config_dict
+    from .checkpoint import read_text_config_dict
 
     text_config = read_text_config_dict(Path(model["path"]))
     return {

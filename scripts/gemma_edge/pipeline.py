@@ -69,7 +69,7 @@ def load_checkpoint(checkpoint_manifest: Path, bf16_tables: bool = False):
     the same logits, bit for bit, from about 5.5 GB less memory at E2B's size."""
     import torch
 
-    from .decoder import load_for_export, load_text_model
+    from .checkpoint import load_for_export, load_text_model
 
     manifest = read_json(checkpoint_manifest)
     folder = hub.verify_checkpoint(manifest)
@@ -114,7 +114,7 @@ def quantize(program_path: Path, group_size: int, embeddings: str, out: Path, ou
 
 
 def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str | bool, out: Path, out_manifest: Path) -> dict:
-    from .decoder import read_text_config_dict
+    from .checkpoint import read_text_config_dict
     from .export import context_length_of, kv_cache_bytes_of, load_program, tokens_per_call_of
     from .lower import lower_with_fallback, runner_metadata
 
@@ -185,7 +185,7 @@ def quality(engine: str, artifact: Path, checkpoint_manifest: Path, text_path: P
     """Perplexity and KL divergence of the .pte (engine `pte`) or a GGUF (`llamacpp`) against eager
     FP32 on a held-out text (gemma_edge.quality); the gates apply to the .pte only. `settings`:
     max_tokens, scored_positions and, for a GGUF, context (the .pte's is its own metadata)."""
-    from .decoder import read_text_config_dict
+    from .checkpoint import read_text_config_dict
     from .perf import set_threads
     from .quality import SCHEMA, SYNTHETIC_REASON, Gates, gate_failures, measure, render
     from .summary import peer_variant
@@ -251,7 +251,7 @@ def gguf(converter: Path, checkpoint_manifest: Path, gguf_type: str, threads: in
 
 
 def perf_engine(engine: str, artifact: Path, checkpoint_manifest: Path, spec: dict, out: Path) -> dict:
-    from .decoder import read_text_config_dict
+    from .checkpoint import read_text_config_dict
     from .perf import bench_engine
 
     if engine != "eager":
