@@ -216,8 +216,8 @@ def plot_metric(rows: list[dict], metric: str, ylabel: str, title: str, out_png:
     busy_seen = False
     for index, target in enumerate(targets):
         xs, ys, errs, busy = [], [], [], []
-        for position, variant in enumerate(variants):
-            row = longest.get((variant, target))
+        for position, name in enumerate(variants):
+            row = longest.get((name, target))
             if row is None or row[metric] is None:
                 continue
             xs.append(position + (index - (len(targets) - 1) / 2) * width)
@@ -269,13 +269,13 @@ def plot_tradeoff(rows: list[dict], out_png: Path) -> None:
     figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     colours = {target: f"C{i}" for i, target in enumerate(sorted({t for _, t in longest}))}
     busy_seen = False
-    for (variant, target), row in sorted(longest.items()):
+    for (name, target), row in sorted(longest.items()):
         busy = bool(row.get("busy"))
         busy_seen |= busy
         marker = "o" if row["engine"] == "pte" else "s" if row["engine"].startswith("llamacpp") else "^"
         axes.errorbar(row["kl_mean"], row["decode_tps"], yerr=row.get("decode_tps_stddev") or 0, fmt=marker, capsize=3,
                       color=colours[target], markerfacecolor="none" if busy else colours[target], markersize=7)
-        axes.annotate(variant, (row["kl_mean"], row["decode_tps"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        axes.annotate(name, (row["kl_mean"], row["decode_tps"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
     if longest and all(row["kl_mean"] > 0 for row in longest.values()):
         axes.set_xscale("log")
     for target, colour in colours.items():
