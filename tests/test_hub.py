@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO, TEST_REPO_ID
-from gemma_edge import hub, pipeline
+from gemma_edge import checkpoint, hub, pipeline
 from gemma_edge.artifacts import ArtifactError, read_json
 
 
@@ -55,7 +55,7 @@ def test_corrupted_checkpoint_file_is_caught(demo_checkpoint, tmp_path):
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="model.safetensors is corrupt"):
-        pipeline.load_checkpoint(tmp_path / "c.json")
+        checkpoint.load_checkpoint(tmp_path / "c.json")
     assert manifest["files"]["model.safetensors"]["sha256"] != hub.describe_checkpoint(folder)["model.safetensors"]["sha256"]
 
 

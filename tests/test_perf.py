@@ -18,15 +18,8 @@ from gemma_edge.e2b_shape import (
     parameter_count,
     shared_layers_for,
 )
-from gemma_edge.perf import (
-    decode_ratio,
-    fit_line,
-    parameter_count_of,
-    project_steps,
-    render_projection,
-    render_table,
-    same_greedy_tokens,
-)
+from gemma_edge.perf_projection import fit_line, parameter_count_of, project_steps, render_projection
+from gemma_edge.perf_table import decode_ratio, render_table, same_greedy_tokens
 from test_workflow import jobs_of
 
 
@@ -221,7 +214,7 @@ def test_leaving_eager_out_times_nothing_again_and_drops_its_row(perf_run):
 
 
 def test_missing_converter_is_explained(tmp_path):
-    from gemma_edge.perf import convert_to_gguf
+    from gemma_edge.gguf_convert import convert_to_gguf
 
     checkpoint = tmp_path / "checkpoint.json"
     checkpoint.write_text(json.dumps({"path": str(tmp_path)}))

@@ -11,6 +11,7 @@ import torch
 from conftest import QUALITY_TOKENS, REPO, snakemake
 from gemma_edge import pipeline
 from gemma_edge.artifacts import read_json, sha256_file
+from gemma_edge.checkpoint import load_checkpoint
 from gemma_edge.demo_model import TRAIN_LINES_EVERY
 from gemma_edge.quality import (Gates, compare_tokenizations, eager_logits, gate_failures, scored_positions, summarise,
                                 text_chunks, text_ids, token_scores)
@@ -118,8 +119,8 @@ def test_fp32_pte_scores_like_eager_fp32_and_int4_pays_for_its_bits(scored):
 def test_fp32_perplexity_is_what_transformers_own_loss_gives(scored, workflow):
     """Independent of our KL code: the mean of transformers' cross-entropy loss over the same
     chunks (each chunk's mean over the same 127 positions, all chunks equally long)."""
-    model, checkpoint = pipeline.load_checkpoint(workflow["workdir"] / "results/tiny/checkpoint.json")
-    ids = text_ids(workflow["workdir"] / checkpoint["path"] / "tokenizer.json", HELDOUT.read_text(encoding="utf-8"))
+    model, manifest = load_checkpoint(workflow["workdir"] / "results/tiny/checkpoint.json")
+    ids = text_ids(workflow["workdir"] / manifest["path"] / "tokenizer.json", HELDOUT.read_text(encoding="utf-8"))
     chunks = text_chunks(ids, 2, 128, QUALITY_TOKENS)
     with torch.no_grad():
         losses = [float(model(input_ids=torch.tensor([c]), labels=torch.tensor([c])).loss) for c in chunks]

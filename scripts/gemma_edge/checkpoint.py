@@ -13,11 +13,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import hub
+from .artifacts import read_json
+
 
 def read_text_config_dict(folder: Path) -> dict:
     """The text part of a checkpoint's config.json (multimodal Gemma 4 nests it under text_config)."""
     config = json.loads((Path(folder) / "config.json").read_text())
     return config.get("text_config", config)
+
+
+def load_checkpoint(checkpoint_manifest: Path, bf16_tables: bool = False):
+    """Verify the downloaded files against their recorded sha256, then load the eager FP32 model.
+
+    With `bf16_tables`, a bf16 checkpoint keeps its embedding tables in bf16 (`load_for_export`):
+    the same logits, bit for bit, from about 5.5 GB less memory at E2B's size."""
+    manifest = read_json(checkpoint_manifest)
+    folder = hub.verify_checkpoint(manifest)
+    return (load_for_export(folder) if bf16_tables else load_text_model(folder, torch.float32)), manifest
 
 
 def load_text_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -62,21 +62,8 @@ def download(repo_id: str, revision: str, cache_dir: str | None, offline: bool, 
     return manifest
 
 
-def load_checkpoint(checkpoint_manifest: Path, bf16_tables: bool = False):
-    """Verify the downloaded files against their recorded sha256, then load the eager FP32 model.
-
-    With `bf16_tables`, a bf16 checkpoint keeps its embedding tables in bf16 (`load_for_export`):
-    the same logits, bit for bit, from about 5.5 GB less memory at E2B's size."""
-    import torch
-
-    from .checkpoint import load_for_export, load_text_model
-
-    manifest = read_json(checkpoint_manifest)
-    folder = hub.verify_checkpoint(manifest)
-    return (load_for_export(folder) if bf16_tables else load_text_model(folder, torch.float32)), manifest
-
-
 def export(checkpoint_manifest: Path, max_seq_len: int, dtype: str, attention: str, out: Path, out_manifest: Path) -> dict:
+    from .checkpoint import load_checkpoint
     from .export import check_reloaded, export_decoder, max_abs_diff_on_prompt, write_program
 
     if dtype != "float32":
@@ -136,6 +123,7 @@ def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str | bool
 
 def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_new_tokens: int, gates: dict,
            out_json: Path, out_log: Path) -> dict:
+    from .checkpoint import load_checkpoint
     from .config import check_prompts_fit
     from .parity import Gates, compare_prompt, encode_prompts, render_table, summarise
     from .runtime import PteDecoder
@@ -185,8 +173,8 @@ def quality(engine: str, artifact: Path, checkpoint_manifest: Path, text_path: P
     """Perplexity and KL divergence of the .pte (engine `pte`) or a GGUF (`llamacpp`) against eager
     FP32 on a held-out text (gemma_edge.quality); the gates apply to the .pte only. `settings`:
     max_tokens, scored_positions and, for a GGUF, context (the .pte's is its own metadata)."""
-    from .checkpoint import read_text_config_dict
-    from .perf import set_threads
+    from .checkpoint import load_checkpoint, read_text_config_dict
+    from .perf_engines import set_threads
     from .quality import SCHEMA, SYNTHETIC_REASON, Gates, gate_failures, measure, render
     from .summary import peer_variant
     from .variant import label as variant_label
@@ -240,7 +228,7 @@ def quality(engine: str, artifact: Path, checkpoint_manifest: Path, text_path: P
 
 def gguf(converter: Path, checkpoint_manifest: Path, gguf_type: str, threads: int, out: Path, out_manifest: Path) -> dict:
     """llama.cpp's own converter on the downloaded checkpoint, then llama.cpp's quantizer."""
-    from .perf import convert_to_gguf
+    from .gguf_convert import convert_to_gguf
 
     hub.verify_checkpoint(read_json(checkpoint_manifest))
     facts = convert_to_gguf(Path(converter), Path(checkpoint_manifest), gguf_type, threads, Path(out))
@@ -252,7 +240,7 @@ def gguf(converter: Path, checkpoint_manifest: Path, gguf_type: str, threads: in
 
 def perf_engine(engine: str, artifact: Path, checkpoint_manifest: Path, spec: dict, out: Path) -> dict:
     from .checkpoint import read_text_config_dict
-    from .perf import bench_engine
+    from .perf_engines import bench_engine
 
     if engine != "eager":
         verify_against_manifest(artifact)
@@ -261,9 +249,16 @@ def perf_engine(engine: str, artifact: Path, checkpoint_manifest: Path, spec: di
                         int(text_config.get("bos_token_id", 2)), Path(out))
 
 
+def perf_litert(model: Path, spec: dict, requirements: Path, out: Path) -> dict:
+    """LiteRT-LM's own benchmark of the .litertlm on this host, as on a device."""
+    from .perf_engines import bench_litert
+
+    return bench_litert(Path(model), spec, Path(requirements), Path(out))
+
+
 def perf_table(engine_files: dict, step_benchmarks: dict, pte_manifest: Path, gguf_manifest: Path,
                checkpoint_manifest: Path, out_json: Path, out_table: Path) -> dict:
-    from .perf import build_report, write_report
+    from .perf_table import build_report, write_report
 
     report = build_report(engine_files, step_benchmarks, pte_manifest, gguf_manifest, checkpoint_manifest)
     table = write_report(report, Path(out_json), Path(out_table))
@@ -275,7 +270,7 @@ def perf_table(engine_files: dict, step_benchmarks: dict, pte_manifest: Path, gg
 def perf_projection(report_files: list[Path], shape: str, layers: int, out_json: Path, out_table: Path) -> dict:
     """Each step's cost on the benchmarked models, extrapolated to the `shape` model at `layers`."""
     from .e2b_shape import synthetic_config
-    from .perf import parameter_count_of, project_steps, render_projection
+    from .perf_projection import parameter_count_of, project_steps, render_projection
 
     reports = [read_json(path) for path in report_files]
     target = parameter_count_of(synthetic_config(shape, layers).to_dict())

@@ -211,7 +211,7 @@ def open_candidate(engine: str, artifact: Path, context: int | None, threads: in
             "bos_id": decoder.metadata["get_bos_id"], "how": "the .pte in the ExecuTorch runtime, one token per call "
             "against its in-graph KV cache (as decode runs it), from position 0 for each chunk"}
     if engine == "llamacpp":
-        from .perf import LlamaCppDecoder
+        from .perf_engines import LlamaCppDecoder
 
         decoder = LlamaCppDecoder(artifact, context, threads, all_logits=True)
         return (lambda chunk: decoder.logits_of(chunk[:-1])), context, {
