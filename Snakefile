@@ -31,6 +31,7 @@ config = load_config(
 
 
 include: "rules/common.smk"
+include: "rules/perf_common.smk"
 include: "rules/demo.smk"
 include: "rules/download.smk"
 include: "rules/export.smk"
