@@ -16,18 +16,19 @@ os.environ.update(PYTHONHASHSEED="0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from gemma_edge import terminal  # noqa: E402
-from gemma_edge.config import load_config  # noqa: E402
+from gemma_edge.config import validate_config  # noqa: E402
 
 # One sentence on the terminal per failed step (its log has the rest), and Ctrl-C told from a failure.
 terminal.install(workflow)
 
-# config.yaml beside this Snakefile holds the defaults; --configfile files and --config values
-# (already in `config`) are merged over it, from any working directory, then validated.
-config = load_config(
-    Path(workflow.basedir) / "config.yaml",
-    config,
-    Path(workflow.basedir) / "schemas/config.schema.yaml",
-)
+
+# config.yaml beside this Snakefile holds the defaults, found from any working directory; Snakemake
+# merges --configfile files and --config values over it. Then the schema validates it and fills
+# the keys left out (a bad key stops the run with one sentence naming it).
+configfile: Path(workflow.basedir) / "config.yaml"
+
+
+validate_config(config, Path(workflow.basedir) / "schemas/config.schema.yaml")
 
 
 include: "rules/common.smk"

@@ -1,10 +1,12 @@
 """Bad configuration stops the run before any job, with one sentence naming the key."""
 
+import copy
 import re
 
 import pytest
 
-from conftest import DEFAULT_CONFIG, TEST_REPO_ID, snakemake, write_config
+from conftest import DEFAULT_CONFIG, REPO, TEST_REPO_ID, snakemake, write_config
+from gemma_edge.config import validate_config
 
 
 @pytest.mark.parametrize(
@@ -35,6 +37,21 @@ def test_bad_config_gives_one_clear_sentence(tmp_path, overrides, message):
     assert "Job stats" not in output
     assert "ConfigError in file" not in output  # the sentence alone, not Snakemake's frame around it
     assert not (tmp_path / "results").exists()
+
+
+def test_keys_left_out_take_the_schemas_defaults_in_every_models_entry():
+    """Snakemake's validate(set_default=True) fills them: in a model entry given only its repo, in a
+    synthetic shape given no layers, and not into a synthetic left null (a trained demo model)."""
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["models"]["shape"] = {"repo_id": "local/shape", "demo": True, "synthetic": {"shape": "e2b"}}
+    config["models"]["plain"] = {"repo_id": "org/model"}
+    del config["export"]["max_seq_len"]
+    filled = validate_config(config, REPO / "schemas/config.schema.yaml")
+    assert filled is config
+    assert config["models"]["shape"]["synthetic"] == {"shape": "e2b", "layers": 4}
+    assert config["models"]["plain"] == {"repo_id": "org/model", "revision": "main", "local_path": None, "hub_cache": None,
+                                         "offline": False, "demo": False, "synthetic": None}
+    assert config["export"]["max_seq_len"] == 128
 
 
 def test_configfile_override_changes_nested_value(tmp_path):

@@ -5,6 +5,7 @@ from the wheelhouse the host downloads, then deployed to and benchmarked like a 
 The emulator's sysroot is built once per machine and cached (gemma_edge.emulator); the device's
 virtualenv is created and installed for real in every run, in a fresh device folder."""
 
+import copy
 import json
 import shutil
 import zipfile
@@ -14,7 +15,7 @@ import pytest
 
 from conftest import DEFAULT_CONFIG, PINS, REPO, needs_litert, needs_llamacpp, qemu_unavailable, require, snakemake, write_config
 from gemma_edge import deploy, device_bench, emulator, loopback_sshd
-from gemma_edge.config import deep_merge, validate_config
+from gemma_edge.config import validate_config
 from gemma_edge.artifacts import read_json, sha256_file
 
 TARGET = "pi5_emulated"
@@ -52,7 +53,9 @@ def emulated(workflow, pi5_emulator, tmp_path_factory):
     configs = [str(workflow["config"]), str(config)]
     outputs = [f"results/{TARGET}/{variant}/bench.json" for variant in VARIANTS.values()]
     run = snakemake(workflow["workdir"], "--cores", "2", *outputs, "--configfile", *configs)
-    settings = validate_config(deep_merge(DEFAULT_CONFIG, {"targets": {TARGET: overrides}}), SCHEMA)["targets"][TARGET]
+    merged = copy.deepcopy(DEFAULT_CONFIG)
+    merged["targets"][TARGET].update(overrides)
+    settings = validate_config(merged, SCHEMA)["targets"][TARGET]
     yield {"workdir": workflow["workdir"], "remote": remote, "configs": configs, "settings": settings, "run": run}
     # About 11 GB: the wheelhouse on the host, its copy on the device and the installed virtualenv.
     for folder in (workflow["workdir"] / f"results/{TARGET}/wheelhouse", remote):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 
@@ -38,55 +37,21 @@ def describe_error(error) -> str:
     return f"config: {_key_path(where)}: {error.message}"
 
 
-def apply_defaults(config: dict, schema: dict) -> dict:
-    """Fill every absent key that has a schema default (recursively, models' entries included)."""
-    out = copy.deepcopy(config)
-    _fill(out, schema)
-    return out
-
-
-def _fill(node, schema) -> None:
-    if not isinstance(node, dict):
-        return
-    for key, sub in schema.get("properties", {}).items():
-        if key not in node and "default" in sub:
-            node[key] = copy.deepcopy(sub["default"])
-        if key in node:
-            _fill(node[key], sub)
-    extra = schema.get("additionalProperties")
-    if isinstance(extra, dict):
-        for key, value in node.items():
-            if key not in schema.get("properties", {}):
-                _fill(value, extra)
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    """`override` over `base`, merging nested mappings key by key."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def load_config(defaults_path: Path, overrides: dict, schema_path: Path) -> dict:
-    """The workflow's config.yaml with Snakemake's --configfile/--config values merged over it, validated."""
-    defaults = yaml.safe_load(Path(defaults_path).read_text(encoding="utf-8"))
-    return validate_config(deep_merge(defaults, overrides), schema_path)
-
-
 def validate_config(config: dict, schema_path: Path) -> dict:
-    """Return `config` with defaults filled in, or raise ConfigError naming the first bad key."""
-    import jsonschema
+    """Fill `config`'s absent keys with the schema's defaults, in place, and return it; or raise
+    ConfigError naming the first bad key.
 
-    schema = load_schema(schema_path)
-    validator = jsonschema.Draft202012Validator(schema)
+    Snakemake's `validate(..., set_default=True)` fills the defaults (models' entries included).
+    Its error is jsonschema's whole report; the same validator's errors are read here first, so a
+    bad key is one sentence naming it."""
+    import jsonschema
+    from snakemake.utils import validate
+
+    validator = jsonschema.Draft202012Validator(load_schema(schema_path))
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
         raise ConfigError(describe_error(errors[0]))
-    config = apply_defaults(config, schema)
+    validate(config, str(Path(schema_path).resolve()), set_default=True)
     if config["model"] not in config["models"]:
         known = ", ".join(sorted(config["models"]))
         raise ConfigError(f"config: model is {config['model']!r}, which is not an entry of models (known: {known})")
