@@ -115,7 +115,8 @@ def test_pte_carries_the_llm_runner_metadata_and_its_lowering_record(workflow):
     lowering = read_json(workflow["workdir"] / INT4 / "model.pte.manifest.json")["lowering"]
     assert lowering["per_op_mode_requested"] == "auto"
     assert isinstance(lowering["per_op_mode_used"], bool)
-    assert lowering["xnnpack_delegate_calls"] > 0
+    assert 0 < lowering["xnnpack_delegate_calls"] < lowering["xnnpack_delegated_nodes"]
+    assert "aten.slice_copy.Tensor_out" in lowering["portable_ops"] and "executorch_call_delegate" not in str(lowering["portable_ops"])
 
 
 def test_every_rule_left_a_log_and_a_benchmark(workflow):

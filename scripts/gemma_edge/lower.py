@@ -59,16 +59,22 @@ def lower_to_xnnpack(program: torch.export.ExportedProgram, per_op_mode: bool, m
 
 
 def delegation_summary(manager) -> dict:
-    """How many XNNPACK delegate calls the program makes, and which ops stay on portable kernels."""
-    graph = manager.exported_program().graph
-    calls = Counter()
-    for node in graph.nodes:
-        if node.op == "call_function":
-            name = str(node.target)
-            calls["xnnpack_delegates" if "executorch_call_delegate" in name else name] += 1
-    delegates = calls.pop("xnnpack_delegates", 0)
-    portable = {k: v for k, v in calls.items() if not k.startswith("<")}  # skip memory-planning helpers
-    return {"xnnpack_delegate_calls": delegates, "portable_ops": dict(sorted(portable.items()))}
+    """How many XNNPACK delegate calls the program makes and how many graph nodes they took
+    (ExecuTorch's `get_delegation_info`), and which ops stay on portable kernels.
+
+    The portable ops are counted here by their kernel (`aten.slice_copy.Tensor_out`):
+    `get_delegation_info` names them by graph node name instead, which mixes kernels with memory
+    planning's allocations, `getitem`s and symbolic-size arithmetic, and names a custom op by
+    whatever its node was called (`update_cache`, `llama_custom_sdpa_default`)."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    graph_module = manager.exported_program().graph_module
+    info = get_delegation_info(graph_module)
+    portable = Counter(str(node.target) for node in graph_module.graph.nodes
+                       if node.op == "call_function" and "executorch_call_delegate" not in str(node.target))
+    portable = {name: count for name, count in portable.items() if not name.startswith("<")}  # memory-planning helpers
+    return {"xnnpack_delegate_calls": info.num_delegated_subgraphs, "xnnpack_delegated_nodes": info.num_delegated_nodes,
+            "portable_ops": dict(sorted(portable.items()))}
 
 
 def planned_memory_bytes(manager, method: str = "forward") -> int:
