@@ -168,6 +168,14 @@ def litert_python():
     return str(python if python.is_absolute() else Path(workflow.basedir) / python)
 
 
+def litert_set_up():
+    """LiteRT-LM's converter is there: in its virtualenv (bench/setup-litert.sh), or in
+    envs/litert.yaml's environment when rules run in their conda environments (--sdm conda)."""
+    from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+    return DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method or Path(litert_python()).is_file()
+
+
 def litert_requirements():
     return str(Path(workflow.basedir) / "requirements-litert.txt")
 
@@ -197,7 +205,7 @@ def peer_plan(target):
                 peer["program"] = f"results/{target}/llamacpp/llama-bench.json"
                 peer["model"] = f"results/{wildcards.model}/llamacpp/model-{gguf_type}.gguf"
             peers.append(peer)
-        unset = None if Path(litert_python()).is_file() else (
+        unset = None if litert_set_up() else (
             "LiteRT-LM is not set up on this host: run bench/setup-litert.sh once")
         for recipe in config["bench"]["peers"]["litert"]:
             recipe = litert_recipe(recipe, wildcards.quant)

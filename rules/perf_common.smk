@@ -45,7 +45,7 @@ def perf_engine_results(wildcards):
     }
     if not config["perf"]["eager"]:
         del results["eager"]
-    if config["perf"]["litert"] and Path(litert_python()).is_file():
+    if config["perf"]["litert"] and litert_set_up():
         results["litert"] = f"results/perf/{model}/{litert_recipe('int4', wildcards.quant)}/litert.json"
     return results
 
