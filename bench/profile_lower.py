@@ -89,12 +89,13 @@ def main() -> None:
 
         from gemma_edge.export import load_program
         from gemma_edge.lower import lower_with_fallback, runner_metadata
-        from gemma_edge.quantize import cache_length_of
+        from gemma_edge.export import context_length_of, tokens_per_call_of
     instrument()
     with stage("load program"):
         program = load_program(args.program)
     nodes = len(program.graph.nodes)
-    metadata = runner_metadata({"num_hidden_layers": 0, "vocab_size": 0}, cache_length_of(program))
+    metadata = runner_metadata({"num_hidden_layers": 0, "vocab_size": 0}, context_length_of(program),
+                               tokens_per_call_of(program))
     with tempfile.TemporaryDirectory() as folder, stage("lower step total"):
         record = lower_with_fallback(lambda: program, bool(args.per_op), metadata,
                                      Path(folder) / "model.pte")
