@@ -20,15 +20,20 @@ from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401 - regis
 QUERY_HEADS, HEAD_DIM, POSITIONS = 8, 512, 4096
 
 
+def ms_per(attend, calls: int) -> float:
+    """Milliseconds per call of `attend`, after 10 calls of warm-up."""
+    for _ in range(10):
+        attend()
+    started = time.perf_counter()
+    for _ in range(calls):
+        attend()
+    return (time.perf_counter() - started) / calls * 1e3
+
+
 def ms_per_call(kv_heads: int, start_pos: int, calls: int) -> float:
     query = torch.randn(1, 1, QUERY_HEADS, HEAD_DIM)
     keys, values = (torch.randn(1, POSITIONS, kv_heads, HEAD_DIM) for _ in range(2))
-    for _ in range(10):
-        torch.ops.llama.custom_sdpa(query, keys, values, start_pos, None, 0.0, True)
-    started = time.perf_counter()
-    for _ in range(calls):
-        torch.ops.llama.custom_sdpa(query, keys, values, start_pos, None, 0.0, True)
-    return (time.perf_counter() - started) / calls * 1e3
+    return ms_per(lambda: torch.ops.llama.custom_sdpa(query, keys, values, start_pos, None, 0.0, True), calls)
 
 
 def ms_per_call_heads_as_rows(start_pos: int, calls: int) -> float:
@@ -37,12 +42,7 @@ def ms_per_call_heads_as_rows(start_pos: int, calls: int) -> float:
     rows = torch.randn(1, QUERY_HEADS, 1, HEAD_DIM)
     keys, values = (torch.randn(1, POSITIONS, 1, HEAD_DIM) for _ in range(2))
     first = start_pos - QUERY_HEADS + 1  # not causal: every row sees positions 0..start_pos
-    for _ in range(10):
-        torch.ops.llama.custom_sdpa(rows, keys, values, first, None, 0.0, False)
-    started = time.perf_counter()
-    for _ in range(calls):
-        torch.ops.llama.custom_sdpa(rows, keys, values, first, None, 0.0, False)
-    return (time.perf_counter() - started) / calls * 1e3
+    return ms_per(lambda: torch.ops.llama.custom_sdpa(rows, keys, values, first, None, 0.0, False), calls)
 
 
 def per_token_int8(x: torch.Tensor):
@@ -56,17 +56,9 @@ def ms_per_quantized_call(kv_heads: int, start_pos: int, calls: int) -> float:
     query, q_scale, q_zero = per_token_int8(torch.randn(1, 1, QUERY_HEADS, HEAD_DIM))
     keys, k_scale, k_zero = per_token_int8(torch.randn(1, POSITIONS, kv_heads, HEAD_DIM))
     values, v_scale, v_zero = per_token_int8(torch.randn(1, POSITIONS, kv_heads, HEAD_DIM))
-
-    def attend():
-        torch.ops.llama.custom_quantized_sdpa(query, keys, values, start_pos, None, 0.0, True, None,
-                                              q_zero, q_scale, k_zero, k_scale, v_zero, v_scale)
-
-    for _ in range(10):
-        attend()
-    started = time.perf_counter()
-    for _ in range(calls):
-        attend()
-    return (time.perf_counter() - started) / calls * 1e3
+    return ms_per(lambda: torch.ops.llama.custom_quantized_sdpa(query, keys, values, start_pos, None, 0.0, True, None,
+                                                                q_zero, q_scale, k_zero, k_scale, v_zero, v_scale),
+                  calls)
 
 
 def ms_per_matmul_attention(start_pos: int, calls: int) -> float:
@@ -76,16 +68,7 @@ def ms_per_matmul_attention(start_pos: int, calls: int) -> float:
     keys, values = (torch.randn(POSITIONS, HEAD_DIM) for _ in range(2))
     filled_keys, filled_values = keys[: start_pos + 1], values[: start_pos + 1]
     scale = HEAD_DIM ** -0.5
-
-    def attend():
-        return torch.softmax(query @ filled_keys.T * scale, dim=-1) @ filled_values
-
-    for _ in range(10):
-        attend()
-    started = time.perf_counter()
-    for _ in range(calls):
-        attend()
-    return (time.perf_counter() - started) / calls * 1e3
+    return ms_per(lambda: torch.softmax(query @ filled_keys.T * scale, dim=-1) @ filled_values, calls)
 
 
 def main() -> None:
