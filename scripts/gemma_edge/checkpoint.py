@@ -1,6 +1,7 @@
-"""A Gemma 4 checkpoint read for export: its config, its text decoder, and its bf16 tensors read
-one at a time (a block of rows at a time for the per-layer embedding table), so the whole model
-never exists twice in memory."""
+"""A downloaded Gemma 4 checkpoint, loaded: its config, and its text decoder once its files match
+their manifest (for export, verify, quality and the eager engine). For export, a bf16
+checkpoint's tensors are read one at a time (a block of rows at a time for the per-layer
+embedding table), so the whole model never exists twice in memory."""
 
 from __future__ import annotations
 

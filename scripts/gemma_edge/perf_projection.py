@@ -1,5 +1,5 @@
-"""Projecting every step's wall time and peak memory from benchmarks at a few depths to the full
-model, by a straight line through parameters per step."""
+"""Every step's wall time and peak memory, measured on models cut to a few depths, projected to
+the full model: per step, a straight line against parameter count."""
 
 from __future__ import annotations
 
