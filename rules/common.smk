@@ -154,8 +154,7 @@ def llamacpp_converter():
 
 def llamacpp_version():
     """The llama-cpp-python release requirements-bench.txt pins (its source carries llama.cpp's)."""
-    pins = (Path(workflow.basedir) / "requirements-bench.txt").read_text().splitlines()
-    return next(line.split("==", 1)[1].strip() for line in pins if line.startswith("llama-cpp-python=="))
+    return requirement_pins(Path(workflow.basedir) / "requirements-bench.txt")["llama-cpp-python"]
 
 
 def llamacpp_sdist():

@@ -36,10 +36,12 @@ class RuntimeUnavailable(RuntimeError):
 
 def pinned_version(requirements: Path) -> str:
     """The litert-lm-api release requirements-litert.txt pins."""
-    for line in Path(requirements).read_text().splitlines():
-        if line.strip().startswith(f"{PACKAGE}=="):
-            return line.split("==", 1)[1].strip()
-    raise ValueError(f"{requirements} pins no {PACKAGE}")
+    from .config import requirement_pins
+
+    version = requirement_pins(requirements).get(PACKAGE)
+    if version is None:
+        raise ValueError(f"{requirements} pins no {PACKAGE}")
+    return version
 
 
 def wheel_name(version: str, machine: str) -> str:
