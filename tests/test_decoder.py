@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gemma_edge.checkpoint import load_for_export, load_text_model, stored_dtypes
-from gemma_edge.decoder import KVCacheDecoder, ring_mask
+from gemma_edge.decoder import KVCacheDecoder, query_heads_as_rows, register_executorch_llm_ops, ring_mask, rows_as_query_heads
 from gemma_edge.e2b_shape import build_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +83,27 @@ def test_ring_mask_shows_each_query_exactly_its_window():
     visible = [[int(p) - 1 for p, m in zip(slots, row) if m == 0] for row in mask]
     assert visible == [[9, 6, 7, 8], [9, 10, 7, 8]]
     assert set(mask.unique().tolist()) == {0.0, float("-inf")}
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_query_heads_as_rows_attend_as_the_heads_do(kv_heads):
+    """custom_sdpa given each KV head's query heads as rows, its mask repeated per row, gives what it
+    gives with the heads as heads: for one token and for a call of several, with one KV head (Gemma 4
+    E2B) and with two, whose groups must not mix."""
+    register_executorch_llm_ops()
+    generator = torch.Generator().manual_seed(0)
+    heads, dim, slots = 8, 32, 24
+    for length in (1, 5):
+        query = torch.randn(1, heads, length, dim, generator=generator)
+        keys, values = (torch.randn(1, slots, kv_heads, dim, generator=generator) for _ in range(2))
+        mask = torch.where(torch.rand(length, slots, generator=generator) < 0.6, 0.0, float("-inf"))
+        mask[:, 0] = 0.0  # every query sees at least one slot
+        as_heads = torch.ops.llama.custom_sdpa(query.transpose(1, 2), keys, values, 0, mask, 0.0, False, None)
+        rows = query_heads_as_rows(query, kv_heads)
+        assert rows.shape == (1, length * heads // kv_heads, kv_heads, dim)
+        as_rows = torch.ops.llama.custom_sdpa(rows, keys, values, 0, mask.repeat_interleave(heads // kv_heads, dim=0),
+                                              0.0, False, None)
+        torch.testing.assert_close(rows_as_query_heads(as_rows, heads), as_heads, atol=1e-5, rtol=1e-5)
 
 
 def test_cache_past_the_trained_positions_or_transformers_attention_past_the_window_is_refused(demo_checkpoint):
