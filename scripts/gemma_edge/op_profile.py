@@ -34,14 +34,18 @@ def load_traced(pte_path: Path):
     return portable_lib._load_for_executorch(str(pte_path), enable_etdump=True)
 
 
-def run_decode(module, prompt_len: int, new_tokens: int, token: int = 5) -> float:
-    """Prefill `prompt_len` tokens, then decode `new_tokens` one at a time; returns decode seconds."""
-    ids = torch.full((1, prompt_len), token, dtype=torch.long)
-    module.run_method("forward", (ids, torch.arange(prompt_len, dtype=torch.long)))
-    start = time.perf_counter()
+def run_decode(module, prompt_len: int, new_tokens: int, per_call: int, token: int = 5) -> tuple[float, int]:
+    """Prefill `prompt_len` tokens in calls of at most `per_call`, then decode `new_tokens` one at a
+    time; returns the decode seconds and the number of prefill calls."""
+    starts = range(0, prompt_len, per_call)
+    for start in starts:
+        length = min(per_call, prompt_len - start)
+        ids = torch.full((1, length), token, dtype=torch.long)
+        module.run_method("forward", (ids, torch.arange(start, start + length, dtype=torch.long)))
+    begin = time.perf_counter()
     for i in range(new_tokens):
         module.run_method("forward", (torch.tensor([[token]], dtype=torch.long), torch.tensor([prompt_len + i], dtype=torch.long)))
-    return time.perf_counter() - start
+    return time.perf_counter() - begin, len(starts)
 
 
 def op_kind(name: str) -> str:
@@ -50,16 +54,18 @@ def op_kind(name: str) -> str:
     return re.sub(r" #\d+$", "", name.removeprefix(NATIVE_PREFIX))
 
 
-def decode_share(raw: list[float], runs: int) -> float:
-    """Milliseconds per decoded token of one event: its raw times after the prefill run, averaged."""
+def decode_share(raw: list[float], runs: int, decoded: int) -> float:
+    """Milliseconds per decoded token of one event: its raw times in the last `decoded` runs (those
+    after the prefill calls), averaged."""
     if len(raw) != runs:
         raise ValueError(f"an event ran {len(raw)} times, not once per run ({runs})")
-    return sum(raw[1:]) / (runs - 1)
+    return sum(raw[-decoded:]) / decoded
 
 
-def summarise_events(events: list[tuple[str, bool, list[float]]], runs: int) -> dict:
-    """Per-token milliseconds from ETDump events (name, is_delegated_op, raw times per run; the first
-    run is the prefill): the delegate calls and the operator calls between them, each with its parts.
+def summarise_events(events: list[tuple[str, bool, list[float]]], runs: int, decoded: int) -> dict:
+    """Per-token milliseconds from ETDump events (name, is_delegated_op, raw times per run; the last
+    `decoded` runs are the decode steps, those before them the prefill): the delegate calls and the
+    operator calls between them, each with its parts.
 
     An OPERATOR_CALL event spans one portable / custom kernel and holds a `native_call_*` event
     when the kernel is a native one; a DELEGATE_CALL spans one XNNPACK subgraph and holds its
@@ -69,7 +75,7 @@ def summarise_events(events: list[tuple[str, bool, list[float]]], runs: int) -> 
     xnnpack, portable = defaultdict(float), defaultdict(float)
     slowest = []  # single XNNPACK operators, with the delegate call they run in
     for name, delegated, raw in events:
-        ms = decode_share(raw, runs)
+        ms = decode_share(raw, runs, decoded)
         if name in totals:
             totals[name] += ms
             counts[name] += 1
@@ -110,16 +116,17 @@ def profile_decode(pte_path: Path, prompt_len: int, new_tokens: int, threads: in
 
     portable_lib._unsafe_reset_threadpool(threads)
     module = load_traced(pte_path)
-    run_decode(module, prompt_len, new_tokens)  # warm-up; its events are dropped with the module
+    per_call = int(module.run_method("get_max_seq_len", ())[0])  # a long prompt takes several calls
+    run_decode(module, prompt_len, new_tokens, per_call)  # warm-up; its events are dropped with the module
     module = load_traced(pte_path)
-    seconds = run_decode(module, prompt_len, new_tokens)
+    seconds, prefill_calls = run_decode(module, prompt_len, new_tokens, per_call)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "decode.etdp"
         module.write_etdump_result_to_file(str(path))
         events, runs = read_events(path)
-    if runs != new_tokens + 1:
-        raise RuntimeError(f"the trace holds {runs} runs of forward, expected {new_tokens + 1}")
-    summary = summarise_events(events, runs)
+    if runs != prefill_calls + new_tokens:
+        raise RuntimeError(f"the trace holds {runs} runs of forward, expected {prefill_calls + new_tokens}")
+    summary = summarise_events(events, runs, new_tokens)
     summary.update({"pte": str(pte_path), "threads": threads, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
                     "traced_ms_per_token": 1000 * seconds / new_tokens})
     return summary
