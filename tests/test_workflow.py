@@ -80,6 +80,16 @@ def test_fp32_pte_matches_eager_fp32_exactly(workflow):
             assert prompt["first_divergence"] in ties
 
 
+def test_the_runtime_flushes_subnormal_floats(workflow):
+    """Attention's softmax tails fall below FP32's normal range at depth; the runtime wrapper has the
+    CPU treat them as zero (they cost a slow path in ExecuTorch's custom ops otherwise)."""
+    import torch
+
+    decoder = PteDecoder(workflow["workdir"] / INT4 / "model.pte")
+    assert decoder.denormals_flushed
+    assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
+
+
 def test_quantized_pte_passes_the_default_gates(workflow):
     parity = read_json(workflow["workdir"] / INT4 / "parity.json")
     gates = parity["gates"]

@@ -415,6 +415,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
             print(f"{peer['name']}: not available: {engine['reason']}", flush=True)
     return {
         "load_s": load_s,
+        "denormals_flushed": decoder.denormals_flushed,
         "threads": threads or None,
         "bandwidth": bandwidth,
         "runs": runs,

@@ -69,11 +69,11 @@ def register_program_kernels() -> None:
 
 
 def set_threads(threads: int | None) -> None:
-    """Size the runtime's thread pool (shared by the runner and our loop); None keeps its default."""
-    if threads:
-        from executorch.extension.pybindings import portable_lib
+    """Size the runtime's thread pool (shared by the runner and our loop; None keeps its size), its
+    threads flushing subnormal floats to zero as our loop's do (runtime.flush_denormals)."""
+    from gemma_edge.runtime import flush_denormals
 
-        portable_lib._unsafe_reset_threadpool(int(threads))
+    flush_denormals(threads)
 
 
 def open_tokenizer(tokenizer_path: Path):

@@ -112,9 +112,9 @@ def read_events(etdump: Path) -> tuple[list[tuple[str, bool, list[float]]], int]
 def profile_decode(pte_path: Path, prompt_len: int, new_tokens: int, threads: int) -> dict:
     """One traced warm-up decode (discarded with its module), then one traced decode on a fresh
     load: its breakdown per token and its wall time per token."""
-    from executorch.extension.pybindings import portable_lib
+    from .runtime import flush_denormals
 
-    portable_lib._unsafe_reset_threadpool(threads)
+    flush_denormals(threads)  # as the runtime wrapper runs every .pte
     module = load_traced(pte_path)
     per_call = int(module.run_method("get_max_seq_len", ())[0])  # a long prompt takes several calls
     run_decode(module, prompt_len, new_tokens, per_call)  # warm-up; its events are dropped with the module

@@ -9,6 +9,24 @@ import torch
 from .artifacts import ArtifactError
 
 
+def flush_denormals(threads: int | None = None) -> bool:
+    """Treat subnormal floats as zero (x86 FTZ/DAZ, Arm FZ) on this thread and on ExecuTorch's worker
+    threads, the pool sized to `threads` (None: its present size); return whether the CPU does.
+
+    Attention over a long context gives softmax weights below FP32's smallest normal number
+    (1.2e-38), and the CPU computes with those in a slow path. XNNPACK flushes them inside its own
+    operators; ExecuTorch's custom ops between its delegates (`custom_sdpa`) do not. Measured on
+    the e2b-4l program at 4,000 tokens of context, 2 threads: decode 39-50 ms a token from a varied
+    prompt against 24-29 ms from a constant one (whose attention has no such tails); flushed, the
+    varied prompt 25-35 ms (bench/LOG.md). The setting lives in each thread's floating-point
+    control register and a new thread copies its creator's, so the pool is restarted after it."""
+    from executorch.extension.pybindings import portable_lib
+
+    flushed = torch.set_flush_denormal(True)
+    portable_lib._unsafe_reset_threadpool(int(threads or portable_lib._threadpool_get_thread_count()))
+    return flushed
+
+
 class PteDecoder:
     """A loaded `forward(tokens, input_pos) -> logits` method of a lowered decoder."""
 
@@ -16,6 +34,8 @@ class PteDecoder:
         import executorch.kernels.quantized  # noqa: F401  (registers the embedding_byte kernels)
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (update_cache, custom_sdpa)
         from executorch.runtime import Runtime
+
+        self.denormals_flushed = flush_denormals()
 
         try:
             program = Runtime.get().load_program(str(pte_path))
