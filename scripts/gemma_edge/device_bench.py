@@ -380,6 +380,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
     started = time.perf_counter()
     decoder = PteDecoder(pte)
     load_s = time.perf_counter() - started
+    denormals_flushed = decoder.denormals_flushed  # the decoder is freed before the peers run
     meta = decoder.metadata
     context = decoder.context
     for length in spec["prompt_lengths"]:
@@ -415,7 +416,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
             print(f"{peer['name']}: not available: {engine['reason']}", flush=True)
     return {
         "load_s": load_s,
-        "denormals_flushed": decoder.denormals_flushed,
+        "denormals_flushed": denormals_flushed,
         "threads": threads or None,
         "bandwidth": bandwidth,
         "runs": runs,
