@@ -106,6 +106,22 @@ def test_query_heads_as_rows_attend_as_the_heads_do(kv_heads):
         torch.testing.assert_close(rows_as_query_heads(as_rows, heads), as_heads, atol=1e-5, rtol=1e-5)
 
 
+def test_one_query_token_as_rows_sees_exactly_the_positions_up_to_its_own():
+    """A one-token call as rows is not causal: custom_sdpa attends to the first start_pos + rows
+    positions, so start_pos is position + 1 - rows, below 0 at the first positions. Against the
+    per-head causal call at position 0, within the first rows, and deep in the cache."""
+    register_executorch_llm_ops()
+    generator = torch.Generator().manual_seed(1)
+    heads, dim, positions = 8, 32, 40
+    keys, values = (torch.randn(1, positions, 1, dim, generator=generator) for _ in range(2))
+    for position in (0, 3, 30):
+        query = torch.randn(1, heads, 1, dim, generator=generator)
+        causal = torch.ops.llama.custom_sdpa(query.transpose(1, 2), keys, values, position, None, 0.0, True, None)
+        rows = query_heads_as_rows(query, 1)
+        as_rows = torch.ops.llama.custom_sdpa(rows, keys, values, position + 1 - heads, None, 0.0, False, None)
+        torch.testing.assert_close(rows_as_query_heads(as_rows, heads), causal, atol=1e-5, rtol=1e-5)
+
+
 def test_cache_past_the_trained_positions_or_transformers_attention_past_the_window_is_refused(demo_checkpoint):
     model = load_text_model(demo_checkpoint)
     with pytest.raises(ValueError, match=r"export.max_seq_len \(2048\) exceeds .* \(max_position_embeddings 1024\)"):

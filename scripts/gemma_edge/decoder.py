@@ -272,7 +272,8 @@ def query_heads_as_rows(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     t * group + g of its KV head. custom_sdpa handles each query head on its own, so given the heads
     it reads a shared KV head once per head in a step of small products; given them as rows, once in
     one larger product, 3-4 times faster for E2B's one KV head (bench/sdpa_depth.py). Rows have no
-    causal order of their own, so this serves the masked calls alone, the mask repeated per row."""
+    causal order of their own, so this serves the calls that need none: masked ones (the mask
+    repeated per row) and those with a single query token."""
     batch, heads, length, dim = query.shape
     group = heads // kv_heads
     rows = query.view(batch, kv_heads, group, length, dim).permute(0, 3, 2, 1, 4)
