@@ -13,8 +13,8 @@ def flush_denormals(threads: int | None = None) -> bool:
     """Treat subnormal floats as zero (x86 FTZ/DAZ, Arm FZ) on this thread and on ExecuTorch's worker
     threads, the pool sized to `threads` (None: its present size); return whether the CPU does.
 
-    Attention over a long context gives softmax weights below FP32's smallest normal number
-    (1.2e-38), and the CPU computes with those in a slow path. XNNPACK flushes them inside its own
+    Attention over a long context gives values (most likely softmax weights) below FP32's smallest
+    normal number (1.2e-38), and the CPU computes with those in a slow path. XNNPACK flushes them inside its own
     operators; ExecuTorch's custom ops between its delegates (`custom_sdpa`) do not. Measured on
     the e2b-4l program at 4,000 tokens of context, 2 threads: decode 39-50 ms a token from a varied
     prompt against 24-29 ms from a constant one (whose attention has no such tails); flushed, the
