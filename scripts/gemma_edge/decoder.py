@@ -247,23 +247,26 @@ def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     another layer's keys and values on the last token only (all that `logits_to_keep=1` needs, and
     transformers slices their masks to match). Without a mask, custom_sdpa masks causally from the
     position of the first query it is given; a ring buffer's mask says which slots each query sees."""
+    group = query.shape[1] // key.shape[2]
     if attention_mask is not None:
-        group = query.shape[1] // key.shape[2]
         mask = attention_mask[0, 0, -query.shape[2]:, :].repeat_interleave(group, dim=0)
-        rows = torch.ops.llama.custom_sdpa(query_heads_as_rows(query, key.shape[2]), key, value, 0, mask, 0.0, False,
-                                           scaling)
-        return rows_as_query_heads(rows, query.shape[1]), None
+        return attend_as_rows(query, key, value, 0, mask, scaling), None
     first_query = start_pos + new_tokens - query.shape[2]
     if isinstance(query.shape[2], int) and query.shape[2] == 1:
         # One query (a decode step, or a KV-sharing layer's last token at any step): its head rows all
         # see positions 0..first_query, so the call needs no causal order. custom_sdpa attends to the
         # first start_pos + rows positions; a start_pos below 0 (first positions) is taken as it is.
-        rows = query_heads_as_rows(query, key.shape[2])
-        output = torch.ops.llama.custom_sdpa(rows, key, value, first_query + 1 - rows.shape[1], None, 0.0, False,
-                                             scaling)
-        return rows_as_query_heads(output, query.shape[1]), None
+        return attend_as_rows(query, key, value, first_query + 1 - group, None, scaling), None
     output = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key, value, first_query, None, 0.0, True, scaling)
     return output, None
+
+
+def attend_as_rows(query, key, value, start_pos, mask, scaling) -> torch.Tensor:
+    """custom_sdpa, not causal, over [1, heads, q, dim] queries passed as rows of their KV heads;
+    [1, q, heads, dim] out."""
+    rows = torch.ops.llama.custom_sdpa(query_heads_as_rows(query, key.shape[2]), key, value, start_pos, mask, 0.0,
+                                       False, scaling)
+    return rows_as_query_heads(rows, query.shape[1])
 
 
 def query_heads_as_rows(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
