@@ -1,6 +1,6 @@
 """Where the lower step spends its time: `bench/LOG.md`'s lowering breakdown comes from this.
 
-Usage: .venv/bin/python bench/profile_lower.py results/<model>/int4-g<N>/program.pt2 [--per-op]
+Usage: .venv/bin/python bench/profile_lower.py results/<model>/int4-g<N>/program.pt2 [--per-op] [--no-decode-method]
 
 Runs the lower step's own code (`gemma_edge.lower.lower_with_fallback`, fused mode) on a quantized
 program and prints wall seconds per stage. Stages are timed by wrapping the ExecuTorch and torch
@@ -74,6 +74,7 @@ def instrument() -> None:
     timed_xnnpack_passes(xnnpack_passes)
     timed(MemoryPlanningPass, "run", "memory planning")
     timed(_program.EdgeProgramManager, "to_executorch", "to_executorch (incl. memory planning)")
+    timed(lower, "decode_program", "the decode method's program (re-export for one token)")
     timed(lower, "write_pte", "serialise and write")
     timed(lower, "smoke_run", "load and run check")
 
@@ -82,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("program", type=Path)
     parser.add_argument("--per-op", action="store_true", help="lower with per_op_mode=True")
+    parser.add_argument("--no-decode-method", action="store_true", help="forward alone (lowering.decode_method: false)")
     args = parser.parse_args()
 
     with stage("imports"):
@@ -98,7 +100,7 @@ def main() -> None:
                                tokens_per_call_of(program))
     with tempfile.TemporaryDirectory() as folder, stage("lower step total"):
         record = lower_with_fallback(lambda: program, bool(args.per_op), metadata,
-                                     Path(folder) / "model.pte")
+                                     Path(folder) / "model.pte", decode_method=not args.no_decode_method)
     print(f"{args.program}: {nodes} graph nodes; {record['xnnpack_delegate_calls']} XNNPACK delegate calls; "
           f"portable ops {sum(record['portable_ops'].values())}")
     print("| stage | calls | wall s |\n|---|---:|---:|")

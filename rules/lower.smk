@@ -13,6 +13,7 @@ rule lower:
         "../envs/torch.yaml"
     params:
         per_op_mode=lambda wc: variant.per_op_mode_of(wc.mode),
+        decode_method=config["lowering"]["decode_method"],
     resources:
         mem_mb=config["memory_mb"]["lower"],
     threads: 2

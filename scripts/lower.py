@@ -5,7 +5,7 @@ from gemma_edge.steplog import rule_log
 
 def main(snakemake):
     pipeline.lower(snakemake.input.program, snakemake.input.checkpoint, snakemake.params.per_op_mode,
-                   snakemake.output.pte, snakemake.output.manifest)
+                   snakemake.params.decode_method, snakemake.output.pte, snakemake.output.manifest)
 
 
 with rule_log(snakemake.log[0], "lower"):

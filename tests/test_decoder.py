@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gemma_edge.checkpoint import load_for_export, load_text_model, stored_dtypes
-from gemma_edge.decoder import KVCacheDecoder, query_heads_as_rows, register_executorch_llm_ops, ring_mask, rows_as_query_heads
+from gemma_edge.decoder import (KVCacheDecoder, one_token_custom_sdpa, query_heads_as_rows, register_executorch_llm_ops,
+                                ring_mask, rows_as_query_heads)
 from gemma_edge.e2b_shape import build_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +121,24 @@ def test_one_query_token_as_rows_sees_exactly_the_positions_up_to_its_own():
         rows = query_heads_as_rows(query, 1)
         as_rows = torch.ops.llama.custom_sdpa(rows, keys, values, position + 1 - heads, None, 0.0, False, None)
         torch.testing.assert_close(rows_as_query_heads(as_rows, heads), causal, atol=1e-5, rtol=1e-5)
+
+
+def test_one_token_custom_sdpa_keeps_custom_sdpas_results():
+    """What the decode method calls in place of custom_sdpa: a causal one-token call taken as rows
+    (2 KV heads of 4 query heads each, at the first position and deep in the cache) gives the causal
+    call's result, and calls of more tokens, or masked ones, are custom_sdpa's own."""
+    register_executorch_llm_ops()
+    generator = torch.Generator().manual_seed(2)
+    heads, kv_heads, dim, positions = 8, 2, 16, 24
+    keys, values = (torch.randn(1, positions, kv_heads, dim, generator=generator) for _ in range(2))
+    for tokens, position in ((1, 0), (1, 20), (3, 5)):
+        query = torch.randn(1, tokens, heads, dim, generator=generator)
+        causal = torch.ops.llama.custom_sdpa(query, keys, values, position, None, 0.0, True, None)
+        torch.testing.assert_close(one_token_custom_sdpa(query, keys, values, position, None, 0.0, True, None), causal,
+                                   atol=1e-5, rtol=1e-5)
+    mask = torch.zeros(1, positions)
+    masked = torch.ops.llama.custom_sdpa(query[:, :1], keys, values, 0, mask, 0.0, False, None)
+    assert torch.equal(one_token_custom_sdpa(query[:, :1], keys, values, 0, mask, 0.0, False, None), masked)
 
 
 def test_cache_past_the_trained_positions_or_transformers_attention_past_the_window_is_refused(demo_checkpoint):

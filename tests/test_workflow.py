@@ -90,6 +90,35 @@ def test_the_runtime_flushes_subnormal_floats(workflow):
     assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
 
 
+def test_decode_method_shares_forwards_cache_and_gives_its_logits(workflow):
+    """The FP32 .pte's one-token `decode` method (the full-attention layers' query heads as rows)
+    against its `forward`: after a 40-token prefill by forward (3 calls, wrapping the 32-slot
+    rings), each step runs forward, then decode, on the same token and position. Both write the same
+    keys and values there; decode can only match forward if it reads the cache forward filled.
+    FP32, because in the INT4 .pte the attention's different summation order (a few 1e-6) now and
+    then moves an INT8 activation across a rounding step (once in 30 steps, 0.07 on the logits)."""
+    import torch
+    from executorch.runtime import Runtime
+
+    PteDecoder(workflow["workdir"] / FP32 / "model.pte")  # registers the LLM ops, flushes subnormals
+    program = Runtime.get().load_program(str(workflow["workdir"] / FP32 / "model.pte"))
+    forward, decode = program.load_method("forward"), program.load_method("decode")
+
+    def call(method, tokens, start):
+        return method.execute([torch.tensor([tokens]), torch.arange(start, start + len(tokens))])[0][0]
+
+    prompt = [2] + list(range(40, 79))
+    for first in range(0, len(prompt), 16):
+        logits = call(forward, prompt[first:first + 16], first)
+    for position in range(len(prompt), len(prompt) + 30):
+        token = int(torch.argmax(logits))
+        logits = call(forward, [token], position)
+        torch.testing.assert_close(call(decode, [token], position), logits, atol=1e-4, rtol=1e-4)
+    lowering = read_json(workflow["workdir"] / FP32 / "model.pte.manifest.json")["lowering"]
+    assert lowering["methods"] == ["decode", "forward"]
+    assert 0 < lowering["decode_method"]["xnnpack_delegate_calls"]
+
+
 def test_quantized_pte_passes_the_default_gates(workflow):
     parity = read_json(workflow["workdir"] / INT4 / "parity.json")
     gates = parity["gates"]

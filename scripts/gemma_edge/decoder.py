@@ -261,6 +261,20 @@ def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     return output, None
 
 
+def one_token_custom_sdpa(query, key, value, start_pos, mask, dropout_p, is_causal, scale) -> torch.Tensor:
+    """`llama::custom_sdpa` with its own arguments ([1, q, heads, dim] queries), taking the rows form
+    for a causal call of a single query token and passing any other call through.
+
+    The cached full-attention layers' causal call serves prefill and decode alike in a program whose
+    token count is dynamic, so it stays per head there. The lower step puts this function in place
+    of every `custom_sdpa` of a program re-exported for one token a call (`lower.decode_program`),
+    where the token count is the constant 1, so the check below is decided while tracing."""
+    if is_causal and mask is None and isinstance(query.shape[1], int) and query.shape[1] == 1:
+        group = query.shape[2] // key.shape[2]
+        return attend_as_rows(query.transpose(1, 2), key, value, start_pos + 1 - group, None, scale)
+    return torch.ops.llama.custom_sdpa(query, key, value, start_pos, mask, dropout_p, is_causal, scale)
+
+
 def attend_as_rows(query, key, value, start_pos, mask, scaling) -> torch.Tensor:
     """custom_sdpa, not causal, over [1, heads, q, dim] queries passed as rows of their KV heads;
     [1, q, heads, dim] out."""

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_output
-from .runtime import PteDecoder
+from .decoder import example_inputs, one_token_custom_sdpa
+from .runtime import DECODE_METHOD, PteDecoder
 from .steplog import log_memory
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,35 @@ def runner_metadata(text_config: dict, max_context_len: int, tokens_per_call: in
     }
 
 
-def lower_to_xnnpack(program: torch.export.ExportedProgram, per_op_mode: bool, metadata: dict):
-    """Return the ExecuTorch program manager for `program` delegated to XNNPACK."""
+def decode_program(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """`program` re-exported for exactly one token a call, its causal attention in the rows form.
+
+    With the token count a constant, the cached full-attention layers' causal `custom_sdpa` takes a
+    KV head's query heads as rows of one product (`one_token_custom_sdpa`) instead of one product
+    per head, which the program for 1 to `get_max_seq_len` tokens cannot do. The graph is the
+    quantized program's own (its weights are shared, not copied); the cache buffers keep their
+    names, which is how the lowered methods share them."""
+    module = program.module()
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.llama.custom_sdpa.default:
+            node.target = one_token_custom_sdpa
+    module.recompile()
+    return torch.export.export(module, example_inputs(1), strict=False)
+
+
+def methods_of(program: torch.export.ExportedProgram, decode_method: bool) -> dict:
+    """The programs to lower, by method name: `forward`, and `decode` beside it if asked for."""
+    if not decode_method:
+        return {"forward": program}
+    return {"forward": program, DECODE_METHOD: decode_program(program)}
+
+
+def lower_to_xnnpack(programs: dict[str, torch.export.ExportedProgram], per_op_mode: bool, metadata: dict):
+    """Return the ExecuTorch program manager for `programs` (method name: program) delegated to
+    XNNPACK, their mutable buffers (the KV cache) shared by name when there are several."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
 
     import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (embedding_byte)
 
@@ -53,13 +79,16 @@ def lower_to_xnnpack(program: torch.export.ExportedProgram, per_op_mode: bool, m
     # them land in the same subgraphs. A dynamically-quantized-only partitioner first (ExecuTorch's
     # Llama recipe) cut the demo model into 158 delegates instead of 16, with bit-identical logits,
     # and every delegate costs its own XNNPACK preprocessing (bench/LOG.md, "Lowering time").
-    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(per_op_mode=per_op_mode)],
+    edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner(per_op_mode=per_op_mode)],
                                        constant_methods=metadata)
-    return edge.to_executorch()
+    if len(programs) == 1:
+        return edge.to_executorch()
+    shared = MemoryPlanningPass(share_mutable_buffers=True)
+    return edge.to_executorch(ExecutorchBackendConfig(memory_planning_pass=shared, emit_mutable_buffer_names=True))
 
 
-def delegation_summary(manager) -> dict:
-    """How many XNNPACK delegate calls the program makes and how many graph nodes they took
+def delegation_summary(manager, method: str = "forward") -> dict:
+    """How many XNNPACK delegate calls `method` makes and how many graph nodes they took
     (ExecuTorch's `get_delegation_info`), and which ops stay on portable kernels.
 
     The portable ops are counted here by their kernel (`aten.slice_copy.Tensor_out`):
@@ -68,7 +97,7 @@ def delegation_summary(manager) -> dict:
     whatever its node was called (`update_cache`, `llama_custom_sdpa_default`)."""
     from executorch.devtools.backend_debug import get_delegation_info
 
-    graph_module = manager.exported_program().graph_module
+    graph_module = manager.exported_program(method).graph_module
     info = get_delegation_info(graph_module)
     portable = Counter(str(node.target) for node in graph_module.graph.nodes
                        if node.op == "call_function" and "executorch_call_delegate" not in str(node.target))
@@ -77,11 +106,18 @@ def delegation_summary(manager) -> dict:
             "portable_ops": dict(sorted(portable.items()))}
 
 
-def planned_memory_bytes(manager, method: str = "forward") -> int:
-    """Bytes the runtime allocates for `method`'s memory-planned buffers: the KV cache and the
-    activations, on top of the mapped .pte (the device checks its free memory against both)."""
-    plan = next(plan for plan in manager.executorch_program.execution_plan if plan.name == method)
-    return int(sum(plan.non_const_buffer_sizes))
+def planned_memory_bytes(manager) -> int:
+    """Bytes the runtime allocates for the methods' memory-planned buffers: the KV cache and the
+    activations, on top of the mapped .pte (the device checks its free memory against both).
+
+    Each arena (memory id) counts once, at its largest method's size: ExecuTorch's Python runtime
+    gives a program's methods one set of arenas, and the KV cache is one arena of its own that
+    the methods share (`lower_to_xnnpack`)."""
+    largest: dict[int, int] = {}
+    for plan in manager.executorch_program.execution_plan:
+        for arena, size in enumerate(plan.non_const_buffer_sizes):
+            largest[arena] = max(largest.get(arena, 0), int(size))
+    return sum(largest.values())
 
 
 def smoke_run(pte_path: Path, bos_id: int) -> None:
@@ -89,7 +125,7 @@ def smoke_run(pte_path: Path, bos_id: int) -> None:
     delegate, this is where it says so."""
     decoder = PteDecoder(pte_path)
     decoder.step([bos_id, bos_id], 0)
-    decoder.step([bos_id], 2)
+    decoder.step([bos_id], 2)  # the decode method, if the program has one
 
 
 def write_pte(manager, path: Path) -> None:
@@ -98,8 +134,10 @@ def write_pte(manager, path: Path) -> None:
             manager.write_to_file(handle)
 
 
-def lower_with_fallback(load, per_op_mode: str | bool, metadata: dict, pte_path: Path) -> dict:
+def lower_with_fallback(load, per_op_mode: str | bool, metadata: dict, pte_path: Path,
+                        decode_method: bool = True) -> dict:
     """Lower and write `pte_path`, honouring per_op_mode "auto", True or False; return what happened.
+    With `decode_method`, the .pte gets a second method for one token a call (`decode_program`).
 
     Lowering consumes the program it is given (it moves its constants into the delegates), so each
     attempt lowers a fresh program from `load()`: the per-op one after a rejected fused one too."""
@@ -109,7 +147,7 @@ def lower_with_fallback(load, per_op_mode: str | bool, metadata: dict, pte_path:
         label = "per-op" if mode else "fused"
         log.info("lowering to XNNPACK (%s subgraphs)", label)
         try:
-            manager = lower_to_xnnpack(load(), mode, metadata)
+            manager = lower_to_xnnpack(methods_of(load(), decode_method), mode, metadata)
             log_memory(f"lowering ({label})")
             write_pte(manager, pte_path)
             log_memory("writing the .pte")
@@ -122,8 +160,12 @@ def lower_with_fallback(load, per_op_mode: str | bool, metadata: dict, pte_path:
             log.warning("XNNPACK rejected the fused program (%s); falling back to per_op_mode=True", error)
             continue
         record["per_op_mode_used"] = mode
+        record["methods"] = sorted(plan.name for plan in manager.executorch_program.execution_plan
+                                   if plan.name not in metadata)
         record["planned_memory_bytes"] = planned_memory_bytes(manager)
         record.update(delegation_summary(manager))
+        if DECODE_METHOD in record["methods"]:
+            record["decode_method"] = delegation_summary(manager, DECODE_METHOD)
         log.info("lowered with %s subgraphs: %d XNNPACK delegate calls; portable ops %s",
                  label, record["xnnpack_delegate_calls"], record["portable_ops"])
         return record

@@ -34,9 +34,10 @@ def load_traced(pte_path: Path):
     return portable_lib._load_for_executorch(str(pte_path), enable_etdump=True)
 
 
-def run_decode(module, prompt_len: int, new_tokens: int, per_call: int, token: int = 5) -> tuple[float, int]:
+def run_decode(module, prompt_len: int, new_tokens: int, per_call: int, decode_method: str = "forward",
+               token: int = 5) -> tuple[float, int]:
     """Prefill `prompt_len` tokens in calls of at most `per_call`, then decode `new_tokens` one at a
-    time; returns the decode seconds and the number of prefill calls."""
+    time with `decode_method`; returns the decode seconds and the number of prefill calls."""
     starts = range(0, prompt_len, per_call)
     for start in starts:
         length = min(per_call, prompt_len - start)
@@ -44,7 +45,8 @@ def run_decode(module, prompt_len: int, new_tokens: int, per_call: int, token: i
         module.run_method("forward", (ids, torch.arange(start, start + length, dtype=torch.long)))
     begin = time.perf_counter()
     for i in range(new_tokens):
-        module.run_method("forward", (torch.tensor([[token]], dtype=torch.long), torch.tensor([prompt_len + i], dtype=torch.long)))
+        module.run_method(decode_method, (torch.tensor([[token]], dtype=torch.long),
+                                          torch.tensor([prompt_len + i], dtype=torch.long)))
     return time.perf_counter() - begin, len(starts)
 
 
@@ -99,14 +101,18 @@ def summarise_events(events: list[tuple[str, bool, list[float]]], runs: int, dec
     }
 
 
-def read_events(etdump: Path) -> tuple[list[tuple[str, bool, list[float]]], int]:
-    """The Execute block's events of an ETDump file, and how many times the method ran."""
+def read_events(etdump: Path) -> list[tuple[list[tuple[str, bool, list[float]]], int]]:
+    """Each Execute block's events of an ETDump file (one block per method run, in the order the
+    methods first ran), and how many times its method ran."""
     from executorch.devtools import Inspector
 
     inspector = Inspector(etdump_path=str(etdump))
-    block = next(b for b in inspector.event_blocks if b.name == "Execute")
-    events = [(e.name, bool(e.is_delegated_op), list(e.perf_data.raw)) for e in block.events if e.perf_data]
-    return events, max(len(raw) for _, _, raw in events)
+    blocks = []
+    for block in inspector.event_blocks:
+        if block.name == "Execute":
+            events = [(e.name, bool(e.is_delegated_op), list(e.perf_data.raw)) for e in block.events if e.perf_data]
+            blocks.append((events, max(len(raw) for _, _, raw in events)))
+    return blocks
 
 
 def profile_decode(pte_path: Path, prompt_len: int, new_tokens: int, threads: int) -> dict:
@@ -114,28 +120,32 @@ def profile_decode(pte_path: Path, prompt_len: int, new_tokens: int, threads: in
     load: its breakdown per token and its wall time per token."""
     from .runtime import flush_denormals
 
+    from .runtime import DECODE_METHOD, flush_denormals
+
     flush_denormals(threads)  # as the runtime wrapper runs every .pte
     module = load_traced(pte_path)
     per_call = int(module.run_method("get_max_seq_len", ())[0])  # a long prompt takes several calls
-    run_decode(module, prompt_len, new_tokens, per_call)  # warm-up; its events are dropped with the module
+    method = DECODE_METHOD if DECODE_METHOD in module.method_names() else "forward"  # as PteDecoder decodes
+    run_decode(module, prompt_len, new_tokens, per_call, method)  # warm-up; its events are dropped with the module
     module = load_traced(pte_path)
-    seconds, prefill_calls = run_decode(module, prompt_len, new_tokens, per_call)
+    seconds, prefill_calls = run_decode(module, prompt_len, new_tokens, per_call, method)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "decode.etdp"
         module.write_etdump_result_to_file(str(path))
-        events, runs = read_events(path)
-    if runs != prefill_calls + new_tokens:
-        raise RuntimeError(f"the trace holds {runs} runs of forward, expected {prefill_calls + new_tokens}")
+        events, runs = read_events(path)[-1]  # the decoding method's: forward's when it decodes too
+    expected = new_tokens if method == DECODE_METHOD else prefill_calls + new_tokens
+    if runs != expected:
+        raise RuntimeError(f"the trace holds {runs} runs of {method}, expected {expected}")
     summary = summarise_events(events, runs, new_tokens)
     summary.update({"pte": str(pte_path), "threads": threads, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-                    "traced_ms_per_token": 1000 * seconds / new_tokens})
+                    "method": method, "traced_ms_per_token": 1000 * seconds / new_tokens})
     return summary
 
 
 def render(summary: dict, top: int = 12) -> str:
     total = summary["delegate_ms"] + summary["operator_ms"]
     share = lambda ms: f"{ms:8.3f} ms  {100 * ms / total:5.1f} %"  # noqa: E731
-    lines = [f"{summary['pte']}: {summary['threads']} threads, prompt {summary['prompt_tokens']}, "
+    lines = [f"{summary['pte']} ({summary['method']}): {summary['threads']} threads, prompt {summary['prompt_tokens']}, "
              f"{summary['new_tokens']} decoded tokens; traced {summary['traced_ms_per_token']:.2f} ms/token wall",
              f"per token: {summary['delegate_calls']} XNNPACK delegate calls {share(summary['delegate_ms'])}, "
              f"{summary['operator_calls']} operator calls {share(summary['operator_ms'])}",

@@ -100,7 +100,8 @@ def quantize(program_path: Path, group_size: int, embeddings: str, out: Path, ou
     return write_manifest(out, {"program": program_path}, params, {"quantization": report}, manifest=out_manifest)
 
 
-def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str | bool, out: Path, out_manifest: Path) -> dict:
+def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str | bool, decode_method: bool, out: Path,
+          out_manifest: Path) -> dict:
     from .checkpoint import read_text_config_dict
     from .export import context_length_of, kv_cache_bytes_of, load_program, tokens_per_call_of
     from .lower import lower_with_fallback, runner_metadata
@@ -112,13 +113,13 @@ def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str | bool
     kv_cache_bytes = kv_cache_bytes_of(loaded[0])
     # The first attempt lowers the program just loaded (handed over, not kept); a fallback loads afresh.
     record = lower_with_fallback(lambda: loaded.pop() if loaded else load_program(program_path),
-                                 per_op_mode, metadata, Path(out))
+                                 per_op_mode, metadata, Path(out), decode_method)
     log_memory("lowering, writing and loading the .pte")
     extra = {"lowering": record, "runner_metadata": metadata, "kv_cache_bytes": kv_cache_bytes,
              "program_params": program_manifest["params"],
              "quantization": program_manifest.get("quantization")}
     return write_manifest(out, {"program": program_path, "checkpoint": checkpoint_manifest},
-                          {"backend": BACKEND, "per_op_mode": per_op_mode}, extra, manifest=out_manifest)
+                          {"backend": BACKEND, "per_op_mode": per_op_mode, "decode_method": decode_method}, extra, manifest=out_manifest)
 
 
 def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_new_tokens: int, gates: dict,

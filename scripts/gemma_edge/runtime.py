@@ -8,6 +8,10 @@ import torch
 
 from .artifacts import ArtifactError
 
+# A .pte's method for one token a call, beside `forward` (1 to get_max_seq_len tokens a call), sharing
+# its KV cache: the lower step adds it (lower.decode_program), and `PteDecoder` decodes with it.
+DECODE_METHOD = "decode"
+
 
 def flush_denormals(threads: int | None = None) -> bool:
     """Treat subnormal floats as zero (x86 FTZ/DAZ, Arm FZ) on this thread and on ExecuTorch's worker
@@ -28,7 +32,8 @@ def flush_denormals(threads: int | None = None) -> bool:
 
 
 class PteDecoder:
-    """A loaded `forward(tokens, input_pos) -> logits` method of a lowered decoder."""
+    """A lowered decoder's `forward(tokens, input_pos) -> logits` method, loaded, and its `decode`
+    method for one token a call where the .pte has one."""
 
     def __init__(self, pte_path: Path):
         import executorch.kernels.quantized  # noqa: F401  (registers the embedding_byte kernels)
@@ -40,9 +45,11 @@ class PteDecoder:
         try:
             program = Runtime.get().load_program(str(pte_path))
             self.method = program.load_method("forward")
+            self.decode_method = program.load_method(DECODE_METHOD) if DECODE_METHOD in program.method_names else None
         except Exception as error:  # noqa: BLE001 - the runtime reports load failures as RuntimeError/ValueError
             raise ArtifactError(f"{pte_path} could not be loaded by the ExecuTorch runtime: {error}") from error
-        self.metadata = {name: _constant(program, name) for name in program.method_names if name != "forward"}
+        self.metadata = {name: _constant(program, name) for name in program.method_names
+                         if name not in ("forward", DECODE_METHOD)}
         # The most tokens one call takes (ExecuTorch's runner prefills in chunks of it too), and the
         # positions the KV cache holds (the same number in a .pte from before ring buffers).
         self.tokens_per_call = int(self.metadata.get("get_max_seq_len", 0)) or None
@@ -50,13 +57,14 @@ class PteDecoder:
 
     def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
         """Feed `tokens` at positions start_pos.. and return the last position's logits (float32, 1-D),
-        in calls of at most `tokens_per_call` tokens."""
+        in calls of at most `tokens_per_call` tokens; one token goes to the decode method if there is one."""
+        method = self.decode_method if len(tokens) == 1 and self.decode_method is not None else self.method
         chunk = self.tokens_per_call or len(tokens)
         for first in range(0, len(tokens), chunk):
             part = tokens[first : first + chunk]
             ids = torch.tensor([part], dtype=torch.long)
             positions = torch.arange(start_pos + first, start_pos + first + len(part), dtype=torch.long)
-            logits = self.method.execute([ids, positions])[0][0]
+            logits = method.execute([ids, positions])[0][0]
         return logits.to(torch.float32)
 
 
