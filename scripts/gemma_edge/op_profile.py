@@ -118,8 +118,6 @@ def read_events(etdump: Path) -> list[tuple[list[tuple[str, bool, list[float]]],
 def profile_decode(pte_path: Path, prompt_len: int, new_tokens: int, threads: int) -> dict:
     """One traced warm-up decode (discarded with its module), then one traced decode on a fresh
     load: its breakdown per token and its wall time per token."""
-    from .runtime import flush_denormals
-
     from .runtime import DECODE_METHOD, flush_denormals
 
     flush_denormals(threads)  # as the runtime wrapper runs every .pte
