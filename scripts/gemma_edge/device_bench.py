@@ -380,7 +380,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
     started = time.perf_counter()
     decoder = PteDecoder(pte)
     load_s = time.perf_counter() - started
-    denormals_flushed = decoder.denormals_flushed  # the decoder is freed before the peers run
+    denormals_flushed, decodes_with = decoder.denormals_flushed, decoder.decodes_with  # freed before the peers run
     meta = decoder.metadata
     context = decoder.context
     for length in spec["prompt_lengths"]:
@@ -417,6 +417,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
     return {
         "load_s": load_s,
         "denormals_flushed": denormals_flushed,
+        "decodes_with": decodes_with,
         "threads": threads or None,
         "bandwidth": bandwidth,
         "runs": runs,

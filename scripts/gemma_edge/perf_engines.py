@@ -153,6 +153,7 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
         "greedy_tokens": greedy,
         "engine_info": getattr(decoder, "info", None),
         "denormals_flushed": getattr(decoder, "denormals_flushed", None),  # the .pte's runtime (PteDecoder)
+        "decodes_with": getattr(decoder, "decodes_with", None),  # the .pte's method for one token
         "versions": package_versions(("torch", "executorch", "transformers", "llama_cpp_python")),
     }
     write_json(out, result)

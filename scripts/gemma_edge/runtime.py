@@ -50,6 +50,7 @@ class PteDecoder:
             raise ArtifactError(f"{pte_path} could not be loaded by the ExecuTorch runtime: {error}") from error
         self.metadata = {name: _constant(program, name) for name in program.method_names
                          if name not in ("forward", DECODE_METHOD)}
+        self.decodes_with = DECODE_METHOD if self.decode_method is not None else "forward"  # recorded beside the timings
         # The most tokens one call takes (ExecuTorch's runner prefills in chunks of it too), and the
         # positions the KV cache holds (the same number in a .pte from before ring buffers).
         self.tokens_per_call = int(self.metadata.get("get_max_seq_len", 0)) or None
