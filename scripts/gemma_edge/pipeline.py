@@ -118,8 +118,9 @@ def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str | bool
     extra = {"lowering": record, "runner_metadata": metadata, "kv_cache_bytes": kv_cache_bytes,
              "program_params": program_manifest["params"],
              "quantization": program_manifest.get("quantization")}
-    return write_manifest(out, {"program": program_path, "checkpoint": checkpoint_manifest},
-                          {"backend": BACKEND, "per_op_mode": per_op_mode, "decode_method": decode_method}, extra, manifest=out_manifest)
+    params = {"backend": BACKEND, "per_op_mode": per_op_mode, "decode_method": decode_method}
+    return write_manifest(out, {"program": program_path, "checkpoint": checkpoint_manifest}, params, extra,
+                          manifest=out_manifest)
 
 
 def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_new_tokens: int, gates: dict,
