@@ -8,6 +8,7 @@ from conftest import PINS, needs_litert, needs_llamacpp, snakemake, write_config
 from gemma_edge import summary
 from gemma_edge.artifacts import read_json, sha256_file
 from gemma_edge.device_bench import until_eos
+from gemma_edge.runtime import DECODE_METHOD
 
 VARIANT = "tiny/int4-g128/xnnpack-auto"
 INT4 = f"results/{VARIANT}"
@@ -28,7 +29,7 @@ def test_bench_json_holds_real_figures(deployed, target):
             assert stats["min"] <= stats["median"] <= stats["max"]
     assert bench["load_s"] > 0 and bench["peak_rss_bytes"] > 10_000_000
     assert bench["denormals_flushed"] is True  # x86 FTZ/DAZ, set by the runtime wrapper
-    assert bench["decodes_with"] == "decode"  # the .pte's one-token method
+    assert bench["decodes_with"] == DECODE_METHOD  # the .pte's one-token method
     assert bench["versions"]["device"]["executorch"] == PINS["executorch"]
     assert bench["device"]["cores"] >= 1 and bench["device"]["memory_bytes"] > 0
     # The KV cache the .pte holds, as its manifest says: 128 positions of context, 16 tokens a call.

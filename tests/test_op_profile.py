@@ -5,6 +5,7 @@ import pytest
 
 from gemma_edge import op_profile
 from gemma_edge.artifacts import read_json
+from gemma_edge.runtime import DECODE_METHOD
 
 PTE = "results/tiny/int4-g128/xnnpack-auto/model.pte"
 
@@ -17,7 +18,7 @@ def profile(workflow):
 def test_every_delegate_call_of_the_program_is_traced_once_per_token(profile, workflow):
     """The decode method is profiled (the .pte has one, and it is what decodes), against its own
     lowering record."""
-    assert profile["method"] == "decode"
+    assert profile["method"] == DECODE_METHOD
     lowering = read_json(workflow["workdir"] / (PTE + ".manifest.json"))["lowering"]["decode_method"]
     assert profile["delegate_calls"] == lowering["xnnpack_delegate_calls"]
     # every portable kernel traced is one the lowering left outside XNNPACK (names: aten.cat.out ->

@@ -14,7 +14,7 @@ from gemma_edge.checkpoint import read_text_config_dict
 from gemma_edge.demo_model import DEMO_VOCAB
 from gemma_edge.export import cache_buffers, context_length_of, kv_cache_bytes_of, load_program, tokens_per_call_of
 from gemma_edge.parity import TIE_MARGIN
-from gemma_edge.runtime import PteDecoder
+from gemma_edge.runtime import DECODE_METHOD, PteDecoder
 
 INT4 = "results/tiny/int4-g128/xnnpack-auto"
 FP32 = "results/tiny/fp32/xnnpack-auto"
@@ -91,10 +91,10 @@ def test_the_runtime_flushes_subnormal_floats(workflow):
 
 
 def test_decode_method_shares_forwards_cache_and_gives_its_logits(workflow):
-    """The FP32 .pte's one-token `decode` method (the full-attention layers' query heads as rows)
-    against its `forward`: after a 40-token prefill by forward (3 calls, wrapping the 32-slot
-    rings), each step runs forward, then decode, on the same token and position. Both write the same
-    keys and values there; decode can only match forward if it reads the cache forward filled.
+    """The FP32 .pte's one-token method (the full-attention layers' query heads as rows) against its
+    `forward`: after a 40-token prefill by forward (3 calls, wrapping the 32-slot rings), each step
+    runs forward, then the one-token method, on the same token and position. Both write the same
+    keys and values there; the method can only match forward if it reads the cache forward filled.
     FP32, because in the INT4 .pte the attention's different summation order (a few 1e-6) now and
     then moves an INT8 activation across a rounding step (once in 30 steps, 0.07 on the logits)."""
     import torch
@@ -102,7 +102,7 @@ def test_decode_method_shares_forwards_cache_and_gives_its_logits(workflow):
 
     PteDecoder(workflow["workdir"] / FP32 / "model.pte")  # registers the LLM ops, flushes subnormals
     program = Runtime.get().load_program(str(workflow["workdir"] / FP32 / "model.pte"))
-    forward, decode = program.load_method("forward"), program.load_method("decode")
+    forward, decode = program.load_method("forward"), program.load_method(DECODE_METHOD)
 
     def call(method, tokens, start):
         return method.execute([torch.tensor([tokens]), torch.arange(start, start + len(tokens))])[0][0]
@@ -115,7 +115,7 @@ def test_decode_method_shares_forwards_cache_and_gives_its_logits(workflow):
         logits = call(forward, [token], position)
         torch.testing.assert_close(call(decode, [token], position), logits, atol=1e-4, rtol=1e-4)
     lowering = read_json(workflow["workdir"] / FP32 / "model.pte.manifest.json")["lowering"]
-    assert lowering["methods"] == ["decode", "forward"]
+    assert lowering["methods"] == ["forward", DECODE_METHOD]
     assert 0 < lowering["decode_method"]["xnnpack_delegate_calls"]
 
 

@@ -61,7 +61,8 @@ def decode_program(program: torch.export.ExportedProgram) -> torch.export.Export
 
 
 def methods_of(program: torch.export.ExportedProgram, decode_method: bool) -> dict:
-    """The programs to lower, by method name: `forward`, and `decode` beside it if asked for."""
+    """The programs to lower, by method name: `forward`, and the one-token method
+    (DECODE_METHOD) beside it if asked for."""
     if not decode_method:
         return {"forward": program}
     return {"forward": program, DECODE_METHOD: decode_program(program)}

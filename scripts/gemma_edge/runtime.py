@@ -9,8 +9,10 @@ import torch
 from .artifacts import ArtifactError
 
 # A .pte's method for one token a call, beside `forward` (1 to get_max_seq_len tokens a call), sharing
-# its KV cache: the lower step adds it (lower.decode_program), and `PteDecoder` decodes with it.
-DECODE_METHOD = "decode"
+# its KV cache: the lower step adds it (lower.decode_program), and `PteDecoder` decodes with it. Not
+# named `decode`: ExecuTorch 1.5.1's LLM runner decodes with a method of that name when a .pte has
+# one, in a Module that does not share memory arenas between methods, so it read an empty cache.
+DECODE_METHOD = "forward_one_token"
 
 
 def flush_denormals(threads: int | None = None) -> bool:
@@ -32,8 +34,8 @@ def flush_denormals(threads: int | None = None) -> bool:
 
 
 class PteDecoder:
-    """A lowered decoder's `forward(tokens, input_pos) -> logits` method, loaded, and its `decode`
-    method for one token a call where the .pte has one."""
+    """A lowered decoder's `forward(tokens, input_pos) -> logits` method, loaded, and its one-token
+    method (DECODE_METHOD) where the .pte has one."""
 
     def __init__(self, pte_path: Path):
         import executorch.kernels.quantized  # noqa: F401  (registers the embedding_byte kernels)

@@ -143,7 +143,9 @@ def pte_weight_bytes(pte: Path) -> dict:
     named = {entry.key: segments[entry.segment_index].size for entry in program.named_data}
     tensors = {}
     delegate_bytes = 0
-    for delegate in plan.delegates:
+    # Every method's delegates: a one-token method beside forward has graphs of its own, over the
+    # same named data.
+    for delegate in (d for method in program.execution_plan for d in method.delegates):
         if delegate.processed.location != 1:  # inline: part of the program flatbuffer
             continue
         payload = segment_bytes(pte, header, segments[delegate.processed.index])
