@@ -18,6 +18,7 @@ from gemma_edge.config import validate_config
         ({"quantization": {"group_size": 100}}, "quantization.group_size is 100, but must be one of 32, 64, 128, 256"),
         ({"export": {"attention": "flash"}}, "export.attention is 'flash', but must be one of executorch, transformers"),
         ({"lowering": {"per_op_mode": "sometimes"}}, "lowering.per_op_mode is 'sometimes', but must be one of auto, true, false"),
+        ({"lowering": {"decode_method": "always"}}, "lowering.decode_method is 'always', but must be one of auto, true, false"),
         ({"quality": {"scored_positions": "middle"}}, "quality.scored_positions is 'middle', but must be one of all, second_half"),
         ({"quality": {"gates": {"max_mean_kl": "small"}}}, "quality.gates.max_mean_kl is 'small', but must be of type"),
         ({"model": "nope"}, f"model is 'nope', which is not an entry of models (known: {', '.join(sorted(DEFAULT_CONFIG['models']))})"),

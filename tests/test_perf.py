@@ -159,6 +159,15 @@ def test_perf_times_all_three_engines_on_the_same_checkpoint(perf_run):
         assert row["decode_vs_llamacpp"] == pytest.approx(pte["decode_tps"]["avg"] / llama["decode_tps"]["avg"])
 
 
+def test_a_128_token_program_is_lowered_without_the_one_token_method_by_default(perf_run):
+    """`lowering.decode_method: auto` at the default 128-token context: forward alone (it would
+    save under 2 % a token there and cost a third more lowering), and the .pte decodes with it."""
+    lowering = read_json(perf_run["workdir"] / "results/tiny-random/int4-g128/xnnpack-auto/model.pte.manifest.json")["lowering"]
+    assert lowering["decode_method_requested"] == "auto"
+    assert lowering["methods"] == ["forward"] and "decode_method" not in lowering
+    assert perf_run["perf"]["engines"]["pte"]["decodes_with"] == "forward"
+
+
 @needs_litert
 def test_perf_times_litert_lm_with_the_pte_s_group_size_by_its_own_benchmark(perf_run):
     perf, workdir = perf_run["perf"], perf_run["workdir"]

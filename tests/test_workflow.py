@@ -116,6 +116,7 @@ def test_decode_method_shares_forwards_cache_and_gives_its_logits(workflow):
         torch.testing.assert_close(call(decode, [token], position), logits, atol=1e-4, rtol=1e-4)
     lowering = read_json(workflow["workdir"] / FP32 / "model.pte.manifest.json")["lowering"]
     assert lowering["methods"] == ["forward", DECODE_METHOD]
+    assert lowering["decode_method_requested"] is True
     assert 0 < lowering["decode_method"]["xnnpack_delegate_calls"]
 
 
