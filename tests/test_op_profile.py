@@ -19,7 +19,7 @@ def test_every_delegate_call_of_the_program_is_traced_once_per_token(profile, wo
     """The decode method is profiled (the .pte has one, and it is what decodes), against its own
     lowering record."""
     assert profile["method"] == DECODE_METHOD
-    lowering = read_json(workflow["workdir"] / (PTE + ".manifest.json"))["lowering"]["decode_method"]
+    lowering = read_json(workflow["workdir"] / (PTE + ".manifest.json"))["lowering"][DECODE_METHOD]
     assert profile["delegate_calls"] == lowering["xnnpack_delegate_calls"]
     # every portable kernel traced is one the lowering left outside XNNPACK (names: aten.cat.out ->
     # cat.out; an in-place op, aten.copy_.default (the ring's slot record written back) -> copy_)

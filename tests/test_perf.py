@@ -20,6 +20,7 @@ from gemma_edge.e2b_shape import (
 )
 from gemma_edge.perf_projection import fit_line, parameter_count_of, project_steps, render_projection
 from gemma_edge.perf_table import decode_ratio, render_table, same_greedy_tokens
+from gemma_edge.runtime import DECODE_METHOD
 from test_workflow import jobs_of
 
 
@@ -162,9 +163,10 @@ def test_perf_times_all_three_engines_on_the_same_checkpoint(perf_run):
 def test_a_128_token_program_is_lowered_without_the_one_token_method_by_default(perf_run):
     """`lowering.decode_method: auto` at the default 128-token context: forward alone (it would
     save under 2 % a token there and cost a third more lowering), and the .pte decodes with it."""
-    lowering = read_json(perf_run["workdir"] / "results/tiny-random/int4-g128/xnnpack-auto/model.pte.manifest.json")["lowering"]
+    manifest = perf_run["workdir"] / "results/tiny-random/int4-g128/xnnpack-auto/model.pte.manifest.json"
+    lowering = read_json(manifest)["lowering"]
     assert lowering["decode_method_requested"] == "auto"
-    assert lowering["methods"] == ["forward"] and "decode_method" not in lowering
+    assert lowering["methods"] == ["forward"] and DECODE_METHOD not in lowering
     assert perf_run["perf"]["engines"]["pte"]["decodes_with"] == "forward"
 
 

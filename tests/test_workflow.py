@@ -117,7 +117,7 @@ def test_decode_method_shares_forwards_cache_and_gives_its_logits(workflow):
     lowering = read_json(workflow["workdir"] / FP32 / "model.pte.manifest.json")["lowering"]
     assert lowering["methods"] == ["forward", DECODE_METHOD]
     assert lowering["decode_method_requested"] is True
-    assert 0 < lowering["decode_method"]["xnnpack_delegate_calls"]
+    assert 0 < lowering[DECODE_METHOD]["xnnpack_delegate_calls"]
 
 
 def test_quantized_pte_passes_the_default_gates(workflow):

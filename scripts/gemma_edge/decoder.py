@@ -252,11 +252,8 @@ def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
         mask = attention_mask[0, 0, -query.shape[2]:, :].repeat_interleave(group, dim=0)
         return attend_as_rows(query, key, value, 0, mask, scaling), None
     first_query = start_pos + new_tokens - query.shape[2]
-    if isinstance(query.shape[2], int) and query.shape[2] == 1:
-        # One query (a decode step, or a KV-sharing layer's last token at any step): its head rows all
-        # see positions 0..first_query, so the call needs no causal order. custom_sdpa attends to the
-        # first start_pos + rows positions; a start_pos below 0 (first positions) is taken as it is.
-        return attend_as_rows(query, key, value, first_query + 1 - group, None, scaling), None
+    if isinstance(query.shape[2], int) and query.shape[2] == 1:  # a decode step, or a KV-sharing layer's last token
+        return attend_one_query_as_rows(query, key, value, first_query, scaling), None
     output = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key, value, first_query, None, 0.0, True, scaling)
     return output, None
 
@@ -270,9 +267,17 @@ def one_token_custom_sdpa(query, key, value, start_pos, mask, dropout_p, is_caus
     of every `custom_sdpa` of a program re-exported for one token a call (`lower.decode_program`),
     where the token count is the constant 1, so the check below is decided while tracing."""
     if is_causal and mask is None and isinstance(query.shape[1], int) and query.shape[1] == 1:
-        group = query.shape[2] // key.shape[2]
-        return attend_as_rows(query.transpose(1, 2), key, value, start_pos + 1 - group, None, scale)
+        return attend_one_query_as_rows(query.transpose(1, 2), key, value, start_pos, scale)
     return torch.ops.llama.custom_sdpa(query, key, value, start_pos, mask, dropout_p, is_causal, scale)
+
+
+def attend_one_query_as_rows(query, key, value, position, scaling) -> torch.Tensor:
+    """The causal attention of a single query token at `position` ([1, heads, 1, dim] in,
+    [1, 1, heads, dim] out): its head rows all see positions 0..position, so the call needs no
+    causal order. custom_sdpa attends to the first start_pos + rows positions; a start_pos below 0
+    (the first positions) is taken as it is."""
+    group = query.shape[1] // key.shape[2]
+    return attend_as_rows(query, key, value, position + 1 - group, None, scaling)
 
 
 def attend_as_rows(query, key, value, start_pos, mask, scaling) -> torch.Tensor:

@@ -139,11 +139,11 @@ def planned_memory_bytes(manager) -> int:
 
 def lowered_summary(manager, metadata: dict) -> dict:
     """The lowering record's figures about the program itself: its methods (the metadata methods
-    aside), planned memory, and delegation per method."""
+    aside), planned memory, and delegation: `forward`'s at the top, the one-token method's under its name."""
     methods = sorted(plan.name for plan in manager.executorch_program.execution_plan if plan.name not in metadata)
     summary = {"methods": methods, "planned_memory_bytes": planned_memory_bytes(manager), **delegation_summary(manager)}
     if DECODE_METHOD in methods:
-        summary["decode_method"] = delegation_summary(manager, DECODE_METHOD)
+        summary[DECODE_METHOD] = delegation_summary(manager, DECODE_METHOD)
     return summary
 
 
