@@ -37,6 +37,15 @@ def test_measured_in_a_child_the_buffer_never_counts_in_the_benchmarks_peak_rss(
     assert after - before < result["buffer_bytes"] // 4
 
 
+def test_an_emulated_device_gets_the_short_form_on_the_smallest_buffer_and_it_says_so():
+    """Under QEMU user mode the guest reads the host's sysfs (its last-level cache) and emulated
+    reductions crawl: the smallest buffer, a few passes, marked."""
+    result = bandwidth.measure_in_child(1, emulated=True)
+    assert result["emulated"] is True and result["buffer_bytes"] == bandwidth.MIN_BUFFER_BYTES
+    assert len(result["gb_per_s"]["samples"]) == bandwidth.EMULATED_REPETITIONS
+    assert "emulated" not in bandwidth.measure_in_child(1)
+
+
 def test_buffer_is_eight_caches_at_least_256_mib_and_refused_beyond_a_quarter_of_free_memory():
     assert bandwidth.buffer_size(32 * 2**20, 24 * 2**30) == 256 * 2**20
     assert bandwidth.buffer_size(64 * 2**20, 24 * 2**30) == 512 * 2**20

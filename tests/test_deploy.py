@@ -38,6 +38,7 @@ def test_bench_json_holds_real_figures(deployed, target):
     # The device's memory read bandwidth, measured once before the engines, over more than its caches.
     limit = bench["bandwidth"]
     assert limit["buffer_bytes"] >= 256 * 2**20 and limit["gb_per_s"]["avg"] > 0 and len(limit["gb_per_s"]["samples"]) == 10
+    assert "emulated" not in limit
 
 
 @pytest.mark.parametrize("target", ["loopback", "local"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DEFAULT_CONFIG, PINS, REPO, needs_litert, needs_llamacpp, qemu_unavailable, require, snakemake, write_config
-from gemma_edge import deploy, device_bench, emulator, loopback_sshd
+from gemma_edge import bandwidth, deploy, device_bench, emulator, loopback_sshd
 from gemma_edge.config import validate_config
 from gemma_edge.artifacts import read_json, sha256_file
 
@@ -71,6 +71,15 @@ def test_the_device_is_an_emulated_cortex_a76_with_debian_python(emulated):
     assert device["python"] == "3.11.2" and device["libc"] == ["glibc", "2.36"]
     assert deploy.public_version(device["versions"]["torch"]) == PINS["torch"] and device["versions"]["executorch"] == PINS["executorch"]
     assert device["library_alignment"]["bytes"] >= device["page_size"]
+
+
+def test_the_emulated_bandwidth_figure_is_the_short_form_and_says_so(emulated):
+    """The probe found the device emulated; the benchmark measured the bandwidth on the smallest
+    buffer, not on eight of the host's caches (a minute a benchmark under QEMU)."""
+    for variant in VARIANTS.values():
+        limit = read_json(emulated["workdir"] / f"results/{TARGET}/{variant}/bench.json")["bandwidth"]
+        assert limit["emulated"] is True and limit["buffer_bytes"] == bandwidth.MIN_BUFFER_BYTES
+        assert len(limit["gb_per_s"]["samples"]) == bandwidth.EMULATED_REPETITIONS and limit["gb_per_s"]["avg"] > 0
 
 
 def test_the_virtualenv_was_installed_offline_from_the_host_built_wheelhouse(emulated):

@@ -310,9 +310,10 @@ def upload_peer_file(client, settings: dict, layout: dict, local: Path, kind: st
 # ---- bench -----------------------------------------------------------------------------------
 
 def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dict, peers: list[dict] | None = None,
-               tokenizer: str | None = None) -> dict:
+               tokenizer: str | None = None, emulated: bool = False) -> dict:
     """What the device's benchmark runs. `tokenizer` (tokenizer.json where deploy put it) and the
-    parity prompts' texts are for ExecuTorch's LLM runner, which tokenises text itself."""
+    parity prompts' texts are for ExecuTorch's LLM runner, which tokenises text itself; `emulated`
+    (the probe's finding) shortens the bandwidth measurement."""
     planned = pte_manifest["lowering"].get("planned_memory_bytes") or 0
     return {
         "memory_bytes": pte_manifest["size_bytes"] + planned,  # the mapped .pte plus its KV cache and activations
@@ -329,6 +330,7 @@ def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dic
         "max_new_tokens": host_parity["max_new_tokens"],
         "peers": peers or [],
         "peer_timeout_s": settings["bench_timeout_s"],
+        "emulated": emulated,
     }
 
 
@@ -506,7 +508,7 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
     if deployed["files"]["pte"]["sha256"] != pte_manifest["sha256"]:
         raise DeviceError("the .pte on the device is not the one built for this configuration; re-run deploy")
     spec = bench_spec(settings, bench_config, host_parity, pte_manifest, deployed.get("peers", []),
-                      deployed["files"]["tokenizer"]["path"])
+                      deployed["files"]["tokenizer"]["path"], bool(device.get("emulated")))
     started = time.time()
     result = run_device_bench(name, settings, deployed, spec)
     finished = time.time()
