@@ -162,19 +162,21 @@ def write_pte(manager, path: Path) -> None:
 
 
 def lower_with_fallback(load, per_op_mode: str | bool, metadata: dict, pte_path: Path,
-                        decode_method: bool = True) -> dict:
+                        decode_method: str | bool = "auto") -> dict:
     """Lower and write `pte_path`, honouring per_op_mode "auto", True or False; return what happened.
-    With `decode_method`, the .pte gets a second method for one token a call (`decode_program`).
+    With `decode_method` (as `wants_decode_method` reads it), the .pte gets a second method for one
+    token a call (`decode_program`).
 
     Lowering consumes the program it is given (it moves its constants into the delegates), so each
     attempt lowers a fresh program from `load()`: the per-op one after a rejected fused one too."""
     attempts = {"auto": [False, True], False: [False], True: [True]}[per_op_mode]
-    record = {"per_op_mode_requested": per_op_mode, "fused_rejection": None}
+    record = {"per_op_mode_requested": per_op_mode, "decode_method_requested": decode_method, "fused_rejection": None}
+    with_decode_method = wants_decode_method(decode_method, metadata["get_max_context_len"])
     for mode in attempts:
         label = "per-op" if mode else "fused"
         log.info("lowering to XNNPACK (%s subgraphs)", label)
         try:
-            manager = lower_to_xnnpack(methods_of(load(), decode_method), mode, metadata)
+            manager = lower_to_xnnpack(methods_of(load(), with_decode_method), mode, metadata)
             log_memory(f"lowering ({label})")
             write_pte(manager, pte_path)
             log_memory("writing the .pte")

@@ -104,7 +104,7 @@ def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str | bool
           out: Path, out_manifest: Path) -> dict:
     from .checkpoint import read_text_config_dict
     from .export import context_length_of, kv_cache_bytes_of, load_program, tokens_per_call_of
-    from .lower import lower_with_fallback, runner_metadata, wants_decode_method
+    from .lower import lower_with_fallback, runner_metadata
 
     program_manifest = verify_against_manifest(program_path)
     text_config = read_text_config_dict(Path(read_json(checkpoint_manifest)["path"]))
@@ -112,10 +112,8 @@ def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str | bool
     metadata = runner_metadata(text_config, context_length_of(loaded[0]), tokens_per_call_of(loaded[0]))
     kv_cache_bytes = kv_cache_bytes_of(loaded[0])
     # The first attempt lowers the program just loaded (handed over, not kept); a fallback loads afresh.
-    with_decode_method = wants_decode_method(decode_method, metadata["get_max_context_len"])
     record = lower_with_fallback(lambda: loaded.pop() if loaded else load_program(program_path),
-                                 per_op_mode, metadata, Path(out), with_decode_method)
-    record["decode_method_requested"] = decode_method
+                                 per_op_mode, metadata, Path(out), decode_method)
     log_memory("lowering, writing and loading the .pte")
     extra = {"lowering": record, "runner_metadata": metadata, "kv_cache_bytes": kv_cache_bytes,
              "program_params": program_manifest["params"],
