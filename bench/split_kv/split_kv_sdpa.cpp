@@ -124,7 +124,7 @@ void merge_chunks(const float* maxima, const float* sums, const float* accs, con
       for (int64_t d = 0; d < s.dim; ++d) row[d] += w * acc[d];
     }
     const float inverse = 1.0f / total;
-    for (int64_t d = 0; d < s.dim; ++d) row[d] *= inverse;  // not worth a vector loop: once per row
+    for (int64_t d = 0; d < s.dim; ++d) row[d] *= inverse;
   }
 }
 
