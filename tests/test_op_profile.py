@@ -42,6 +42,19 @@ def test_the_table_names_each_part(profile):
     table = op_profile.render(profile)
     assert "XNNPACK delegate calls" in table and "LLM custom ops" in table
     assert next(iter(profile["xnnpack_ms"])) in table
+    assert f"llama.custom_sdpa.out ({profile['custom_ops']['llama.custom_sdpa.out']['calls']} calls)" in table
+
+
+def test_the_custom_ops_are_named_by_their_instructions_once_per_call_of_the_program(profile, workflow):
+    """The attention and cache updates, which the tracer times only as operator calls, are named from
+    the .pte's own instructions: as many calls per token as the lowering left in the decode method."""
+    lowering = read_json(workflow["workdir"] / (PTE + ".manifest.json"))["lowering"][DECODE_METHOD]["portable_ops"]
+    llm_ops = {name: count for name, count in lowering.items() if name.startswith("llama.")}
+    assert {"llama.custom_sdpa.out", "llama.update_cache_with_indices.out"} <= set(llm_ops)  # rings: demo window 16
+    assert {name: profile["custom_ops"][name]["calls"] for name in llm_ops} == llm_ops
+    assert "unnamed operator" not in profile["custom_ops"]
+    assert all(entry["ms"] > 0 for entry in profile["custom_ops"].values())
+    assert sum(entry["ms"] for entry in profile["custom_ops"].values()) <= profile["operator_ms"] + 1e-9
 
 
 def test_a_trace_with_a_missing_run_is_refused():

@@ -1,6 +1,7 @@
 """Where a decoded token's time goes inside a .pte: ExecuTorch's own event tracer (ETDump), read
 back with its Inspector, split into XNNPACK delegate calls (and the XNNPACK operators inside them)
-and the portable / custom operators run between them.
+and the portable / custom operators run between them (those the tracer times only as a whole, the
+LLM custom ops among them, named by the .pte's own instructions).
 
     python -m gemma_edge.op_profile results/e2b-4l/int4-g128/xnnpack-auto/model.pte --tokens 32
 
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+# One ETDump event: its name, whether it is an operator inside a delegate, its raw times (one per
+# run of the method), and the index of the method's instruction it times (None inside a delegate).
+Event = tuple[str, bool, list[float], int | None]
 DELEGATE_CALL = "DELEGATE_CALL"
 OPERATOR_CALL = "OPERATOR_CALL"
 NATIVE_PREFIX = "native_call_"
@@ -64,23 +68,30 @@ def decode_share(raw: list[float], runs: int, decoded: int) -> float:
     return sum(raw[-decoded:]) / decoded
 
 
-def summarise_events(events: list[tuple[str, bool, list[float]]], runs: int, decoded: int) -> dict:
-    """Per-token milliseconds from ETDump events (name, is_delegated_op, raw times per run; the last
-    `decoded` runs are the decode steps, those before them the prefill): the delegate calls and the
-    operator calls between them, each with its parts.
+def summarise_events(events: list[Event], runs: int, decoded: int, operators: dict[int, str] | None = None) -> dict:
+    """Per-token milliseconds from ETDump events (name, is_delegated_op, raw times per run, instruction;
+    the last `decoded` runs are the decode steps, those before them the prefill): the delegate calls
+    and the operator calls between them, each with its parts.
 
     An OPERATOR_CALL event spans one portable / custom kernel and holds a `native_call_*` event
     when the kernel is a native one; a DELEGATE_CALL spans one XNNPACK subgraph and holds its
-    operators (is_delegated_op). Totals come from the spans, parts from what they hold."""
+    operators (is_delegated_op). Totals come from the spans, parts from what they hold. An operator
+    call that holds nothing (the LLM custom ops) is named by its instruction in `operators`
+    (`instruction_operators`), with its calls per token."""
     totals = {DELEGATE_CALL: 0.0, OPERATOR_CALL: 0.0}
     counts = {DELEGATE_CALL: 0, OPERATOR_CALL: 0}
     xnnpack, portable = defaultdict(float), defaultdict(float)
+    unnamed = defaultdict(lambda: [0.0, 0])  # operator calls holding no native_call event: [ms, calls]
     slowest = []  # single XNNPACK operators, with the delegate call they run in
-    for name, delegated, raw in events:
+    for index, (name, delegated, raw, instruction) in enumerate(events):
         ms = decode_share(raw, runs, decoded)
         if name in totals:
             totals[name] += ms
             counts[name] += 1
+            if name == OPERATOR_CALL and not holds_native_call(events, index):
+                entry = unnamed[(operators or {}).get(instruction, "unnamed operator")]
+                entry[0] += ms
+                entry[1] += 1
         elif delegated:
             xnnpack[op_kind(name)] += ms
             slowest.append((ms, f"{name} (delegate call {counts[DELEGATE_CALL] + 1})"))
@@ -92,26 +103,53 @@ def summarise_events(events: list[tuple[str, bool, list[float]]], runs: int, dec
         "operator_calls": counts[OPERATOR_CALL], "operator_ms": totals[OPERATOR_CALL],
         "xnnpack_ms": dict(sorted(xnnpack.items(), key=lambda kv: -kv[1])),
         "portable_ms": dict(sorted(portable.items(), key=lambda kv: -kv[1])),
-        # operator calls that hold no native_call event: the LLM custom ops (update_cache, custom_sdpa)
+        # operator-call time outside every native_call event: the calls that hold none (the LLM custom
+        # ops, named in custom_ops) and the other calls' own dispatch
         "custom_ms": max(0.0, totals[OPERATOR_CALL] - named),
         # delegate time outside every XNNPACK operator: the delegate's own work per call (setting
         # inputs and outputs, reshaping for the token count) and dispatch
         "delegate_overhead_ms": max(0.0, totals[DELEGATE_CALL] - sum(xnnpack.values())),
         "slowest_ms": {name: ms for ms, name in sorted(slowest, reverse=True)[:SLOWEST]},
+        "custom_ops": {name: {"ms": ms, "calls": calls}
+                       for name, (ms, calls) in sorted(unnamed.items(), key=lambda kv: -kv[1][0])},
     }
 
 
-def read_events(etdump: Path) -> list[tuple[list[tuple[str, bool, list[float]]], int]]:
+def holds_native_call(events: list[Event], index: int) -> bool:
+    """Whether the OPERATOR_CALL at `index` holds a native kernel's event (the one after it)."""
+    return index + 1 < len(events) and events[index + 1][0].startswith(NATIVE_PREFIX)
+
+
+def instruction_operators(pte_path: Path, method: str) -> dict[int, str]:
+    """The operator each kernel-call instruction of `method` runs, by instruction index, named as the
+    lowering record names them (llama::custom_sdpa, overload out -> llama.custom_sdpa.out); read from
+    the .pte's flatbuffer alone."""
+    from .weight_bytes import read_program
+
+    _, program = read_program(pte_path)
+    plan = next(plan for plan in program.execution_plan if plan.name == method)
+    names = {}
+    for index, instruction in enumerate(plan.chains[0].instructions):
+        op_index = getattr(instruction.instr_args, "op_index", None)
+        if op_index is not None:
+            operator = plan.operators[op_index]
+            names[index] = f"{operator.name.replace('::', '.')}.{operator.overload}".removesuffix(".")
+    return names
+
+
+def read_events(etdump: Path) -> list[tuple[list[Event], int]]:
     """Each Execute block's events of an ETDump file (one block per method run, in the order the
-    methods first ran), and how many times its method ran."""
+    methods first ran), and how many times its method ran. An event's instruction is the index of
+    the method's instruction it times (the Inspector keeps it as a private field)."""
     from executorch.devtools import Inspector
 
     inspector = Inspector(etdump_path=str(etdump))
     blocks = []
     for block in inspector.event_blocks:
         if block.name == "Execute":
-            events = [(e.name, bool(e.is_delegated_op), list(e.perf_data.raw)) for e in block.events if e.perf_data]
-            blocks.append((events, max(len(raw) for _, _, raw in events)))
+            events = [(e.name, bool(e.is_delegated_op), list(e.perf_data.raw), getattr(e, "_instruction_id", None))
+                      for e in block.events if e.perf_data]
+            blocks.append((events, max(len(event[2]) for event in events)))
     return blocks
 
 
@@ -134,7 +172,7 @@ def profile_decode(pte_path: Path, prompt_len: int, new_tokens: int, threads: in
     expected = new_tokens if method == DECODE_METHOD else prefill_calls + new_tokens
     if runs != expected:
         raise RuntimeError(f"the trace holds {runs} runs of {method}, expected {expected}")
-    summary = summarise_events(events, runs, new_tokens)
+    summary = summarise_events(events, runs, new_tokens, instruction_operators(pte_path, method))
     summary.update({"pte": str(pte_path), "threads": threads, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
                     "method": method, "traced_ms_per_token": 1000 * seconds / new_tokens})
     return summary
@@ -153,8 +191,11 @@ def render(summary: dict, top: int = 12) -> str:
     lines += ["", "slowest single XNNPACK operators:"]
     lines += [f"  {name:48s} {share(ms)}" for name, ms in summary["slowest_ms"].items()]
     lines += ["", "operators between the delegate calls:",
-              f"  {'LLM custom ops (update_cache, custom_sdpa)':48s} {share(summary['custom_ms'])}"]
+              f"  {'LLM custom ops, and other calls timed whole':48s} {share(summary['custom_ms'])}"]
     lines += [f"  {name:48s} {share(ms)}" for name, ms in summary["portable_ms"].items()]
+    lines += ["", "operator calls with no kernel event of their own (the LLM custom ops among them), named by instruction:"]
+    lines += [f"  {name + ' (' + str(entry['calls']) + ' calls)':48s} {share(entry['ms'])}"
+              for name, entry in summary["custom_ops"].items()]
     return "\n".join(lines)
 
 
