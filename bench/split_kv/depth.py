@@ -57,9 +57,9 @@ def reference(q, k, v, positions, scale):
     return (weights @ values).transpose(1, 2).contiguous()
 
 
-def define_op() -> None:
+def define_op() -> torch.library.Library:
     """The op for export: its schema, the out variant ExecuTorch's emitter asks for, and a torch
-    reference that gives export its shapes."""
+    reference that gives export its shapes. The definitions last as long as the returned library."""
     library = torch.library.Library("gemma_edge", "DEF")
     library.define("split_kv_sdpa(Tensor q, Tensor k, Tensor v, SymInt positions, float scale) -> Tensor")
     library.define("split_kv_sdpa.out(Tensor q, Tensor k, Tensor v, SymInt positions, float scale, *, "
@@ -67,7 +67,7 @@ def define_op() -> None:
     library.impl("split_kv_sdpa", reference, "CompositeExplicitAutograd")
     library.impl("split_kv_sdpa.out", lambda q, k, v, positions, scale, *, out: out.copy_(
         reference(q, k, v, positions, scale)), "CompositeExplicitAutograd")
-    define_op.library = library  # kept alive: the definitions go with it
+    return library
 
 
 class Attention(torch.nn.Module):
@@ -108,7 +108,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         ctypes.CDLL(str(build_kernel(Path(folder))), mode=ctypes.RTLD_GLOBAL)
-    define_op()
+    library = define_op()  # noqa: F841 - held for the op's definitions
     portable_lib._unsafe_reset_threadpool(args.threads)
     flush = torch.zeros(128 * 1024 * 1024) if args.cold else None  # 512 MiB, past any last-level cache here
     query = torch.randn(1, ROWS, 1, HEAD_DIM, generator=torch.Generator().manual_seed(1))
