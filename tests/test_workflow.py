@@ -35,27 +35,35 @@ def test_download_went_through_the_seeded_hub_cache(workflow):
 
 def test_exported_program_holds_the_kv_cache_as_buffers(workflow):
     """128 positions of context over a 16-token sliding window: the one cached full-attention layer
-    holds 128 positions, the two cached sliding layers a ring of 32, with one record of which
-    position each ring slot holds."""
+    holds 128 positions, the two cached sliding layers a ring of 32 and a window of 16 (the last 16
+    positions, which the one-token method reads), with one record of which position each ring slot
+    holds."""
     program = load_program(workflow["workdir"] / "results/tiny/fp32/program.pt2")
     buffers = cache_buffers(program)
     # keys and values of the 3 of 6 layers that do not reuse another's, and the ring's positions
     assert sorted(buffers) == sorted(["cache_ring_keys_0", "cache_ring_values_0", "cache_ring_keys_1",
-                                      "cache_ring_values_1", "cache_keys_2", "cache_values_2", "cache_ring_positions"])
+                                      "cache_ring_values_1", "cache_window_keys_0", "cache_window_values_0",
+                                      "cache_window_keys_1", "cache_window_values_1", "cache_keys_2", "cache_values_2",
+                                      "cache_ring_positions"])
     assert not program.graph_signature.lifted_tensor_constants
     assert context_length_of(program) == 128 and tokens_per_call_of(program) == 16
     config = read_text_config_dict(Path(read_json(workflow["workdir"] / "results/tiny/checkpoint.json")["path"]))
     full_head_dim = config["per_layer_config"]["2"]["head_dim"]  # full-attention layers have their own width
-    ring_bytes = 2 * 2 * 32 * config["num_key_value_heads"] * config["head_dim"] * 4  # 2 layers, keys + values, 32 slots
+    # 2 layers, keys + values, 32 ring slots and 16 window slots
+    ring_bytes = 2 * 2 * (32 + 16) * config["num_key_value_heads"] * config["head_dim"] * 4
     full_bytes = 2 * 128 * config["num_key_value_heads"] * full_head_dim * 4
     assert kv_cache_bytes_of(program) == ring_bytes + full_bytes + 32 * 8
     targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
-    # ExecuTorch's cache and attention ops: 2 writes per cached layer, one attention per layer, and
-    # no per-step copies of the one-head cache to every query head; the ring's slot record is the
-    # one index_copy, and its mask the one `where`, shared by every sliding layer.
+    # ExecuTorch's cache and attention ops: 2 writes per cached layer (4 on a ring layer: its ring
+    # and its window), one attention per layer (a sliding one's as our op, which each lowered method
+    # reads its own way), and no per-step copies of the one-head cache to every query head; the
+    # ring's slot record is the one index_copy, and its mask the one `where`, shared by every
+    # sliding layer.
+    sliding = config["layer_types"].count("sliding_attention")
     assert targets["llama.update_cache.default"] == 2
-    assert targets["llama.update_cache_with_indices.default"] == 2 * 2
-    assert targets["llama.custom_sdpa.default"] == 6
+    assert targets["llama.update_cache_with_indices.default"] == 2 * 2 * 2
+    assert targets["gemma_edge.sliding_attention.default"] == sliding > 0
+    assert targets["llama.custom_sdpa.default"] == 6 - sliding
     assert targets["aten.index_copy_.default"] + targets["aten.index_copy.default"] == 1
     assert targets["aten.where.self"] == 1
     assert "aten.expand.default" not in targets

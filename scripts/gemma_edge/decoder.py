@@ -86,8 +86,10 @@ class KVCacheDecoder(nn.Module):
     first start_pos + T. When `max_seq_len` exceeds the sliding window W, sliding layers keep a
     ring buffer of 2W positions instead (`RingCacheLayer`): constant memory and constant attention
     cost at any depth, with at most W new tokens per call, so W - 1 earlier positions and the call's
-    own always fit. `"transformers"` keeps transformers' own cache update, masks and attention (the
-    eager benchmark's baseline), up to the window.
+    own always fit. Beside it each keeps a window of W positions, the last W written, which is all a
+    single query token sees: the one-token method reads only its filled slots, unmasked
+    (`one_token_sliding_attention`). `"transformers"` keeps transformers' own cache update, masks
+    and attention (the eager benchmark's baseline), up to the window.
     """
 
     def __init__(self, model: nn.Module, max_seq_len: int, attention: str = "executorch"):
@@ -132,6 +134,11 @@ class KVCacheDecoder(nn.Module):
                 layer.values = torch.zeros(layer.values.transpose(1, 2).shape, dtype=dtype)
             self.register_buffer(cache_buffer_name("keys", index, ring[index]), layer.keys, persistent=False)
             self.register_buffer(cache_buffer_name("values", index, ring[index]), layer.values, persistent=False)
+            if ring[index]:
+                window_shape = (1, self.window, *layer.keys.shape[2:])
+                for kind in ("keys", "values"):
+                    self.register_buffer(window_buffer_name(kind, index), torch.zeros(window_shape, dtype=dtype),
+                                         persistent=False)
             if attention == "transformers":
                 self.register_buffer(f"cache_length_{index}", layer.cumulative_length, persistent=False)
         if self.window is not None:
@@ -153,6 +160,9 @@ class KVCacheDecoder(nn.Module):
             is_ring = isinstance(layer, RingCacheLayer)
             layer.keys = getattr(self, cache_buffer_name("keys", index, is_ring))
             layer.values = getattr(self, cache_buffer_name("values", index, is_ring))
+            if is_ring:
+                layer.window_keys = getattr(self, window_buffer_name("keys", index))
+                layer.window_values = getattr(self, window_buffer_name("values", index))
             if self.attention == "transformers":
                 layer.cumulative_length = getattr(self, f"cache_length_{index}")
                 # A fresh read of input_pos[0] per layer: if several buffers were last written from
@@ -174,6 +184,15 @@ class KVCacheDecoder(nn.Module):
             self.cache_ring_positions.index_copy_(0, slots, input_pos + 1)
             masks["sliding_attention"] = ring_mask(self.cache_ring_positions, input_pos, self.window)
             extra["ring_slots"] = slots.unsqueeze(0)
+            extra["window_slots"] = (input_pos % self.window).unsqueeze(0)
+            # Slots of the window the call's last query sees: a tensor clamp, not torch.sym_min, which
+            # ExecuTorch 1.5.1's edge verifier refuses as a graph node (a plain Python function).
+            extra["window_filled"] = torch.clamp(input_pos[-1] + 1, max=self.window).item()
+            # Attention gets a ring's keys from its own layer or, in a KV-sharing layer, from the
+            # layer it reuses: the ring tensor itself names the window that goes with it.
+            rings = [self.cache.layers[index] for index in self.cached_layers]
+            extra["ring_windows"] = {id(layer.keys): (layer.window_keys, layer.window_values)
+                                     for layer in rings if isinstance(layer, RingCacheLayer)}
         # Only this call attends through the custom ops: the model itself keeps its attention.
         config = self.model.config
         own_attention, config._attn_implementation = config._attn_implementation, EXECUTORCH_ATTENTION
@@ -198,6 +217,11 @@ class KVCacheDecoder(nn.Module):
 def cache_buffer_name(kind: str, layer: int, ring: bool) -> str:
     """`cache_keys_3` holds max_seq_len positions, `cache_ring_keys_3` a sliding layer's ring."""
     return f"cache_{'ring_' if ring else ''}{kind}_{layer}"
+
+
+def window_buffer_name(kind: str, layer: int) -> str:
+    """`cache_window_keys_3`: the last `window` positions of a ring layer, for the one-token method."""
+    return f"cache_window_{kind}_{layer}"
 
 
 def ring_mask(slots_held: torch.Tensor, input_pos: torch.Tensor, window: int) -> torch.Tensor:
@@ -227,19 +251,23 @@ class CustomOpCacheLayer(StaticLayer):
 
 
 class RingCacheLayer(StaticLayer):
-    """A sliding layer's ring buffer, written by `llama::update_cache_with_indices` at the call's slots
-    (position modulo the ring's length, computed once per call by KVCacheDecoder)."""
+    """A sliding layer's ring buffer and its window, both written by `llama::update_cache_with_indices`
+    at the call's slots (position modulo each one's length, computed once per call by KVCacheDecoder).
+    `window_keys` and `window_values` are bound beside `keys` and `values`."""
 
     def update(self, key_states, value_states, *args, kwargs=None, **more):
         extra = kwargs or more
-        start_pos, slots = extra["start_pos"], extra["ring_slots"]
-        torch.ops.llama.update_cache_with_indices(key_states.transpose(1, 2), self.keys, start_pos, slots)
-        torch.ops.llama.update_cache_with_indices(value_states.transpose(1, 2), self.values, start_pos, slots)
+        start_pos = extra["start_pos"]
+        keys, values = key_states.transpose(1, 2), value_states.transpose(1, 2)
+        for cache, slots in ((self.keys, extra["ring_slots"]), (self.window_keys, extra["window_slots"])):
+            torch.ops.llama.update_cache_with_indices(keys, cache, start_pos, slots)
+        for cache, slots in ((self.values, extra["ring_slots"]), (self.window_values, extra["window_slots"])):
+            torch.ops.llama.update_cache_with_indices(values, cache, start_pos, slots)
         return self.keys, self.values
 
 
 def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=None, start_pos=None, new_tokens=None,
-                          **kwargs):
+                          ring_windows=None, window_filled=None, **kwargs):
     """transformers' attention interface over `llama::custom_sdpa`: query [1, heads, q, dim] and the
     [1, positions, kv_heads, dim] caches in, [1, q, heads, dim] out, as transformers expects.
 
@@ -248,10 +276,13 @@ def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     transformers slices their masks to match). Without a mask, custom_sdpa masks causally from the
     position of the first query it is given; a ring buffer's mask says which slots each query sees."""
     group = query.shape[1] // key.shape[2]
+    first_query = start_pos + new_tokens - query.shape[2]
     if attention_mask is not None:
         mask = attention_mask[0, 0, -query.shape[2]:, :].repeat_interleave(group, dim=0)
-        return attend_as_rows(query, key, value, 0, mask, scaling), None
-    first_query = start_pos + new_tokens - query.shape[2]
+        window_keys, window_values = ring_windows[id(key)]
+        rows = torch.ops.gemma_edge.sliding_attention(query_heads_as_rows(query, key.shape[2]), key, value, window_keys,
+                                                      window_values, mask, window_filled, scaling)
+        return rows_as_query_heads(rows, query.shape[1]), None
     if isinstance(query.shape[2], int) and query.shape[2] == 1:  # a decode step, or a KV-sharing layer's last token
         return attend_one_query_as_rows(query, key, value, first_query, scaling), None
     output = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key, value, first_query, None, 0.0, True, scaling)
@@ -271,19 +302,46 @@ def one_token_custom_sdpa(query, key, value, start_pos, mask, dropout_p, is_caus
     return torch.ops.llama.custom_sdpa(query, key, value, start_pos, mask, dropout_p, is_causal, scale)
 
 
+@torch.library.custom_op("gemma_edge::sliding_attention", mutates_args=())
+def sliding_attention(rows: torch.Tensor, ring_keys: torch.Tensor, ring_values: torch.Tensor, window_keys: torch.Tensor,
+                      window_values: torch.Tensor, mask: torch.Tensor, window_filled: int,
+                      scale: float | None) -> torch.Tensor:
+    """A sliding layer's attention over its ring, `query_heads_as_rows` in and out, the ring's mask
+    repeated per row. `window_filled` is min(p + 1, W) for the call's last position p.
+
+    One op in the exported program so that each lowered method can choose how to read it: the
+    program for 1 to W tokens reads the whole ring with its mask (this body, `as_masked_ring_calls`);
+    the one-token method only the window's filled slots (`one_token_sliding_attention`)."""
+    return torch.ops.llama.custom_sdpa(rows, ring_keys, ring_values, 0, mask, 0.0, False, scale)
+
+
+@sliding_attention.register_fake
+def _sliding_attention_shape(rows, ring_keys, ring_values, window_keys, window_values, mask, window_filled, scale):
+    return torch.empty_like(rows)
+
+
+def one_token_sliding_attention(rows, ring_keys, ring_values, window_keys, window_values, mask, window_filled, scale):
+    """`sliding_attention` for a single query token at position p: its window holds the last W
+    positions written, this one's included, which are exactly the ones it sees, in its first
+    `window_filled` = min(p + 1, W) slots. custom_sdpa unmasked reads the first start_pos + rows
+    positions, so it reads only those: 17 positions at p = 16, where the masked ring call reads 2W."""
+    return torch.ops.llama.custom_sdpa(rows, window_keys, window_values, window_filled - rows.shape[1], None, 0.0,
+                                       False, scale)
+
+
 def attend_one_query_as_rows(query, key, value, position, scaling) -> torch.Tensor:
     """The causal attention of a single query token at `position` ([1, heads, 1, dim] in,
     [1, 1, heads, dim] out): its head rows all see positions 0..position, so the call needs no
     causal order. custom_sdpa attends to the first start_pos + rows positions; a start_pos below 0
     (the first positions) is taken as it is."""
     group = query.shape[1] // key.shape[2]
-    return attend_as_rows(query, key, value, position + 1 - group, None, scaling)
+    return attend_as_rows(query, key, value, position + 1 - group, scaling)
 
 
-def attend_as_rows(query, key, value, start_pos, mask, scaling) -> torch.Tensor:
+def attend_as_rows(query, key, value, start_pos, scaling) -> torch.Tensor:
     """custom_sdpa, not causal, over [1, heads, q, dim] queries passed as rows of their KV heads;
     [1, q, heads, dim] out."""
-    rows = torch.ops.llama.custom_sdpa(query_heads_as_rows(query, key.shape[2]), key, value, start_pos, mask, 0.0,
+    rows = torch.ops.llama.custom_sdpa(query_heads_as_rows(query, key.shape[2]), key, value, start_pos, None, 0.0,
                                        False, scaling)
     return rows_as_query_heads(rows, query.shape[1])
 

@@ -38,7 +38,8 @@ def export_decoder(model: torch.nn.Module, max_seq_len: int, xnnpack_norms: bool
         raise RuntimeError("the KV cache is not held as module buffers in the exported program (lifted as constants?)")
     log.info("exported: %d graph nodes, %d KV-cache buffers (%.1f MiB at %d positions, up to %d tokens per call%s)",
              len(program.graph.nodes), len(buffers), kv_cache_bytes_of(program) / 2**20, max_seq_len,
-             decoder.tokens_per_call, f", ring buffers of {2 * decoder.window} on sliding layers" if decoder.window else "")
+             decoder.tokens_per_call, f", rings of {2 * decoder.window} and windows of {decoder.window} on sliding layers"
+             if decoder.window else "")
     return program
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_output
-from .decoder import example_inputs, one_token_custom_sdpa
+from .decoder import example_inputs, one_token_custom_sdpa, one_token_sliding_attention
 from .runtime import DECODE_METHOD, PteDecoder
 from .steplog import log_memory
 
@@ -51,13 +51,28 @@ def decode_program(program: torch.export.ExportedProgram) -> torch.export.Export
     KV head's query heads as rows of one product (`one_token_custom_sdpa`) instead of one product
     per head, which the program for 1 to `get_max_seq_len` tokens cannot do. The graph is the
     quantized program's own (its weights are shared, not copied); the cache buffers keep their
-    names, which is how the lowered methods share them."""
+    names, which is how the lowered methods share them. A sliding layer's attention reads only the
+    filled slots of its window (`one_token_sliding_attention`) instead of its whole ring."""
+    one_token = {torch.ops.llama.custom_sdpa.default: one_token_custom_sdpa,
+                 torch.ops.gemma_edge.sliding_attention.default: one_token_sliding_attention}
     module = program.module()
     for node in module.graph.nodes:
-        if node.op == "call_function" and node.target == torch.ops.llama.custom_sdpa.default:
-            node.target = one_token_custom_sdpa
+        if node.op == "call_function" and node.target in one_token:
+            node.target = one_token[node.target]
     module.recompile()
     return torch.export.export(module, example_inputs(1), strict=False)
+
+
+def as_masked_ring_calls(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """`program` with each `gemma_edge::sliding_attention` (which the runtime has no kernel for) as
+    the masked `llama::custom_sdpa` over the whole ring that is its body, edited in place."""
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.gemma_edge.sliding_attention.default:
+            rows, ring_keys, ring_values, _window_keys, _window_values, mask, _window_filled, scale = node.args
+            node.target = torch.ops.llama.custom_sdpa.default
+            node.args = (rows, ring_keys, ring_values, 0, mask, 0.0, False, scale)
+    program.graph_module.recompile()
+    return program
 
 
 # `lowering.decode_method: auto` adds the one-token method to programs whose context exceeds this.
@@ -79,8 +94,9 @@ def methods_of(program: torch.export.ExportedProgram, decode_method: bool) -> di
     """The programs to lower, by method name: `forward`, and the one-token method
     (DECODE_METHOD) beside it if asked for."""
     if not decode_method:
-        return {"forward": program}
-    return {"forward": program, DECODE_METHOD: decode_program(program)}
+        return {"forward": as_masked_ring_calls(program)}
+    one_token = decode_program(program)  # before the ring calls are edited in place
+    return {"forward": as_masked_ring_calls(program), DECODE_METHOD: one_token}
 
 
 def lower_to_xnnpack(programs: dict[str, torch.export.ExportedProgram], per_op_mode: bool, metadata: dict):
