@@ -276,13 +276,13 @@ def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     transformers slices their masks to match). Without a mask, custom_sdpa masks causally from the
     position of the first query it is given; a ring buffer's mask says which slots each query sees."""
     group = query.shape[1] // key.shape[2]
-    first_query = start_pos + new_tokens - query.shape[2]
     if attention_mask is not None:
         mask = attention_mask[0, 0, -query.shape[2]:, :].repeat_interleave(group, dim=0)
         window_keys, window_values = ring_windows[id(key)]
         rows = torch.ops.gemma_edge.sliding_attention(query_heads_as_rows(query, key.shape[2]), key, value, window_keys,
                                                       window_values, mask, window_filled, scaling)
         return rows_as_query_heads(rows, query.shape[1]), None
+    first_query = start_pos + new_tokens - query.shape[2]
     if isinstance(query.shape[2], int) and query.shape[2] == 1:  # a decode step, or a KV-sharing layer's last token
         return attend_one_query_as_rows(query, key, value, first_query, scaling), None
     output = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key, value, first_query, None, 0.0, True, scaling)
