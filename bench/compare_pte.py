@@ -1,6 +1,7 @@
 """Decode and prefill speed of two or more .pte files of the same model, side by side in one run.
 
 Usage: .venv/bin/python bench/compare_pte.py A.pte B.pte [...] [--rounds 5] [--prompt 64] [--new 32]
+       [--decode-with-forward]
 
 For a lowering change that must not cost decode speed: every program is loaded once, then the
 programs take turns, one timed generation each per round (after one untimed warm-up each), so a
@@ -26,6 +27,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vocab", type=int, help="prompt ids below this (default: the first .pte's get_vocab_size)")
+    parser.add_argument("--decode-with-forward", action="store_true",
+                        help="decode through `forward` even where a .pte has the one-token method, as ExecuTorch's "
+                             "LLM runner does")
     args = parser.parse_args()
 
     from executorch.extension.pybindings import portable_lib
@@ -35,6 +39,9 @@ def main() -> None:
 
     portable_lib._unsafe_reset_threadpool(args.threads)
     decoders = [PteDecoder(path) for path in args.pte]
+    if args.decode_with_forward:
+        for decoder in decoders:
+            decoder.decode_method = None
     meta = decoders[0].metadata
     prompt = synthetic_prompt(args.prompt, int(meta["get_bos_id"]), args.vocab or int(meta["get_vocab_size"]))
     tokens = [greedy_decode(decoder.step, prompt, args.new) for decoder in decoders]
@@ -44,7 +51,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for decoder, runs in zip(decoders, samples):
             runs.append(time_generation(decoder, prompt, args.new))
-    print(f"prompt {args.prompt}, {args.new} new tokens, {args.rounds} rounds, {args.threads} threads")
+    print(f"prompt {args.prompt}, {args.new} new tokens, {args.rounds} rounds, {args.threads} threads, decoding with "
+          f"{'forward' if args.decode_with_forward else 'the one-token method where there is one'}")
     print("| .pte | decode tok/s | prefill tok/s | same greedy tokens as the first |\n|---|---:|---:|---|")
     for path, runs, ids in zip(args.pte, samples, tokens):
         decode = summarise([run["decode_tps"] for run in runs])
