@@ -1,5 +1,6 @@
 """The lower step's choices that need no lowering to check."""
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gemma_edge.checkpoint import load_text_model
 from gemma_edge.export import export_decoder
@@ -45,12 +46,28 @@ def test_one_token_method_reads_the_window_before_during_and_after_the_wrap(demo
             sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
 
 
+class _MaskedCallSlots(TorchDispatchMode):
+    """The slots (keys, mask columns) of each masked `llama::custom_sdpa` call run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.slots = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func == torch.ops.llama.custom_sdpa.default and args[4] is not None:
+            self.slots.append((args[1].shape[1], args[2].shape[1], args[4].shape[-1]))
+        return func(*args, **(kwargs or {}))
+
+
 def test_program_for_several_tokens_reads_its_rings_masked_with_the_same_logits(demo_checkpoint):
     """`as_masked_ring_calls` leaves no op the runtime lacks and changes no result: a 40-token prompt
-    in calls of 16, past the window and the ring's wrap, before and after the edit."""
+    in calls of 5, 16, 16 and 3 tokens, past the window and the ring's wrap, before and after the
+    edit. Each masked call reads only the ring's written slots: the first p + 1 for a call ending at
+    position p until the 32-slot ring wraps, then all of them."""
     program = _exported_decoder(demo_checkpoint, 96)
     tokens = torch.tensor([[2] + list(range(40, 79))])
-    calls = [(tokens[:, start:start + 16], torch.arange(start, min(start + 16, 40))) for start in range(0, 40, 16)]
+    bounds = [(0, 5), (5, 21), (21, 37), (37, 40)]
+    calls = [(tokens[:, start:end], torch.arange(start, end)) for start, end in bounds]
     with torch.no_grad():
         module = program.module()
         before = [module(*call) for call in calls]
@@ -60,5 +77,8 @@ def test_program_for_several_tokens_reads_its_rings_masked_with_the_same_logits(
         assert torch.ops.gemma_edge.sliding_attention.default not in _targets(edited)
         assert _targets(edited).count(torch.ops.llama.custom_sdpa.default) == attention == 6  # one per layer
         module = edited.module()
-        for call, logits in zip(calls, before):
-            assert torch.equal(module(*call), logits)
+        for (start, end), call, logits in zip(bounds, calls, before):
+            with _MaskedCallSlots() as masked:
+                assert torch.equal(module(*call), logits)
+            filled = min(end, 32)
+            assert masked.slots == [(filled, filled, filled)] * 4, (start, end)  # the demo's 4 sliding layers

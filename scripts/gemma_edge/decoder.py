@@ -180,9 +180,17 @@ class KVCacheDecoder(nn.Module):
         masks = {"full_attention": None, "sliding_attention": None}
         extra = {}
         if self.window is not None:
-            slots = input_pos % self.cache_ring_positions.shape[0]
+            ring_slots = self.cache_ring_positions.shape[0]
+            slots = input_pos % ring_slots
             self.cache_ring_positions.index_copy_(0, slots, input_pos + 1)
-            masks["sliding_attention"] = ring_mask(self.cache_ring_positions, input_pos, self.window)
+            # The ring's slots that have been written: until it wraps, slot s holds position s, so
+            # the call's last position p has filled the first p + 1; then all of them. The masked
+            # call reads (and computes over) every slot it is given, so it gets only these.
+            ring_filled = torch.clamp(input_pos[-1] + 1, max=ring_slots).item()
+            torch._check(ring_filled >= 1)
+            torch._check(ring_filled <= ring_slots)
+            extra["ring_filled"] = ring_filled
+            masks["sliding_attention"] = ring_mask(self.cache_ring_positions[:ring_filled], input_pos, self.window)
             extra["ring_slots"] = slots.unsqueeze(0)
             extra["window_slots"] = (input_pos % self.window).unsqueeze(0)
             # Slots of the window the call's last query sees: a tensor clamp, not torch.sym_min, which
@@ -267,7 +275,7 @@ class RingCacheLayer(StaticLayer):
 
 
 def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=None, start_pos=None, new_tokens=None,
-                          ring_windows=None, window_filled=None, **kwargs):
+                          ring_windows=None, window_filled=None, ring_filled=None, **kwargs):
     """transformers' attention interface over `llama::custom_sdpa`: query [1, heads, q, dim] and the
     [1, positions, kv_heads, dim] caches in, [1, q, heads, dim] out, as transformers expects.
 
@@ -279,8 +287,9 @@ def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     if attention_mask is not None:
         mask = attention_mask[0, 0, -query.shape[2]:, :].repeat_interleave(group, dim=0)
         window_keys, window_values = ring_windows[id(key)]
-        rows = torch.ops.gemma_edge.sliding_attention(query_heads_as_rows(query, key.shape[2]), key, value, window_keys,
-                                                      window_values, mask, window_filled, scaling)
+        rows = torch.ops.gemma_edge.sliding_attention(query_heads_as_rows(query, key.shape[2]), key[:, :ring_filled],
+                                                      value[:, :ring_filled], window_keys, window_values, mask,
+                                                      window_filled, scaling)
         return rows_as_query_heads(rows, query.shape[1]), None
     first_query = start_pos + new_tokens - query.shape[2]
     if isinstance(query.shape[2], int) and query.shape[2] == 1:  # a decode step, or a KV-sharing layer's last token
@@ -306,12 +315,13 @@ def one_token_custom_sdpa(query, key, value, start_pos, mask, dropout_p, is_caus
 def sliding_attention(rows: torch.Tensor, ring_keys: torch.Tensor, ring_values: torch.Tensor, window_keys: torch.Tensor,
                       window_values: torch.Tensor, mask: torch.Tensor, window_filled: int,
                       scale: float | None) -> torch.Tensor:
-    """A sliding layer's attention over its ring, `query_heads_as_rows` in and out, the ring's mask
-    repeated per row. `window_filled` is min(p + 1, W) for the call's last position p.
+    """A sliding layer's attention over its ring, `query_heads_as_rows` in and out: the ring's
+    written slots and their mask, repeated per row. `window_filled` is min(p + 1, W) for the call's
+    last position p.
 
     One op in the exported program so that each lowered method can choose how to read it: the
-    program for 1 to W tokens reads the whole ring with its mask (this body, `as_masked_ring_calls`);
-    the one-token method only the window's filled slots (`one_token_sliding_attention`)."""
+    program for 1 to W tokens reads the ring with its mask (this body, `as_masked_ring_calls`); the
+    one-token method only the window's filled slots (`one_token_sliding_attention`)."""
     return torch.ops.llama.custom_sdpa(rows, ring_keys, ring_values, 0, mask, 0.0, False, scale)
 
 

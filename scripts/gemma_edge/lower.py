@@ -65,7 +65,7 @@ def decode_program(program: torch.export.ExportedProgram) -> torch.export.Export
 
 def as_masked_ring_calls(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """`program` with each `gemma_edge::sliding_attention` (which the runtime has no kernel for) as
-    the masked `llama::custom_sdpa` over the whole ring that is its body, edited in place."""
+    the masked `llama::custom_sdpa` over the ring's written slots that is its body, edited in place."""
     for node in program.graph.nodes:
         if node.op == "call_function" and node.target == torch.ops.gemma_edge.sliding_attention.default:
             rows, ring_keys, ring_values, _window_keys, _window_values, mask, _window_filled, scale = node.args
