@@ -63,7 +63,7 @@ def test_program_for_several_tokens_reads_its_rings_masked_with_the_same_logits(
     """`as_masked_ring_calls` leaves no op the runtime lacks and changes no result: a 40-token prompt
     in calls of 5, 16, 16 and 3 tokens, past the window and the ring's wrap, before and after the
     edit. Each masked call reads only the ring's written slots: the first p + 1 for a call ending at
-    position p until the 32-slot ring wraps, then all of them."""
+    position p until the 32-slot ring wraps, then all of them, taken once per ring."""
     program = _exported_decoder(demo_checkpoint, 96)
     tokens = torch.tensor([[2] + list(range(40, 79))])
     bounds = [(0, 5), (5, 21), (21, 37), (37, 40)]
@@ -71,6 +71,11 @@ def test_program_for_several_tokens_reads_its_rings_masked_with_the_same_logits(
     with torch.no_grad():
         module = program.module()
         before = [module(*call) for call in calls]
+        # One read of each ring's written slots per call (a copy in the runtime), shared by the
+        # layers that reuse its keys and values: the demo's 4 sliding layers read 2 rings.
+        ring_reads = {node.args[1] for node in program.graph.nodes
+                      if node.target == torch.ops.gemma_edge.sliding_attention.default}
+        assert len(ring_reads) == sum("cache_ring_keys" in name for name in program.graph_signature.buffers) == 2
         attention = _targets(program).count(torch.ops.gemma_edge.sliding_attention.default)
         attention += _targets(program).count(torch.ops.llama.custom_sdpa.default)
         edited = as_masked_ring_calls(program)

@@ -201,6 +201,10 @@ class KVCacheDecoder(nn.Module):
             rings = [self.cache.layers[index] for index in self.cached_layers]
             extra["ring_windows"] = {id(layer.keys): (layer.window_keys, layer.window_values)
                                      for layer in rings if isinstance(layer, RingCacheLayer)}
+            # Each ring's written slots, taken by the first layer that attends to it (its own, after
+            # writing this call's keys) and reused by the layers sharing it: the runtime's slice
+            # copies, once per ring instead of once per layer.
+            extra["ring_reads"] = {}
         # Only this call attends through the custom ops: the model itself keeps its attention.
         config = self.model.config
         own_attention, config._attn_implementation = config._attn_implementation, EXECUTORCH_ATTENTION
@@ -275,7 +279,7 @@ class RingCacheLayer(StaticLayer):
 
 
 def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=None, start_pos=None, new_tokens=None,
-                          ring_windows=None, window_filled=None, ring_filled=None, **kwargs):
+                          ring_windows=None, window_filled=None, ring_filled=None, ring_reads=None, **kwargs):
     """transformers' attention interface over `llama::custom_sdpa`: query [1, heads, q, dim] and the
     [1, positions, kv_heads, dim] caches in, [1, q, heads, dim] out, as transformers expects.
 
@@ -287,9 +291,11 @@ def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     if attention_mask is not None:
         mask = attention_mask[0, 0, -query.shape[2]:, :].repeat_interleave(group, dim=0)
         window_keys, window_values = ring_windows[id(key)]
-        rows = torch.ops.gemma_edge.sliding_attention(query_heads_as_rows(query, key.shape[2]), key[:, :ring_filled],
-                                                      value[:, :ring_filled], window_keys, window_values, mask,
-                                                      window_filled, scaling)
+        if id(key) not in ring_reads:
+            ring_reads[id(key)] = (key[:, :ring_filled], value[:, :ring_filled])
+        ring_keys, ring_values = ring_reads[id(key)]
+        rows = torch.ops.gemma_edge.sliding_attention(query_heads_as_rows(query, key.shape[2]), ring_keys, ring_values,
+                                                      window_keys, window_values, mask, window_filled, scaling)
         return rows_as_query_heads(rows, query.shape[1]), None
     first_query = start_pos + new_tokens - query.shape[2]
     if isinstance(query.shape[2], int) and query.shape[2] == 1:  # a decode step, or a KV-sharing layer's last token
