@@ -180,22 +180,19 @@ class KVCacheDecoder(nn.Module):
         masks = {"full_attention": None, "sliding_attention": None}
         extra = {}
         if self.window is not None:
-            ring_slots = self.cache_ring_positions.shape[0]
-            slots = input_pos % ring_slots
+            ring_size = self.cache_ring_positions.shape[0]
+            slots = input_pos % ring_size
             self.cache_ring_positions.index_copy_(0, slots, input_pos + 1)
-            # The ring's slots that have been written: until it wraps, slot s holds position s, so
-            # the call's last position p has filled the first p + 1; then all of them. The masked
-            # call reads (and computes over) every slot it is given, so it gets only these.
-            ring_filled = torch.clamp(input_pos[-1] + 1, max=ring_slots).item()
+            # The masked call reads (and computes over) every slot it is given: it gets the written ones.
+            ring_filled = filled_slots(input_pos, ring_size)
             torch._check(ring_filled >= 1)
-            torch._check(ring_filled <= ring_slots)
+            torch._check(ring_filled <= ring_size)
             extra["ring_filled"] = ring_filled
             masks["sliding_attention"] = ring_mask(self.cache_ring_positions[:ring_filled], input_pos, self.window)
             extra["ring_slots"] = slots.unsqueeze(0)
             extra["window_slots"] = (input_pos % self.window).unsqueeze(0)
-            # Slots of the window the call's last query sees: a tensor clamp, not torch.sym_min, which
-            # ExecuTorch 1.5.1's edge verifier refuses as a graph node (a plain Python function).
-            extra["window_filled"] = torch.clamp(input_pos[-1] + 1, max=self.window).item()
+            # Slots of the window the call's last query sees.
+            extra["window_filled"] = filled_slots(input_pos, self.window)
             # Attention gets a ring's keys from its own layer or, in a KV-sharing layer, from the
             # layer it reuses: the ring tensor itself names the window that goes with it.
             rings = [self.cache.layers[index] for index in self.cached_layers]
@@ -234,6 +231,14 @@ def cache_buffer_name(kind: str, layer: int, ring: bool) -> str:
 def window_buffer_name(kind: str, layer: int) -> str:
     """`cache_window_keys_3`: the last `window` positions of a ring layer, for the one-token method."""
     return f"cache_window_{kind}_{layer}"
+
+
+def filled_slots(input_pos: torch.Tensor, size: int):
+    """How many slots of a buffer of `size` (slot = position mod size, written from position 0 on)
+    hold a position once the call's last position p is written: min(p + 1, size), slots 0 .. p
+    until it wraps. A tensor clamp, not torch.sym_min, which ExecuTorch 1.5.1's edge verifier
+    refuses as a graph node (a plain Python function)."""
+    return torch.clamp(input_pos[-1] + 1, max=size).item()
 
 
 def ring_mask(slots_held: torch.Tensor, input_pos: torch.Tensor, window: int) -> torch.Tensor:
