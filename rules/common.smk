@@ -2,7 +2,7 @@ import json
 import re
 
 from gemma_edge import variant
-from gemma_edge.config import check_lengths_fit, check_prompts_fit, prompt_token_counts, requirement_pins
+from gemma_edge.config import check_lengths_fit, check_prompts_fit, prompt_token_counts, requirement_pins, step_memory_mb
 
 # Paths and config lookups shared by every stage. Artifacts live under results/<model>/<quant>/…
 # so that models, group sizes and lowering modes coexist and switching back is free.
@@ -25,6 +25,11 @@ DEMO_HUB = "results/demo-hub"
 
 def model_entry(wildcards):
     return config["models"][wildcards.model]
+
+
+def memory_mb(step):
+    """A heavy step's mem_mb resource, per model (models.<name>.memory_mb over memory_mb)."""
+    return lambda wildcards: step_memory_mb(config, wildcards.model, step)
 
 
 def quant_dir():

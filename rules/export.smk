@@ -15,7 +15,7 @@ rule export:
         dtype=config["export"]["dtype"],
         attention=config["export"]["attention"],
     resources:
-        mem_mb=config["memory_mb"]["export"],
+        mem_mb=memory_mb("export"),
     threads: 2
     message:
         "torch.export of {wildcards.model} with an in-graph KV cache of {params.max_seq_len} positions"

@@ -19,7 +19,7 @@ rule litert_model:
         python=litert_python(),
         max_seq_len=config["export"]["max_seq_len"],
     resources:
-        mem_mb=config["memory_mb"]["litert"],
+        mem_mb=memory_mb("litert"),
     threads: 2
     message:
         "LiteRT-LM's litert-torch converting {wildcards.model} to {wildcards.litert_recipe} (.litertlm)"

@@ -15,7 +15,7 @@ rule lower:
         per_op_mode=lambda wc: variant.per_op_mode_of(wc.mode),
         decode_method=config["lowering"]["decode_method"],
     resources:
-        mem_mb=config["memory_mb"]["lower"],
+        mem_mb=memory_mb("lower"),
     threads: 2
     message:
         "Lowering {wildcards.model}/{wildcards.quant} to XNNPACK (per_op_mode {params.per_op_mode})"

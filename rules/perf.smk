@@ -20,7 +20,7 @@ rule gguf:
     params:
         converter=llamacpp_converter(),
     resources:
-        mem_mb=config["memory_mb"]["gguf"],
+        mem_mb=memory_mb("gguf"),
     threads: 2
     message:
         "llama.cpp's convert_hf_to_gguf.py on {wildcards.model}, then llama_model_quantize to {wildcards.gguf_type}"
@@ -43,7 +43,7 @@ rule perf_engine:
     params:
         spec=perf_spec,
     resources:
-        mem_mb=config["memory_mb"]["perf"],
+        mem_mb=memory_mb("perf"),
         host_bench=1,
     threads: config["perf"]["threads"]
     message:
@@ -69,7 +69,7 @@ rule perf_litert:
     params:
         spec=perf_spec,
     resources:
-        mem_mb=config["memory_mb"]["perf"],
+        mem_mb=memory_mb("perf"),
         host_bench=1,
     threads: config["perf"]["threads"]
     message:

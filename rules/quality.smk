@@ -29,7 +29,7 @@ rule quality:
         gates=config["quality"]["gates"],
         synthetic=is_synthetic,
     resources:
-        mem_mb=config["memory_mb"]["quality"],
+        mem_mb=memory_mb("quality"),
     threads: 2
     message:
         "Perplexity and KL divergence of {input.artifact} against eager FP32"
@@ -63,7 +63,7 @@ rule quality_gguf:
         gates=None,
         synthetic=is_synthetic,
     resources:
-        mem_mb=config["memory_mb"]["quality"],
+        mem_mb=memory_mb("quality"),
     threads: 2
     message:
         "Perplexity and KL divergence of llama.cpp's {wildcards.gguf_type} GGUF against eager FP32, on our token ids"

@@ -14,7 +14,7 @@ rule quantize:
         group_size=lambda wc: int(wc.group_size),
         embeddings=config["quantization"]["embeddings"],
     resources:
-        mem_mb=config["memory_mb"]["quantize"],
+        mem_mb=memory_mb("quantize"),
     threads: 2
     message:
         "INT8 dynamic activations + INT4 weights, group size {wildcards.group_size}"

@@ -20,7 +20,7 @@ rule verify:
         max_new_tokens=config["verify"]["max_new_tokens"],
         gates=config["verify"]["gates"],
     resources:
-        mem_mb=config["memory_mb"]["verify"],
+        mem_mb=memory_mb("verify"),
     threads: 2
     message:
         "Token parity of {input.pte} against eager FP32"

@@ -4,9 +4,10 @@ import copy
 import re
 
 import pytest
+import yaml
 
 from conftest import DEFAULT_CONFIG, REPO, TEST_REPO_ID, snakemake, write_config
-from gemma_edge.config import validate_config
+from gemma_edge.config import step_memory_mb, validate_config
 
 
 @pytest.mark.parametrize(
@@ -53,6 +54,21 @@ def test_keys_left_out_take_the_schemas_defaults_in_every_models_entry():
     assert config["models"]["plain"] == {"repo_id": "org/model", "revision": "main", "local_path": None, "hub_cache": None,
                                          "offline": False, "demo": False, "synthetic": None}
     assert config["export"]["max_seq_len"] == 128
+
+
+def test_full_size_models_reserve_their_own_memory_so_no_two_heavy_steps_share_the_host():
+    """The top-level memory_mb fits the demo model; E2B's entries carry their measured peaks, and any
+    two of those exceed the default profile's mem_mb, so Snakemake runs them one at a time."""
+    config = validate_config(copy.deepcopy(DEFAULT_CONFIG), REPO / "schemas/config.schema.yaml")
+    cap = int(next(r for r in yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())["resources"]
+                   if r.startswith("mem_mb=")).split("=")[1])
+    heavy = ("export", "quantize", "lower", "gguf")
+    for model in ("e2b-35l", "gemma-4-E2B"):
+        peaks = [step_memory_mb(config, model, step) for step in heavy]
+        assert min(peaks) * 2 > cap, (model, peaks)
+    assert step_memory_mb(config, "e2b-35l", "lower") > config["memory_mb"]["lower"]
+    assert [step_memory_mb(config, "demo", step) for step in heavy] == [config["memory_mb"][step] for step in heavy]
+    assert step_memory_mb(config, "demo", "lower") * 2 < cap  # two demo lowerings fit side by side
 
 
 def test_configfile_override_changes_nested_value(tmp_path):

@@ -74,6 +74,12 @@ def validate_config(config: dict, schema_path: Path) -> dict:
     return config
 
 
+def step_memory_mb(config: dict, model: str, step: str) -> int:
+    """The peak MB Snakemake reserves for a heavy `step` on `model`: the model entry's own
+    memory_mb figure where it has one, else the top-level memory_mb (sized for the demo model)."""
+    return config["models"][model].get("memory_mb", {}).get(step, config["memory_mb"][step])
+
+
 # Context checks. Each is made by the rule that needs it, while Snakemake builds the jobs (so
 # before any job runs, and only for what the requested targets need): a prompt plus its new
 # tokens must fit the exported context, or the runtime fails deep inside with an error code.
