@@ -16,7 +16,9 @@ rule lower:
         decode_method=config["lowering"]["decode_method"],
     resources:
         mem_mb=memory_mb("lower"),
-    threads: 2
+    # Lowering is single-threaded Python (torch's fake-tensor retracing): its CPU time equals its wall
+    # time from the demo to 35 layers (bench/LOG.md). One core leaves the other to the next job.
+    threads: 1
     message:
         "Lowering {wildcards.model}/{wildcards.quant} to XNNPACK (per_op_mode {params.per_op_mode})"
     script:
