@@ -27,9 +27,11 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vocab", type=int, help="prompt ids below this (default: the first .pte's get_vocab_size)")
-    parser.add_argument("--decode-with-forward", action="store_true",
-                        help="decode through `forward` even where a .pte has the one-token method, as ExecuTorch's "
-                             "LLM runner does")
+    parser.add_argument(
+        "--decode-with-forward",
+        action="store_true",
+        help="decode through `forward` even where a .pte has the one-token method, as ExecuTorch's LLM runner does",
+    )
     args = parser.parse_args()
 
     from executorch.extension.pybindings import portable_lib
@@ -51,14 +53,18 @@ def main() -> None:
     for _ in range(args.rounds):
         for decoder, runs in zip(decoders, samples):
             runs.append(time_generation(decoder, prompt, args.new))
-    print(f"prompt {args.prompt}, {args.new} new tokens, {args.rounds} rounds, {args.threads} threads, decoding with "
-          f"{'forward' if args.decode_with_forward else 'the one-token method where there is one'}")
+    print(
+        f"prompt {args.prompt}, {args.new} new tokens, {args.rounds} rounds, {args.threads} threads, decoding with "
+        f"{'forward' if args.decode_with_forward else 'the one-token method where there is one'}"
+    )
     print("| .pte | decode tok/s | prefill tok/s | same greedy tokens as the first |\n|---|---:|---:|---|")
     for path, runs, ids in zip(args.pte, samples, tokens):
         decode = summarise([run["decode_tps"] for run in runs])
         prefill = summarise([run["prefill_tps"] for run in runs])
-        print(f"| {path} | {decode['avg']:.2f} ± {decode['stddev']:.2f} | {prefill['avg']:.0f} ± {prefill['stddev']:.0f} "
-              f"| {'yes' if ids == tokens[0] else 'NO'} |")
+        print(
+            f"| {path} | {decode['avg']:.2f} ± {decode['stddev']:.2f} | {prefill['avg']:.0f} ± {prefill['stddev']:.0f} "
+            f"| {'yes' if ids == tokens[0] else 'NO'} |"
+        )
 
 
 if __name__ == "__main__":

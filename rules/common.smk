@@ -119,7 +119,9 @@ def sweep_qualities():
     """Each swept variant's quality.json, and the GGUFs' (bench.peers.llamacpp) when llama.cpp is set up."""
     paths = [f"results/{swept}/quality.json" for swept in swept_variants()]
     if Path(llamacpp_converter()).is_file():
-        paths += [f"results/{config['model']}/llamacpp/quality-{gguf_type}.json" for gguf_type in config["bench"]["peers"]["llamacpp"]]
+        paths += [
+            f"results/{config['model']}/llamacpp/quality-{gguf_type}.json" for gguf_type in config["bench"]["peers"]["llamacpp"]
+        ]
     return paths
 
 
@@ -199,8 +201,11 @@ def peer_plan(target):
 
     def plan(wildcards):
         peers = []
-        unset = None if Path(llamacpp_converter()).is_file() else (
-            "llama.cpp is not set up on this host: run bench/setup-llamacpp.sh once")
+        unset = (
+            None
+            if Path(llamacpp_converter()).is_file()
+            else "llama.cpp is not set up on this host: run bench/setup-llamacpp.sh once"
+        )
         for gguf_type in config["bench"]["peers"]["llamacpp"]:
             peer = {"name": f"llamacpp-{gguf_type}", "engine": "llamacpp", "gguf_type": gguf_type}
             if unset:
@@ -209,12 +214,15 @@ def peer_plan(target):
                 peer["program"] = f"results/{target}/llamacpp/llama-bench.json"
                 peer["model"] = f"results/{wildcards.model}/llamacpp/model-{gguf_type}.gguf"
             peers.append(peer)
-        unset = None if litert_set_up() else (
-            "LiteRT-LM is not set up on this host: run bench/setup-litert.sh once")
+        unset = None if litert_set_up() else "LiteRT-LM is not set up on this host: run bench/setup-litert.sh once"
         for recipe in config["bench"]["peers"]["litert"]:
             recipe = litert_recipe(recipe, wildcards.quant)
-            peer = {"name": f"litert-{recipe}", "engine": "litert", "recipe": recipe,
-                    "max_seq_len": config["export"]["max_seq_len"]}
+            peer = {
+                "name": f"litert-{recipe}",
+                "engine": "litert",
+                "recipe": recipe,
+                "max_seq_len": config["export"]["max_seq_len"],
+            }
             if unset:
                 peer["reason"] = unset
             else:

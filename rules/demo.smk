@@ -13,13 +13,13 @@ rule demo_checkpoint:
         "benchmarks/demo/{repo}.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: 1
     params:
         hub_cache=lambda wc, output: str(Path(output.marker).parent),
         repo_id=lambda wc: wc.repo.replace("--", "/", 1),
         train_steps=config["demo"]["train_steps"],
         synthetic=lambda wc: demo_entry(wc)["synthetic"],
         seed=config["demo"]["seed"],
-    threads: 1
     message:
         "Building the local Gemma 4 {params.repo_id} and seeding it into a hub cache"
     script:

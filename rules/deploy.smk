@@ -11,11 +11,11 @@ rule probe:
         "logs/targets/{target}/probe.log",
     benchmark:
         "benchmarks/targets/{target}/probe.tsv"
+    localrule: True
     conda:
         "../envs/deploy.yaml"
     params:
         settings=target_settings,
-    localrule: True
     message:
         "Probing {wildcards.target}: machine, Python, glibc, CPU, memory and disk, before anything is installed"
     script:
@@ -34,12 +34,12 @@ rule wheelhouse:
         "logs/targets/{target}/wheelhouse.log",
     benchmark:
         "benchmarks/targets/{target}/wheelhouse.tsv"
+    localrule: True
     conda:
         "../envs/deploy.yaml"
     params:
         pins=runtime_pins(),
         torch_index=config["wheelhouse"]["torch_index"],
-    localrule: True
     message:
         "Downloading {wildcards.target}'s wheels (executorch, torch and their dependencies) on this host"
     script:
@@ -55,11 +55,11 @@ rule provision:
         "logs/targets/{target}/provision.log",
     benchmark:
         "benchmarks/targets/{target}/provision.tsv"
+    localrule: True
     conda:
         "../envs/deploy.yaml"
     params:
         settings=target_settings,
-    localrule: True
     message:
         "Provisioning {wildcards.target}: runtime from the wheelhouse, device facts and pre-flight checks"
     script:
@@ -79,12 +79,12 @@ rule llama_bench:
         "logs/targets/{target}/llama_bench.log",
     benchmark:
         "benchmarks/targets/{target}/llama_bench.tsv"
+    localrule: True
     conda:
         "../envs/deploy.yaml"
+    threads: 2
     params:
         version=llamacpp_version(),
-    threads: 2
-    localrule: True
     message:
         "Building llama.cpp's llama-bench for {wildcards.target}'s CPU (cached per CPU after the first build)"
     script:
@@ -107,15 +107,15 @@ for target_name in config["targets"]:
             f"logs/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/deploy.log",
         benchmark:
             f"benchmarks/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/deploy.tsv"
+        localrule: True
         conda:
             "../envs/deploy.yaml"
+        resources:
+            **{f"device_{target_name}": 1},
         params:
             target=target_name,
             settings=config["targets"][target_name],
             peers=peer_plan(target_name),
-        resources:
-            **{f"device_{target_name}": 1},
-        localrule: True
         message:
             f"Uploading {{input.pte}} and the peers' programs and models to {target_name}"
         script:
@@ -143,15 +143,15 @@ for target_name in config["targets"]:
             f"logs/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/bench.log",
         benchmark:
             f"benchmarks/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/bench.tsv"
+        localrule: True
         conda:
             "../envs/deploy.yaml"
+        resources:
+            **{f"device_{target_name}": 1},
         params:
             target=target_name,
             settings=config["targets"][target_name],
             bench=bench_settings,
-        resources:
-            **{f"device_{target_name}": 1},
-        localrule: True
         message:
             f"Benchmarking decode on {target_name}: the .pte, then each peer engine, one at a time"
         script:
@@ -171,9 +171,9 @@ rule current_bench:
         "logs/targets/{target}/current_bench.log",
     benchmark:
         "benchmarks/targets/{target}/current_bench.tsv"
+    localrule: True
     conda:
         "../envs/deploy.yaml"
-    localrule: True
     message:
         "results/{wildcards.target}/bench.json: the configured variant's benchmark"
     script:

@@ -10,13 +10,13 @@ rule export:
         "benchmarks/{model}/fp32/export.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=memory_mb("export"),
     params:
         max_seq_len=config["export"]["max_seq_len"],
         dtype=config["export"]["dtype"],
         attention=config["export"]["attention"],
-    resources:
-        mem_mb=memory_mb("export"),
-    threads: 2
     message:
         "torch.export of {wildcards.model} with an in-graph KV cache of {params.max_seq_len} positions"
     script:

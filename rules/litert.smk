@@ -15,12 +15,12 @@ rule litert_model:
         "benchmarks/{model}/litert/model-{litert_recipe}.tsv"
     conda:
         "../envs/litert.yaml"
+    threads: 2
+    resources:
+        mem_mb=memory_mb("litert"),
     params:
         python=litert_python(),
         max_seq_len=config["export"]["max_seq_len"],
-    resources:
-        mem_mb=memory_mb("litert"),
-    threads: 2
     message:
         "LiteRT-LM's litert-torch converting {wildcards.model} to {wildcards.litert_recipe} (.litertlm)"
     script:
@@ -38,9 +38,9 @@ rule litert_runtime:
         "logs/targets/{target}/litert_runtime.log",
     benchmark:
         "benchmarks/targets/{target}/litert_runtime.tsv"
+    localrule: True
     conda:
         "../envs/deploy.yaml"
-    localrule: True
     message:
         "Fetching the litert-lm-api wheel for {wildcards.target}'s CPU (cached after the first time)"
     script:

@@ -11,14 +11,14 @@ rule lower:
         "benchmarks/{model}/{quant}/xnnpack-{mode}/lower.tsv"
     conda:
         "../envs/torch.yaml"
-    params:
-        per_op_mode=lambda wc: variant.per_op_mode_of(wc.mode),
-        decode_method=config["lowering"]["decode_method"],
-    resources:
-        mem_mb=memory_mb("lower"),
     # Lowering is single-threaded Python (torch's fake-tensor retracing): its CPU time equals its wall
     # time from the demo to 35 layers (bench/LOG.md). One core leaves the other to the next job.
     threads: 1
+    resources:
+        mem_mb=memory_mb("lower"),
+    params:
+        per_op_mode=lambda wc: variant.per_op_mode_of(wc.mode),
+        decode_method=config["lowering"]["decode_method"],
     message:
         "Lowering {wildcards.model}/{wildcards.quant} to XNNPACK (per_op_mode {params.per_op_mode})"
     script:

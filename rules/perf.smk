@@ -17,11 +17,11 @@ rule gguf:
         "benchmarks/{model}/llamacpp/gguf-{gguf_type}.tsv"
     conda:
         "../envs/perf.yaml"
-    params:
-        converter=llamacpp_converter(),
+    threads: 2
     resources:
         mem_mb=memory_mb("gguf"),
-    threads: 2
+    params:
+        converter=llamacpp_converter(),
     message:
         "llama.cpp's convert_hf_to_gguf.py on {wildcards.model}, then llama_model_quantize to {wildcards.gguf_type}"
     script:
@@ -40,12 +40,12 @@ rule perf_engine:
         "benchmarks/perf/{model}/{engine_variant}/{engine}.tsv"
     conda:
         "../envs/perf.yaml"
-    params:
-        spec=perf_spec,
+    threads: config["perf"]["threads"]
     resources:
         mem_mb=memory_mb("perf"),
         host_bench=1,
-    threads: config["perf"]["threads"]
+    params:
+        spec=perf_spec,
     message:
         "Timing prefill and decode of {wildcards.engine} ({wildcards.engine_variant}) on this host"
     script:
@@ -66,12 +66,12 @@ rule perf_litert:
         "benchmarks/perf/{model}/{litert_recipe}/litert.tsv"
     conda:
         "../envs/perf.yaml"
-    params:
-        spec=perf_spec,
+    threads: config["perf"]["threads"]
     resources:
         mem_mb=memory_mb("perf"),
         host_bench=1,
-    threads: config["perf"]["threads"]
+    params:
+        spec=perf_spec,
     message:
         "Timing prefill and decode of LiteRT-LM ({wildcards.litert_recipe}) on this host"
     script:
@@ -92,16 +92,15 @@ rule perf_table:
         "logs/perf/{model}/{quant}/xnnpack-{mode}/perf_table.log",
     benchmark:
         "benchmarks/perf/{model}/{quant}/xnnpack-{mode}/perf_table.tsv"
+    localrule: True
     conda:
         "../envs/perf.yaml"
     params:
         step_benchmarks=perf_step_benchmarks,
-    localrule: True
     message:
         "Performance table of {wildcards.model} {wildcards.quant}: .pte vs eager FP32 vs llama.cpp vs LiteRT-LM"
     script:
         "../scripts/perf_table.py"
-
 
 
 rule perf_projection:
@@ -118,12 +117,12 @@ rule perf_projection:
         "logs/perf/projection/{quant}/xnnpack-{mode}/projection.log",
     benchmark:
         "benchmarks/perf/projection/{quant}/xnnpack-{mode}/projection.tsv"
+    localrule: True
     conda:
         "../envs/perf.yaml"
     params:
         shape=config["models"][config["perf"]["projection"]["models"][0]]["synthetic"]["shape"],
         layers=config["perf"]["projection"]["layers"],
-    localrule: True
     message:
         "Projecting every step's peak RSS and wall time to the {params.shape} shape at {params.layers} layers"
     script:

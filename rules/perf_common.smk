@@ -76,13 +76,17 @@ def perf_step_benchmarks(wildcards):
     if quant != "fp32":
         steps["quantize"] = (f"benchmarks/{model}/{quant}/quantize.tsv", f"results/{model}/{quant}/program.pt2.manifest.json")
     steps["lower"] = (f"benchmarks/{model}/{variant}/lower.tsv", f"results/{model}/{variant}/model.pte.manifest.json")
-    steps[f"gguf ({gguf_type})"] = (f"benchmarks/{model}/llamacpp/gguf-{gguf_type}.tsv",
-                                    f"results/{model}/llamacpp/model-{gguf_type}.gguf.manifest.json")
+    steps[f"gguf ({gguf_type})"] = (
+        f"benchmarks/{model}/llamacpp/gguf-{gguf_type}.tsv",
+        f"results/{model}/llamacpp/model-{gguf_type}.gguf.manifest.json",
+    )
     results = perf_engine_results(wildcards)
     if "litert" in results:
         recipe = litert_recipe("int4", quant)
-        steps[f"litert ({recipe})"] = (f"benchmarks/{model}/litert/model-{recipe}.tsv",
-                                       f"results/{model}/litert/model-{recipe}.litertlm.manifest.json")
+        steps[f"litert ({recipe})"] = (
+            f"benchmarks/{model}/litert/model-{recipe}.tsv",
+            f"results/{model}/litert/model-{recipe}.litertlm.manifest.json",
+        )
     engines = (("bench .pte", "pte"), ("bench eager", "eager"), ("bench llama.cpp", "llamacpp"), ("bench LiteRT-LM", "litert"))
     for name, engine in engines:
         if engine in results:  # results/perf/… and benchmarks/perf/… mirror each other (rule perf_engine).

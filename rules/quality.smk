@@ -22,15 +22,15 @@ rule quality:
         "benchmarks/{model}/{quant}/xnnpack-{mode}/quality.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=memory_mb("quality"),
     params:
         engine="pte",
         text=quality_text_name,
         settings=quality_settings(),
         gates=config["quality"]["gates"],
         synthetic=is_synthetic,
-    resources:
-        mem_mb=memory_mb("quality"),
-    threads: 2
     message:
         "Perplexity and KL divergence of {input.artifact} against eager FP32"
     script:
@@ -55,6 +55,9 @@ rule quality_gguf:
         "benchmarks/{model}/llamacpp/quality-{gguf_type}.tsv"
     conda:
         "../envs/perf.yaml"
+    threads: 2
+    resources:
+        mem_mb=memory_mb("quality"),
     params:
         engine="llamacpp",
         text=quality_text_name,
@@ -62,9 +65,6 @@ rule quality_gguf:
         settings=quality_settings(context=config["export"]["max_seq_len"]),
         gates=None,
         synthetic=is_synthetic,
-    resources:
-        mem_mb=memory_mb("quality"),
-    threads: 2
     message:
         "Perplexity and KL divergence of llama.cpp's {wildcards.gguf_type} GGUF against eager FP32, on our token ids"
     script:

@@ -10,12 +10,12 @@ rule quantize:
         "benchmarks/{model}/int4-g{group_size}/quantize.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=memory_mb("quantize"),
     params:
         group_size=lambda wc: int(wc.group_size),
         embeddings=config["quantization"]["embeddings"],
-    resources:
-        mem_mb=memory_mb("quantize"),
-    threads: 2
     message:
         "INT8 dynamic activations + INT4 weights, group size {wildcards.group_size}"
     script:

@@ -17,13 +17,13 @@ rule summary:
         "logs/summary.log",
     benchmark:
         "benchmarks/summary.tsv"
+    localrule: True
     conda:
         "../envs/report.yaml"
-    localrule: True
-    message:
-        "Summarising {params.benchmarks} benchmark(s) and {params.qualities} quality result(s) into results/summary.csv and plots"
     params:
         benchmarks=lambda wc, input: len(input.benches),
         qualities=lambda wc, input: len(input.qualities),
+    message:
+        "Summarising {params.benchmarks} benchmark(s) and {params.qualities} quality result(s) into results/summary.csv and plots"
     script:
         "../scripts/summary.py"

@@ -15,13 +15,13 @@ rule verify:
         "benchmarks/{model}/{quant}/xnnpack-{mode}/verify.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=memory_mb("verify"),
     params:
         prompts=verify_prompts,
         max_new_tokens=config["verify"]["max_new_tokens"],
         gates=config["verify"]["gates"],
-    resources:
-        mem_mb=memory_mb("verify"),
-    threads: 2
     message:
         "Token parity of {input.pte} against eager FP32"
     script:

@@ -1,4 +1,5 @@
 """Snakemake step: upload the .pte, tokenizer and peer engines to the device, atomically and sha256-checked."""
+
 from pathlib import Path
 
 from gemma_edge import deploy
@@ -8,8 +9,14 @@ from gemma_edge.steplog import rule_log
 
 def main(snakemake):
     tokenizer = Path(read_json(snakemake.input.checkpoint)["path"]) / "tokenizer.json"
-    deploy.deploy(snakemake.params.target, snakemake.params.settings, snakemake.input.pte, tokenizer, snakemake.output.deployed,
-                  snakemake.params.peers)
+    deploy.deploy(
+        snakemake.params.target,
+        snakemake.params.settings,
+        snakemake.input.pte,
+        tokenizer,
+        snakemake.output.deployed,
+        snakemake.params.peers,
+    )
 
 
 with rule_log(snakemake.log[0], "deploy"):

@@ -1,4 +1,5 @@
 """Snakemake step: resolve the checkpoint through huggingface_hub and hash its files."""
+
 from gemma_edge import pipeline
 from gemma_edge.steplog import rule_log
 

@@ -1,11 +1,18 @@
 """Snakemake step: write the GGUF llama.cpp benchmarks from the downloaded checkpoint."""
+
 from gemma_edge import pipeline
 from gemma_edge.steplog import rule_log
 
 
 def main(snakemake):
-    pipeline.gguf(snakemake.params.converter, snakemake.input.checkpoint, snakemake.wildcards.gguf_type,
-                  snakemake.threads, snakemake.output.gguf, snakemake.output.manifest)
+    pipeline.gguf(
+        snakemake.params.converter,
+        snakemake.input.checkpoint,
+        snakemake.wildcards.gguf_type,
+        snakemake.threads,
+        snakemake.output.gguf,
+        snakemake.output.manifest,
+    )
 
 
 with rule_log(snakemake.log[0], "gguf"):

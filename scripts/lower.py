@@ -1,11 +1,18 @@
 """Snakemake step: lower an exported program to an XNNPACK .pte."""
+
 from gemma_edge import pipeline
 from gemma_edge.steplog import rule_log
 
 
 def main(snakemake):
-    pipeline.lower(snakemake.input.program, snakemake.input.checkpoint, snakemake.params.per_op_mode,
-                   snakemake.params.decode_method, snakemake.output.pte, snakemake.output.manifest)
+    pipeline.lower(
+        snakemake.input.program,
+        snakemake.input.checkpoint,
+        snakemake.params.per_op_mode,
+        snakemake.params.decode_method,
+        snakemake.output.pte,
+        snakemake.output.manifest,
+    )
 
 
 with rule_log(snakemake.log[0], "lower"):

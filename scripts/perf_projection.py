@@ -1,11 +1,13 @@
 """Snakemake step: extrapolate every step's peak RSS and wall time per layer to full depth."""
+
 from gemma_edge import pipeline
 from gemma_edge.steplog import rule_log
 
 
 def main(snakemake):
-    pipeline.perf_projection(snakemake.input.reports, snakemake.params.shape, snakemake.params.layers, snakemake.output.json,
-                             snakemake.output.table)
+    pipeline.perf_projection(
+        snakemake.input.reports, snakemake.params.shape, snakemake.params.layers, snakemake.output.json, snakemake.output.table
+    )
 
 
 with rule_log(snakemake.log[0], "perf_projection"):

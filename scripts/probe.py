@@ -1,4 +1,5 @@
 """Snakemake step: what the device is, from its own system Python, before anything is installed."""
+
 from gemma_edge import deploy
 from gemma_edge.steplog import rule_log
 

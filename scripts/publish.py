@@ -1,4 +1,5 @@
 """Snakemake step: publish the configured variant's benchmark at results/<target>/."""
+
 import shutil
 
 from gemma_edge.artifacts import atomic_output

@@ -1,12 +1,24 @@
 """Snakemake step: perplexity and KL divergence of a .pte or a GGUF against eager FP32 on a held-out text."""
+
 from gemma_edge import pipeline
 from gemma_edge.steplog import rule_log
 
 
 def main(snakemake):
     i, p = snakemake.input, snakemake.params
-    pipeline.quality(p.engine, i.artifact, i.checkpoint, i.text, p.text, p.settings, p.gates, p.synthetic,
-                     snakemake.threads, snakemake.output.quality, snakemake.output.manifest)
+    pipeline.quality(
+        p.engine,
+        i.artifact,
+        i.checkpoint,
+        i.text,
+        p.text,
+        p.settings,
+        p.gates,
+        p.synthetic,
+        snakemake.threads,
+        snakemake.output.quality,
+        snakemake.output.manifest,
+    )
 
 
 with rule_log(snakemake.log[0], "quality"):

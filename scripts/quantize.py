@@ -1,4 +1,5 @@
 """Snakemake step: INT8 dynamic activations + INT4 per-group weights on the exported program."""
+
 from gemma_edge import pipeline
 from gemma_edge.steplog import rule_log
 

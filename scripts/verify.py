@@ -1,12 +1,20 @@
 """Snakemake step: token parity of the .pte against eager FP32 on the host."""
+
 from gemma_edge import pipeline
 from gemma_edge.steplog import rule_log
 
 
 def main(snakemake):
     p = snakemake.params
-    pipeline.verify(snakemake.input.pte, snakemake.input.checkpoint, p.prompts, p.max_new_tokens, p.gates,
-                    snakemake.output.parity, snakemake.output.table)
+    pipeline.verify(
+        snakemake.input.pte,
+        snakemake.input.checkpoint,
+        p.prompts,
+        p.max_new_tokens,
+        p.gates,
+        snakemake.output.parity,
+        snakemake.output.table,
+    )
 
 
 with rule_log(snakemake.log[0], "verify"):

@@ -57,8 +57,12 @@ def venv_with(name: str, packages: list[str]) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(partial)], check=True)
         links = [arg for wheels in llamacpp_wheels() for arg in ("--find-links", str(wheels))]
-        result = subprocess.run([str(partial / "bin/python"), "-m", "pip", "install", "-q", *links, *packages],
-                                capture_output=True, text=True, timeout=1800)
+        result = subprocess.run(
+            [str(partial / "bin/python"), "-m", "pip", "install", "-q", *links, *packages],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if result.returncode != 0:
             raise AssertionError(f"pip could not make the {name} environment:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         partial.rename(folder)  # a virtualenv finds itself from its interpreter's path, so a move keeps it whole
@@ -78,8 +82,19 @@ def snakemake_in_env(driver: Path, env: Path, workdir: Path, *args: str) -> subp
     """Snakemake from `driver` run by the `env` virtualenv's interpreter, so that every step runs in
     `env` (Snakemake runs Python steps with its own interpreter) and finds Snakemake's packages only
     after the environment's own, as under --sdm conda."""
-    bootstrap = ("import runpy, site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'snakemake'; "
-                 "runpy.run_module('snakemake', run_name='__main__')")
-    command = [str(env / "bin/python"), "-c", bootstrap, str(site_packages(driver)),
-               "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
+    bootstrap = (
+        "import runpy, site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'snakemake'; "
+        "runpy.run_module('snakemake', run_name='__main__')"
+    )
+    command = [
+        str(env / "bin/python"),
+        "-c",
+        bootstrap,
+        str(site_packages(driver)),
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1800)

@@ -7,8 +7,8 @@ import json
 import sys
 
 from ai_edge_litert import schema_py_generated as tflite
-from litert_lm_builder import litertlm_peek
 from litert_lm_builder import litertlm_header_schema_py_generated as header_schema
+from litert_lm_builder import litertlm_peek
 
 LOOKUPS = {tflite.BuiltinOperator.EMBEDDING_LOOKUP: 1, tflite.BuiltinOperator.GATHER: 0}
 
@@ -31,13 +31,26 @@ def tflite_model(buf: bytes) -> dict:
                 continue
             tensor = subgraph.Tensors(op.Inputs(table_input))
             quantization = tensor.Quantization()
-            tables.append({"subgraph": index, "buffer": tensor.Buffer(), "shape": tensor.ShapeAsNumpy().tolist(),
-                           "scales": quantization.ScaleLength() if quantization else 0})
-    signatures = {model.SignatureDefs(i).SignatureKey().decode(): model.SignatureDefs(i).SubgraphIndex()
-                  for i in range(model.SignatureDefsLength())}
+            tables.append(
+                {
+                    "subgraph": index,
+                    "buffer": tensor.Buffer(),
+                    "shape": tensor.ShapeAsNumpy().tolist(),
+                    "scales": quantization.ScaleLength() if quantization else 0,
+                }
+            )
+    signatures = {
+        model.SignatureDefs(i).SignatureKey().decode(): model.SignatureDefs(i).SubgraphIndex()
+        for i in range(model.SignatureDefsLength())
+    }
     metadata = sorted(model.Metadata(i).Buffer() for i in range(model.MetadataLength()))
-    return {"buffers": buffers, "tables": tables, "signatures": signatures, "metadata_buffers": metadata,
-            "subgraphs": model.SubgraphsLength()}
+    return {
+        "buffers": buffers,
+        "tables": tables,
+        "signatures": signatures,
+        "metadata_buffers": metadata,
+        "subgraphs": model.SubgraphsLength(),
+    }
 
 
 def main(path: str) -> None:

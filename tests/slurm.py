@@ -7,6 +7,7 @@ a job finds the cluster only through the default /etc/slurm/slurm.conf: the fixt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -68,7 +69,7 @@ class SlurmCluster:
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n"
         )
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         _ensure_munge()
         SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
         SLURM_CONF.write_text(self.config())
@@ -87,10 +88,8 @@ class SlurmCluster:
         for name in ("slurmd", "slurmctld"):
             pid_file = self.folder / f"{name}.pid"
             if pid_file.exists():
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid_file.read_text().strip()), 15)
-                except (ProcessLookupError, ValueError):
-                    pass
         time.sleep(1)
         if SLURM_CONF.exists() and MARKER in SLURM_CONF.read_text():
             SLURM_CONF.unlink()

@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, needs_llamacpp, snakemake
 
+from conftest import REPO, needs_llamacpp, snakemake
 from gemma_edge import bandwidth
 from gemma_edge.artifacts import read_json
 from gemma_edge.checkpoint import read_text_config_dict
@@ -79,7 +79,10 @@ def test_pte_bytes_are_attributed_from_its_own_tensors_and_add_up_to_the_file(de
     config, parts, file = demo["config"], result["parts"], result["file"]
     vocab, hidden = config["vocab_size"], config["hidden_size"]
     # Every byte of the file is accounted for exactly once.
-    assert file["weights_bytes"] + file["delegate_graphs_bytes"] + file["program_bytes"] + file["padding_bytes"] == file["size_bytes"]
+    assert (
+        file["weights_bytes"] + file["delegate_graphs_bytes"] + file["program_bytes"] + file["padding_bytes"]
+        == file["size_bytes"]
+    )
     assert 0 <= file["padding_bytes"] < 4096 and file["unattributed_named_data"] == 0
     assert result["vocab_size"] == vocab
     # The tied lm_head's own copy, read whole: INT4 values with a bf16 scale per group, or FP32.

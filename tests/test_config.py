@@ -20,14 +20,24 @@ from gemma_edge.config import step_memory_mb, validate_config
         ({"export": {"attention": "flash"}}, "export.attention is 'flash', but must be one of executorch, transformers"),
         ({"lowering": {"per_op_mode": "sometimes"}}, "lowering.per_op_mode is 'sometimes', but must be one of auto, true, false"),
         ({"lowering": {"decode_method": "always"}}, "lowering.decode_method is 'always', but must be one of auto, true, false"),
-        ({"quality": {"scored_positions": "middle"}}, "quality.scored_positions is 'middle', but must be one of all, second_half"),
+        (
+            {"quality": {"scored_positions": "middle"}},
+            "quality.scored_positions is 'middle', but must be one of all, second_half",
+        ),
         ({"quality": {"gates": {"max_mean_kl": "small"}}}, "quality.gates.max_mean_kl is 'small', but must be of type"),
-        ({"model": "nope"}, f"model is 'nope', which is not an entry of models (known: {', '.join(sorted(DEFAULT_CONFIG['models']))})"),
+        (
+            {"model": "nope"},
+            f"model is 'nope', which is not an entry of models (known: {', '.join(sorted(DEFAULT_CONFIG['models']))})",
+        ),
         ({"models": {"broken": {"revision": "main"}}}, "models.broken is missing the required key 'repo_id'"),
-        ({"models": {"demo": {"repo_id": "local/gemma4-tiny", "demo": True, "synthetic": {"shape": "e2b", "layers": 2}}}},
-         "models.demo.synthetic.layers: 2 is less than the minimum of 3"),
-        ({"models": {"demo": {"repo_id": "local/gemma4-tiny", "local_path": "/no/such/folder"}}},
-         "models.demo.local_path '/no/such/folder' is not a directory"),
+        (
+            {"models": {"demo": {"repo_id": "local/gemma4-tiny", "demo": True, "synthetic": {"shape": "e2b", "layers": 2}}}},
+            "models.demo.synthetic.layers: 2 is less than the minimum of 3",
+        ),
+        (
+            {"models": {"demo": {"repo_id": "local/gemma4-tiny", "local_path": "/no/such/folder"}}},
+            "models.demo.local_path '/no/such/folder' is not a directory",
+        ),
     ],
 )
 def test_bad_config_gives_one_clear_sentence(tmp_path, overrides, message):
@@ -51,8 +61,15 @@ def test_keys_left_out_take_the_schemas_defaults_in_every_models_entry():
     filled = validate_config(config, REPO / "schemas/config.schema.yaml")
     assert filled is config
     assert config["models"]["shape"]["synthetic"] == {"shape": "e2b", "layers": 4}
-    assert config["models"]["plain"] == {"repo_id": "org/model", "revision": "main", "local_path": None, "hub_cache": None,
-                                         "offline": False, "demo": False, "synthetic": None}
+    assert config["models"]["plain"] == {
+        "repo_id": "org/model",
+        "revision": "main",
+        "local_path": None,
+        "hub_cache": None,
+        "offline": False,
+        "demo": False,
+        "synthetic": None,
+    }
     assert config["export"]["max_seq_len"] == 128
 
 
@@ -60,8 +77,11 @@ def test_full_size_models_reserve_their_own_memory_so_no_two_heavy_steps_share_t
     """The top-level memory_mb fits the demo model; E2B's entries carry their measured peaks, and any
     two of those exceed the default profile's mem_mb, so Snakemake runs them one at a time."""
     config = validate_config(copy.deepcopy(DEFAULT_CONFIG), REPO / "schemas/config.schema.yaml")
-    cap = int(next(r for r in yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())["resources"]
-                   if r.startswith("mem_mb=")).split("=")[1])
+    cap = int(
+        next(
+            r for r in yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())["resources"] if r.startswith("mem_mb=")
+        ).split("=")[1]
+    )
     heavy = ("export", "quantize", "lower", "gguf")
     for model in ("e2b-35l", "gemma-4-E2B"):
         peaks = [step_memory_mb(config, model, step) for step in heavy]
@@ -81,17 +101,30 @@ def test_configfile_override_changes_nested_value(tmp_path):
 
 def test_lint_is_clean(tmp_path):
     result = snakemake(tmp_path, "--lint", check=False)
-    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, (
+        result.stdout + result.stderr
+    )
 
 
 @pytest.mark.parametrize(
     "overrides, targets, message",
     [
-        ({"perf": {"prompt_lengths": [120]}}, ["perf"], "perf.prompt_lengths + perf.new_tokens (152) exceed export.max_seq_len (128)"),
-        ({"bench": {"prompt_lengths": [120]}}, ["results/local/bench.json"],
-         "bench.prompt_lengths + bench.new_tokens (152) exceed export.max_seq_len (128)"),
-        ({"export": {"max_seq_len": 16}}, [], "verify.prompts[0] ('Describe the usual properties of', at least 2 tokens) plus "
-         "verify.max_new_tokens (16) exceed export.max_seq_len (16)"),
+        (
+            {"perf": {"prompt_lengths": [120]}},
+            ["perf"],
+            "perf.prompt_lengths + perf.new_tokens (152) exceed export.max_seq_len (128)",
+        ),
+        (
+            {"bench": {"prompt_lengths": [120]}},
+            ["results/local/bench.json"],
+            "bench.prompt_lengths + bench.new_tokens (152) exceed export.max_seq_len (128)",
+        ),
+        (
+            {"export": {"max_seq_len": 16}},
+            [],
+            "verify.prompts[0] ('Describe the usual properties of', at least 2 tokens) plus "
+            "verify.max_new_tokens (16) exceed export.max_seq_len (16)",
+        ),
     ],
 )
 def test_lengths_that_do_not_fit_the_context_stop_the_run_before_any_job(tmp_path, overrides, targets, message):
@@ -114,15 +147,23 @@ def test_verify_prompts_are_counted_with_the_models_tokenizer(seeded_hub, tmp_pa
     """Once the checkpoint is downloaded its tokenizer counts each prompt exactly: the default
     prompts take 7 to 16 positions, so 8 new tokens do not fit 12 even though 2 + 8 would."""
     cache, _ = seeded_hub
-    config = write_config(tmp_path / "short.yaml", {
-        "model": "tiny", "export": {"max_seq_len": 12}, "verify": {"max_new_tokens": 8},
-        "models": {"tiny": {"repo_id": TEST_REPO_ID, "hub_cache": str(cache), "offline": True}},
-    })
+    config = write_config(
+        tmp_path / "short.yaml",
+        {
+            "model": "tiny",
+            "export": {"max_seq_len": 12},
+            "verify": {"max_new_tokens": 8},
+            "models": {"tiny": {"repo_id": TEST_REPO_ID, "hub_cache": str(cache), "offline": True}},
+        },
+    )
     before = snakemake(tmp_path, "-n", "--configfile", str(config))
     assert "verify" in before.stdout  # without the tokenizer only the lower bound (2 + 8 <= 12) applies
     snakemake(tmp_path, "--cores", "1", "results/tiny/checkpoint.json", "--configfile", str(config))
     result = snakemake(tmp_path, "-n", "--configfile", str(config), check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert re.search(r"verify.prompts\[0\] \('Describe the usual properties of', \d+ tokens\) plus verify.max_new_tokens \(8\) "
-                     r"exceed export.max_seq_len \(12\)", output), output[-2000:]
+    assert re.search(
+        r"verify.prompts\[0\] \('Describe the usual properties of', \d+ tokens\) plus verify.max_new_tokens \(8\) "
+        r"exceed export.max_seq_len \(12\)",
+        output,
+    ), output[-2000:]

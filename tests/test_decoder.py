@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from gemma_edge.checkpoint import load_for_export, load_text_model, stored_dtypes
-from gemma_edge.decoder import (KVCacheDecoder, one_token_custom_sdpa, query_heads_as_rows, register_executorch_llm_ops,
-                                ring_mask, rows_as_query_heads)
+from gemma_edge.decoder import (
+    KVCacheDecoder,
+    one_token_custom_sdpa,
+    query_heads_as_rows,
+    register_executorch_llm_ops,
+    ring_mask,
+    rows_as_query_heads,
+)
 from gemma_edge.e2b_shape import build_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,8 +108,9 @@ def test_query_heads_as_rows_attend_as_the_heads_do(kv_heads):
         as_heads = torch.ops.llama.custom_sdpa(query.transpose(1, 2), keys, values, 0, mask, 0.0, False, None)
         rows = query_heads_as_rows(query, kv_heads)
         assert rows.shape == (1, length * heads // kv_heads, kv_heads, dim)
-        as_rows = torch.ops.llama.custom_sdpa(rows, keys, values, 0, mask.repeat_interleave(heads // kv_heads, dim=0),
-                                              0.0, False, None)
+        as_rows = torch.ops.llama.custom_sdpa(
+            rows, keys, values, 0, mask.repeat_interleave(heads // kv_heads, dim=0), 0.0, False, None
+        )
         torch.testing.assert_close(rows_as_query_heads(as_rows, heads), as_heads, atol=1e-5, rtol=1e-5)
 
 
@@ -134,8 +141,9 @@ def test_one_token_custom_sdpa_keeps_custom_sdpas_results():
     for tokens, position in ((1, 0), (1, 20), (3, 5)):
         query = torch.randn(1, tokens, heads, dim, generator=generator)
         causal = torch.ops.llama.custom_sdpa(query, keys, values, position, None, 0.0, True, None)
-        torch.testing.assert_close(one_token_custom_sdpa(query, keys, values, position, None, 0.0, True, None), causal,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            one_token_custom_sdpa(query, keys, values, position, None, 0.0, True, None), causal, atol=1e-5, rtol=1e-5
+        )
     mask = torch.zeros(1, positions)
     masked = torch.ops.llama.custom_sdpa(query[:, :1], keys, values, 0, mask, 0.0, False, None)
     assert torch.equal(one_token_custom_sdpa(query[:, :1], keys, values, 0, mask, 0.0, False, None), masked)
@@ -190,7 +198,7 @@ def test_synthetic_checkpoint_has_no_all_zero_embedding_row(tmp_path):
 
     build_synthetic_checkpoint(REPO / "resources/demo_corpus.txt", tmp_path, "tiny", 4, seed=3)
     with safe_open(tmp_path / "model.safetensors", "pt") as reader:
-        tables = [name for name in reader.keys() if "embed_tokens" in name]
+        tables = [name for name in reader.keys() if "embed_tokens" in name]  # noqa: SIM118 - safe_open has keys() but no __iter__
         assert len(tables) == 2
         for name in tables:
             table = reader.get_tensor(name)

@@ -66,16 +66,28 @@ def test_second_run_does_not_upload_again(deployed):
     result = snakemake(deployed["workdir"], "-n", "results/loopback/bench.json", "--configfile", *deployed["configs"])
     assert "Nothing to be done" in result.stdout + result.stderr
     deployed_json = f"results/loopback/{VARIANT}/deployed.json"
-    snakemake(deployed["workdir"], "--cores", "1", deployed_json, "--configfile", *deployed["configs"], "--forcerun", "deploy_loopback")
+    snakemake(
+        deployed["workdir"], "--cores", "1", deployed_json, "--configfile", *deployed["configs"], "--forcerun", "deploy_loopback"
+    )
     record = read_json(deployed["workdir"] / deployed_json)
     assert not record["files"]["pte"]["uploaded"] and not record["files"]["tokenizer"]["uploaded"]
 
 
 def test_unreachable_device_fails_with_one_sentence_and_no_output(workflow, tmp_path):
-    config = write_config(tmp_path / "dead.yaml", {"targets": {"dead": {
-        "kind": "ssh", "host": "127.0.0.1", "port": 9, "ssh_config": None, "connect_timeout_s": 3}}})
-    result = snakemake(workflow["workdir"], "--cores", "1", "results/dead/bench.json", "--configfile",
-                       str(workflow["config"]), str(config), check=False)
+    config = write_config(
+        tmp_path / "dead.yaml",
+        {"targets": {"dead": {"kind": "ssh", "host": "127.0.0.1", "port": 9, "ssh_config": None, "connect_timeout_s": 3}}},
+    )
+    result = snakemake(
+        workflow["workdir"],
+        "--cores",
+        "1",
+        "results/dead/bench.json",
+        "--configfile",
+        str(workflow["config"]),
+        str(config),
+        check=False,
+    )
     assert result.returncode != 0
     assert f"probe failed: {getpass.getuser()}@127.0.0.1:9 is unreachable" in result.stdout + result.stderr
     assert not (workflow["workdir"] / "results/dead").exists()
@@ -142,13 +154,16 @@ def test_litert_lm_runs_beside_the_pte_with_our_recipe(deployed, target):
     for run in engine["runs"]:
         assert run["weight_bytes_per_token"] == weights["bytes_per_token"]
         assert run["bandwidth_fraction"] == pytest.approx(
-            weights["bytes_per_token"] * run["decode_tps"]["avg"] / 1e9 / bench["bandwidth"]["gb_per_s"]["avg"])
+            weights["bytes_per_token"] * run["decode_tps"]["avg"] / 1e9 / bench["bandwidth"]["gb_per_s"]["avg"]
+        )
     manifest = read_json(deployed["workdir"] / "results/tiny/litert/model-int4-g128.litertlm.manifest.json")
     assert manifest["params"] == {"quantization": "int4", "group_size": 128, "max_seq_len": 128, "prefill_length": 64}
     parity = read_json(deployed["workdir"] / f"results/{target}/parity.json")
     rows = parity["peers"]["litert-int4-g128"]
     assert len(rows) == len(parity["prompts"]) and all(0 <= row["matched_host_fp32"] <= row["generated"] for row in rows)
-    assert "litert-int4-g128: greedy text of the same prompts" in (deployed["workdir"] / f"results/{target}/parity.log").read_text()
+    assert (
+        "litert-int4-g128: greedy text of the same prompts" in (deployed["workdir"] / f"results/{target}/parity.log").read_text()
+    )
     deployed_record = read_json(deployed["workdir"] / f"results/{target}" / VARIANT / "deployed.json")
     peer = next(p for p in deployed_record["peers"] if p["engine"] == "litert")
     wheel = read_json(deployed["workdir"] / f"results/{target}/litert/runtime.json")
@@ -161,18 +176,30 @@ def test_litert_lm_runs_beside_the_pte_with_our_recipe(deployed, target):
 def test_an_engine_that_cannot_run_is_reported_with_its_reason_not_a_failed_run(deployed):
     """Without llama.cpp's or LiteRT-LM's set-up on the host the bench still runs, and says why
     each engine is missing."""
-    config = write_config(deployed["workdir"] / "bare.yaml", {
-        "targets": {"bare": {"kind": "local", "threads": 1}},
-        "bench": {"peers": {"llamacpp": ["q4_0"], "litert": ["int4"]}},
-        "perf": {"llamacpp_converter": "missing/convert_hf_to_gguf.py", "litert_python": "missing/bin/python"},
-    })
+    config = write_config(
+        deployed["workdir"] / "bare.yaml",
+        {
+            "targets": {"bare": {"kind": "local", "threads": 1}},
+            "bench": {"peers": {"llamacpp": ["q4_0"], "litert": ["int4"]}},
+            "perf": {"llamacpp_converter": "missing/convert_hf_to_gguf.py", "litert_python": "missing/bin/python"},
+        },
+    )
     snakemake(deployed["workdir"], "--cores", "1", "results/bare/bench.json", "--configfile", *deployed["configs"], str(config))
     bench = read_json(deployed["workdir"] / "results/bare/bench.json")
     assert bench["engines"] == {
-        "llamacpp-q4_0": {"engine": "llamacpp", "gguf_type": "q4_0", "available": False,
-                          "reason": "llama.cpp is not set up on this host: run bench/setup-llamacpp.sh once"},
-        "litert-int4-g128": {"engine": "litert", "recipe": "int4-g128", "available": False,
-                             "reason": "LiteRT-LM is not set up on this host: run bench/setup-litert.sh once"}}
+        "llamacpp-q4_0": {
+            "engine": "llamacpp",
+            "gguf_type": "q4_0",
+            "available": False,
+            "reason": "llama.cpp is not set up on this host: run bench/setup-llamacpp.sh once",
+        },
+        "litert-int4-g128": {
+            "engine": "litert",
+            "recipe": "int4-g128",
+            "available": False,
+            "reason": "LiteRT-LM is not set up on this host: run bench/setup-litert.sh once",
+        },
+    }
     assert bench["ratios"] == [] and bench["runs"]
     log = (deployed["workdir"] / f"logs/targets/bare/{VARIANT}/bench.log").read_text()
     assert "llamacpp-q4_0 not available: llama.cpp is not set up" in log
@@ -205,8 +232,11 @@ def test_executorch_runner_reproduces_the_loop_tokens_in_the_same_bench(deployed
     assert [s["prompt_tokens"] for s in runner["stats_per_prompt"]] == [len(ids) for ids in runner["prompt_ids"]]
     assert [s["generated_tokens"] for s in runner["stats_per_prompt"]] == [len(t) - 1 for t in runner["tokens"]]
     assert set(runner["load"]) == {"before", "after", "busy"}
-    assert bench["busy"] == (bench["load"]["busy"] or runner["load"]["busy"]
-                             or any(e["load"]["busy"] for e in bench["engines"].values() if "load" in e))
+    assert bench["busy"] == (
+        bench["load"]["busy"]
+        or runner["load"]["busy"]
+        or any(e["load"]["busy"] for e in bench["engines"].values() if "load" in e)
+    )
     assert all(row["runner_matches_host_pte"] for row in parity["prompts"])
     assert bench["parity"]["runner_identical_to_host_pte"] == len(host["prompts"])
     assert parity["executorch_runner"] == {"available": True, "tokens_equal_loop": True, "prompt_ids_equal_loop": True}

@@ -32,7 +32,7 @@ def test_facts_describe_this_machine(facts):
 
 def test_elf_alignment_is_read_from_the_program_headers(tmp_path):
     library = Path(sys.executable).resolve()  # an ELF executable: its PT_LOAD segments are page aligned
-    assert elf.load_alignment(library) in (4096, 16384, 65536, 2 ** 21)
+    assert elf.load_alignment(library) in (4096, 16384, 65536, 2**21)
     text = tmp_path / "not-elf.so"
     text.write_text("not a library")
     assert elf.load_alignment(text) is None and elf.machine(text) is None and elf.needed(text) == []
@@ -45,13 +45,17 @@ def test_this_host_passes_its_own_checks(facts):
 
 def test_library_aligned_below_the_page_size_is_refused(facts):
     pi5_kernel = {**facts, "page_size": 16384, "library_alignment": {"bytes": 4096, "library": "torch/lib/libc10.so"}}
-    with pytest.raises(DeviceCheckFailed, match=r"torch/lib/libc10.so is aligned to 4 KiB but the device's kernel uses 16 KiB pages"):
+    with pytest.raises(
+        DeviceCheckFailed, match=r"torch/lib/libc10.so is aligned to 4 KiB but the device's kernel uses 16 KiB pages"
+    ):
         preflight(pi5_kernel)
 
 
 def test_memory_and_disk_shortfalls_name_the_numbers(facts):
     small = {**facts, "memory_available_bytes": 512 * 2**20, "disk_free_bytes": 100_000_000}
-    with pytest.raises(DeviceCheckFailed, match=r"512 MiB of memory available but the .pte and its KV cache and activations need 4096 MiB"):
+    with pytest.raises(
+        DeviceCheckFailed, match=r"512 MiB of memory available but the .pte and its KV cache and activations need 4096 MiB"
+    ):
         preflight(small, {"memory_bytes": 4 * 2**30})
     with pytest.raises(DeviceCheckFailed, match=r"need 4096 MiB \(the KV cache 76.5 MiB of it, at 4096 positions\)$"):
         preflight(small, {"memory_bytes": 4 * 2**30, "kv_cache_bytes": 76.5 * 2**20, "max_context_len": 4096})
@@ -61,26 +65,48 @@ def test_memory_and_disk_shortfalls_name_the_numbers(facts):
 
 def test_aarch64_without_neon_is_refused():
     features = "fp aes pmull sha1 sha2 crc32".split()
-    facts = {"machine": "aarch64", "cpu_features": features, "xnnpack_features": device_bench.xnnpack_features("aarch64", features)}
+    facts = {
+        "machine": "aarch64",
+        "cpu_features": features,
+        "xnnpack_features": device_bench.xnnpack_features("aarch64", features),
+    }
     with pytest.raises(DeviceCheckFailed, match="aarch64 CPU lacks neon, which XNNPACK's kernels need"):
         preflight(facts)
 
 
 def test_a_pi5s_features_select_dot_product_and_fp16():
     pi5 = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp".split()
-    assert device_bench.xnnpack_features("aarch64", pi5) == {"neon": True, "dotprod": True, "fp16": True, "i8mm": False, "sve": False}
+    assert device_bench.xnnpack_features("aarch64", pi5) == {
+        "neon": True,
+        "dotprod": True,
+        "fp16": True,
+        "i8mm": False,
+        "sve": False,
+    }
 
 
 def test_a_device_short_of_memory_stops_the_bench_with_the_numbers(tmp_path):
     """The device runner checks before it loads anything, and the host reports its sentence alone."""
-    spec = {"memory_bytes": 2 ** 50, "prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "warmup": 0,
-            "threads": 1, "parity_prompt_ids": [], "max_new_tokens": 4}
-    with pytest.raises(deploy.DeviceError, match=r"^local: the device has \d+ MiB of memory available but the .pte and its KV "
-                                                 r"cache and activations need 1073741824 MiB$"):
+    spec = {
+        "memory_bytes": 2**50,
+        "prompt_lengths": [8],
+        "new_tokens": 4,
+        "repetitions": 1,
+        "warmup": 0,
+        "threads": 1,
+        "parity_prompt_ids": [],
+        "max_new_tokens": 4,
+    }
+    with pytest.raises(
+        deploy.DeviceError,
+        match=r"^local: the device has \d+ MiB of memory available but the .pte and its KV "
+        r"cache and activations need 1073741824 MiB$",
+    ):
         deploy.run_local_bench(str(tmp_path / "never-loaded.pte"), spec, 120)
 
 
 # ---- the LLM runner's system libraries ---------------------------------------------------------
+
 
 def test_the_runner_extensions_links_are_read_as_the_loader_reads_them():
     """This host's executorch: its runner extension links the runtime and the C/C++ libraries, and
@@ -120,7 +146,10 @@ def test_a_library_is_found_only_where_the_loader_looks_and_only_if_built_for_th
     (vendor / "opt/vendor/lib").mkdir(parents=True)
     shutil.copy(library, vendor / "opt/vendor/lib/libatomic.so.1")
     assert elf.find_library("libatomic.so.1", "x86_64", vendor, environ={}) == "/opt/vendor/lib/libatomic.so.1"
-    assert elf.library_folders("x86_64", vendor, {"LD_LIBRARY_PATH": "/srv/lib::/opt/vendor/lib"})[:2] == ["/srv/lib", "/opt/vendor/lib"]
+    assert elf.library_folders("x86_64", vendor, {"LD_LIBRARY_PATH": "/srv/lib::/opt/vendor/lib"})[:2] == [
+        "/srv/lib",
+        "/opt/vendor/lib",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +157,12 @@ def extension_linking_libatomic(tmp_path_factory) -> Path:
     """A real shared library that links libatomic.so.1, as the aarch64 wheel's runner extension does,
     built for this host by its own C compiler (g++ brings it)."""
     out = tmp_path_factory.mktemp("extension") / "_llm_runner.cpython-311-x86_64-linux-gnu.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-x", "c", "-", "-o", str(out), "-Wl,--no-as-needed", "-latomic"],
-                   input="int runner(void) { return 0; }\n", text=True, check=True)
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-x", "c", "-", "-o", str(out), "-Wl,--no-as-needed", "-latomic"],
+        input="int runner(void) { return 0; }\n",
+        text=True,
+        check=True,
+    )
     return out
 
 
@@ -143,8 +176,10 @@ def test_a_device_without_libatomic_gets_the_runner_left_out_with_the_fix(extens
     facts = {"llm_runner_libraries": device_bench.runner_libraries(extension_linking_libatomic, "x86_64", without)}
     assert facts["llm_runner_libraries"] == {"extension": extension_linking_libatomic.name, "needs": {"libatomic.so.1": None}}
     reason = device_bench.runner_preflight(facts)
-    assert reason == ("ExecuTorch's LLM runner links libatomic.so.1, which this device does not have (our loop does not "
-                      "need it): install it with `sudo apt install libatomic1`")
+    assert reason == (
+        "ExecuTorch's LLM runner links libatomic.so.1, which this device does not have (our loop does not "
+        "need it): install it with `sudo apt install libatomic1`"
+    )
     block = device_bench.bench_llm_runner(tmp_path / "never-loaded.pte", {"tokenizer": None}, [], set(), unavailable=reason)
     assert block["available"] is False and block["reason"] == reason and set(block) == {"available", "reason", "load"}
     # With the library in place the same extension passes.

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import DEFAULT_CONFIG, PINS, REPO, needs_litert, needs_llamacpp, qemu_unavailable, require, snakemake, write_config
 from gemma_edge import bandwidth, deploy, device_bench, emulator, loopback_sshd
-from gemma_edge.config import validate_config
 from gemma_edge.artifacts import read_json, sha256_file
+from gemma_edge.config import validate_config
 
 TARGET = "pi5_emulated"
 VARIANTS = {"int4": "tiny/int4-g128/xnnpack-auto", "fp32": "tiny/fp32/xnnpack-auto"}
@@ -46,10 +46,13 @@ def emulated(workflow, pi5_emulator, tmp_path_factory):
     fresh device folder."""
     remote = tmp_path_factory.mktemp("pi5-device") / "gemma-edge"
     overrides = {"workdir": str(remote), "ssh_config": str(pi5_emulator / "ssh/ssh_config"), "command_timeout_s": 600}
-    config = write_config(workflow["workdir"] / "pi5-emulated.yaml", {
-        "targets": {TARGET: overrides},
-        "bench": {"prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "warmup": 1},
-    })
+    config = write_config(
+        workflow["workdir"] / "pi5-emulated.yaml",
+        {
+            "targets": {TARGET: overrides},
+            "bench": {"prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "warmup": 1},
+        },
+    )
     configs = [str(workflow["config"]), str(config)]
     outputs = [f"results/{TARGET}/{variant}/bench.json" for variant in VARIANTS.values()]
     run = snakemake(workflow["workdir"], "--cores", "2", *outputs, "--configfile", *configs)
@@ -69,7 +72,10 @@ def test_the_device_is_an_emulated_cortex_a76_with_debian_python(emulated):
     assert set(PI5_FEATURES) <= set(device["cpu_features"])
     assert device["xnnpack_features"] == {"neon": True, "dotprod": True, "fp16": True, "i8mm": False, "sve": False}
     assert device["python"] == "3.11.2" and device["libc"] == ["glibc", "2.36"]
-    assert deploy.public_version(device["versions"]["torch"]) == PINS["torch"] and device["versions"]["executorch"] == PINS["executorch"]
+    assert (
+        deploy.public_version(device["versions"]["torch"]) == PINS["torch"]
+        and device["versions"]["executorch"] == PINS["executorch"]
+    )
     assert device["library_alignment"]["bytes"] >= device["page_size"]
 
 
@@ -89,7 +95,9 @@ def test_the_virtualenv_was_installed_offline_from_the_host_built_wheelhouse(emu
     names = {wheel["name"].lower() for wheel in wheelhouse["wheels"]}
     assert {"executorch", "torch", "numpy"} <= names and "coremltools" not in names  # x86-only dependency left out
     device = read_json(workdir / f"results/{TARGET}/device.json")
-    assert device["wheels"]["files"] == [{k: w[k] for k in ("filename", "name", "version", "sha256")} for w in wheelhouse["wheels"]]
+    assert device["wheels"]["files"] == [
+        {k: w[k] for k in ("filename", "name", "version", "sha256")} for w in wheelhouse["wheels"]
+    ]
     assert sorted(device["wheels"]["installed_now"]) == sorted(w["filename"] for w in wheelhouse["wheels"])
     for wheel in wheelhouse["wheels"]:  # every device gets the same bytes: each wheel arrived whole
         assert sha256_file(remote / "wheelhouse" / wheel["filename"]) == wheel["sha256"]
@@ -136,8 +144,12 @@ def test_the_emulated_pi_decodes_the_hosts_tokens_exactly_but_at_near_ties(emula
     trained = DEFAULT_CONFIG["verify"]["prompts"][:-1]  # the last default prompt is the unseen one
     for row, reference in different:
         assert row["prompt"] not in trained
-        margin = host_margin_at_divergence(workdir / f"results/{VARIANTS[variant]}/model.pte", reference["prompt_ids"],
-                                           reference["pte_tokens"], row["device_tokens"])
+        margin = host_margin_at_divergence(
+            workdir / f"results/{VARIANTS[variant]}/model.pte",
+            reference["prompt_ids"],
+            reference["pte_tokens"],
+            row["device_tokens"],
+        )
         assert 0 <= margin < NEAR_TIE, (row["prompt"], margin)
     # The .pte was lowered with fused XNNPACK subgraphs on the host; the A76 loaded and ran it.
     assert bench["pte"]["per_op_mode_used"] is False and bench["pte"]["fused_accepted_on_device"] is True
@@ -151,10 +163,19 @@ def test_a_wheel_for_another_platform_is_refused_before_anything_is_sent(emulate
     wrong = tmp_path / "wheelhouse.json"
     wrong.write_text(json.dumps(record))
     settings = {**emulated["settings"], "workdir": str(tmp_path / "fresh-device")}
-    with pytest.raises(deploy.DeviceError, match=rf"{numpy['filename']}, built for manylinux_2_28_x86_64, which this device "
-                                                 r"\(aarch64, CPython 3.11, glibc 2.36\) cannot install"):
-        deploy.provision(TARGET, settings, tmp_path / "device.json", workdir / f"results/{TARGET}/platform.json",
-                         wrong, workdir / f"results/{TARGET}/wheelhouse")
+    with pytest.raises(
+        deploy.DeviceError,
+        match=rf"{numpy['filename']}, built for manylinux_2_28_x86_64, which this device "
+        r"\(aarch64, CPython 3.11, glibc 2.36\) cannot install",
+    ):
+        deploy.provision(
+            TARGET,
+            settings,
+            tmp_path / "device.json",
+            workdir / f"results/{TARGET}/platform.json",
+            wrong,
+            workdir / f"results/{TARGET}/wheelhouse",
+        )
     assert not (tmp_path / "device.json").exists()
     assert not list(Path(settings["workdir"]).rglob("*.whl"))
 
@@ -202,8 +223,10 @@ def test_executorch_runner_on_the_emulated_pi_generates_exactly_its_loops_tokens
     generates exactly the device loop's tokens."""
     workdir = emulated["workdir"]
     device = read_json(workdir / f"results/{TARGET}/device.json")
-    assert device["llm_runner_libraries"] == {"extension": Path(RUNNER_EXTENSION).name,
-                                              "needs": {"libatomic.so.1": "/usr/lib/aarch64-linux-gnu/libatomic.so.1"}}
+    assert device["llm_runner_libraries"] == {
+        "extension": Path(RUNNER_EXTENSION).name,
+        "needs": {"libatomic.so.1": "/usr/lib/aarch64-linux-gnu/libatomic.so.1"},
+    }
     bench = read_json(workdir / f"results/{TARGET}/{VARIANTS[variant]}/bench.json")
     runner = bench["executorch_runner"]
     assert runner["available"], runner.get("reason")

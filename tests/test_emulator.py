@@ -31,9 +31,23 @@ def test_setenv_reaches_commands_through_a_real_sshd(tmp_path):
     server = SshServer.create(tmp_path / "sshd", environment=environment).start()
     try:
         result = subprocess.run(
-            ["ssh", "-i", str(server.client_key), "-o", f"UserKnownHostsFile={server.known_hosts}", "-o", "BatchMode=yes",
-             "-p", str(server.port), "root@127.0.0.1", 'printf "%s|%s|%s" "$GEMMA_EDGE_PROBE" "$PATH" "$HOME"'],
-            capture_output=True, text=True, timeout=30)
+            [
+                "ssh",
+                "-i",
+                str(server.client_key),
+                "-o",
+                f"UserKnownHostsFile={server.known_hosts}",
+                "-o",
+                "BatchMode=yes",
+                "-p",
+                str(server.port),
+                "root@127.0.0.1",
+                'printf "%s|%s|%s" "$GEMMA_EDGE_PROBE" "$PATH" "$HOME"',
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     finally:
         server.stop()
     assert result.returncode == 0, result.stderr
@@ -98,7 +112,8 @@ def test_packages_come_from_the_hosts_own_apt_sources(tmp_path):
     (tmp_path / "sources.list.d").mkdir()
     (tmp_path / "sources.list.d/debian.sources").write_text(
         "Types: deb\n# a comment\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n"
-        "Types: deb-src\nURIs: http://sources.example/debian\nSuites: bookworm\nComponents: main\n")
+        "Types: deb-src\nURIs: http://sources.example/debian\nSuites: bookworm\nComponents: main\n"
+    )
     (tmp_path / "sources.list").write_text("deb [arch=amd64] http://security.example/debian-security bookworm-security main\n")
     assert emulator.host_apt_uris("bookworm", tmp_path) == ["http://mirror.example/debian"]
     assert emulator.host_apt_uris("bookworm-security", tmp_path) == ["http://security.example/debian-security"]

@@ -12,7 +12,6 @@ import envs
 from conftest import REPO, needs_litert, needs_llamacpp, write_config
 from gemma_edge.config import normal_name
 
-
 MAIN_REQUIREMENTS = ("requirements.txt", "requirements-bench.txt")
 LITERT_REQUIREMENTS = "requirements-litert.txt"
 
@@ -87,11 +86,23 @@ def test_litert_venv_shares_the_main_pins():
 # what each asks for. Every rule that names the environment runs, but for those in NOT_RUN.
 STAGES = [
     ("download", ["results/tiny/checkpoint.json"]),
-    ("torch", ["results/demo-hub/local--gemma4-tiny-3l.json", "results/tiny/int4-g128/xnnpack-auto/parity.json",
-               "results/tiny/int4-g128/xnnpack-auto/quality.json"]),
+    (
+        "torch",
+        [
+            "results/demo-hub/local--gemma4-tiny-3l.json",
+            "results/tiny/int4-g128/xnnpack-auto/parity.json",
+            "results/tiny/int4-g128/xnnpack-auto/quality.json",
+        ],
+    ),
     ("litert", ["results/tiny/litert/model-int4-g128.litertlm"]),
-    ("perf", ["results/tiny/llamacpp/quality-q4_0.json", "results/tiny/llamacpp/quality-q4_k_m.json",
-              "results/perf/tiny/int4-g128/xnnpack-auto/perf.md"]),
+    (
+        "perf",
+        [
+            "results/tiny/llamacpp/quality-q4_0.json",
+            "results/tiny/llamacpp/quality-q4_k_m.json",
+            "results/perf/tiny/int4-g128/xnnpack-auto/perf.md",
+        ],
+    ),
     ("deploy", ["results/loopback/wheelhouse.json", "results/loopback/bench.json", "results/local/bench.json"]),
     ("report", ["results/summary.csv"]),
 ]
@@ -131,14 +142,19 @@ def env_workdir(workflow, sshd, tmp_path_factory):
     rule, a loopback device to probe and the local target to benchmark on, all kept small."""
     workdir = tmp_path_factory.mktemp("env-workflow")
     shutil.copytree(workflow["workdir"], workdir, symlinks=True, dirs_exist_ok=True)
-    overrides = write_config(workdir / "envs-test.yaml", {
-        "models": {"tiny3": {"repo_id": "local/gemma4-tiny-3l", "demo": True, "synthetic": {"shape": "tiny", "layers": 3}}},
-        "targets": {"loopback": sshd.target(tmp_path_factory.mktemp("env-remote") / "gemma-edge"),
-                    "local": {"kind": "local", "threads": 2}},
-        "bench": {"prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "warmup": 1},
-        "perf": {"prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "litert": False},
-        "sweep": {"group_sizes": [128], "per_op_modes": ["auto"], "targets": ["local"]},
-    })
+    overrides = write_config(
+        workdir / "envs-test.yaml",
+        {
+            "models": {"tiny3": {"repo_id": "local/gemma4-tiny-3l", "demo": True, "synthetic": {"shape": "tiny", "layers": 3}}},
+            "targets": {
+                "loopback": sshd.target(tmp_path_factory.mktemp("env-remote") / "gemma-edge"),
+                "local": {"kind": "local", "threads": 2},
+            },
+            "bench": {"prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "warmup": 1},
+            "perf": {"prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "litert": False},
+            "sweep": {"group_sizes": [128], "per_op_modes": ["auto"], "targets": ["local"]},
+        },
+    )
     return workdir, [str(workflow["config"]), str(overrides)]
 
 
@@ -151,8 +167,21 @@ def test_each_env_runs_its_rules(env_workdir):
     for env, targets in STAGES:
         venv = envs.venv_with(env, envs.env_packages(REPO / "envs" / f"{env}.yaml"))
         expected = by_env[env] - set(NOT_RUN)
-        result = envs.snakemake_in_env(driver, venv, workdir, "--cores", "2", "--configfile", *configs,
-                                       "--allowed-rules", *sorted(by_env[env]), "--forcerun", *sorted(expected), "--", *targets)
+        result = envs.snakemake_in_env(
+            driver,
+            venv,
+            workdir,
+            "--cores",
+            "2",
+            "--configfile",
+            *configs,
+            "--allowed-rules",
+            *sorted(by_env[env]),
+            "--forcerun",
+            *sorted(expected),
+            "--",
+            *targets,
+        )
         output = result.stdout + result.stderr
         assert result.returncode == 0, f"envs/{env}.yaml could not run its rules:\n{output[-6000:]}"
         assert rules_run(output) == expected, f"envs/{env}.yaml: ran {sorted(rules_run(output))}"

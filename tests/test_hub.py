@@ -18,7 +18,10 @@ def test_seeded_cache_resolves_offline_to_its_commit(seeded_hub, tmp_path):
     manifest = pipeline.download(TEST_REPO_ID, "main", str(cache), True, None, tmp_path / "checkpoint.json")
     assert manifest["commit"] == commit
     assert set(manifest["files"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
-    assert read_json(tmp_path / "checkpoint.json")["files"]["model.safetensors"]["sha256"] == manifest["files"]["model.safetensors"]["sha256"]
+    assert (
+        read_json(tmp_path / "checkpoint.json")["files"]["model.safetensors"]["sha256"]
+        == manifest["files"]["model.safetensors"]["sha256"]
+    )
 
 
 def test_revision_can_be_the_commit_sha(seeded_hub, tmp_path):
@@ -89,8 +92,11 @@ def test_corrupt_hub_file_names_the_command_that_downloads_it_again(tmp_path):
     repair = hub.repair_command("org/model", snapshot.name, str(cache), demo=False)
     hub.check_cached_files(snapshot, repair)  # intact
     blob.write_bytes(config[:-2])
-    with pytest.raises(hub.DownloadError, match=r"the cached config.json .* is corrupt.*repair it with `hf download org/model "
-                       r"config.json --revision 0123456789abcdef0123456789abcdef01234567 --cache-dir .* --force-download`"):
+    with pytest.raises(
+        hub.DownloadError,
+        match=r"the cached config.json .* is corrupt.*repair it with `hf download org/model "
+        r"config.json --revision 0123456789abcdef0123456789abcdef01234567 --cache-dir .* --force-download`",
+    ):
         hub.check_cached_files(snapshot, repair)
 
 
@@ -124,17 +130,22 @@ class _HubStandIn:
 
 
 def _download_against(url: str, tmp_path) -> subprocess.CompletedProcess:
-    code = ("import sys; sys.path.insert(0, 'scripts'); from gemma_edge import pipeline; "
-            f"pipeline.download('google/gemma-4-E2B', 'main', {str(tmp_path / 'cache')!r}, False, None, {str(tmp_path / 'c.json')!r})")
+    code = (
+        "import sys; sys.path.insert(0, 'scripts'); from gemma_edge import pipeline; "
+        f"pipeline.download('google/gemma-4-E2B', 'main', {str(tmp_path / 'cache')!r}, False, None, {str(tmp_path / 'c.json')!r})"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
     env.update({"HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf-home")})
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
 
 
-@pytest.mark.parametrize("status, error_code, message", [
-    (401, "GatedRepo", "is a gated model: accept its licence on its Hugging Face page, then set HF_TOKEN"),
-    (404, "RepoNotFound", "was not found on the Hugging Face hub (or is private)"),
-])
+@pytest.mark.parametrize(
+    "status, error_code, message",
+    [
+        (401, "GatedRepo", "is a gated model: accept its licence on its Hugging Face page, then set HF_TOKEN"),
+        (404, "RepoNotFound", "was not found on the Hugging Face hub (or is private)"),
+    ],
+)
 def test_hub_refusals_are_explained(tmp_path, status, error_code, message):
     hub_stand_in = _HubStandIn(status, error_code)
     try:

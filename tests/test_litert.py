@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from conftest import DEFAULT_CONFIG, LITERT_PYTHON, PINS, REPO, needs_litert
-
 from gemma_edge import litertlm_file
 from gemma_edge.weight_bytes import is_lookup, weight_bytes
 
@@ -26,13 +25,25 @@ BENCH_SCRIPT = REPO / "scripts/gemma_edge/litert_bench.py"
 
 pytestmark = needs_litert
 
-SPEC = {"threads": 2, "prompt_lengths": [16, 48], "new_tokens": 16, "repetitions": 3, "warmup": 1, "max_seq_len": 128,
-        "max_new_tokens": DEFAULT_CONFIG["verify"]["max_new_tokens"]}
+SPEC = {
+    "threads": 2,
+    "prompt_lengths": [16, 48],
+    "new_tokens": 16,
+    "repetitions": 3,
+    "warmup": 1,
+    "max_seq_len": 128,
+    "max_new_tokens": DEFAULT_CONFIG["verify"]["max_new_tokens"],
+}
 
 
 def run_litert(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(LITERT_PYTHON), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO / "scripts")})
+    done = subprocess.run(
+        [str(LITERT_PYTHON), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO / "scripts")},
+    )
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return done
@@ -77,7 +88,7 @@ def bench(model: Path, prompt_ids: list[list[int]], tmp_path: Path) -> dict:
 
 def until_stop(tokens: list[int], stop_id: int) -> list[int]:
     """LiteRT-LM ends a generation at the stop token and does not return it; eager FP32 runs on."""
-    return tokens[:tokens.index(stop_id)] if stop_id in tokens else tokens
+    return tokens[: tokens.index(stop_id)] if stop_id in tokens else tokens
 
 
 def assert_same_text(demo_checkpoint, result: dict, prompts: list[list[int]], expected: list[list[int]]) -> None:
@@ -128,8 +139,14 @@ def peek_sections(model: Path) -> list[dict]:
     for block in re.split(r"^Section \d+:$", printed, flags=re.M)[1:]:
         fields = dict(re.findall(r"^  (Begin Offset|End Offset|Data Type): *(\S+)$", block, flags=re.M))
         model_type = re.search(r"^    Key: model_type, Value \(String\): (\S+)$", block, flags=re.M)
-        sections.append({"begin": int(fields["Begin Offset"]), "end": int(fields["End Offset"]),
-                         "data_type": fields["Data Type"], "model_type": model_type and model_type.group(1)})
+        sections.append(
+            {
+                "begin": int(fields["Begin Offset"]),
+                "end": int(fields["End Offset"]),
+                "data_type": fields["Data Type"],
+                "model_type": model_type and model_type.group(1),
+            }
+        )
     return sections
 
 
@@ -139,8 +156,9 @@ def our_lookup_tables(model: dict) -> list[dict]:
         for op in subgraph["operators"]:
             for position in (p for p, _ in enumerate(op["inputs"]) if is_lookup(op, p)):
                 tensor = subgraph["tensors"][op["inputs"][position]]
-                tables.append({"subgraph": index, "buffer": tensor["buffer"], "shape": tensor["shape"],
-                               "scales": tensor["scales"]})
+                tables.append(
+                    {"subgraph": index, "buffer": tensor["buffer"], "shape": tensor["shape"], "scales": tensor["scales"]}
+                )
     return tables
 
 
@@ -152,10 +170,15 @@ def test_our_litertlm_reader_reads_what_literts_own_tools_read(converted, quanti
     model = converted[quantization]
     with litertlm_file.mapped(model) as data:
         header = litertlm_file.read_header(data)
-        ours = {s["index"]: litertlm_file.read_tflite(data[s["begin"]:s["end"]])
-                for s in header["sections"] if s["data_type"] == "TFLiteModel"}
-    assert [{"begin": s["begin"], "end": s["end"], "data_type": s["data_type"], "model_type": s["items"].get("model_type")}
-            for s in header["sections"]] == peek_sections(model)
+        ours = {
+            s["index"]: litertlm_file.read_tflite(data[s["begin"] : s["end"]])
+            for s in header["sections"]
+            if s["data_type"] == "TFLiteModel"
+        }
+    assert [
+        {"begin": s["begin"], "end": s["end"], "data_type": s["data_type"], "model_type": s["items"].get("model_type")}
+        for s in header["sections"]
+    ] == peek_sections(model)
     theirs = json.loads(run_litert(str(REPO / "tests/litert_reference.py"), str(model), timeout=120).stdout)
     assert sorted(int(index) for index in theirs) == sorted(ours) and len(ours) == 3
     for index, reference in theirs.items():
@@ -177,15 +200,23 @@ def test_litertlm_bytes_per_token_read_the_embedders_as_rows_and_add_up_to_the_f
     parts, file = result["parts"], result["file"]
     assert result["artifact"] == "litertlm" and result["vocab_size"] == vocab
     # Every byte of the file once: weights, TFLite graphs, other sections, header, the 16 KiB alignment.
-    assert file["weights_bytes"] + file["graph_bytes"] + file["other_sections_bytes"] + file["header_bytes"] \
-        + file["padding_bytes"] == file["size_bytes"] == converted[quantization].stat().st_size
+    assert (
+        file["weights_bytes"] + file["graph_bytes"] + file["other_sections_bytes"] + file["header_bytes"] + file["padding_bytes"]
+        == file["size_bytes"]
+        == converted[quantization].stat().st_size
+    )
     assert 0 <= file["padding_bytes"] < 16384 * len(result["sections"])
-    assert result["bytes_per_token"] == sum(parts.values()) == (
-        file["weights_bytes"] - file["embedding_tables_bytes"] - file["outside_decode_bytes"] + parts["embedding_rows"])
+    assert (
+        result["bytes_per_token"]
+        == sum(parts.values())
+        == (file["weights_bytes"] - file["embedding_tables_bytes"] - file["outside_decode_bytes"] + parts["embedding_rows"])
+    )
     # The externalized embedder and per-layer embedder: one row each (INT8 with its float32 scale, or FP32).
     tables = {t["model_type"]: t for t in result["embedding_tables"]}
     assert {name: t["shape"] for name, t in tables.items()} == {
-        "tf_lite_embedder": [vocab, hidden], "tf_lite_per_layer_embedder": [vocab, per_layer]}
+        "tf_lite_embedder": [vocab, hidden],
+        "tf_lite_per_layer_embedder": [vocab, per_layer],
+    }
     element = 4 if quantization == "fp32" else 1
     scale = 0 if quantization == "fp32" else 4
     for name, width in (("tf_lite_embedder", hidden), ("tf_lite_per_layer_embedder", per_layer)):
@@ -205,8 +236,11 @@ def test_litertlm_bytes_per_token_read_the_embedders_as_rows_and_add_up_to_the_f
     decoder = sections["tf_lite_prefill_decode"]
     assert decoder["decode_signatures"] == ["decode"]
     assert 0 < decoder["outside_decode_bytes"] <= file["outside_decode_bytes"] < 1024
-    assert decoder["read_per_token_bytes"] == decoder["weights_bytes"] - decoder["outside_decode_bytes"] == (
-        result["bytes_per_token"] - sum(sections[name]["read_per_token_bytes"] for name in tables))
+    assert (
+        decoder["read_per_token_bytes"]
+        == decoder["weights_bytes"] - decoder["outside_decode_bytes"]
+        == (result["bytes_per_token"] - sum(sections[name]["read_per_token_bytes"] for name in tables))
+    )
     if quantization == "int4":  # INT4 linears beside INT8 tables: well under half the file
         assert result["bytes_per_token"] < 0.45 * file["size_bytes"]
 
@@ -261,12 +295,29 @@ def test_fp32_litertlm_runs_on_the_emulated_pi5_with_only_the_aarch64_wheel(conv
     model.write_bytes(converted["fp32"].read_bytes())
     prompts, expected = reference
     spec = device / "spec.json"
-    spec.write_text(json.dumps({**SPEC, "prompt_lengths": [16], "new_tokens": 8, "repetitions": 1,
-                                "parity_prompt_ids": prompts[:2]}))
+    spec.write_text(
+        json.dumps({**SPEC, "prompt_lengths": [16], "new_tokens": 8, "repetitions": 1, "parity_prompt_ids": prompts[:2]})
+    )
     python = emulator.sysroot_of(root) / "usr/bin/python3.11"
     env = {**os.environ, **emulator.device_environment(root), "PYTHONPATH": f"{site}:{REPO / 'scripts'}"}
-    done = subprocess.run([emulator.find_qemu(), str(python), "-m", "gemma_edge.litert_bench", "--model", str(model), "--spec", str(spec),
-                           "--out", str(device / "bench.json")], capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run(
+        [
+            emulator.find_qemu(),
+            str(python),
+            "-m",
+            "gemma_edge.litert_bench",
+            "--model",
+            str(model),
+            "--spec",
+            str(spec),
+            "--out",
+            str(device / "bench.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads((device / "bench.json").read_text())
     assert result["device"]["machine"] == "aarch64" and result["device"]["qemu_cpu"] == "cortex-a76"
@@ -277,8 +328,11 @@ def test_fp32_litertlm_runs_on_the_emulated_pi5_with_only_the_aarch64_wheel(conv
 def test_bench_script_needs_only_the_standard_library_litert_lm_and_peer_bench():
     tree = ast.parse(BENCH_SCRIPT.read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    imported |= {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level
+    }
     relative = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
     assert imported - set(sys.stdlib_module_names) == {"litert_lm"}
     assert relative == {"peer_bench"}

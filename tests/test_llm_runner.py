@@ -35,8 +35,9 @@ def variant(request, workflow):
     return {
         "name": request.param,
         "runner": llm_runner.generate_with_runner(pte, tokenizer_of(workdir), PROMPTS, MAX_NEW_TOKENS, threads=2),
-        "runner_as_shipped": llm_runner.generate_with_runner(pte, tokenizer_of(workdir), PROMPTS, MAX_NEW_TOKENS, threads=2,
-                                                             exact_ids=False),
+        "runner_as_shipped": llm_runner.generate_with_runner(
+            pte, tokenizer_of(workdir), PROMPTS, MAX_NEW_TOKENS, threads=2, exact_ids=False
+        ),
         "ours": [greedy_decode(decoder.step, p["prompt_ids"], MAX_NEW_TOKENS, eos_ids) for p in parity["prompts"]],
         "parity": parity,
     }
@@ -113,9 +114,15 @@ def test_bos_is_asked_for_only_when_the_tokenizer_does_not_add_it():
 
 def bench_spec_for(workdir: Path, parity: dict, **changes) -> dict:
     """The part of the device benchmark's spec (deploy.bench_spec) the runner's block reads."""
-    return {"tokenizer": str(tokenizer_of(workdir)), "parity_prompts": [p["prompt"] for p in parity["prompts"]],
-            "parity_prompt_ids": [p["prompt_ids"] for p in parity["prompts"]], "max_new_tokens": MAX_NEW_TOKENS,
-            "threads": 2, "peer_timeout_s": 600, **changes}
+    return {
+        "tokenizer": str(tokenizer_of(workdir)),
+        "parity_prompts": [p["prompt"] for p in parity["prompts"]],
+        "parity_prompt_ids": [p["prompt_ids"] for p in parity["prompts"]],
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "threads": 2,
+        "peer_timeout_s": 600,
+        **changes,
+    }
 
 
 @needs_binding
@@ -143,7 +150,8 @@ def test_a_runner_that_cannot_run_is_reported_with_its_reason_not_raised(workflo
     assert "missing.json" in block["reason"]
     no_texts = bench_spec_for(workflow["workdir"], parity, parity_prompts=None)
     assert device_bench.bench_llm_runner(folder / "model.pte", no_texts, loop, {1})["reason"] == (
-        "the host sent no tokenizer or no prompt texts for the runner")
+        "the host sent no tokenizer or no prompt texts for the runner"
+    )
 
 
 def test_the_loop_is_compared_up_to_the_first_eos_where_the_runner_stops():

@@ -1,4 +1,5 @@
 """The lower step's choices that need no lowering to check."""
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -73,8 +74,9 @@ def test_program_for_several_tokens_reads_its_rings_masked_with_the_same_logits(
         before = [module(*call) for call in calls]
         # One read of each ring's written slots per call (a copy in the runtime), shared by the
         # layers that reuse its keys and values: the demo's 4 sliding layers read 2 rings.
-        ring_reads = {node.args[1] for node in program.graph.nodes
-                      if node.target == torch.ops.gemma_edge.sliding_attention.default}
+        ring_reads = {
+            node.args[1] for node in program.graph.nodes if node.target == torch.ops.gemma_edge.sliding_attention.default
+        }
         assert len(ring_reads) == sum("cache_ring_keys" in name for name in program.graph_signature.buffers) == 2
         attention = _targets(program).count(torch.ops.gemma_edge.sliding_attention.default)
         attention += _targets(program).count(torch.ops.llama.custom_sdpa.default)

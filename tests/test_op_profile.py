@@ -25,7 +25,9 @@ def test_every_delegate_call_of_the_program_is_traced_once_per_token(profile, wo
     # cat.out; an in-place op, aten.copy_.default (the ring's slot record written back) -> copy_)
     left_out = {name.split(".", 1)[1].removesuffix(".default") for name in lowering["portable_ops"]}
     assert set(profile["portable_ms"]) <= left_out
-    assert profile["operator_calls"] >= sum(lowering["portable_ops"].values()) - lowering["portable_ops"].get("aten.sym_size.int", 0)
+    assert profile["operator_calls"] >= sum(lowering["portable_ops"].values()) - lowering["portable_ops"].get(
+        "aten.sym_size.int", 0
+    )
 
 
 def test_the_parts_add_up_to_the_spans_that_hold_them(profile):

@@ -20,7 +20,9 @@ def test_llama_bench_is_compiled_for_the_devices_own_instruction_set():
     assert llamacpp_build.cpu_options("aarch64", ["fp", "asimd"]) == ["-DGGML_CPU_ARM_ARCH=armv8-a"]
     facts = device_bench.device_facts()
     if facts["machine"] == "x86_64":
-        host = dict(option.removeprefix("-D").split("=") for option in llamacpp_build.cpu_options("x86_64", facts["cpu_features"]))
+        host = dict(
+            option.removeprefix("-D").split("=") for option in llamacpp_build.cpu_options("x86_64", facts["cpu_features"])
+        )
         assert host["GGML_AVX2"] == ("ON" if "avx2" in facts["cpu_features"] else "OFF")
         assert host["GGML_AVX512"] == ("ON" if "avx512f" in facts["cpu_features"] else "OFF")
     # One cache entry per source release, machine and flag set: a Pi 5 and this host never share one.
@@ -29,13 +31,25 @@ def test_llama_bench_is_compiled_for_the_devices_own_instruction_set():
 
 def test_a_device_llama_cpp_cannot_be_built_for_is_recorded_with_the_reason(tmp_path):
     sdist = tmp_path / "missing.tar.gz"
-    record = llamacpp_build.build_for_device(sdist, "0.3.36", {"machine": "x86_64", "cpu_features": []},
-                                             tmp_path / "bin", tmp_path / "llama-bench.json", cache=tmp_path / "cache")
+    record = llamacpp_build.build_for_device(
+        sdist,
+        "0.3.36",
+        {"machine": "x86_64", "cpu_features": []},
+        tmp_path / "bin",
+        tmp_path / "llama-bench.json",
+        cache=tmp_path / "cache",
+    )
     assert record == read_json(tmp_path / "llama-bench.json")
     assert record["available"] is False and "bench/setup-llamacpp.sh" in record["reason"]
     sdist.write_bytes(b"")
-    record = llamacpp_build.build_for_device(sdist, "0.3.36", {"machine": "riscv64", "cpu_features": []},
-                                             tmp_path / "bin", tmp_path / "llama-bench.json", cache=tmp_path / "cache")
+    record = llamacpp_build.build_for_device(
+        sdist,
+        "0.3.36",
+        {"machine": "riscv64", "cpu_features": []},
+        tmp_path / "bin",
+        tmp_path / "llama-bench.json",
+        cache=tmp_path / "cache",
+    )
     assert record["available"] is False and "riscv64" in record["reason"]
     assert not list((tmp_path / "bin").iterdir()) and not (tmp_path / "cache").exists()
 
@@ -60,11 +74,14 @@ def test_a_program_that_fails_on_the_device_becomes_a_reason(tmp_path):
 
 def test_litert_runtime_is_refused_where_its_wheel_cannot_run(tmp_path):
     assert litert_runtime.check_device({"machine": "aarch64", "libc": ["glibc", "2.36"]}) == "aarch64"
-    for device, why in (({"machine": "riscv64", "libc": ["glibc", "2.36"]}, "no wheel for a riscv64 CPU"),
-                        ({"machine": "aarch64", "libc": ["glibc", "2.24"]}, "glibc 2.24 is older than the 2.27"),
-                        ({"machine": "x86_64", "libc": ["musl", "1.2"]}, "needs glibc")):
-        record = litert_runtime.runtime_for_device(REPO / "requirements-litert.txt", device, tmp_path / "wheel",
-                                                   tmp_path / "runtime.json", cache=tmp_path / "cache")
+    for device, why in (
+        ({"machine": "riscv64", "libc": ["glibc", "2.36"]}, "no wheel for a riscv64 CPU"),
+        ({"machine": "aarch64", "libc": ["glibc", "2.24"]}, "glibc 2.24 is older than the 2.27"),
+        ({"machine": "x86_64", "libc": ["musl", "1.2"]}, "needs glibc"),
+    ):
+        record = litert_runtime.runtime_for_device(
+            REPO / "requirements-litert.txt", device, tmp_path / "wheel", tmp_path / "runtime.json", cache=tmp_path / "cache"
+        )
         assert record == read_json(tmp_path / "runtime.json")
         assert record["available"] is False and why in record["reason"], record
     assert not list((tmp_path / "wheel").iterdir()) and not (tmp_path / "cache").exists()
@@ -108,13 +125,13 @@ def test_a_peers_text_is_matched_against_fp32s_tokens(demo_checkpoint):
     tokenizer = Tokenizer.from_file(str(demo_checkpoint / "tokenizer.json"))
     prompt = [2] + tokenizer.encode("Return a new list of", add_special_tokens=False).ids
     reference = tokenizer.encode(" the names of files", add_special_tokens=False).ids
-    text = tokenizer.decode(prompt + reference)[len(tokenizer.decode(prompt)):]
+    text = tokenizer.decode(prompt + reference)[len(tokenizer.decode(prompt)) :]
     assert text == " the names of files"
     assert tokens_matched_as_text(tokenizer, prompt, reference, text) == len(reference)
     assert tokens_matched_as_text(tokenizer, prompt, reference, text[:8]) < len(reference)
     assert tokens_matched_as_text(tokenizer, prompt, reference, " a different text") == 0
     space = tokenizer.token_to_id("<0x20>")
-    assert space is not None and tokenizer.decode(prompt + [space])[len(tokenizer.decode(prompt)):] == " "
+    assert space is not None and tokenizer.decode(prompt + [space])[len(tokenizer.decode(prompt)) :] == " "
     spelled_apart = [space] + tokenizer.encode("the names of files", add_special_tokens=False).ids
     assert spelled_apart[:2] != reference[:2]
     assert tokens_matched_as_text(tokenizer, prompt, spelled_apart, text) == len(spelled_apart)

@@ -3,7 +3,6 @@ converter sees it, and `snakemake perf` end to end (the .pte, eager FP32 and lla
 checkpoint) on a tiny random Gemma 4 with the same tokenizer design."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,6 @@ from gemma_edge.perf_projection import fit_line, parameter_count_of, project_ste
 from gemma_edge.perf_table import decode_ratio, render_table, same_greedy_tokens
 from gemma_edge.runtime import DECODE_METHOD
 from test_workflow import jobs_of
-
 
 
 def meta_model(config):
@@ -80,20 +78,33 @@ def test_byte_fallback_tokenizer_covers_any_text_at_the_full_vocabulary(tmp_path
 
 def fake_engine(engine, prefill, decode):
     stats = lambda v: {"avg": v, "stddev": v / 10, "median": v, "min": v, "max": v, "samples": [v]}  # noqa: E731
-    return {"engine": engine, "load_s": 1.0, "peak_rss_bytes": 2e9, "greedy_tokens": [5, 6],
-            "runs": [{"prompt_tokens": 64, "prefill_tps": stats(prefill), "decode_tps": stats(decode)}]}
+    return {
+        "engine": engine,
+        "load_s": 1.0,
+        "peak_rss_bytes": 2e9,
+        "greedy_tokens": [5, 6],
+        "runs": [{"prompt_tokens": 64, "prefill_tps": stats(prefill), "decode_tps": stats(decode)}],
+    }
 
 
 def test_ratios_divide_the_pte_by_each_other_engine():
-    results = {"pte": fake_engine("pte", 300.0, 12.0), "eager": fake_engine("eager", 100.0, 4.0),
-               "llamacpp": fake_engine("llamacpp", 150.0, 16.0)}
+    results = {
+        "pte": fake_engine("pte", 300.0, 12.0),
+        "eager": fake_engine("eager", 100.0, 4.0),
+        "llamacpp": fake_engine("llamacpp", 150.0, 16.0),
+    }
     [row] = decode_ratio(results)
     assert row["decode_vs_llamacpp"] == pytest.approx(0.75)
     assert row["prefill_vs_llamacpp"] == pytest.approx(2.0)
     assert row["decode_vs_eager"] == pytest.approx(3.0)
-    report = {"steps": {"export": {"wall_s": 80.0, "peak_rss_mb": 6700.0, "peak_rss_source": "recorded"}}, "pte": {"size_bytes": 7e8},
-              "gguf": {"gguf_type": "q4_0", "size_bytes": 5e8}, "engines": results, "ratios": [row],
-              "same_greedy_tokens": {"pte": True, "eager": True, "llamacpp": False}}
+    report = {
+        "steps": {"export": {"wall_s": 80.0, "peak_rss_mb": 6700.0, "peak_rss_source": "recorded"}},
+        "pte": {"size_bytes": 7e8},
+        "gguf": {"gguf_type": "q4_0", "size_bytes": 5e8},
+        "engines": results,
+        "ratios": [row],
+        "same_greedy_tokens": {"pte": True, "eager": True, "llamacpp": False},
+    }
     table = render_table(report)
     assert "| export | 80.0 | 6700 |" in table
     assert "| llamacpp | 64 | 150.0 ± 15.0 | 16.00 ± 1.60 |" in table
@@ -106,8 +117,14 @@ def test_without_eager_the_table_compares_the_pte_with_llamacpp_only():
     results = {"pte": fake_engine("pte", 300.0, 12.0), "llamacpp": fake_engine("llamacpp", 150.0, 16.0)}
     [row] = decode_ratio(results)
     assert set(row) == {"prompt_tokens", "decode_vs_llamacpp", "prefill_vs_llamacpp"}
-    report = {"steps": {}, "pte": {"size_bytes": 7e8}, "gguf": {"gguf_type": "q4_0", "size_bytes": 5e8},
-              "engines": results, "ratios": [row], "same_greedy_tokens": same_greedy_tokens(results)}
+    report = {
+        "steps": {},
+        "pte": {"size_bytes": 7e8},
+        "gguf": {"gguf_type": "q4_0", "size_bytes": 5e8},
+        "engines": results,
+        "ratios": [row],
+        "same_greedy_tokens": same_greedy_tokens(results),
+    }
     assert report["same_greedy_tokens"] == {"pte": None, "llamacpp": None}
     table = render_table(report)
     assert "| eager |" not in table
@@ -119,14 +136,20 @@ def test_without_eager_the_table_compares_the_pte_with_llamacpp_only():
 def perf_run(tmp_path_factory):
     """`snakemake perf` on a tiny random Gemma 4 (demo widths, byte-fallback tokenizer)."""
     workdir = tmp_path_factory.mktemp("perf")
-    config = write_config(workdir / "perf.yaml", {
-        "model": "tiny-random",
-        "models": {"tiny-random": {"repo_id": "tests/gemma4-tiny-random", "demo": True, "synthetic": {"shape": "tiny"}}},
-        "perf": {"prompt_lengths": [8, 32], "new_tokens": 8, "repetitions": 2, "warmup": 1},
-    })
+    config = write_config(
+        workdir / "perf.yaml",
+        {
+            "model": "tiny-random",
+            "models": {"tiny-random": {"repo_id": "tests/gemma4-tiny-random", "demo": True, "synthetic": {"shape": "tiny"}}},
+            "perf": {"prompt_lengths": [8, 32], "new_tokens": 8, "repetitions": 2, "warmup": 1},
+        },
+    )
     snakemake(workdir, "--cores", "2", "perf", "--configfile", str(config))
-    return {"workdir": workdir, "config": config,
-            "perf": read_json(workdir / "results/perf/tiny-random/int4-g128/xnnpack-auto/perf.json")}
+    return {
+        "workdir": workdir,
+        "config": config,
+        "perf": read_json(workdir / "results/perf/tiny-random/int4-g128/xnnpack-auto/perf.json"),
+    }
 
 
 @needs_llamacpp
@@ -198,8 +221,17 @@ def test_perf_times_litert_lm_with_the_pte_s_group_size_by_its_own_benchmark(per
 @needs_llamacpp
 def test_perf_table_lists_every_step_with_its_cost(perf_run):
     steps = perf_run["perf"]["steps"]
-    for name in ("build checkpoint", "download", "export", "quantize", "lower", "gguf (q4_0)", "bench .pte",
-                 "bench eager", "bench llama.cpp"):
+    for name in (
+        "build checkpoint",
+        "download",
+        "export",
+        "quantize",
+        "lower",
+        "gguf (q4_0)",
+        "bench .pte",
+        "bench eager",
+        "bench llama.cpp",
+    ):
         assert name in steps, name
         assert steps[name]["wall_s"] > 0
     assert steps["export"]["peak_rss_mb"] > 100  # torch alone is more than that
@@ -236,10 +268,14 @@ def test_missing_converter_is_explained(tmp_path):
 
 def test_projection_extends_each_steps_growth_per_parameter_to_the_full_model():
     def report(parameters, export_mb, lower_mb):
-        return {"model": {"parameters": parameters}, "steps": {
-            "export": {"wall_s": parameters / 1e8, "peak_rss_mb": export_mb},
-            "lower": {"wall_s": 50.0, "peak_rss_mb": lower_mb},
-            "download": {"wall_s": 1.0, "peak_rss_mb": None}}}
+        return {
+            "model": {"parameters": parameters},
+            "steps": {
+                "export": {"wall_s": parameters / 1e8, "peak_rss_mb": export_mb},
+                "lower": {"wall_s": 50.0, "peak_rss_mb": lower_mb},
+                "download": {"wall_s": 1.0, "peak_rss_mb": None},
+            },
+        }
 
     rows = project_steps([report(10**9, 6000.0, 2400.0), report(2 * 10**9, 9000.0, 3200.0)], 5 * 10**9)
     export, lower = rows  # download has no RSS figure, so it is left out

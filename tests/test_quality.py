@@ -13,8 +13,17 @@ from gemma_edge import pipeline
 from gemma_edge.artifacts import read_json, sha256_file
 from gemma_edge.checkpoint import load_checkpoint
 from gemma_edge.demo_model import TRAIN_LINES_EVERY
-from gemma_edge.quality import (Gates, compare_tokenizations, eager_logits, gate_failures, scored_positions, summarise,
-                                text_chunks, text_ids, token_scores)
+from gemma_edge.quality import (
+    Gates,
+    compare_tokenizations,
+    eager_logits,
+    gate_failures,
+    scored_positions,
+    summarise,
+    text_chunks,
+    text_ids,
+    token_scores,
+)
 
 HELDOUT = REPO / "resources/quality/demo_heldout.txt"
 CORPUS = REPO / "resources/demo_corpus.txt"
@@ -23,7 +32,7 @@ FP32 = "results/tiny/fp32/xnnpack-auto"
 
 
 def word_runs(lines, n):
-    return {tuple(words[i:i + n]) for line in lines for words in [line.split()] for i in range(len(words) - n + 1)}
+    return {tuple(words[i : i + n]) for line in lines for words in [line.split()] for i in range(len(words) - n + 1)}
 
 
 def test_the_demo_held_out_text_is_not_in_what_the_demo_model_trains_on():
@@ -36,7 +45,7 @@ def test_the_demo_held_out_text_is_not_in_what_the_demo_model_trains_on():
     assert word_runs(heldout, 6) and not word_runs(heldout, 6) & word_runs(corpus, 6)
     assert not word_runs(heldout, 6) & word_runs(trained, 6)
     # The same kind of text: docstring paragraphs, one a line, as long as the corpus's.
-    assert 40 <= min(map(len, heldout)) and sum(map(len, heldout)) / len(heldout) > 80
+    assert min(map(len, heldout)) >= 40 and sum(map(len, heldout)) / len(heldout) > 80
 
 
 def test_chunks_open_with_bos_hold_the_context_and_drop_a_partial_last_one():
@@ -74,15 +83,23 @@ def test_gates_are_checked_only_when_set():
     summary = {"kl": {"mean": 0.2}, "ppl_ratio": 1.05, "top1_agreement": 0.8}
     assert gate_failures(summary, Gates()) == []
     assert gate_failures(summary, Gates(max_mean_kl=0.1, max_ppl_ratio=1.1, min_top1_agreement=0.9)) == [
-        "mean KL divergence 0.2 > 0.1", "top-1 agreement 0.8000 < 0.9"]
+        "mean KL divergence 0.2 > 0.1",
+        "top-1 agreement 0.8000 < 0.9",
+    ]
 
 
 def test_a_tokenizer_difference_is_located_as_pieces():
     pieces = {1: "▁a", 2: ".\n", 3: ".", 4: "\n"}.get
     assert compare_tokenizations([1, 2], [1, 2], pieces)["identical"]
     differs = compare_tokenizations([1, 2, 1], [1, 3, 4, 1], pieces)
-    assert differs == {"identical": False, "ours": 3, "theirs": 4, "first_difference": 1,
-                       "ours_from_there": [".\n", "▁a"], "theirs_from_there": [".", "\n", "▁a"]}
+    assert differs == {
+        "identical": False,
+        "ours": 3,
+        "theirs": 4,
+        "first_difference": 1,
+        "ours_from_there": [".\n", "▁a"],
+        "theirs_from_there": [".", "\n", "▁a"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +110,19 @@ def scored(workflow, tmp_path_factory):
     workdir = workflow["workdir"]
     snakemake(workdir, "--cores", "2", f"{INT4}/quality.json", "--configfile", str(workflow["config"]))
     out = tmp_path_factory.mktemp("fp32-quality")
-    fp32 = pipeline.quality("pte", workdir / FP32 / "model.pte", workdir / "results/tiny/checkpoint.json", HELDOUT,
-                            "resources/quality/demo_heldout.txt", {"max_tokens": QUALITY_TOKENS, "scored_positions": "all"},
-                            {}, False, 2, out / "quality.json", out / "quality.json.manifest.json")
+    fp32 = pipeline.quality(
+        "pte",
+        workdir / FP32 / "model.pte",
+        workdir / "results/tiny/checkpoint.json",
+        HELDOUT,
+        "resources/quality/demo_heldout.txt",
+        {"max_tokens": QUALITY_TOKENS, "scored_positions": "all"},
+        {},
+        False,
+        2,
+        out / "quality.json",
+        out / "quality.json.manifest.json",
+    )
     return {"workdir": workdir, "int4": read_json(workdir / INT4 / "quality.json"), "fp32": fp32}
 
 
@@ -112,8 +139,11 @@ def test_fp32_pte_scores_like_eager_fp32_and_int4_pays_for_its_bits(scored):
     assert int4["fp32_perplexity"] == fp32["fp32_perplexity"]
     assert int4["tokens"] == fp32["tokens"] == QUALITY_TOKENS
     assert scored["int4"]["variant"] == "int4-g128 fused" and scored["int4"]["meaningful"]
-    assert scored["int4"]["chunks"] == {"count": 8, "context": 128, "scored_positions": "all",
-                                        "why": scored["int4"]["chunks"]["why"]} and "BOS" in scored["int4"]["chunks"]["why"]
+    assert (
+        scored["int4"]["chunks"]
+        == {"count": 8, "context": 128, "scored_positions": "all", "why": scored["int4"]["chunks"]["why"]}
+        and "BOS" in scored["int4"]["chunks"]["why"]
+    )
 
 
 def test_fp32_perplexity_is_what_transformers_own_loss_gives(scored, workflow):
@@ -145,11 +175,24 @@ def test_the_quality_step_leaves_a_manifest_log_and_benchmark(scored):
 def test_a_missed_gate_fails_with_one_sentence_and_keeps_the_result_aside(workflow, tmp_path):
     workdir = workflow["workdir"]
     settings = {"max_tokens": 254, "scored_positions": "second_half"}
-    with pytest.raises(RuntimeError, match=r"quality gates missed by int4-g128 fused: mean KL divergence [\d.e-]+ > 1e-06 "
-                                           r"\(details in .*quality.rejected.json\)"):
-        pipeline.quality("pte", workdir / INT4 / "model.pte", workdir / "results/tiny/checkpoint.json", HELDOUT,
-                         "held-out", settings, {"max_mean_kl": 1e-6}, False, 2, tmp_path / "quality.json",
-                         tmp_path / "quality.json.manifest.json")
+    with pytest.raises(
+        RuntimeError,
+        match=r"quality gates missed by int4-g128 fused: mean KL divergence [\d.e-]+ > 1e-06 "
+        r"\(details in .*quality.rejected.json\)",
+    ):
+        pipeline.quality(
+            "pte",
+            workdir / INT4 / "model.pte",
+            workdir / "results/tiny/checkpoint.json",
+            HELDOUT,
+            "held-out",
+            settings,
+            {"max_mean_kl": 1e-6},
+            False,
+            2,
+            tmp_path / "quality.json",
+            tmp_path / "quality.json.manifest.json",
+        )
     rejected = read_json(tmp_path / "quality.rejected.json")
     assert not (tmp_path / "quality.json").exists()
     assert rejected["failures"] and rejected["summary"]["tokens"] == 2 * 63  # positions 64..126 of 2 chunks
@@ -157,9 +200,19 @@ def test_a_missed_gate_fails_with_one_sentence_and_keeps_the_result_aside(workfl
 
 def test_a_randomly_initialised_model_is_not_scored_and_says_why(workflow, tmp_path):
     workdir = workflow["workdir"]
-    result = pipeline.quality("pte", workdir / INT4 / "model.pte", workdir / "results/tiny/checkpoint.json", HELDOUT,
-                              "held-out", {"max_tokens": 254, "scored_positions": "all"}, {}, True, 2,
-                              tmp_path / "quality.json", tmp_path / "quality.json.manifest.json")
+    result = pipeline.quality(
+        "pte",
+        workdir / INT4 / "model.pte",
+        workdir / "results/tiny/checkpoint.json",
+        HELDOUT,
+        "held-out",
+        {"max_tokens": 254, "scored_positions": "all"},
+        {},
+        True,
+        2,
+        tmp_path / "quality.json",
+        tmp_path / "quality.json.manifest.json",
+    )
     assert result["meaningful"] is False and "summary" not in result
     assert "randomly initialised" in result["reason"] and "say nothing" in result["reason"]
     assert read_json(tmp_path / "quality.json") == result

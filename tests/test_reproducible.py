@@ -73,10 +73,13 @@ def test_a_hub_cache_inside_the_working_directory_is_recorded_relative(seeded_hu
 
 def test_stack_traces_name_files_relative_to_their_import_root():
     roots = ["/venv/lib/python3.11/site-packages", "/checkout/scripts"]
-    trace = ('File "/checkout/scripts/gemma_edge/decoder.py", line 358, in forward\n    x = f(y)\n'
-             'File "/venv/lib/python3.11/site-packages/transformers/activations.py", line 7, in g\n'
-             'File "/elsewhere/tool.py", line 1, in h\nFile "<eval_with_key>.3", line 5, in forward')
+    trace = (
+        'File "/checkout/scripts/gemma_edge/decoder.py", line 358, in forward\n    x = f(y)\n'
+        'File "/venv/lib/python3.11/site-packages/transformers/activations.py", line 7, in g\n'
+        'File "/elsewhere/tool.py", line 1, in h\nFile "<eval_with_key>.3", line 5, in forward'
+    )
     assert relative_stack_trace(trace, roots) == (
         'File "gemma_edge/decoder.py", line 358, in forward\n    x = f(y)\n'
         'File "transformers/activations.py", line 7, in g\n'
-        'File "tool.py", line 1, in h\nFile "<eval_with_key>.3", line 5, in forward')
+        'File "tool.py", line 1, in h\nFile "<eval_with_key>.3", line 5, in forward'
+    )

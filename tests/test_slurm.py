@@ -21,8 +21,16 @@ def test_heavy_steps_run_as_slurm_jobs_and_device_steps_stay_local(deployed, clu
     # Group size 64, which the sweep (tests/test_sweep.py, same working directory) then finds built;
     # forced, so the heavy steps go to SLURM whichever test ran first.
     target = "results/local/tiny/int4-g64/xnnpack-auto/bench.json"
-    result = snakemake(deployed["workdir"], "--workflow-profile", str(REPO / "profiles/slurm"), target,
-                       "--configfile", *deployed["configs"], "--forcerun", "quantize")
+    result = snakemake(
+        deployed["workdir"],
+        "--workflow-profile",
+        str(REPO / "profiles/slurm"),
+        target,
+        "--configfile",
+        *deployed["configs"],
+        "--forcerun",
+        "quantize",
+    )
     output = result.stdout + result.stderr
     submitted = set(re.findall(r"has been submitted with SLURM jobid \d+ \(log: \S*/slurm_logs/rule_(\w+)/", output))
     # LiteRT-LM's conversion for group size 64 is a heavy step too, unless the sweep built it first.

@@ -37,8 +37,12 @@ def test_output_lines_are_seen_while_the_command_runs(sshd):
     client = client_for(sshd)
     seen = []
     try:
-        _, out, _ = ssh.run(client, ["sh", "-c", "echo prompt 16 done; sleep 2; printf 'prompt 64 done\\n'"], 30,
-                            on_line=lambda line: seen.append((line, time.monotonic())))
+        _, out, _ = ssh.run(
+            client,
+            ["sh", "-c", "echo prompt 16 done; sleep 2; printf 'prompt 64 done\\n'"],
+            30,
+            on_line=lambda line: seen.append((line, time.monotonic())),
+        )
         finished = time.monotonic()
     finally:
         client.close()
@@ -161,8 +165,10 @@ def test_closed_port_is_reported_unreachable(sshd):
 
 def test_ssh_config_alias_is_honoured(sshd, tmp_path):
     config = tmp_path / "ssh_config"
-    config.write_text(f"Host pi5-test\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User root\n"
-                      f"  IdentityFile {sshd.client_key}\n  UserKnownHostsFile {sshd.known_hosts}\n")
+    config.write_text(
+        f"Host pi5-test\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User root\n"
+        f"  IdentityFile {sshd.client_key}\n  UserKnownHostsFile {sshd.known_hosts}\n"
+    )
     target = deploy.ssh_target({"host": "pi5-test", "ssh_config": str(config)})
     client = ssh.connect(target)
     try:

@@ -20,14 +20,20 @@ PROMPTS = len(DEFAULT_CONFIG["verify"]["prompts"])  # the sweep runs the default
 @pytest.fixture(scope="module")
 def sweep(deployed):
     targets = yaml.safe_load(deployed["targets_config"].read_text())
-    config = write_config(deployed["workdir"] / "sweep.yaml", {
-        **targets, "sweep": {"group_sizes": [64, 128], "per_op_modes": ["auto"], "targets": ["local", "loopback"]},
-    })
+    config = write_config(
+        deployed["workdir"] / "sweep.yaml",
+        {
+            **targets,
+            "sweep": {"group_sizes": [64, 128], "per_op_modes": ["auto"], "targets": ["local", "loopback"]},
+        },
+    )
     configs = [deployed["configs"][0], str(config)]
     workdir = deployed["workdir"]
     snakemake(workdir, "--cores", "2", "results/summary.csv", "--configfile", *configs)
     # All four benchmarks again, ready at once: only the device resources keep them apart.
-    again = snakemake(workdir, "--cores", "4", "results/summary.csv", "--configfile", *configs, "--forcerun", "bench_local", "bench_loopback")
+    again = snakemake(
+        workdir, "--cores", "4", "results/summary.csv", "--configfile", *configs, "--forcerun", "bench_local", "bench_loopback"
+    )
     snakemake(workdir, "--report", str(workdir / "report.html"), "results/summary.csv", "--configfile", *configs)
     return {"workdir": workdir, "configs": configs, "rerun_log": again.stderr}
 
@@ -40,7 +46,8 @@ def test_summary_has_every_target_variant_and_prompt_length(sweep):
     rows = list(csv.DictReader((sweep["workdir"] / "results/summary.csv").open()))
     pte = [r for r in rows if r["engine"] == "pte"]
     assert {(r["target"], r["group_size"], r["prompt_tokens"]) for r in pte} == set(
-        itertools.product(["local", "loopback"], ["64", "128"], ["8", "32"]))
+        itertools.product(["local", "loopback"], ["64", "128"], ["8", "32"])
+    )
     for row in pte:
         assert float(row["decode_tps"]) > 0 and float(row["prefill_tps"]) > 0
         assert row["device_identical_to_host_pte"] == f"{PROMPTS}/{PROMPTS}"
@@ -56,8 +63,11 @@ def test_summary_sets_llama_cpp_beside_each_pte_with_the_ratio(sweep):
     rows = list(csv.DictReader((sweep["workdir"] / "results/summary.csv").open()))
     peers = [r for r in rows if r["engine"].startswith("llamacpp")]
     # Measured again in every .pte's run: per target, both GGUF types beside both group sizes.
-    assert {(r["target"], r["engine"], r["measured_beside"], r["prompt_tokens"]) for r in peers} == set(itertools.product(
-        ["local", "loopback"], ["llamacpp-q4_0", "llamacpp-q4_k_m"], ["int4-g64 fused", "int4-g128 fused"], ["8", "32"]))
+    assert {(r["target"], r["engine"], r["measured_beside"], r["prompt_tokens"]) for r in peers} == set(
+        itertools.product(
+            ["local", "loopback"], ["llamacpp-q4_0", "llamacpp-q4_k_m"], ["int4-g64 fused", "int4-g128 fused"], ["8", "32"]
+        )
+    )
     for row in peers:
         assert row["available"] == "True" and float(row["decode_tps"]) > 0
         assert float(row["pte_decode_ratio"]) > 0 and float(row["pte_prefill_ratio"]) > 0
@@ -69,7 +79,10 @@ def test_summary_sets_litert_lm_with_the_same_group_size_beside_each_pte(sweep):
     peers = [r for r in rows if r["engine"].startswith("litert")]
     assert {(r["target"], r["engine"], r["variant"], r["measured_beside"], r["prompt_tokens"]) for r in peers} == {
         (target, f"litert-int4-g{g}", f"LiteRT-LM int4-g{g}", f"int4-g{g} fused", length)
-        for target in ("local", "loopback") for g in (64, 128) for length in ("8", "32")}
+        for target in ("local", "loopback")
+        for g in (64, 128)
+        for length in ("8", "32")
+    }
     for row in peers:
         assert row["available"] == "True" and float(row["decode_tps"]) > 0 and float(row["pte_decode_ratio"]) > 0
         assert int(row["weight_bytes_per_token"]) > 0 and float(row["bandwidth_fraction"]) > 0
@@ -154,8 +167,9 @@ def test_one_benchmark_per_device_at_a_time_but_devices_in_parallel(sweep):
     the device resources (rules/common.smk) let one benchmark per device run, and the two devices
     start together. The wall clocks in bench.json then agree: a device's benchmarks never overlap."""
     pattern = r"^Job \d+: Benchmarking decode on (\w+):|^Finished jobid: \d+ \(Rule: bench_(\w+)\)$"
-    events = [(match[1] or match[2], "start" if match[1] else "end")
-              for match in re.finditer(pattern, sweep["rerun_log"], re.MULTILINE)]
+    events = [
+        (match[1] or match[2], "start" if match[1] else "end") for match in re.finditer(pattern, sweep["rerun_log"], re.MULTILINE)
+    ]
     assert len(events) == 8, events
     assert {device for device, kind in events[:2] if kind == "start"} == {"local", "loopback"}
     running = set()
@@ -163,8 +177,10 @@ def test_one_benchmark_per_device_at_a_time_but_devices_in_parallel(sweep):
         assert (device in running) == (kind == "end"), events
         (running.add if kind == "start" else running.remove)(device)
 
-    clocks = [(bench["target"], bench["wall_clock"]["started"], bench["wall_clock"]["finished"])
-              for bench in (json.loads(path.read_text()) for path in bench_paths(sweep["workdir"]))]
+    clocks = [
+        (bench["target"], bench["wall_clock"]["started"], bench["wall_clock"]["finished"])
+        for bench in (json.loads(path.read_text()) for path in bench_paths(sweep["workdir"]))
+    ]
     for a, b in itertools.combinations(clocks, 2):
         if a[0] == b[0]:
             assert a[2] <= b[1] or b[2] <= a[1], (a, b)
@@ -173,11 +189,25 @@ def test_one_benchmark_per_device_at_a_time_but_devices_in_parallel(sweep):
 def test_emulated_targets_are_tabulated_as_such_and_never_plotted_as_speed():
     from gemma_edge.summary import rows_for_plot, rows_of
 
-    bench = {"target": "pi5_emulated", "emulated": True, "model": {"repo_id": "tests/gemma4-tiny"},
-             "quantization": {"group_size": 128}, "pte": {"per_op_mode_used": False, "size_bytes": 2_000_000},
-             "runs": [{"prompt_tokens": 8, "new_tokens": 4, **{k: {"avg": 1.0, "stddev": 0.1} for k in ("prefill_tps", "decode_tps", "ttft_s")}}],
-             "load_s": 30.0, "peak_rss_bytes": 5e8, "parity": {"identical_to_host_pte": 5, "prompts": 5},
-             "device": {"cpu_model": "Raspberry Pi 5 (emulated)"}, "versions": {"device": {"executorch": "1.5.1"}}}
+    bench = {
+        "target": "pi5_emulated",
+        "emulated": True,
+        "model": {"repo_id": "tests/gemma4-tiny"},
+        "quantization": {"group_size": 128},
+        "pte": {"per_op_mode_used": False, "size_bytes": 2_000_000},
+        "runs": [
+            {
+                "prompt_tokens": 8,
+                "new_tokens": 4,
+                **{k: {"avg": 1.0, "stddev": 0.1} for k in ("prefill_tps", "decode_tps", "ttft_s")},
+            }
+        ],
+        "load_s": 30.0,
+        "peak_rss_bytes": 5e8,
+        "parity": {"identical_to_host_pte": 5, "prompts": 5},
+        "device": {"cpu_model": "Raspberry Pi 5 (emulated)"},
+        "versions": {"device": {"executorch": "1.5.1"}},
+    }
     emulated = rows_of(bench)
     real = rows_of({**bench, "target": "pi5", "emulated": False})
     assert [row["emulated"] for row in emulated + real] == [True, False]
@@ -189,16 +219,36 @@ def test_peer_rows_carry_the_ratio_and_an_unavailable_peer_is_a_row_not_a_gap():
     from gemma_edge.summary import rows_for_plot, rows_of
 
     speeds = {k: {"avg": 2.0, "stddev": 0.1} for k in ("prefill_tps", "decode_tps", "ttft_s")}
-    bench = {"target": "pi5", "emulated": False, "model": {"repo_id": "tests/gemma4-tiny"},
-             "quantization": {"group_size": 64}, "pte": {"per_op_mode_used": False, "size_bytes": 2_000_000},
-             "runs": [{"prompt_tokens": 8, "new_tokens": 4, **speeds}], "load": {"busy": False},
-             "load_s": 3.0, "peak_rss_bytes": 5e8, "parity": {"identical_to_host_pte": 5, "prompts": 5},
-             "device": {"cpu_model": "Cortex-A76"}, "versions": {"device": {"executorch": "1.5.1"}},
-             "engines": {"llamacpp-q4_0": {"engine": "llamacpp", "gguf_type": "q4_0", "available": True, "load": {"busy": True},
-                                           "runs": [{"prompt_tokens": 8, "new_tokens": 4, **speeds}]},
-                         "llamacpp-q4_k_m": {"engine": "llamacpp", "gguf_type": "q4_k_m", "available": False,
-                                             "reason": "llama-bench exited with status 132: Illegal instruction"}},
-             "ratios": [{"engine": "llamacpp-q4_0", "prompt_tokens": 8, "decode": 1.25, "prefill": 2.5}]}
+    bench = {
+        "target": "pi5",
+        "emulated": False,
+        "model": {"repo_id": "tests/gemma4-tiny"},
+        "quantization": {"group_size": 64},
+        "pte": {"per_op_mode_used": False, "size_bytes": 2_000_000},
+        "runs": [{"prompt_tokens": 8, "new_tokens": 4, **speeds}],
+        "load": {"busy": False},
+        "load_s": 3.0,
+        "peak_rss_bytes": 5e8,
+        "parity": {"identical_to_host_pte": 5, "prompts": 5},
+        "device": {"cpu_model": "Cortex-A76"},
+        "versions": {"device": {"executorch": "1.5.1"}},
+        "engines": {
+            "llamacpp-q4_0": {
+                "engine": "llamacpp",
+                "gguf_type": "q4_0",
+                "available": True,
+                "load": {"busy": True},
+                "runs": [{"prompt_tokens": 8, "new_tokens": 4, **speeds}],
+            },
+            "llamacpp-q4_k_m": {
+                "engine": "llamacpp",
+                "gguf_type": "q4_k_m",
+                "available": False,
+                "reason": "llama-bench exited with status 132: Illegal instruction",
+            },
+        },
+        "ratios": [{"engine": "llamacpp-q4_0", "prompt_tokens": 8, "decode": 1.25, "prefill": 2.5}],
+    }
     pte, q4_0, q4_k_m = rows_of(bench)
     assert (pte["engine"], pte["busy"], pte.get("pte_decode_ratio")) == ("pte", False, None)
     assert (q4_0["variant"], q4_0["measured_beside"], q4_0["busy"]) == ("llama.cpp q4_0", "int4-g64 fused", True)

@@ -23,13 +23,16 @@ def test_device_platform_accepts_libc_ver_tuple_and_string():
     assert wheelhouse.device_platform({"machine": "aarch64", "python": "3.11.2", "libc": ("glibc", "2.36.1")})["glibc"] == "2.36"
 
 
-@pytest.mark.parametrize("facts, words", [
-    ({"machine": "aarch64", "python": "3.11.2", "libc": ["", ""]}, "not glibc"),
-    ({"machine": "aarch64", "python": "3.11.2", "libc": "musl 1.2.4"}, "not glibc"),
-    ({"machine": "aarch64", "python": "2.7.18", "libc": "glibc 2.36"}, "not CPython 3"),
-    ({"machine": "aarch64", "python": "3.10.13", "implementation": "PyPy", "libc": "glibc 2.36"}, "not CPython 3"),
-    ({"python": "3.11.2", "libc": "glibc 2.36"}, "no machine"),
-])
+@pytest.mark.parametrize(
+    "facts, words",
+    [
+        ({"machine": "aarch64", "python": "3.11.2", "libc": ["", ""]}, "not glibc"),
+        ({"machine": "aarch64", "python": "3.11.2", "libc": "musl 1.2.4"}, "not glibc"),
+        ({"machine": "aarch64", "python": "2.7.18", "libc": "glibc 2.36"}, "not CPython 3"),
+        ({"machine": "aarch64", "python": "3.10.13", "implementation": "PyPy", "libc": "glibc 2.36"}, "not CPython 3"),
+        ({"python": "3.11.2", "libc": "glibc 2.36"}, "no machine"),
+    ],
+)
 def test_device_platform_refuses_what_manylinux_cannot_serve(facts, words):
     with pytest.raises(WheelhouseError, match=words):
         wheelhouse.device_platform(facts)
@@ -68,10 +71,13 @@ def test_executorch_markers_drop_coreml_and_sklearn_on_aarch64_but_keep_them_on_
 
 def test_wrong_platform_wheel_gives_one_sentence():
     with pytest.raises(WheelhouseError) as caught:
-        wheelhouse.check_wheels_fit(["numpy-2.3.0-cp311-cp311-manylinux_2_28_aarch64.whl",
-                                     "numpy-2.3.0-cp311-cp311-manylinux_2_28_x86_64.whl"], PI5)
-    assert str(caught.value) == ("wheelhouse holds numpy-2.3.0-cp311-cp311-manylinux_2_28_x86_64.whl, built for manylinux_2_28_x86_64, "
-                                 "which this device (aarch64, CPython 3.11, glibc 2.36) cannot install: rebuild the wheelhouse for it")
+        wheelhouse.check_wheels_fit(
+            ["numpy-2.3.0-cp311-cp311-manylinux_2_28_aarch64.whl", "numpy-2.3.0-cp311-cp311-manylinux_2_28_x86_64.whl"], PI5
+        )
+    assert str(caught.value) == (
+        "wheelhouse holds numpy-2.3.0-cp311-cp311-manylinux_2_28_x86_64.whl, built for manylinux_2_28_x86_64, "
+        "which this device (aarch64, CPython 3.11, glibc 2.36) cannot install: rebuild the wheelhouse for it"
+    )
 
 
 def test_sdist_in_wheelhouse_is_refused():
@@ -79,17 +85,20 @@ def test_sdist_in_wheelhouse_is_refused():
         wheelhouse.check_wheels_fit(["somepkg-1.0.tar.gz"], PI5)
 
 
-@pytest.mark.parametrize("filename, fits", [
-    ("six-1.17.0-py2.py3-none-any.whl", True),
-    ("cryptography-44.0.0-cp39-abi3-manylinux_2_28_aarch64.whl", True),
-    ("PyYAML-6.0.2-cp311-cp311-manylinux_2_17_aarch64.manylinux2014_aarch64.whl", True),
-    ("torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_aarch64.whl", True),
-    ("numpy-2.3.0-cp311-cp311-manylinux_2_39_aarch64.whl", False),  # newer glibc than the device
-    ("numpy-2.3.0-cp312-cp312-manylinux_2_28_aarch64.whl", False),  # other Python
-    ("numpy-2.3.0-cp311-cp311-musllinux_1_2_aarch64.whl", False),
-    ("numpy-2.3.0-cp311-cp311-macosx_14_0_arm64.whl", False),
-    ("not-a-wheel.tar.gz", False),
-])
+@pytest.mark.parametrize(
+    "filename, fits",
+    [
+        ("six-1.17.0-py2.py3-none-any.whl", True),
+        ("cryptography-44.0.0-cp39-abi3-manylinux_2_28_aarch64.whl", True),
+        ("PyYAML-6.0.2-cp311-cp311-manylinux_2_17_aarch64.manylinux2014_aarch64.whl", True),
+        ("torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_aarch64.whl", True),
+        ("numpy-2.3.0-cp311-cp311-manylinux_2_39_aarch64.whl", False),  # newer glibc than the device
+        ("numpy-2.3.0-cp312-cp312-manylinux_2_28_aarch64.whl", False),  # other Python
+        ("numpy-2.3.0-cp311-cp311-musllinux_1_2_aarch64.whl", False),
+        ("numpy-2.3.0-cp311-cp311-macosx_14_0_arm64.whl", False),
+        ("not-a-wheel.tar.gz", False),
+    ],
+)
 def test_wheel_fits(filename, fits):
     assert wheelhouse.wheel_fits(filename, PI5) is fits
 
@@ -97,6 +106,7 @@ def test_wheel_fits(filename, fits):
 def test_host_version_pins_when_it_satisfies(monkeypatch):
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
+
     monkeypatch.setattr(wheelhouse, "host_version", lambda name: Version("2.13.0+cpu"))
     assert wheelhouse.choose_pin("torch", SpecifierSet(">=2.0")) == "torch==2.13.0"
     assert wheelhouse.choose_pin("torch", SpecifierSet("<2")) == "torch<2"
@@ -132,7 +142,9 @@ def test_build_small_wheelhouse_for_aarch64(tmp_path):
 
 def test_build_fails_with_a_sentence_naming_the_requirement(tmp_path):
     out = tmp_path / "wheelhouse"
-    with pytest.raises(WheelhouseError, match=r"no wheel of pyyaml==0\.0\.1 for this device \(aarch64, CPython 3\.11, glibc 2\.36\)"):
+    with pytest.raises(
+        WheelhouseError, match=r"no wheel of pyyaml==0\.0\.1 for this device \(aarch64, CPython 3\.11, glibc 2\.36\)"
+    ):
         wheelhouse.build_wheelhouse({"pyyaml": "0.0.1"}, PI5, out, torch_index=None)
     assert not out.exists() and not list(tmp_path.iterdir())
 
@@ -161,7 +173,11 @@ def test_resolver_follows_requested_extras_and_device_markers(tmp_path, monkeypa
         "lib": ['speedup; extra == "fast"', 'gpu; extra == "gpu"', 'other; extra == "other"'],
         "mid": ["late"],
         "late": ["lib[gpu]>=1"],
-        "speedup": [], "gpu": [], "other": [], "x86only": [], "docs": [],
+        "speedup": [],
+        "gpu": [],
+        "other": [],
+        "x86only": [],
+        "docs": [],
     }
     calls = []
 
@@ -181,9 +197,11 @@ def test_resolver_follows_requested_extras_and_device_markers(tmp_path, monkeypa
 
 
 def test_unmet_requirements_checks_the_folder_as_the_device_would(tmp_path):
-    paths = [_fake_wheel(tmp_path, "app", "1.0", ["lib[fast]>=1", 'x86only; platform_machine == "x86_64"']),
-             _fake_wheel(tmp_path, "lib", "1.0", ['speedup; extra == "fast"'])]
-    assert wheelhouse.unmet_requirements(paths, {"app": "1.0"}, PI5) == ["speedup; extra == \"fast\" (needed by lib)"]
+    paths = [
+        _fake_wheel(tmp_path, "app", "1.0", ["lib[fast]>=1", 'x86only; platform_machine == "x86_64"']),
+        _fake_wheel(tmp_path, "lib", "1.0", ['speedup; extra == "fast"']),
+    ]
+    assert wheelhouse.unmet_requirements(paths, {"app": "1.0"}, PI5) == ['speedup; extra == "fast" (needed by lib)']
     assert "x86only" in " ".join(wheelhouse.unmet_requirements(paths, {"app": "1.0"}, X86))
     paths.append(_fake_wheel(tmp_path, "speedup", "2.0"))
     assert wheelhouse.unmet_requirements(paths, {"app": "1.0"}, PI5) == []

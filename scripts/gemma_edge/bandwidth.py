@@ -90,9 +90,11 @@ def buffer_size(llc_bytes: int | None, available_bytes: int | None) -> int:
     available memory; a multiple of 64 bytes. ValueError if memory is too short for that."""
     wanted = max(MIN_BUFFER_BYTES, LLC_MULTIPLE * (llc_bytes or 0))
     if available_bytes is not None and wanted > MEMORY_SHARE * available_bytes:
-        raise ValueError(f"a {wanted / 2**20:.0f} MiB buffer ({LLC_MULTIPLE}x the {(llc_bytes or 0) / 2**20:.0f} MiB "
-                         f"last-level cache, at least {MIN_BUFFER_BYTES / 2**20:.0f} MiB) is more than "
-                         f"{MEMORY_SHARE:.0%} of the {available_bytes / 2**20:.0f} MiB available")
+        raise ValueError(
+            f"a {wanted / 2**20:.0f} MiB buffer ({LLC_MULTIPLE}x the {(llc_bytes or 0) / 2**20:.0f} MiB "
+            f"last-level cache, at least {MIN_BUFFER_BYTES / 2**20:.0f} MiB) is more than "
+            f"{MEMORY_SHARE:.0%} of the {available_bytes / 2**20:.0f} MiB available"
+        )
     return wanted // 64 * 64
 
 
@@ -153,8 +155,13 @@ def annotate_runs(runs: list[dict], weights: dict | None, bandwidth: dict | None
     per_token = weights["bytes_per_token"] if weights else None
     for run in runs:
         limit = bandwidth_fraction(per_token, run["decode_tps"]["avg"], bandwidth) or {}
-        run.update({"weight_bytes_per_token": per_token, "achieved_gb_per_s": limit.get("achieved_gb_per_s"),
-                    "bandwidth_fraction": limit.get("fraction")})
+        run.update(
+            {
+                "weight_bytes_per_token": per_token,
+                "achieved_gb_per_s": limit.get("achieved_gb_per_s"),
+                "bandwidth_fraction": limit.get("fraction"),
+            }
+        )
     return runs
 
 
@@ -178,8 +185,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gemma_edge.bandwidth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--repetitions", type=int, default=10)
-    parser.add_argument("--emulated", action="store_true", help="an emulated device: the smallest buffer, "
-                        f"{EMULATED_REPETITIONS} passes")
+    parser.add_argument(
+        "--emulated", action="store_true", help=f"an emulated device: the smallest buffer, {EMULATED_REPETITIONS} passes"
+    )
     args = parser.parse_args(argv)
     for threads in args.threads:
         if args.emulated:

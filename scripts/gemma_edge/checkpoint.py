@@ -77,8 +77,9 @@ def load_for_export(folder: Path) -> nn.Module:
     done = {model.lm_head} if tied_head else set()
     with StoredTensors(folder) as stored:
         if getattr(text, "embed_tokens_per_layer", None) is not None:
-            text.embed_tokens_per_layer = PerLayerTables.read(stored, "model.embed_tokens_per_layer", text.embed_tokens_per_layer,
-                                                              text.config.num_hidden_layers)
+            text.embed_tokens_per_layer = PerLayerTables.read(
+                stored, "model.embed_tokens_per_layer", text.embed_tokens_per_layer, text.config.num_hidden_layers
+            )
             done.update(text.embed_tokens_per_layer.modules())
         for module_name, module in model.named_modules():
             if module in done:
@@ -146,9 +147,18 @@ class StoredTensors:
     safe_open reads through a memory mapping whose pages stay resident once touched, so the
     whole checkpoint is counted on top of its copies."""
 
-    DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+    DTYPES = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "BF16": torch.bfloat16,
+        "F16": torch.float16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
 
     def __init__(self, folder: Path):
         self.paths = sorted(Path(folder).glob("*.safetensors"))

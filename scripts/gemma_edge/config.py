@@ -57,14 +57,18 @@ def validate_config(config: dict, schema_path: Path) -> dict:
         raise ConfigError(f"config: model is {config['model']!r}, which is not an entry of models (known: {known})")
     clashes = sorted(set(config["targets"]) & (set(config["models"]) | {"demo-hub", "perf"}))
     if clashes:
-        raise ConfigError(f"config: targets.{clashes[0]} has the name of a model (or demo-hub, perf); both live under results/, rename it")
+        raise ConfigError(
+            f"config: targets.{clashes[0]} has the name of a model (or demo-hub, perf); both live under results/, rename it"
+        )
     unknown = [m for m in config["perf"]["projection"]["models"] if m not in config["models"]]
     if unknown:
         raise ConfigError(f"config: perf.projection.models names {unknown[0]!r}, which is not an entry of models")
     shapes = {(config["models"][m]["synthetic"] or {}).get("shape") for m in config["perf"]["projection"]["models"]}
     if len(shapes) != 1 or None in shapes:
-        raise ConfigError("config: perf.projection.models must all be synthetic models of one shape "
-                          "(models.<name>.synthetic.shape), the shape the projection extends to full depth")
+        raise ConfigError(
+            "config: perf.projection.models must all be synthetic models of one shape "
+            "(models.<name>.synthetic.shape), the shape the projection extends to full depth"
+        )
     unknown = [t for t in config["sweep"]["targets"] if t not in config["targets"]]
     if unknown:
         raise ConfigError(f"config: sweep.targets names {unknown[0]!r}, which is not an entry of targets")
@@ -84,12 +88,15 @@ def step_memory_mb(config: dict, model: str, step: str) -> int:
 # before any job runs, and only for what the requested targets need): a prompt plus its new
 # tokens must fit the exported context, or the runtime fails deep inside with an error code.
 
+
 def check_lengths_fit(config: dict, section: str) -> None:
     """`bench` or `perf`: its longest prompt plus its new tokens within export.max_seq_len."""
     longest = max(config[section]["prompt_lengths"]) + config[section]["new_tokens"]
     if longest > config["export"]["max_seq_len"]:
-        raise ConfigError(f"config: {section}.prompt_lengths + {section}.new_tokens ({longest}) exceed "
-                          f"export.max_seq_len ({config['export']['max_seq_len']})")
+        raise ConfigError(
+            f"config: {section}.prompt_lengths + {section}.new_tokens ({longest}) exceed "
+            f"export.max_seq_len ({config['export']['max_seq_len']})"
+        )
 
 
 def prompt_token_counts(tokenizer_path: Path, prompts: list[str]) -> list[int]:
@@ -97,8 +104,10 @@ def prompt_token_counts(tokenizer_path: Path, prompts: list[str]) -> list[int]:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    return [max(len(tokenizer.encode(p, add_special_tokens=True).ids), len(tokenizer.encode(p, add_special_tokens=False).ids) + 1)
-            for p in prompts]
+    return [
+        max(len(tokenizer.encode(p, add_special_tokens=True).ids), len(tokenizer.encode(p, add_special_tokens=False).ids) + 1)
+        for p in prompts
+    ]
 
 
 def check_prompts_fit(prompts: list[str], counts: list[int] | None, max_new_tokens: int, max_seq_len: int) -> None:

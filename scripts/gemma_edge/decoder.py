@@ -102,13 +102,17 @@ class KVCacheDecoder(nn.Module):
         config = model.config
         trained = getattr(config, "max_position_embeddings", None)
         if trained is not None and max_seq_len > trained:
-            raise ValueError(f"export.max_seq_len ({max_seq_len}) exceeds the positions the model was trained for "
-                             f"(max_position_embeddings {trained})")
+            raise ValueError(
+                f"export.max_seq_len ({max_seq_len}) exceeds the positions the model was trained for "
+                f"(max_position_embeddings {trained})"
+            )
         window = sliding_window_of(model)
         self.window = window if window is not None and max_seq_len > window else None
         if self.window is not None and attention != "executorch":
-            raise ValueError(f"export.max_seq_len ({max_seq_len}) exceeds the model's sliding window ({window}), which "
-                             "needs ring-buffer caches: export.attention must be executorch")
+            raise ValueError(
+                f"export.max_seq_len ({max_seq_len}) exceeds the model's sliding window ({window}), which "
+                "needs ring-buffer caches: export.attention must be executorch"
+            )
         self.model = model
         self.max_seq_len = max_seq_len
         self.attention = attention
@@ -119,8 +123,9 @@ class KVCacheDecoder(nn.Module):
         if attention == "transformers":
             self.cache.layers = [StaticLayer(max_seq_len) for _ in self.cache.layers]
         else:
-            self.cache.layers = [RingCacheLayer(2 * self.window) if is_ring else CustomOpCacheLayer(max_seq_len)
-                                 for is_ring in ring]
+            self.cache.layers = [
+                RingCacheLayer(2 * self.window) if is_ring else CustomOpCacheLayer(max_seq_len) for is_ring in ring
+            ]
         num_heads, head_dims = get_head_shapes(config)
         dtype = compute_dtype(model)
         self.cache.early_initialization(1, num_heads, head_dims, dtype, torch.device("cpu"))
@@ -137,16 +142,16 @@ class KVCacheDecoder(nn.Module):
             if ring[index]:
                 window_shape = (1, self.window, *layer.keys.shape[2:])
                 for kind in ("keys", "values"):
-                    self.register_buffer(window_buffer_name(kind, index), torch.zeros(window_shape, dtype=dtype),
-                                         persistent=False)
+                    self.register_buffer(
+                        window_buffer_name(kind, index), torch.zeros(window_shape, dtype=dtype), persistent=False
+                    )
             if attention == "transformers":
                 self.register_buffer(f"cache_length_{index}", layer.cumulative_length, persistent=False)
         if self.window is not None:
             # Which position each ring slot holds, plus one (0: empty). Every sliding layer writes the
             # same positions to the same slots, so one record serves them all. Zero, not -1, for
             # empty: the ExecuTorch runtime starts a mutable buffer zeroed, whatever it held at export.
-            self.register_buffer("cache_ring_positions", torch.zeros(2 * self.window, dtype=torch.long),
-                                 persistent=False)
+            self.register_buffer("cache_ring_positions", torch.zeros(2 * self.window, dtype=torch.long), persistent=False)
         if attention == "executorch":
             register_executorch_llm_ops()
             _register_custom_sdpa()
@@ -196,8 +201,9 @@ class KVCacheDecoder(nn.Module):
             # Attention gets a ring's keys from its own layer or, in a KV-sharing layer, from the
             # layer it reuses: the ring tensor itself names the window that goes with it.
             rings = [self.cache.layers[index] for index in self.cached_layers]
-            extra["ring_windows"] = {id(layer.keys): (layer.window_keys, layer.window_values)
-                                     for layer in rings if isinstance(layer, RingCacheLayer)}
+            extra["ring_windows"] = {
+                id(layer.keys): (layer.window_keys, layer.window_values) for layer in rings if isinstance(layer, RingCacheLayer)
+            }
             # Each ring's written slots, taken by the first layer that attends to it (its own, after
             # writing this call's keys) and reused by the layers sharing it: the runtime's slice
             # copies, once per ring instead of once per layer.
@@ -206,8 +212,7 @@ class KVCacheDecoder(nn.Module):
         config = self.model.config
         own_attention, config._attn_implementation = config._attn_implementation, EXECUTORCH_ATTENTION
         try:
-            return self._logits(tokens, input_pos, start_pos=start_pos, new_tokens=tokens.shape[1],
-                                attention_mask=masks, **extra)
+            return self._logits(tokens, input_pos, start_pos=start_pos, new_tokens=tokens.shape[1], attention_mask=masks, **extra)
         finally:
             config._attn_implementation = own_attention
 
@@ -283,8 +288,21 @@ class RingCacheLayer(StaticLayer):
         return self.keys, self.values
 
 
-def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=None, start_pos=None, new_tokens=None,
-                          ring_windows=None, window_filled=None, ring_filled=None, ring_reads=None, **kwargs):
+def custom_sdpa_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    start_pos=None,
+    new_tokens=None,
+    ring_windows=None,
+    window_filled=None,
+    ring_filled=None,
+    ring_reads=None,
+    **kwargs,
+):
     """transformers' attention interface over `llama::custom_sdpa`: query [1, heads, q, dim] and the
     [1, positions, kv_heads, dim] caches in, [1, q, heads, dim] out, as transformers expects.
 
@@ -294,13 +312,21 @@ def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     position of the first query it is given; a ring buffer's mask says which slots each query sees."""
     group = query.shape[1] // key.shape[2]
     if attention_mask is not None:
-        mask = attention_mask[0, 0, -query.shape[2]:, :].repeat_interleave(group, dim=0)
+        mask = attention_mask[0, 0, -query.shape[2] :, :].repeat_interleave(group, dim=0)
         window_keys, window_values = ring_windows[id(key)]
         if id(key) not in ring_reads:
             ring_reads[id(key)] = (key[:, :ring_filled], value[:, :ring_filled])
         ring_keys, ring_values = ring_reads[id(key)]
-        rows = torch.ops.gemma_edge.sliding_attention(query_heads_as_rows(query, key.shape[2]), ring_keys, ring_values,
-                                                      window_keys, window_values, mask, window_filled, scaling)
+        rows = torch.ops.gemma_edge.sliding_attention(
+            query_heads_as_rows(query, key.shape[2]),
+            ring_keys,
+            ring_values,
+            window_keys,
+            window_values,
+            mask,
+            window_filled,
+            scaling,
+        )
         return rows_as_query_heads(rows, query.shape[1]), None
     first_query = start_pos + new_tokens - query.shape[2]
     if isinstance(query.shape[2], int) and query.shape[2] == 1:  # a decode step, or a KV-sharing layer's last token
@@ -323,9 +349,16 @@ def one_token_custom_sdpa(query, key, value, start_pos, mask, dropout_p, is_caus
 
 
 @torch.library.custom_op("gemma_edge::sliding_attention", mutates_args=())
-def sliding_attention(rows: torch.Tensor, ring_keys: torch.Tensor, ring_values: torch.Tensor, window_keys: torch.Tensor,
-                      window_values: torch.Tensor, mask: torch.Tensor, window_filled: int,
-                      scale: float | None) -> torch.Tensor:
+def sliding_attention(
+    rows: torch.Tensor,
+    ring_keys: torch.Tensor,
+    ring_values: torch.Tensor,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
+    mask: torch.Tensor,
+    window_filled: int,
+    scale: float | None,
+) -> torch.Tensor:
     """A sliding layer's attention over its ring, `query_heads_as_rows` in and out: the ring's
     written slots and their mask, repeated per row. `window_filled` is min(p + 1, W) for the call's
     last position p.
@@ -346,8 +379,7 @@ def one_token_sliding_attention(rows, ring_keys, ring_values, window_keys, windo
     positions written, this one's included, which are exactly the ones it sees, in its first
     `window_filled` = min(p + 1, W) slots. custom_sdpa unmasked reads the first start_pos + rows
     positions, so it reads only those: 17 positions at p = 16, where the masked ring call reads 2W."""
-    return torch.ops.llama.custom_sdpa(rows, window_keys, window_values, window_filled - rows.shape[1], None, 0.0,
-                                       False, scale)
+    return torch.ops.llama.custom_sdpa(rows, window_keys, window_values, window_filled - rows.shape[1], None, 0.0, False, scale)
 
 
 def attend_one_query_as_rows(query, key, value, position, scaling) -> torch.Tensor:
@@ -362,8 +394,7 @@ def attend_one_query_as_rows(query, key, value, position, scaling) -> torch.Tens
 def attend_as_rows(query, key, value, start_pos, scaling) -> torch.Tensor:
     """custom_sdpa, not causal, over [1, heads, q, dim] queries passed as rows of their KV heads;
     [1, q, heads, dim] out."""
-    rows = torch.ops.llama.custom_sdpa(query_heads_as_rows(query, key.shape[2]), key, value, start_pos, None, 0.0,
-                                       False, scaling)
+    rows = torch.ops.llama.custom_sdpa(query_heads_as_rows(query, key.shape[2]), key, value, start_pos, None, 0.0, False, scaling)
     return rows_as_query_heads(rows, query.shape[1])
 
 

@@ -49,8 +49,9 @@ DEMO_SLIDING_WINDOW = 16
 DEMO_VOCAB = 768
 
 
-def demo_text_config(vocab_size: int, layer_types: list[str] = DEMO_LAYER_TYPES,
-                     num_kv_shared_layers: int = DEMO_KV_SHARED_LAYERS):
+def demo_text_config(
+    vocab_size: int, layer_types: list[str] = DEMO_LAYER_TYPES, num_kv_shared_layers: int = DEMO_KV_SHARED_LAYERS
+):
     """Gemma 4 text config at toy widths; every linear input width is a multiple of 32."""
     from transformers import Gemma4TextConfig
 
@@ -93,8 +94,13 @@ def build_tokenizer(corpus: str, vocab_size: int, merges_from: int | None = None
     tokenizer.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     alphabet = ["▁"] + [chr(c) for c in range(33, 127)] + ["\n", "\t"]
-    trainer = trainers.BpeTrainer(vocab_size=merges_from or vocab_size, special_tokens=SPECIAL_TOKENS + byte_tokens,
-                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=merges_from or vocab_size,
+        special_tokens=SPECIAL_TOKENS + byte_tokens,
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
     spec = json.loads(tokenizer.to_str())
     vocab = spec["model"]["vocab"]
@@ -111,8 +117,9 @@ def build_tokenizer(corpus: str, vocab_size: int, merges_from: int | None = None
     return padded
 
 
-def training_batches(token_ids: list[int], seq_len: int, batch_size: int, steps: int, seed: int,
-                     line_starts: list[int] | None = None):
+def training_batches(
+    token_ids: list[int], seq_len: int, batch_size: int, steps: int, seed: int, line_starts: list[int] | None = None
+):
     """Deterministic random windows of the tokenized corpus, each opened by BOS.
 
     With `line_starts` (token offsets) a window is BOS and then seq_len tokens from the start of a
@@ -140,8 +147,18 @@ def line_start_tokens(encoding, corpus: str) -> list[int]:
     return [i for i, (start, _) in enumerate(encoding.offsets) if start in char_starts]
 
 
-def train_demo_model(model, token_ids: list[int], steps: int, seed: int, seq_len: int = 64, batch_size: int = 16,
-                     lr: float = 1e-2, warmup: int = 10, beta2: float = 0.95, line_starts: list[int] | None = None):
+def train_demo_model(
+    model,
+    token_ids: list[int],
+    steps: int,
+    seed: int,
+    seq_len: int = 64,
+    batch_size: int = 16,
+    lr: float = 1e-2,
+    warmup: int = 10,
+    beta2: float = 0.95,
+    line_starts: list[int] | None = None,
+):
     """Teach the tiny model the corpus so its greedy choices have real margins. Returns final loss.
 
     AdamW, linear warm-up then cosine decay to zero. The defaults are the workflow's; 800 steps at
@@ -172,8 +189,9 @@ def train_demo_model(model, token_ids: list[int], steps: int, seed: int, seq_len
     return loss_value
 
 
-def build_demo_checkpoint(corpus_path: Path, out_dir: Path, train_steps: int, seed: int, vocab_size: int = DEMO_VOCAB,
-                          train_options: dict | None = None) -> dict:
+def build_demo_checkpoint(
+    corpus_path: Path, out_dir: Path, train_steps: int, seed: int, vocab_size: int = DEMO_VOCAB, train_options: dict | None = None
+) -> dict:
     """Write a Hugging Face style checkpoint (config, safetensors, tokenizer) of the demo model.
 
     `train_options` override the training settings, for bench/demo_quality.py, which compares them:
@@ -194,8 +212,15 @@ def build_demo_checkpoint(corpus_path: Path, out_dir: Path, train_steps: int, se
         train_ids += token_ids[start:end]
     if options.pop("windows", "lines") == "lines":
         options["line_starts"] = train_starts
-    log.info("demo corpus: %d characters, %d tokens, vocabulary %d; training on %d of its %d lines (%d tokens)",
-             len(corpus), len(token_ids), tokenizer.get_vocab_size(), len(train_starts), len(starts), len(train_ids))
+    log.info(
+        "demo corpus: %d characters, %d tokens, vocabulary %d; training on %d of its %d lines (%d tokens)",
+        len(corpus),
+        len(token_ids),
+        tokenizer.get_vocab_size(),
+        len(train_starts),
+        len(starts),
+        len(train_ids),
+    )
 
     torch.manual_seed(seed)
     with _single_thread():
@@ -207,16 +232,33 @@ def build_demo_checkpoint(corpus_path: Path, out_dir: Path, train_steps: int, se
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     write_tokenizer(tokenizer, out_dir)
-    return {"final_loss": final_loss, "train_steps": train_steps, "seed": seed, "corpus_tokens": len(token_ids),
-            "train_lines": len(train_starts), "train_tokens": len(train_ids)}
+    return {
+        "final_loss": final_loss,
+        "train_steps": train_steps,
+        "seed": seed,
+        "corpus_tokens": len(token_ids),
+        "train_lines": len(train_starts),
+        "train_tokens": len(train_ids),
+    }
 
 
 def write_tokenizer(tokenizer, out_dir: Path) -> None:
     """tokenizer.json plus the tokenizer_config.json transformers' AutoTokenizer reads."""
     tokenizer.save(str(Path(out_dir) / "tokenizer.json"))
-    (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
-         "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True}, indent=2) + "\n")
+    (Path(out_dir) / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 class _single_thread:

@@ -24,8 +24,17 @@ from .artifacts import read_json, write_json
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-RUNNER_FILES = ("__init__.py", "artifacts.py", "runtime.py", "device_bench.py", "peer_bench.py", "litert_bench.py",
-                "bandwidth.py", "llm_runner.py", "elf.py")
+RUNNER_FILES = (
+    "__init__.py",
+    "artifacts.py",
+    "runtime.py",
+    "device_bench.py",
+    "peer_bench.py",
+    "litert_bench.py",
+    "bandwidth.py",
+    "llm_runner.py",
+    "elf.py",
+)
 RUNTIME_PACKAGES = ("executorch", "torch")
 
 
@@ -35,8 +44,11 @@ class DeviceError(RuntimeError):
 
 def ssh_target(settings: dict) -> ssh.SshTarget:
     return ssh.SshTarget(
-        host=settings["host"], port=settings.get("port"), user=settings.get("user"),
-        key_file=settings.get("key_file"), known_hosts=settings.get("known_hosts"),
+        host=settings["host"],
+        port=settings.get("port"),
+        user=settings.get("user"),
+        key_file=settings.get("key_file"),
+        known_hosts=settings.get("known_hosts"),
         ssh_config=settings.get("ssh_config", "~/.ssh/config"),
         trust_on_first_use=settings.get("trust_on_first_use", False),
         connect_timeout_s=settings.get("connect_timeout_s", 10),
@@ -55,8 +67,13 @@ def connection(settings: dict):
 def remote_layout(settings: dict) -> dict:
     work = settings["workdir"].rstrip("/")
     python = f"{work}/venv/bin/python" if settings.get("create_venv", True) else settings["python"]
-    return {"work": work, "runner": f"{work}/runner", "models": f"{work}/models", "wheelhouse": f"{work}/wheelhouse",
-            "python": python}
+    return {
+        "work": work,
+        "runner": f"{work}/runner",
+        "models": f"{work}/models",
+        "wheelhouse": f"{work}/wheelhouse",
+        "python": python,
+    }
 
 
 def public_version(version: str | None) -> str | None:
@@ -67,8 +84,11 @@ def public_version(version: str | None) -> str | None:
 def check_versions(device_versions: dict, host_versions: dict) -> None:
     """The device must run the exact runtime release the .pte was built with (a torch mismatch
     once made XNNPACK reject the program at load time)."""
-    wrong = [f"{name} {device_versions.get(name)} (host {host_versions[name]})"
-             for name in RUNTIME_PACKAGES if public_version(device_versions.get(name)) != public_version(host_versions[name])]
+    wrong = [
+        f"{name} {device_versions.get(name)} (host {host_versions[name]})"
+        for name in RUNTIME_PACKAGES
+        if public_version(device_versions.get(name)) != public_version(host_versions[name])
+    ]
     if wrong:
         raise DeviceError(f"the device's runtime does not match the host's: {', '.join(wrong)}; re-run provisioning")
 
@@ -80,6 +100,7 @@ def host_runtime_versions() -> dict:
 
 
 # ---- probe and provision ---------------------------------------------------------------------
+
 
 def is_emulated(settings: dict, facts: dict) -> bool:
     """An emulated device (QEMU user mode) is a correctness check, never a performance figure."""
@@ -96,13 +117,27 @@ def probe(name: str, settings: dict, out: Path) -> dict:
         facts = remote_facts(client, layout, timeout, python=settings["python"])
     record = {"target": name, "kind": settings["kind"], "emulated": is_emulated(settings, facts), **facts}
     write_json(out, record)
-    log.info("%s: %s, %s, Python %s, %s %s, %d KiB pages%s", name, facts["machine"], facts["cpu_model"], facts["python"],
-             *facts["libc"], facts["page_size"] // 1024, " (emulated)" if record["emulated"] else "")
+    log.info(
+        "%s: %s, %s, Python %s, %s %s, %d KiB pages%s",
+        name,
+        facts["machine"],
+        facts["cpu_model"],
+        facts["python"],
+        *facts["libc"],
+        facts["page_size"] // 1024,
+        " (emulated)" if record["emulated"] else "",
+    )
     return record
 
 
-def provision(name: str, settings: dict, out: Path, platform_path: Path | None = None,
-              wheelhouse_path: Path | None = None, wheel_dir: Path | None = None) -> dict:
+def provision(
+    name: str,
+    settings: dict,
+    out: Path,
+    platform_path: Path | None = None,
+    wheelhouse_path: Path | None = None,
+    wheel_dir: Path | None = None,
+) -> dict:
     host_versions = host_runtime_versions()
     if settings["kind"] == "local":
         facts, wheels = local_facts(), None
@@ -122,15 +157,29 @@ def provision(name: str, settings: dict, out: Path, platform_path: Path | None =
         log.warning("pre-flight: %s; the benchmarks will go on without it", runner_missing)
     record = {"target": name, "kind": settings["kind"], "emulated": is_emulated(settings, facts), **facts, "wheels": wheels}
     write_json(out, record)
-    log.info("%s: %s, %s cores, %.1f GB, %s; executorch %s, torch %s%s", name, facts["cpu_model"], facts["cores"],
-             (facts["memory_bytes"] or 0) / 1e9, facts["os"], facts["versions"]["executorch"], facts["versions"]["torch"],
-             " (emulated: a correctness check, not a performance figure)" if record["emulated"] else "")
+    log.info(
+        "%s: %s, %s cores, %.1f GB, %s; executorch %s, torch %s%s",
+        name,
+        facts["cpu_model"],
+        facts["cores"],
+        (facts["memory_bytes"] or 0) / 1e9,
+        facts["os"],
+        facts["versions"]["executorch"],
+        facts["versions"]["torch"],
+        " (emulated: a correctness check, not a performance figure)" if record["emulated"] else "",
+    )
     return record
 
 
 def local_facts() -> dict:
-    result = subprocess.run([sys.executable, "-m", "gemma_edge.device_bench", "facts", "--out", "-"],
-                            capture_output=True, text=True, env=_local_env(), timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "gemma_edge.device_bench", "facts", "--out", "-"],
+        capture_output=True,
+        text=True,
+        env=_local_env(),
+        timeout=120,
+        check=True,
+    )
     return json.loads(result.stdout)
 
 
@@ -138,8 +187,9 @@ def _local_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(PACKAGE_DIR.parent)}
 
 
-def provision_ssh(settings: dict, host_versions: dict, probed: dict, wheelhouse_record: dict | None,
-                  wheel_dir: Path | None) -> tuple[dict, dict | None]:
+def provision_ssh(
+    settings: dict, host_versions: dict, probed: dict, wheelhouse_record: dict | None, wheel_dir: Path | None
+) -> tuple[dict, dict | None]:
     layout = remote_layout(settings)
     timeout = settings["command_timeout_s"]
     wheels = None
@@ -195,26 +245,53 @@ def install_wheelhouse(client, settings: dict, layout: dict, pins: dict, probed:
         log.info("creating %s/venv with %s", layout["work"], settings["python"])
         ssh.run(client, [settings["python"], "-m", "venv", f"{layout['work']}/venv"], settings["install_timeout_s"])
     missing = wheels_not_installed(client, venv_python, record["wheels"], timeout)
-    summary = {"wheels": len(record["wheels"]), "download_bytes": record["download_bytes"],
-               "installed_bytes": record["installed_bytes"], "torch": record["torch"]}
+    summary = {
+        "wheels": len(record["wheels"]),
+        "download_bytes": record["download_bytes"],
+        "installed_bytes": record["installed_bytes"],
+        "torch": record["torch"],
+    }
     if not missing:
         log.info("the device's virtualenv already has all %d wheels of the wheelhouse; nothing to install", len(record["wheels"]))
         return {**summary, "installed_now": [], "files": _wheel_rows(record)}
     needed = sum(w["size_bytes"] for w in missing) + sum(w["installed_bytes"] for w in missing)
     free = ssh.remote_free_bytes(client, layout["work"], timeout)
     if free < needed:
-        raise DeviceError(f"the device has {free / 1e6:.0f} MB free in {layout['work']} but the {len(missing)} wheels to "
-                          f"install need {needed / 1e6:.0f} MB (download plus installed size): free space there first")
-    log.info("uploading %d of %d wheels (%.0f MB) to %s", len(missing), len(record["wheels"]),
-             sum(w["size_bytes"] for w in missing) / 1e6, layout["wheelhouse"])
+        raise DeviceError(
+            f"the device has {free / 1e6:.0f} MB free in {layout['work']} but the {len(missing)} wheels to "
+            f"install need {needed / 1e6:.0f} MB (download plus installed size): free space there first"
+        )
+    log.info(
+        "uploading %d of %d wheels (%.0f MB) to %s",
+        len(missing),
+        len(record["wheels"]),
+        sum(w["size_bytes"] for w in missing) / 1e6,
+        layout["wheelhouse"],
+    )
     for wheel in missing:
-        ssh.upload_atomically(client, wheel_dir / wheel["filename"], f"{layout['wheelhouse']}/{wheel['filename']}",
-                              settings["transfer_timeout_s"])
+        ssh.upload_atomically(
+            client, wheel_dir / wheel["filename"], f"{layout['wheelhouse']}/{wheel['filename']}", settings["transfer_timeout_s"]
+        )
     pin_args = [f"{name}=={version}" for name, version in pins.items()]
     log.info("installing %s from the wheelhouse, offline (this can take a while)", ", ".join(pin_args))
     started = time.monotonic()
-    ssh.run(client, [venv_python, "-m", "pip", "install", "--quiet", "--no-index", "--no-compile",
-                     "--disable-pip-version-check", "--find-links", layout["wheelhouse"], *pin_args], settings["install_timeout_s"])
+    ssh.run(
+        client,
+        [
+            venv_python,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-index",
+            "--no-compile",
+            "--disable-pip-version-check",
+            "--find-links",
+            layout["wheelhouse"],
+            *pin_args,
+        ],
+        settings["install_timeout_s"],
+    )
     log.info("installed in %.0f s", time.monotonic() - started)
     still = wheels_not_installed(client, venv_python, record["wheels"], timeout)
     if still:
@@ -228,13 +305,15 @@ def _wheel_rows(record: dict) -> list[dict]:
 
 def wheels_not_installed(client, venv_python: str, wheels: list[dict], timeout: float) -> list[dict]:
     """The wheels whose name and version the device's virtualenv does not have."""
-    status, out, _ = ssh.run(client, [venv_python, "-m", "pip", "list", "--format", "json", "--disable-pip-version-check"],
-                             timeout, check=False)
+    status, out, _ = ssh.run(
+        client, [venv_python, "-m", "pip", "list", "--format", "json", "--disable-pip-version-check"], timeout, check=False
+    )
     installed = {canonicalize_name(p["name"]): p["version"] for p in json.loads(out)} if status == 0 else {}
     return [w for w in wheels if installed.get(canonicalize_name(w["name"])) != w["version"]]
 
 
 # ---- deploy ----------------------------------------------------------------------------------
+
 
 def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path, peers: list[dict] | None = None) -> dict:
     """Put the .pte and tokenizer on the device, and each peer engine's program and model (see
@@ -243,10 +322,18 @@ def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path, pee
     pte_sha = artifacts.sha256_file(pte)
     if settings["kind"] == "local":
         # Relative to the working directory (where the local benchmark runs) when inside it.
-        files = {"pte": {"path": artifacts.portable_path(pte), "sha256": pte_sha, "uploaded": False, "seconds": 0.0},
-                 "tokenizer": {"path": artifacts.portable_path(tokenizer), "uploaded": False, "seconds": 0.0}}
-        placed = place_peers(peers or [], lambda local, kind: {"path": artifacts.portable_path(local), "uploaded": False,
-                                                              "sha256": artifacts.sha256_file(local)})
+        files = {
+            "pte": {"path": artifacts.portable_path(pte), "sha256": pte_sha, "uploaded": False, "seconds": 0.0},
+            "tokenizer": {"path": artifacts.portable_path(tokenizer), "uploaded": False, "seconds": 0.0},
+        }
+        placed = place_peers(
+            peers or [],
+            lambda local, kind: {
+                "path": artifacts.portable_path(local),
+                "uploaded": False,
+                "sha256": artifacts.sha256_file(local),
+            },
+        )
     else:
         layout = remote_layout(settings)
         timeout = settings["transfer_timeout_s"]
@@ -260,8 +347,14 @@ def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path, pee
                 "tokenizer": ssh.upload_atomically(client, tokenizer, f"{folder}/tokenizer.json", timeout),
             }
             placed = place_peers(peers or [], lambda local, kind: upload_peer_file(client, settings, layout, local, kind))
-    record = {"target": name, "kind": settings["kind"], "files": files, "peers": placed,
-              "weight_bytes": weights_of(pte, peers or []), "seconds": time.monotonic() - started}
+    record = {
+        "target": name,
+        "kind": settings["kind"],
+        "files": files,
+        "peers": placed,
+        "weight_bytes": weights_of(pte, peers or []),
+        "seconds": time.monotonic() - started,
+    }
     write_json(out, record)
     return record
 
@@ -290,8 +383,16 @@ def place_peers(peers: list[dict], put) -> list[dict]:
             continue
         binary = put(Path(program["binary"]), program.get("kind", "program"))
         model = put(Path(peer["model"]), "model")
-        placed.append({**entry, "available": True, "binary": binary["path"], "model": model["path"],
-                       "model_sha256": model["sha256"], "binary_sha256": program["sha256"]})
+        placed.append(
+            {
+                **entry,
+                "available": True,
+                "binary": binary["path"],
+                "model": model["path"],
+                "model_sha256": model["sha256"],
+                "binary_sha256": program["sha256"],
+            }
+        )
     return placed
 
 
@@ -309,8 +410,16 @@ def upload_peer_file(client, settings: dict, layout: dict, local: Path, kind: st
 
 # ---- bench -----------------------------------------------------------------------------------
 
-def bench_spec(settings: dict, bench: dict, host_parity: dict, pte_manifest: dict, peers: list[dict] | None = None,
-               tokenizer: str | None = None, emulated: bool = False) -> dict:
+
+def bench_spec(
+    settings: dict,
+    bench: dict,
+    host_parity: dict,
+    pte_manifest: dict,
+    peers: list[dict] | None = None,
+    tokenizer: str | None = None,
+    emulated: bool = False,
+) -> dict:
     """What the device's benchmark runs. `tokenizer` (tokenizer.json where deploy put it) and the
     parity prompts' texts are for ExecuTorch's LLM runner, which tokenises text itself; `emulated`
     (the probe's finding) shortens the bandwidth measurement."""
@@ -346,11 +455,21 @@ def run_device_bench(name: str, settings: dict, deployed: dict, spec: dict) -> d
         remote_spec = f"{folder}/spec-{os.getpid()}.json"
         remote_out = f"{folder}/bench-{os.getpid()}.json"
         ssh.upload_atomically(client, spec_path, remote_spec, settings["command_timeout_s"])
-        argv = runner_argv(layout, layout["python"], "bench", "--pte", deployed["files"]["pte"]["path"],
-                           "--spec", remote_spec, "--out", remote_out)
+        argv = runner_argv(
+            layout,
+            layout["python"],
+            "bench",
+            "--pte",
+            deployed["files"]["pte"]["path"],
+            "--spec",
+            remote_spec,
+            "--out",
+            remote_out,
+        )
         try:
-            status, _, stderr = ssh.run(client, argv, settings["bench_timeout_s"], check=False,
-                                        on_line=lambda line: log.info("%s: %s", name, line))
+            status, _, stderr = ssh.run(
+                client, argv, settings["bench_timeout_s"], check=False, on_line=lambda line: log.info("%s: %s", name, line)
+            )
             if status != 0:
                 raise DeviceError(bench_failure(name, status, stderr))
             local_out = Path(scratch) / "bench.json"
@@ -366,8 +485,24 @@ def run_local_bench(pte: str, spec: dict, timeout_s: float) -> dict:
         spec_path, out = Path(scratch) / "spec.json", Path(scratch) / "bench.json"
         spec_path.write_text(json.dumps(spec))
         try:
-            result = subprocess.run([sys.executable, "-m", "gemma_edge.device_bench", "bench", "--pte", pte, "--spec", str(spec_path),
-                                     "--out", str(out)], capture_output=True, text=True, env=_local_env(), timeout=timeout_s)
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "gemma_edge.device_bench",
+                    "bench",
+                    "--pte",
+                    pte,
+                    "--spec",
+                    str(spec_path),
+                    "--out",
+                    str(out),
+                ],
+                capture_output=True,
+                text=True,
+                env=_local_env(),
+                timeout=timeout_s,
+            )
         except subprocess.TimeoutExpired as error:
             raise DeviceError(f"the local benchmark timed out after {timeout_s:.0f} s") from error
         if result.returncode != 0:
@@ -383,10 +518,14 @@ def bench_failure(name: str, status: int, stderr: str) -> str:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     if status == device_bench.CHECK_FAILED and lines:
         return f"{name}: {lines[-1].removeprefix('device check failed: ')}"
-    rejected = next((line for line in lines if "could not be loaded by the ExecuTorch runtime" in line or "xnn_status" in line), None)
+    rejected = next(
+        (line for line in lines if "could not be loaded by the ExecuTorch runtime" in line or "xnn_status" in line), None
+    )
     if rejected:
-        return (f"{name}: the device's ExecuTorch runtime rejected the .pte ({rejected.strip()[-400:]}); if XNNPACK rejects "
-                "fused subgraphs there, lower with lowering.per_op_mode: true")
+        return (
+            f"{name}: the device's ExecuTorch runtime rejected the .pte ({rejected.strip()[-400:]}); if XNNPACK rejects "
+            "fused subgraphs there, lower with lowering.per_op_mode: true"
+        )
     return f"the benchmark failed on {name} (exit {status}): {stderr.strip()[-2000:]}"
 
 
@@ -413,17 +552,21 @@ def compare_tokens(host_parity: dict, device_tokens: list[list[int]], runner: di
         if available:
             expected = device_bench.until_eos(prompt["pte_tokens"], set(runner["eos_ids"]))
             extra = {"runner_tokens": runner["tokens"][index], "runner_matches_host_pte": runner["tokens"][index] == expected}
-        rows.append({
-            "prompt": prompt.get("prompt"),
-            "prompt_ids": prompt["prompt_ids"],
-            "device_tokens": produced,
-            "host_pte_tokens": prompt["pte_tokens"],
-            "host_fp32_tokens": prompt["reference_tokens"],
-            "matches_host_pte": produced == prompt["pte_tokens"],
-            "matched_host_fp32": sum(a == b for a, b in zip(produced, prompt["reference_tokens"])),
-            "first_divergence_from_fp32": next((i for i, (a, b) in enumerate(zip(produced, prompt["reference_tokens"])) if a != b), None),
-            **extra,
-        })
+        rows.append(
+            {
+                "prompt": prompt.get("prompt"),
+                "prompt_ids": prompt["prompt_ids"],
+                "device_tokens": produced,
+                "host_pte_tokens": prompt["pte_tokens"],
+                "host_fp32_tokens": prompt["reference_tokens"],
+                "matches_host_pte": produced == prompt["pte_tokens"],
+                "matched_host_fp32": sum(a == b for a, b in zip(produced, prompt["reference_tokens"])),
+                "first_divergence_from_fp32": next(
+                    (i for i, (a, b) in enumerate(zip(produced, prompt["reference_tokens"])) if a != b), None
+                ),
+                **extra,
+            }
+        )
     return rows
 
 
@@ -438,7 +581,7 @@ def tokens_matched_as_text(tokenizer, prompt_ids: list[int], reference: list[int
         continuation = tokenizer.decode(prompt_ids + reference[:k])
         if continuation.endswith("\ufffd"):
             continue
-        if not continuation.startswith(base) or not text.startswith(continuation[len(base):]):
+        if not continuation.startswith(base) or not text.startswith(continuation[len(base) :]):
             break
         matched = k
     return matched
@@ -454,9 +597,16 @@ def compare_peer_tokens(host_parity: dict, engines: dict, tokenizer) -> dict:
         rows = []
         for prompt, greedy in zip(host_parity["prompts"], engine["greedy"]):
             text = "".join(greedy["pieces"])
-            rows.append({"prompt": prompt.get("prompt"), "text": text, "generated": len(greedy["pieces"]),
-                         "matched_host_fp32": tokens_matched_as_text(tokenizer, prompt["prompt_ids"],
-                                                                     prompt["reference_tokens"], text)})
+            rows.append(
+                {
+                    "prompt": prompt.get("prompt"),
+                    "text": text,
+                    "generated": len(greedy["pieces"]),
+                    "matched_host_fp32": tokens_matched_as_text(
+                        tokenizer, prompt["prompt_ids"], prompt["reference_tokens"], text
+                    ),
+                }
+            )
         compared[name] = rows
     return compared
 
@@ -466,18 +616,24 @@ def render_peer_parity(compared: dict) -> list[str]:
     for name, rows in compared.items():
         lines.append(f"{name}: greedy text of the same prompts against eager FP32's tokens (matched / generated)")
         for row in rows:
-            lines.append(f"  {(row['prompt'] or '')[:34]:<34} {row['matched_host_fp32']:>4}/{row['generated']:<3} {row['text']!r}")
+            lines.append(
+                f"  {(row['prompt'] or '')[:34]:<34} {row['matched_host_fp32']:>4}/{row['generated']:<3} {row['text']!r}"
+            )
     return lines
 
 
 def render_parity_log(name: str, rows: list[dict], runner: dict | None = None, peers: dict | None = None) -> str:
-    lines = [f"device parity on target {name}: the device decoded the host's prompt ids greedily",
-             f"{'prompt':<36} {'= host .pte':>11} {'vs FP32':>8} {'diverge':>7}"]
+    lines = [
+        f"device parity on target {name}: the device decoded the host's prompt ids greedily",
+        f"{'prompt':<36} {'= host .pte':>11} {'vs FP32':>8} {'diverge':>7}",
+    ]
     for row in rows:
         n = len(row["host_fp32_tokens"])
         div = "-" if row["first_divergence_from_fp32"] is None else str(row["first_divergence_from_fp32"])
-        lines.append(f"{(row['prompt'] or '')[:36]:<36} {'yes' if row['matches_host_pte'] else 'NO':>11} "
-                     f"{row['matched_host_fp32']:>4}/{n:<3} {div:>7}")
+        lines.append(
+            f"{(row['prompt'] or '')[:36]:<36} {'yes' if row['matches_host_pte'] else 'NO':>11} "
+            f"{row['matched_host_fp32']:>4}/{n:<3} {div:>7}"
+        )
         lines.append(f"  device: {row['device_tokens']}")
         if not row["matches_host_pte"]:
             lines.append(f"  host:   {row['host_pte_tokens']}")
@@ -496,19 +652,39 @@ def runner_parity_line(rows: list[dict], runner: dict) -> str:
     if not runner.get("available"):
         return f"ExecuTorch's LLM runner: not available: {runner['reason']}"
     agree = sum(r["runner_matches_host_pte"] for r in rows)
-    return (f"ExecuTorch's LLM runner: {agree}/{len(rows)} prompts identical to the host's run of the same .pte; "
-            f"its tokens {'equal' if runner['tokens_equal_loop'] else 'DIFFER from'} the device loop's, its prompt ids "
-            f"{'equal' if runner['prompt_ids_equal_loop'] else 'DIFFER from'} the host's")
+    return (
+        f"ExecuTorch's LLM runner: {agree}/{len(rows)} prompts identical to the host's run of the same .pte; "
+        f"its tokens {'equal' if runner['tokens_equal_loop'] else 'DIFFER from'} the device loop's, its prompt ids "
+        f"{'equal' if runner['prompt_ids_equal_loop'] else 'DIFFER from'} the host's"
+    )
 
 
-def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, device_path: Path, pte_manifest_path: Path,
-          host_parity_path: Path, checkpoint_path: Path, out_bench: Path, out_log: Path, out_parity: Path) -> dict:
+def bench(
+    name: str,
+    settings: dict,
+    bench_config: dict,
+    deployed_path: Path,
+    device_path: Path,
+    pte_manifest_path: Path,
+    host_parity_path: Path,
+    checkpoint_path: Path,
+    out_bench: Path,
+    out_log: Path,
+    out_parity: Path,
+) -> dict:
     deployed, device = read_json(deployed_path), read_json(device_path)
     pte_manifest, host_parity, checkpoint = read_json(pte_manifest_path), read_json(host_parity_path), read_json(checkpoint_path)
     if deployed["files"]["pte"]["sha256"] != pte_manifest["sha256"]:
         raise DeviceError("the .pte on the device is not the one built for this configuration; re-run deploy")
-    spec = bench_spec(settings, bench_config, host_parity, pte_manifest, deployed.get("peers", []),
-                      deployed["files"]["tokenizer"]["path"], bool(device.get("emulated")))
+    spec = bench_spec(
+        settings,
+        bench_config,
+        host_parity,
+        pte_manifest,
+        deployed.get("peers", []),
+        deployed["files"]["tokenizer"]["path"],
+        bool(device.get("emulated")),
+    )
     started = time.time()
     result = run_device_bench(name, settings, deployed, spec)
     finished = time.time()
@@ -521,45 +697,82 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
         "model": {"repo_id": checkpoint["repo_id"], "revision": checkpoint["revision"], "commit": checkpoint["commit"]},
         "quantization": pte_manifest["program_params"],
         "emulated": bool(device.get("emulated")),
-        "pte": {"sha256": pte_manifest["sha256"], "size_bytes": pte_manifest["size_bytes"],
-                "per_op_mode_used": pte_manifest["lowering"]["per_op_mode_used"],
-                "fused_rejection": pte_manifest["lowering"]["fused_rejection"],
-                # The device loaded and ran the program: a fused one had its XNNPACK subgraphs accepted
-                # there (None: lowered per-op, so the fused path was not tried on the device).
-                "fused_accepted_on_device": None if pte_manifest["lowering"]["per_op_mode_used"] else True},
+        "pte": {
+            "sha256": pte_manifest["sha256"],
+            "size_bytes": pte_manifest["size_bytes"],
+            "per_op_mode_used": pte_manifest["lowering"]["per_op_mode_used"],
+            "fused_rejection": pte_manifest["lowering"]["fused_rejection"],
+            # The device loaded and ran the program: a fused one had its XNNPACK subgraphs accepted
+            # there (None: lowered per-op, so the fused path was not tried on the device).
+            "fused_accepted_on_device": None if pte_manifest["lowering"]["per_op_mode_used"] else True,
+        },
         "device": {k: v for k, v in device.items() if k not in ("target", "wheels")},
-        "host_parity": {k: host_parity["summary"][k] for k in ("teacher_forced_top1", "logits_cosine", "greedy_prefix", "passed")},
+        "host_parity": {
+            k: host_parity["summary"][k] for k in ("teacher_forced_top1", "logits_cosine", "greedy_prefix", "passed")
+        },
         "versions": {"host": artifacts.package_versions(), "device": device["versions"]},
         **result,
         "wall_clock": {"started": started, "finished": finished},
-        "parity": {"prompts": len(rows), "identical_to_host_pte": sum(r["matches_host_pte"] for r in rows),
-                   "exact_vs_host_fp32": sum(r["first_divergence_from_fp32"] is None for r in rows),
-                   "runner_identical_to_host_pte": sum(r["runner_matches_host_pte"] for r in rows)
-                   if runner and runner.get("available") else None},
+        "parity": {
+            "prompts": len(rows),
+            "identical_to_host_pte": sum(r["matches_host_pte"] for r in rows),
+            "exact_vs_host_fp32": sum(r["first_divergence_from_fp32"] is None for r in rows),
+            "runner_identical_to_host_pte": sum(r["runner_matches_host_pte"] for r in rows)
+            if runner and runner.get("available")
+            else None,
+        },
     }
-    runner_summary = None if runner is None else {k: runner[k] for k in ("available", "reason", "tokens_equal_loop",
-                                                                          "prompt_ids_equal_loop") if k in runner}
+    runner_summary = (
+        None
+        if runner is None
+        else {k: runner[k] for k in ("available", "reason", "tokens_equal_loop", "prompt_ids_equal_loop") if k in runner}
+    )
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(Path(checkpoint["path"]) / "tokenizer.json"))
     peers = compare_peer_tokens(host_parity, report["engines"], tokenizer)
-    write_json(out_parity, {"target": name, "pte_sha256": pte_manifest["sha256"], "prompts": rows,
-                            "executorch_runner": runner_summary, "peers": peers})
+    write_json(
+        out_parity,
+        {
+            "target": name,
+            "pte_sha256": pte_manifest["sha256"],
+            "prompts": rows,
+            "executorch_runner": runner_summary,
+            "peers": peers,
+        },
+    )
     with artifacts.atomic_output(out_log) as tmp:
         tmp.write_text(render_parity_log(name, rows, runner, peers))
     write_json(out_bench, report)
     first = report["runs"][0]
-    log.info("%s: decode %.2f ± %.2f tok/s, prefill %.1f tok/s (prompt %d), load %.2f s, peak RSS %.0f MB%s",
-             name, first["decode_tps"]["avg"], first["decode_tps"]["stddev"], first["prefill_tps"]["avg"],
-             first["prompt_tokens"], report["load_s"], report["peak_rss_bytes"] / 1e6,
-             " (emulated: these speeds say nothing about a Pi)" if report["emulated"] else "")
+    log.info(
+        "%s: decode %.2f ± %.2f tok/s, prefill %.1f tok/s (prompt %d), load %.2f s, peak RSS %.0f MB%s",
+        name,
+        first["decode_tps"]["avg"],
+        first["decode_tps"]["stddev"],
+        first["prefill_tps"]["avg"],
+        first["prompt_tokens"],
+        report["load_s"],
+        report["peak_rss_bytes"] / 1e6,
+        " (emulated: these speeds say nothing about a Pi)" if report["emulated"] else "",
+    )
     if first.get("bandwidth_fraction") is not None:
-        log.info("%s: memory read bandwidth %.1f GB/s at %d threads; the .pte reads %.2f MB of weights a token, so its decode "
-                 "reads %.2f of that bandwidth (prompt %d)", name, report["bandwidth"]["gb_per_s"]["avg"],
-                 report["bandwidth"]["threads"], first["weight_bytes_per_token"] / 1e6, first["bandwidth_fraction"],
-                 first["prompt_tokens"])
-    log.info("%s: %d/%d prompts identical to the host's run of the same .pte", name, report["parity"]["identical_to_host_pte"],
-             report["parity"]["prompts"])
+        log.info(
+            "%s: memory read bandwidth %.1f GB/s at %d threads; the .pte reads %.2f MB of weights a token, so its decode "
+            "reads %.2f of that bandwidth (prompt %d)",
+            name,
+            report["bandwidth"]["gb_per_s"]["avg"],
+            report["bandwidth"]["threads"],
+            first["weight_bytes_per_token"] / 1e6,
+            first["bandwidth_fraction"],
+            first["prompt_tokens"],
+        )
+    log.info(
+        "%s: %d/%d prompts identical to the host's run of the same .pte",
+        name,
+        report["parity"]["identical_to_host_pte"],
+        report["parity"]["prompts"],
+    )
     if runner is not None:
         log_runner(name, runner, report["parity"])
     for engine_name, engine in report["engines"].items():
@@ -567,11 +780,23 @@ def bench(name: str, settings: dict, bench_config: dict, deployed_path: Path, de
             log.warning("%s: %s not available: %s", name, engine_name, engine["reason"])
             continue
         ratio = next(r for r in report["ratios"] if r["engine"] == engine_name)
-        log.info("%s: %s decode %.2f tok/s at prompt %d; .pte/%s decode %.2f, prefill %.2f", name, engine_name,
-                 engine["runs"][0]["decode_tps"]["avg"], ratio["prompt_tokens"], engine_name, ratio["decode"], ratio["prefill"])
+        log.info(
+            "%s: %s decode %.2f tok/s at prompt %d; .pte/%s decode %.2f, prefill %.2f",
+            name,
+            engine_name,
+            engine["runs"][0]["decode_tps"]["avg"],
+            ratio["prompt_tokens"],
+            engine_name,
+            ratio["decode"],
+            ratio["prefill"],
+        )
     if report["busy"]:
-        log.warning("%s: other processes used more than %.0f %% of the CPU around a run (bench.json `load`): these speeds "
-                    "are not clean figures; re-run on a quiet machine", name, 100 * peer_bench.BUSY_SHARE)
+        log.warning(
+            "%s: other processes used more than %.0f %% of the CPU around a run (bench.json `load`): these speeds "
+            "are not clean figures; re-run on a quiet machine",
+            name,
+            100 * peer_bench.BUSY_SHARE,
+        )
     return report
 
 
@@ -585,8 +810,15 @@ def log_runner(name: str, runner: dict, parity: dict) -> None:
         return f"{stats[figure]['avg']:.1f}" if stats[figure] else "n/a"
 
     stats, ours = runner["stats"], runner["loop_same_prompts"]
-    log.info("%s: ExecuTorch's LLM runner decode %s tok/s, prefill %s tok/s (our loop on the same prompts: %s, %s); "
-             "tokens %s our loop's, %d/%d identical to the host's .pte", name, rate(stats, "decode_tps"),
-             rate(stats, "prefill_tps"), rate(ours, "decode_tps"), rate(ours, "prefill_tps"),
-             "equal to" if runner["tokens_equal_loop"] else "DIFFERENT from", parity["runner_identical_to_host_pte"],
-             parity["prompts"])
+    log.info(
+        "%s: ExecuTorch's LLM runner decode %s tok/s, prefill %s tok/s (our loop on the same prompts: %s, %s); "
+        "tokens %s our loop's, %d/%d identical to the host's .pte",
+        name,
+        rate(stats, "decode_tps"),
+        rate(stats, "prefill_tps"),
+        rate(ours, "decode_tps"),
+        rate(ours, "prefill_tps"),
+        "equal to" if runner["tokens_equal_loop"] else "DIFFERENT from",
+        parity["runner_identical_to_host_pte"],
+        parity["prompts"],
+    )

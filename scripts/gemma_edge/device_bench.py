@@ -135,8 +135,10 @@ def runner_libraries(extension: Path | None, machine: str, root: Path = Path("/"
     if extension is None:
         return None
     linked = elf.needed(extension)
-    return {"extension": Path(extension).name,
-            "needs": {soname: elf.find_library(soname, machine, root) for soname in RUNNER_SYSTEM_LIBRARIES if soname in linked}}
+    return {
+        "extension": Path(extension).name,
+        "needs": {soname: elf.find_library(soname, machine, root) for soname in RUNNER_SYSTEM_LIBRARIES if soname in linked},
+    }
 
 
 def runner_preflight(facts: dict) -> str | None:
@@ -147,8 +149,10 @@ def runner_preflight(facts: dict) -> str | None:
     if not missing:
         return None
     packages = " ".join(RUNNER_SYSTEM_LIBRARIES[soname] for soname in missing)
-    return (f"ExecuTorch's LLM runner links {', '.join(missing)}, which this device does not have (our loop does "
-            f"not need it): install it with `sudo apt install {packages}`")
+    return (
+        f"ExecuTorch's LLM runner links {', '.join(missing)}, which this device does not have (our loop does "
+        f"not need it): install it with `sudo apt install {packages}`"
+    )
 
 
 class DeviceCheckFailed(RuntimeError):
@@ -166,29 +170,40 @@ def preflight(facts: dict, needs: dict | None = None) -> list[str]:
     machine = facts.get("machine")
     missing = [name for name in REQUIRED_FEATURES.get(machine, ()) if not (facts.get("xnnpack_features") or {}).get(name)]
     if missing:
-        raise DeviceCheckFailed(f"the device's {machine} CPU lacks {', '.join(missing)}, which XNNPACK's kernels need "
-                                f"(its features: {' '.join(facts.get('cpu_features') or []) or 'none reported'})")
-    checked.append(f"CPU features for XNNPACK: {', '.join(n for n, on in (facts.get('xnnpack_features') or {}).items() if on) or 'none known'}")
+        raise DeviceCheckFailed(
+            f"the device's {machine} CPU lacks {', '.join(missing)}, which XNNPACK's kernels need "
+            f"(its features: {' '.join(facts.get('cpu_features') or []) or 'none reported'})"
+        )
+    enabled = ", ".join(n for n, on in (facts.get("xnnpack_features") or {}).items() if on)
+    checked.append(f"CPU features for XNNPACK: {enabled or 'none known'}")
     alignment = facts.get("library_alignment")
     if alignment:
         if alignment["bytes"] < facts["page_size"]:
             raise DeviceCheckFailed(
                 f"{alignment['library']} is aligned to {alignment['bytes'] // 1024} KiB but the device's kernel uses "
                 f"{facts['page_size'] // 1024} KiB pages, so it cannot be loaded: install a build aligned to at least "
-                f"{facts['page_size'] // 1024} KiB")
+                f"{facts['page_size'] // 1024} KiB"
+            )
         checked.append(f"libraries aligned to >= {alignment['bytes'] // 1024} KiB, kernel pages {facts['page_size'] // 1024} KiB")
     available = facts.get("memory_available_bytes")
     if needs.get("memory_bytes") and available is not None:
-        cache = (f" (the KV cache {needs['kv_cache_bytes'] / 2**20:.1f} MiB of it, at {needs['max_context_len']} positions)"
-                 if needs.get("kv_cache_bytes") else "")
+        cache = (
+            f" (the KV cache {needs['kv_cache_bytes'] / 2**20:.1f} MiB of it, at {needs['max_context_len']} positions)"
+            if needs.get("kv_cache_bytes")
+            else ""
+        )
         if available < needs["memory_bytes"]:
-            raise DeviceCheckFailed(f"the device has {available / 2**20:.0f} MiB of memory available but the .pte and its KV "
-                                    f"cache and activations need {needs['memory_bytes'] / 2**20:.0f} MiB{cache}")
+            raise DeviceCheckFailed(
+                f"the device has {available / 2**20:.0f} MiB of memory available but the .pte and its KV "
+                f"cache and activations need {needs['memory_bytes'] / 2**20:.0f} MiB{cache}"
+            )
         checked.append(f"memory: {needs['memory_bytes'] / 2**20:.0f} MiB needed{cache}, {available / 2**20:.0f} MiB available")
     free = facts.get("disk_free_bytes")
     if needs.get("disk_bytes") and free is not None:
         if free < needs["disk_bytes"]:
-            raise DeviceCheckFailed(f"the device has {free / 1e6:.0f} MB of free disk but needs {needs['disk_bytes'] / 1e6:.0f} MB")
+            raise DeviceCheckFailed(
+                f"the device has {free / 1e6:.0f} MB of free disk but needs {needs['disk_bytes'] / 1e6:.0f} MB"
+            )
         checked.append(f"disk: {needs['disk_bytes'] / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free")
     return checked
 
@@ -278,7 +293,7 @@ def until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
     """`tokens` up to and including the first EOS id: ExecuTorch's runner stops there, our parity loop does not."""
     for index, token in enumerate(tokens):
         if token in eos_ids:
-            return tokens[:index + 1]
+            return tokens[: index + 1]
     return list(tokens)
 
 
@@ -293,8 +308,10 @@ def runner_block(report: dict, spec: dict, loop_tokens: list[list[int]], eos_ids
     runner, ours = report["runner"], report["our_loop"]
 
     def summary(results: list[dict]) -> dict:
-        figures = {name: summarise(values) if (values := [r["stats"][name] for r in results if r["stats"][name] is not None])
-                   else None for name in RUNNER_FIGURES}
+        figures = {
+            name: summarise(values) if (values := [r["stats"][name] for r in results if r["stats"][name] is not None]) else None
+            for name in RUNNER_FIGURES
+        }
         return {**figures, "load_s": results[0]["stats"]["load_s"] if results else None}
 
     tokens = [r["tokens"] for r in runner]
@@ -307,21 +324,29 @@ def runner_block(report: dict, spec: dict, loop_tokens: list[list[int]], eos_ids
         "tokens": tokens,
         "eos_ids": sorted(eos_ids),
         "tokens_equal_loop": tokens == [until_eos(t, eos_ids) for t in loop_tokens],
-        "stats": {**summary(runner), "construct_s": runner[0]["stats"]["construct_s"] if runner else None,
-                  "clock": "the runner's own Stats, in whole milliseconds"},
+        "stats": {
+            **summary(runner),
+            "construct_s": runner[0]["stats"]["construct_s"] if runner else None,
+            "clock": "the runner's own Stats, in whole milliseconds",
+        },
         "stats_per_prompt": [r["stats"] for r in runner],
-        "loop_same_prompts": {**summary(ours), "clock": "time.perf_counter around our loop's calls",
-                              "tokens_equal_runner": [o["tokens"] for o in ours] == tokens},
+        "loop_same_prompts": {
+            **summary(ours),
+            "clock": "time.perf_counter around our loop's calls",
+            "tokens_equal_runner": [o["tokens"] for o in ours] == tokens,
+        },
     }
 
 
-def bench_llm_runner(pte: Path, spec: dict, loop_tokens: list[list[int]], eos_ids: set[int],
-                     unavailable: str | None = None) -> dict:
+def bench_llm_runner(
+    pte: Path, spec: dict, loop_tokens: list[list[int]], eos_ids: set[int], unavailable: str | None = None
+) -> dict:
     """The parity prompts under ExecuTorch's own LLM runner (`python -m gemma_edge.llm_runner
     --compare`, a process of its own, so that the runner's aborts, its memory and its printing stay
     out of this one), with the machine's load around it. The runner failing, missing or rejecting the
     program, or a pre-flight reason (`unavailable`, from `runner_preflight`: then it is not started),
     gives `available: false` and the reason, never a failed benchmark."""
+
     def run() -> dict:
         if unavailable:
             return {"available": False, "reason": unavailable}
@@ -330,8 +355,19 @@ def bench_llm_runner(pte: Path, spec: dict, loop_tokens: list[list[int]], eos_id
         with tempfile.TemporaryDirectory(prefix="llm-runner-bench-") as scratch:
             prompts, out = Path(scratch) / "prompts.json", Path(scratch) / "runner.json"
             prompts.write_text(json.dumps(spec["parity_prompts"]))
-            args = ["--pte", str(pte), "--tokenizer", spec["tokenizer"], "--prompts", str(prompts),
-                    "--max-new-tokens", str(spec["max_new_tokens"]), "--compare", "--out", str(out)]
+            args = [
+                "--pte",
+                str(pte),
+                "--tokenizer",
+                spec["tokenizer"],
+                "--prompts",
+                str(prompts),
+                "--max-new-tokens",
+                str(spec["max_new_tokens"]),
+                "--compare",
+                "--out",
+                str(out),
+            ]
             if spec.get("threads"):
                 args += ["--threads", str(spec["threads"])]
             try:
@@ -346,9 +382,12 @@ def bench_llm_runner(pte: Path, spec: dict, loop_tokens: list[list[int]], eos_id
     block["load"] = load
     if block["available"]:
         prefill, decode = (block["stats"][figure] for figure in ("prefill_tps", "decode_tps"))
-        print(f"executorch runner: prefill {prefill['avg'] if prefill else float('nan'):.1f} tok/s, "
-              f"decode {decode['avg'] if decode else float('nan'):.1f} tok/s, "
-              f"tokens {'equal to' if block['tokens_equal_loop'] else 'DIFFERENT from'} our loop's", flush=True)
+        print(
+            f"executorch runner: prefill {prefill['avg'] if prefill else float('nan'):.1f} tok/s, "
+            f"decode {decode['avg'] if decode else float('nan'):.1f} tok/s, "
+            f"tokens {'equal to' if block['tokens_equal_loop'] else 'DIFFERENT from'} our loop's",
+            flush=True,
+        )
     else:
         print(f"executorch runner: not available: {block['reason']}", flush=True)
     return block
@@ -372,8 +411,11 @@ def run_bench(pte: Path, spec: dict) -> dict:
     threads = spec.get("threads")
     # The limit every engine's decode shares, measured once before any of them holds memory.
     bandwidth = measure_in_child(int(threads or os.cpu_count()), emulated=bool(spec.get("emulated")))
-    print(f"memory read bandwidth at {bandwidth['threads']} threads: {bandwidth['gb_per_s']['avg']:.1f} GB/s"
-          + (" (emulated: short form, says nothing about a Pi)" if spec.get("emulated") else ""), flush=True)
+    print(
+        f"memory read bandwidth at {bandwidth['threads']} threads: {bandwidth['gb_per_s']['avg']:.1f} GB/s"
+        + (" (emulated: short form, says nothing about a Pi)" if spec.get("emulated") else ""),
+        flush=True,
+    )
     if threads:
         from executorch.extension.pybindings import portable_lib
 
@@ -386,16 +428,20 @@ def run_bench(pte: Path, spec: dict) -> dict:
     context = decoder.context
     for length in spec["prompt_lengths"]:
         if length + spec["new_tokens"] > context:
-            raise ValueError(f"prompt length {length} + {spec['new_tokens']} new tokens exceeds the .pte's context "
-                             f"(max_seq_len {context})")
+            raise ValueError(
+                f"prompt length {length} + {spec['new_tokens']} new tokens exceeds the .pte's context (max_seq_len {context})"
+            )
 
     def pte_runs():
         runs = []
         for length in spec["prompt_lengths"]:
             prompt = synthetic_prompt(length, int(meta["get_bos_id"]), int(meta["get_vocab_size"]))
-            runs.append(timed_runs(decoder, prompt, spec))
-            print(f"prompt {length}: prefill {runs[-1]['prefill_tps']['avg']:.1f} tok/s, "
-                  f"decode {runs[-1]['decode_tps']['avg']:.1f} tok/s", flush=True)
+            runs.append(timed_runs(decoder, prompt, spec))  # noqa: F821 - pte_runs is called before `del decoder` below
+            print(
+                f"prompt {length}: prefill {runs[-1]['prefill_tps']['avg']:.1f} tok/s, "
+                f"decode {runs[-1]['decode_tps']['avg']:.1f} tok/s",
+                flush=True,
+            )
         return runs
 
     runs, load = timed_with_load(pte_runs)
@@ -411,8 +457,11 @@ def run_bench(pte: Path, spec: dict) -> dict:
         engine = engines[peer["name"]]
         if engine["available"]:
             first = engine["runs"][0]
-            print(f"{peer['name']}: prompt {first['prompt_tokens']}: prefill {first['prefill_tps']['avg']:.1f} tok/s, "
-                  f"decode {first['decode_tps']['avg']:.1f} tok/s", flush=True)
+            print(
+                f"{peer['name']}: prompt {first['prompt_tokens']}: prefill {first['prefill_tps']['avg']:.1f} tok/s, "
+                f"decode {first['decode_tps']['avg']:.1f} tok/s",
+                flush=True,
+            )
         else:
             print(f"{peer['name']}: not available: {engine['reason']}", flush=True)
     return {

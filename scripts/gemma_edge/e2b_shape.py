@@ -10,7 +10,6 @@ accepts the checkpoint as it would the real one.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -113,8 +112,9 @@ def build_synthetic_checkpoint(corpus_path: Path, out_dir: Path, shape: str, lay
     from transformers import Gemma4ForCausalLM, GenerationConfig
 
     config = synthetic_config(shape, layers)
-    tokenizer = build_tokenizer(Path(corpus_path).read_text(encoding="utf-8"), config.vocab_size,
-                                        merges_from=min(4096, config.vocab_size))
+    tokenizer = build_tokenizer(
+        Path(corpus_path).read_text(encoding="utf-8"), config.vocab_size, merges_from=min(4096, config.vocab_size)
+    )
     torch.manual_seed(seed)
     with _single_thread():  # initialisation draws the same numbers whatever the core count
         model = Gemma4ForCausalLM(config).eval()
@@ -122,8 +122,14 @@ def build_synthetic_checkpoint(corpus_path: Path, out_dir: Path, shape: str, lay
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     model.to(torch.bfloat16)  # stored as Gemma 4's own checkpoints are: loading upcasts, as it would E2B's
     params = parameter_count(model)
-    log.info("synthetic %s Gemma 4: %d layers (%d KV-shared), %.1f M parameters, layer types %s", shape,
-             config.num_hidden_layers, config.num_kv_shared_layers, params / 1e6, config.layer_types)
+    log.info(
+        "synthetic %s Gemma 4: %d layers (%d KV-shared), %.1f M parameters, layer types %s",
+        shape,
+        config.num_hidden_layers,
+        config.num_kv_shared_layers,
+        params / 1e6,
+        config.layer_types,
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -32,18 +32,18 @@ def _header(path: Path) -> tuple[str, int, list[tuple[int, int, int, int, int]]]
         if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:
             return None
         order = "<" if header[5] == 1 else ">"
-        machine, = struct.unpack_from(order + "H", header, 18)
-        phoff, = struct.unpack_from(order + "Q", header, 32)
+        (machine,) = struct.unpack_from(order + "H", header, 18)
+        (phoff,) = struct.unpack_from(order + "Q", header, 32)
         phentsize, phnum = struct.unpack_from(order + "HH", header, 54)
         handle.seek(phoff)
         table = handle.read(phentsize * phnum)
     segments = []
     for index in range(phnum):
         base = index * phentsize
-        kind, = struct.unpack_from(order + "I", table, base)
+        (kind,) = struct.unpack_from(order + "I", table, base)
         offset, vaddr = struct.unpack_from(order + "QQ", table, base + 8)
-        filesz, = struct.unpack_from(order + "Q", table, base + 32)
-        align, = struct.unpack_from(order + "Q", table, base + 48)
+        (filesz,) = struct.unpack_from(order + "Q", table, base + 32)
+        (align,) = struct.unpack_from(order + "Q", table, base + 48)
         segments.append((kind, offset, vaddr, filesz, align))
     return order, machine, segments
 
@@ -74,7 +74,7 @@ def needed(path: Path) -> list[str]:
         handle.seek(dynamic[1])
         entries = handle.read(dynamic[3])
         names, strtab = [], None
-        for tag, value in struct.iter_unpack(order + "qQ", entries[:len(entries) // 16 * 16]):
+        for tag, value in struct.iter_unpack(order + "qQ", entries[: len(entries) // 16 * 16]):
             if tag == DT_NULL:
                 break
             if tag == DT_NEEDED:

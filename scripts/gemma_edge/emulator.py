@@ -15,6 +15,7 @@ guest gets a Pi 5 /proc/cpuinfo (sysroot/proc/cpuinfo).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -45,10 +46,30 @@ HOST_ALIAS = "pi5-emulated"
 # libatomic1. A Pi set up without build-essential (or after removing it) lacks it, and the bench's
 # pre-flight then names the fix (device_bench.runner_preflight).
 PACKAGES = (
-    "python3.11", "python3", "python3.11-venv", "python3-pip-whl", "python3-setuptools-whl",
-    "libc6", "libstdc++6", "libgcc-s1", "libgomp1", "libatomic1", "zlib1g", "libssl3", "libffi8",
-    "libexpat1", "libbz2-1.0", "liblzma5", "libzstd1", "libsqlite3-0", "libuuid1", "libncursesw6",
-    "libtinfo6", "libreadline8", "libcrypt1", "ca-certificates",
+    "python3.11",
+    "python3",
+    "python3.11-venv",
+    "python3-pip-whl",
+    "python3-setuptools-whl",
+    "libc6",
+    "libstdc++6",
+    "libgcc-s1",
+    "libgomp1",
+    "libatomic1",
+    "zlib1g",
+    "libssl3",
+    "libffi8",
+    "libexpat1",
+    "libbz2-1.0",
+    "liblzma5",
+    "libzstd1",
+    "libsqlite3-0",
+    "libuuid1",
+    "libncursesw6",
+    "libtinfo6",
+    "libreadline8",
+    "libcrypt1",
+    "ca-certificates",
 )
 PI5_FEATURES = ("fp asimd aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp").split()
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
@@ -148,21 +169,26 @@ def disk_bytes(folder: Path) -> int:
     total = 0
     for dirpath, dirnames, filenames in os.walk(folder):
         for name in dirnames + filenames:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-            except OSError:
-                pass
     return total
 
 
 def _apt_options(apt: Path) -> list[str]:
     """apt-get options for an arm64-only resolver whose state lives in `apt`, not the host's."""
     options = {
-        "APT::Architecture": "arm64", "APT::Architectures": "arm64",
-        "Dir::State": apt / "state", "Dir::State::status": apt / "status", "Dir::Cache": apt / "cache",
-        "Dir::Etc::SourceList": apt / "sources.list", "Dir::Etc::SourceParts": apt / "empty",
-        "Dir::Etc::Preferences": apt / "empty/preferences", "Dir::Etc::PreferencesParts": apt / "empty",
-        "Debug::NoLocking": "1", "APT::Install-Recommends": "0", "APT::Install-Suggests": "0",
+        "APT::Architecture": "arm64",
+        "APT::Architectures": "arm64",
+        "Dir::State": apt / "state",
+        "Dir::State::status": apt / "status",
+        "Dir::Cache": apt / "cache",
+        "Dir::Etc::SourceList": apt / "sources.list",
+        "Dir::Etc::SourceParts": apt / "empty",
+        "Dir::Etc::Preferences": apt / "empty/preferences",
+        "Dir::Etc::PreferencesParts": apt / "empty",
+        "Debug::NoLocking": "1",
+        "APT::Install-Recommends": "0",
+        "APT::Install-Suggests": "0",
     }
     return [arg for key, value in options.items() for arg in ("-o", f"{key}={value}")]
 
@@ -173,12 +199,15 @@ def _apt(apt: Path, *args: str, what: str) -> str:
     if result.returncode != 0:
         unknown = sorted(set(re.findall(r"Unable to locate package (\S+)", result.stderr)))
         if unknown:
-            raise EmulatorError(f"{SUITE} has no arm64 package named {', '.join(unknown)}: remove it from "
-                                "gemma_edge.emulator.PACKAGES")
+            raise EmulatorError(
+                f"{SUITE} has no arm64 package named {', '.join(unknown)}: remove it from gemma_edge.emulator.PACKAGES"
+            )
         names = sorted(set(re.findall(r"Failed to fetch \S*/([^/_\s]+)_", result.stderr)))
         if names:
-            raise EmulatorError(f"apt could not {what} the arm64 package(s) {', '.join(names)}: "
-                                f"check that {_mirrors()['debian']} is reachable and carries {SUITE} arm64")
+            raise EmulatorError(
+                f"apt could not {what} the arm64 package(s) {', '.join(names)}: "
+                f"check that {_mirrors()['debian']} is reachable and carries {SUITE} arm64"
+            )
         last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise EmulatorError(f"apt-get could not {what} arm64 packages ({last}): check network access to {_mirrors()['debian']}")
     return result.stdout
@@ -194,8 +223,10 @@ def download_packages(apt: Path) -> list[Path]:
     mirrors = _mirrors()
     if not mirrors["debian"]:
         raise EmulatorError(f"the host's apt sources name no Debian {SUITE} archive: set GEMMA_EDGE_DEBIAN_MIRROR to one")
-    lines = [f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['debian']} {SUITE} main",
-             f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['debian']} {SUITE}-updates main"]
+    lines = [
+        f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['debian']} {SUITE} main",
+        f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['debian']} {SUITE}-updates main",
+    ]
     if mirrors["security"]:
         lines.append(f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['security']} {SUITE}-security main")
     (apt / "sources.list").write_text("\n".join(lines) + "\n")
@@ -238,8 +269,9 @@ def build_sysroot(root: Path) -> dict:
             _finish_sysroot(sysroot, cores)
             stamp["cores"] = cores
             _write_atomically(stamp_path, json.dumps(stamp, indent=2) + "\n")
-        log.info("sysroot %s is up to date (%d packages, built %s); nothing to do",
-                 sysroot, len(stamp["packages"]), stamp.get("built"))
+        log.info(
+            "sysroot %s is up to date (%d packages, built %s); nothing to do", sysroot, len(stamp["packages"]), stamp.get("built")
+        )
         return {**stamp, "unchanged": True}
     find_qemu()
     dpkg_deb = find_tool("dpkg-deb", "this needs a Debian or Ubuntu host with dpkg")
@@ -255,10 +287,19 @@ def build_sysroot(root: Path) -> dict:
             name = _deb_field(dpkg_deb, deb, "Package")
             result = subprocess.run([dpkg_deb, "-x", str(deb), str(staging)], capture_output=True, text=True)
             if result.returncode != 0:
-                raise EmulatorError(f"could not unpack {name} ({deb.name}): {result.stderr.strip()}; delete {root} and run setup again")
-            packages.append({"package": name, "version": _deb_field(dpkg_deb, deb, "Version"),
-                             "architecture": _deb_field(dpkg_deb, deb, "Architecture"),
-                             "file": deb.name, "bytes": deb.stat().st_size, "sha256": sha256_file(deb)})
+                raise EmulatorError(
+                    f"could not unpack {name} ({deb.name}): {result.stderr.strip()}; delete {root} and run setup again"
+                )
+            packages.append(
+                {
+                    "package": name,
+                    "version": _deb_field(dpkg_deb, deb, "Version"),
+                    "architecture": _deb_field(dpkg_deb, deb, "Architecture"),
+                    "file": deb.name,
+                    "bytes": deb.stat().st_size,
+                    "sha256": sha256_file(deb),
+                }
+            )
             downloaded += deb.stat().st_size
         _finish_sysroot(staging, cores)
         size = disk_bytes(staging)
@@ -267,9 +308,16 @@ def build_sysroot(root: Path) -> dict:
         if sysroot.exists():
             sysroot.rename(work / "old-sysroot")
         staging.rename(sysroot)
-        stamp = {"request": _request(), "packages": packages, "cores": cores, "download_bytes": downloaded,
-                 "disk_bytes": size, "elapsed_s": round(time.monotonic() - start, 1),
-                 "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sysroot": str(sysroot)}
+        stamp = {
+            "request": _request(),
+            "packages": packages,
+            "cores": cores,
+            "download_bytes": downloaded,
+            "disk_bytes": size,
+            "elapsed_s": round(time.monotonic() - start, 1),
+            "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "sysroot": str(sysroot),
+        }
         _write_atomically(stamp_path, json.dumps(stamp, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -305,8 +353,10 @@ def register_binfmt() -> dict:
             raise EmulatorError(f"binfmt_misc is not mounted at {BINFMT} and mounting it needs root: run setup with sudo")
         result = subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)], capture_output=True, text=True)
         if result.returncode != 0:
-            raise EmulatorError(f"could not mount binfmt_misc ({result.stderr.strip()}): in a container, run it with --privileged "
-                                "or register qemu-aarch64 on the host (apt-get install qemu-user-static binfmt-support)")
+            raise EmulatorError(
+                f"could not mount binfmt_misc ({result.stderr.strip()}): in a container, run it with --privileged "
+                "or register qemu-aarch64 on the host (apt-get install qemu-user-static binfmt-support)"
+            )
         log.info("mounted binfmt_misc at %s", BINFMT)
     if (BINFMT / "status").read_text().strip() != "enabled":
         _write_binfmt(BINFMT / "status", "1")
@@ -346,7 +396,8 @@ def binfmt_ready() -> bool:
     """Whether an enabled binfmt_misc entry runs aarch64 binaries."""
     try:
         return (BINFMT / "status").read_text().strip() == "enabled" and any(
-            _is_aarch64(e) and e["enabled"] for e in _binfmt_entries().values())
+            _is_aarch64(e) and e["enabled"] for e in _binfmt_entries().values()
+        )
     except OSError:
         return False
 
@@ -392,17 +443,26 @@ def check_emulator(root: Path) -> dict:
     env = {**os.environ, **device_environment(root)}
     result = subprocess.run([qemu, str(python), "-c", GUEST_PROBE], capture_output=True, text=True, env=env, timeout=300)
     if result.returncode != 0:
-        raise EmulatorError(f"the emulated Python failed ({result.returncode}): {result.stderr.strip()[-800:]}; "
-                            "rebuild with `setup` after deleting the sysroot")
+        raise EmulatorError(
+            f"the emulated Python failed ({result.returncode}): {result.stderr.strip()[-800:]}; "
+            "rebuild with `setup` after deleting the sysroot"
+        )
     seen = json.loads(result.stdout)
     missing = [f for f in PI5_FEATURES if f not in (seen["features"] or "").split()]
     if seen["machine"] != "aarch64" or missing or seen["cpu_part"] != "0xd0b":
-        raise EmulatorError(f"the guest does not look like a Pi 5 (machine {seen['machine']}, CPU part {seen['cpu_part']}, "
-                            f"missing features {missing}): check that {sysroot_of(root)}/proc/cpuinfo exists and QEMU honours QEMU_LD_PREFIX")
+        raise EmulatorError(
+            f"the guest does not look like a Pi 5 (machine {seen['machine']}, CPU part {seen['cpu_part']}, "
+            f"missing features {missing}): check that {sysroot_of(root)}/proc/cpuinfo exists and QEMU honours QEMU_LD_PREFIX"
+        )
     seen["binfmt"] = None
     if binfmt_ready():  # the same Python launched by the kernel, as ssh sessions and venvs do
-        direct = subprocess.run([str(python), "-c", "import platform; print(platform.machine())"],
-                                capture_output=True, text=True, env=env, timeout=300)
+        direct = subprocess.run(
+            [str(python), "-c", "import platform; print(platform.machine())"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         seen["binfmt"] = direct.stdout.strip() if direct.returncode == 0 else f"failed: {direct.stderr.strip()[-300:]}"
     return seen
 
@@ -445,8 +505,9 @@ def serve(root: Path, port: int | None = None) -> int:
     home = root / "home"
     home.mkdir(parents=True, exist_ok=True)
     if not (home / ".bashrc").exists():
-        (home / ".bashrc").write_text("# Home of the emulated Raspberry Pi 5 (gemma_edge.emulator): sessions start here.\n"
-                                      'cd "$HOME" 2>/dev/null\n')
+        (home / ".bashrc").write_text(
+            '# Home of the emulated Raspberry Pi 5 (gemma_edge.emulator): sessions start here.\ncd "$HOME" 2>/dev/null\n'
+        )
     folder = _ssh_folder(root)
     if port is None and (folder / "sshd_config").exists():  # keep the port known_hosts already names
         match = re.search(r"^Port (\d+)$", (folder / "sshd_config").read_text(), re.M)
@@ -455,8 +516,10 @@ def serve(root: Path, port: int | None = None) -> int:
     try:
         server = SshServer.create(folder, port=port, environment=environment).start()
     except RuntimeError as err:
-        raise EmulatorError(f"the emulated Pi's sshd did not start ({str(err).strip()[-300:]}): "
-                            f"if port {port} is taken, serve again with --port N") from err
+        raise EmulatorError(
+            f"the emulated Pi's sshd did not start ({str(err).strip()[-300:]}): "
+            f"if port {port} is taken, serve again with --port N"
+        ) from err
     server.process.returncode = 0  # detached on purpose: the sshd outlives this process
     (folder / "ssh_config").write_text(
         f"Host {HOST_ALIAS}\n    HostName 127.0.0.1\n    Port {server.port}\n    User root\n"
@@ -492,7 +555,9 @@ def setup(root: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gemma_edge.emulator", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["setup", "serve", "stop", "check"])
-    parser.add_argument("--root", type=Path, default=None, help="emulator folder (default: $GEMMA_EDGE_EMULATOR or ~/.cache/gemma-edge/emulator)")
+    parser.add_argument(
+        "--root", type=Path, default=None, help="emulator folder (default: $GEMMA_EDGE_EMULATOR or ~/.cache/gemma-edge/emulator)"
+    )
     parser.add_argument("--port", type=int, default=None, help="port for serve (default: the previous one, else a free one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -502,9 +567,11 @@ def main(argv: list[str] | None = None) -> int:
             result = setup(root)
             stamp, guest = result["stamp"], result["guest"]
             build = "skipped, up to date" if stamp["unchanged"] else f"{stamp['elapsed_s']:.0f} s"
-            print(f"emulated Pi 5 ready in {result['elapsed_s']:.0f} s (sysroot build {build}): "
-                  f"{len(stamp['packages'])} packages, {stamp['disk_bytes'] / 1e6:.0f} MB at {sysroot_of(root)}; "
-                  f"guest {guest['machine']} Python {guest['python']}, {guest['cpu_count']} cores, binfmt {guest['binfmt']}")
+            print(
+                f"emulated Pi 5 ready in {result['elapsed_s']:.0f} s (sysroot build {build}): "
+                f"{len(stamp['packages'])} packages, {stamp['disk_bytes'] / 1e6:.0f} MB at {sysroot_of(root)}; "
+                f"guest {guest['machine']} Python {guest['python']}, {guest['cpu_count']} cores, binfmt {guest['binfmt']}"
+            )
         elif args.command == "check":
             print(json.dumps(check_emulator(root), indent=2))
         elif args.command == "serve":

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import ArtifactError, atomic_output
+from .artifacts import ArtifactError
 from .decoder import KVCacheDecoder, dynamic_shapes, example_inputs, register_executorch_llm_ops, xnnpack_friendly_rmsnorm
 from .steplog import log_memory
 
 log = logging.getLogger(__name__)
 
 
-def export_decoder(model: torch.nn.Module, max_seq_len: int, xnnpack_norms: bool = True,
-                   attention: str = "executorch") -> torch.export.ExportedProgram:
+def export_decoder(
+    model: torch.nn.Module, max_seq_len: int, xnnpack_norms: bool = True, attention: str = "executorch"
+) -> torch.export.ExportedProgram:
     """Export `model` wrapped with an in-graph KV cache, with a dynamic number of tokens per call.
 
     With `xnnpack_norms`, RMSNorms are first rewritten into ops XNNPACK delegates (this changes
@@ -36,10 +37,15 @@ def export_decoder(model: torch.nn.Module, max_seq_len: int, xnnpack_norms: bool
     buffers = cache_buffers(program)
     if len(buffers) != len(decoder.cache_buffer_names()):
         raise RuntimeError("the KV cache is not held as module buffers in the exported program (lifted as constants?)")
-    log.info("exported: %d graph nodes, %d KV-cache buffers (%.1f MiB at %d positions, up to %d tokens per call%s)",
-             len(program.graph.nodes), len(buffers), kv_cache_bytes_of(program) / 2**20, max_seq_len,
-             decoder.tokens_per_call, f", rings of {2 * decoder.window} and windows of {decoder.window} on sliding layers"
-             if decoder.window else "")
+    log.info(
+        "exported: %d graph nodes, %d KV-cache buffers (%.1f MiB at %d positions, up to %d tokens per call%s)",
+        len(program.graph.nodes),
+        len(buffers),
+        kv_cache_bytes_of(program) / 2**20,
+        max_seq_len,
+        decoder.tokens_per_call,
+        f", rings of {2 * decoder.window} and windows of {decoder.window} on sliding layers" if decoder.window else "",
+    )
     return program
 
 
@@ -51,8 +57,11 @@ def cache_buffers(program: torch.export.ExportedProgram) -> list[str]:
 def _buffer_values(program: torch.export.ExportedProgram) -> dict:
     """Each buffer's fake value, from the graph's placeholders (shape and dtype, no data needed)."""
     by_input = program.graph_signature.inputs_to_buffers
-    return {by_input[node.name]: node.meta["val"] for node in program.graph.nodes
-            if node.op == "placeholder" and node.name in by_input}
+    return {
+        by_input[node.name]: node.meta["val"]
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in by_input
+    }
 
 
 def kv_cache_bytes_of(program: torch.export.ExportedProgram) -> int:

@@ -22,7 +22,8 @@ def convert_to_gguf(converter: Path, checkpoint_manifest: Path, gguf_type: str, 
     if not converter.is_file():
         raise FileNotFoundError(
             f"llama.cpp's converter is not at {converter}: run bench/setup-llamacpp.sh once (it builds "
-            "llama-cpp-python from source and unpacks its convert_hf_to_gguf.py)")
+            "llama-cpp-python from source and unpacks its convert_hf_to_gguf.py)"
+        )
     checkpoint = read_json(checkpoint_manifest)
     with tempfile.TemporaryDirectory(dir=Path(out).parent, prefix=".gguf-") as scratch:
         f32 = Path(scratch) / "model-f32.gguf"
@@ -35,8 +36,12 @@ def convert_to_gguf(converter: Path, checkpoint_manifest: Path, gguf_type: str, 
         with atomic_output(out) as tmp:
             quantize_gguf(f32, tmp, gguf_type, threads)
     # The converter by name and release, not by path: manifests never name this checkout.
-    return {"gguf_type": gguf_type, "converter": converter.name, "checkpoint_commit": checkpoint.get("commit"),
-            "llama_cpp_python": package_versions(("llama_cpp_python",))["llama_cpp_python"]}
+    return {
+        "gguf_type": gguf_type,
+        "converter": converter.name,
+        "checkpoint_commit": checkpoint.get("commit"),
+        "llama_cpp_python": package_versions(("llama_cpp_python",))["llama_cpp_python"],
+    }
 
 
 def quantize_gguf(source: Path, out: Path, gguf_type: str, threads: int) -> None:

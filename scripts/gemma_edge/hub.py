@@ -31,8 +31,8 @@ class DownloadError(RuntimeError):
 
 def download_checkpoint(repo_id: str, revision: str, cache_dir: str | None, offline: bool) -> Path:
     """Resolve `repo_id@revision` to a local snapshot folder, downloading only the checkpoint files."""
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
 
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     where = cache_dir or "the default Hugging Face cache"

@@ -33,10 +33,10 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import importlib.util
-import os
-import re
 import json
 import logging
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,8 +51,13 @@ log = logging.getLogger(__name__)
 
 LITERT_PACKAGES = ("torch", "transformers", "litert-torch", "litert-lm-api", "ai-edge-litert", "ai-edge-quantizer")
 QUANTIZATIONS = ("int4", "int8", "fp32")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def install_tensorflow_schema_shim() -> None:
@@ -62,6 +67,7 @@ def install_tensorflow_schema_shim() -> None:
     still fails as it would without the shim."""
     try:
         import tensorflow.lite.python.schema_py_generated  # noqa: F401  (real tensorflow, or shim already in)
+
         return
     except ImportError:
         pass
@@ -95,13 +101,17 @@ def rewrap_as_multimodal(checkpoint_dir: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text_config = Gemma4TextConfig.from_pretrained(checkpoint_dir)
-    wrapped = Gemma4Config(text_config=text_config.to_dict(), vision_config=None, audio_config=None,
-                           tie_word_embeddings=text_config.tie_word_embeddings)
+    wrapped = Gemma4Config(
+        text_config=text_config.to_dict(),
+        vision_config=None,
+        audio_config=None,
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
     wrapped.architectures = ["Gemma4ForConditionalGeneration"]
     wrapped.save_pretrained(out_dir)
     for shard in sorted(checkpoint_dir.glob("*.safetensors")):
         with safe_open(shard, "pt") as reader:
-            tensors = {_multimodal_key(key): reader.get_tensor(key) for key in reader.keys()}
+            tensors = {_multimodal_key(key): reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118 - safe_open has keys() but no __iter__
             metadata = reader.metadata()
         save_file(tensors, out_dir / shard.name, metadata=metadata)
     index = checkpoint_dir / "model.safetensors.index.json"
@@ -116,7 +126,7 @@ def rewrap_as_multimodal(checkpoint_dir: Path, out_dir: Path) -> Path:
 
 
 def _multimodal_key(key: str) -> str:
-    return "model.language_model." + key[len("model."):] if key.startswith("model.") else key
+    return "model.language_model." + key[len("model.") :] if key.startswith("model.") else key
 
 
 def linears_not_divisible(model_dir: Path, group_size: int) -> list[str]:
@@ -129,8 +139,13 @@ def linears_not_divisible(model_dir: Path, group_size: int) -> list[str]:
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(getattr(config, "text_config", None) or config)
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and module.in_features % group_size})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module.in_features % group_size
+        }
+    )
 
 
 def quantization_recipe(quantization: str, group_size: int, fp32_linears: list[str] = ()) -> tuple[list | None, str]:
@@ -148,7 +163,10 @@ def quantization_recipe(quantization: str, group_size: int, fp32_linears: list[s
     from ai_edge_quantizer import algorithm_manager, qtyping, recipe, recipe_manager
 
     if quantization == "int8":
-        return recipe.dynamic_wi8_afp32(), "ai-edge-quantizer dynamic_wi8_afp32: INT8 per-channel weights, dynamic INT8 activations"
+        return (
+            recipe.dynamic_wi8_afp32(),
+            "ai-edge-quantizer dynamic_wi8_afp32: INT8 per-channel weights, dynamic INT8 activations",
+        )
     if quantization != "int4":
         raise ValueError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
     granularity = getattr(qtyping.QuantGranularity, f"BLOCKWISE_{group_size}", None)
@@ -157,19 +175,31 @@ def quantization_recipe(quantization: str, group_size: int, fp32_linears: list[s
     fully_connected = qtyping.TFLOperationName.FULLY_CONNECTED
     manager = recipe_manager.RecipeManager()
     manager.add_dynamic_config(regex=".*", operation_name=fully_connected, num_bits=4, granularity=granularity)
-    manager.add_dynamic_config(regex=".*", operation_name=qtyping.TFLOperationName.EMBEDDING_LOOKUP, num_bits=8,
-                               granularity=qtyping.QuantGranularity.CHANNELWISE)
+    manager.add_dynamic_config(
+        regex=".*",
+        operation_name=qtyping.TFLOperationName.EMBEDDING_LOOKUP,
+        num_bits=8,
+        granularity=qtyping.QuantGranularity.CHANNELWISE,
+    )
     for name in fp32_linears:  # later rules win; tensor names read "...Linear_<attribute>;..."
-        manager.add_quantization_config(regex=f"Linear_{name}(;|$)", operation_name=fully_connected,
-                                        algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE)
+        manager.add_quantization_config(
+            regex=f"Linear_{name}(;|$)", operation_name=fully_connected, algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE
+        )
     kept = f"; FP32: {', '.join(fp32_linears)} (input width not a multiple of {group_size})" if fp32_linears else ""
     return manager.get_quantization_recipe(), (
         f"INT4 weights in blocks of {group_size} with dynamic INT8 activations for fully connected layers; "
-        f"INT8 per-channel embedding tables (ai-edge-quantizer dynamic configs){kept}")
+        f"INT8 per-channel embedding tables (ai-edge-quantizer dynamic configs){kept}"
+    )
 
 
-def convert_checkpoint(checkpoint_manifest: Path, out: Path, quantization: str = "int4", group_size: int = 128,
-                       max_seq_len: int = 128, prefill_length: int = 64) -> dict:
+def convert_checkpoint(
+    checkpoint_manifest: Path,
+    out: Path,
+    quantization: str = "int4",
+    group_size: int = 128,
+    max_seq_len: int = 128,
+    prefill_length: int = 64,
+) -> dict:
     """Write `out` (.litertlm) from the checkpoint the workflow downloaded, and its manifest.
 
     `max_seq_len` is the KV cache length (litert-torch's `cache_length`); `prefill_length` the
@@ -192,22 +222,40 @@ def convert_checkpoint(checkpoint_manifest: Path, out: Path, quantization: str =
             Path(recipe_arg).write_text(json.dumps(recipe, indent=2))
         export_dir = scratch / "export"
         log.info("converting %s with litert-torch (quantization: %s)", model_dir, recipe_text)
-        litert_export.export(model=str(model_dir), output_dir=str(export_dir), quantization_recipe=recipe_arg,
-                             cache_length=max_seq_len, prefill_lengths=[prefill_length], externalize_embedder=True,
-                             bundle_litert_lm=True)
+        litert_export.export(
+            model=str(model_dir),
+            output_dir=str(export_dir),
+            quantization_recipe=recipe_arg,
+            cache_length=max_seq_len,
+            prefill_lengths=[prefill_length],
+            externalize_embedder=True,
+            bundle_litert_lm=True,
+        )
         bundles = sorted(export_dir.rglob("*.litertlm"))
         if len(bundles) != 1:
             raise RuntimeError(f"litert-torch wrote {len(bundles)} .litertlm files in {export_dir}, expected one")
         with atomic_output(out) as tmp:
             shutil.move(bundles[0], tmp)
     seconds = time.perf_counter() - started
-    params = {"quantization": quantization, "group_size": group_size if quantization == "int4" else None,
-              "max_seq_len": max_seq_len, "prefill_length": prefill_length}
-    extra = {"recipe": recipe_text, "recipe_json": recipe, "fp32_linears": fp32_linears, "convert_s": seconds, "engine": "litert-lm",
-             "litert_versions": package_versions(LITERT_PACKAGES), "checkpoint_commit": checkpoint.get("commit")}
+    params = {
+        "quantization": quantization,
+        "group_size": group_size if quantization == "int4" else None,
+        "max_seq_len": max_seq_len,
+        "prefill_length": prefill_length,
+    }
+    extra = {
+        "recipe": recipe_text,
+        "recipe_json": recipe,
+        "fp32_linears": fp32_linears,
+        "convert_s": seconds,
+        "engine": "litert-lm",
+        "litert_versions": package_versions(LITERT_PACKAGES),
+        "checkpoint_commit": checkpoint.get("commit"),
+    }
     manifest = write_manifest(out, {"checkpoint": Path(checkpoint_manifest)}, params, extra)
-    log.info("wrote %s (%.1f MB) in %.1f s, peak RSS %.0f MB", out, manifest["size_bytes"] / 1e6, seconds,
-             manifest["peak_rss_mb"])
+    log.info(
+        "wrote %s (%.1f MB) in %.1f s, peak RSS %.0f MB", out, manifest["size_bytes"] / 1e6, seconds, manifest["peak_rss_mb"]
+    )
     return manifest
 
 
@@ -241,8 +289,20 @@ def convert_in(python: str, checkpoint_manifest: Path, out: Path, recipe: str, m
     """Run `convert` in `python`'s environment; its output goes where this process's does (the
     rule's log). The converter writes `out` and its manifest atomically itself."""
     quantization, group_size = parse_recipe(recipe)
-    argv = [python, "-m", "gemma_edge.litert", "convert", "--checkpoint", str(checkpoint_manifest), "--out", str(out),
-            "--quantization", quantization, "--max-seq-len", str(max_seq_len)]
+    argv = [
+        python,
+        "-m",
+        "gemma_edge.litert",
+        "convert",
+        "--checkpoint",
+        str(checkpoint_manifest),
+        "--out",
+        str(out),
+        "--quantization",
+        quantization,
+        "--max-seq-len",
+        str(max_seq_len),
+    ]
     if group_size:
         argv += ["--group-size", str(group_size)]
     scripts = str(Path(__file__).resolve().parent.parent)
@@ -265,8 +325,7 @@ def main(argv=None) -> int:
     convert.add_argument("--prefill-length", type=int, default=64)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    convert_checkpoint(args.checkpoint, args.out, args.quantization, args.group_size, args.max_seq_len,
-                       args.prefill_length)
+    convert_checkpoint(args.checkpoint, args.out, args.quantization, args.group_size, args.max_seq_len, args.prefill_length)
     return 0
 
 

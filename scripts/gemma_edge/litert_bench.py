@@ -54,14 +54,21 @@ def cpu_backend(threads: int | None):
     return litert_lm.Backend.CPU(thread_count=int(threads) if threads else None)
 
 
-def benchmark_once(model: Path, threads: int | None, prompt_tokens: int, new_tokens: int, max_seq_len: int | None,
-                   cache_dir: str) -> dict:
+def benchmark_once(
+    model: Path, threads: int | None, prompt_tokens: int, new_tokens: int, max_seq_len: int | None, cache_dir: str
+) -> dict:
     """One `litert_lm.Benchmark(...).run()`: the runtime's own timers, plus its wall time."""
     import litert_lm
 
     started = time.perf_counter()
-    info = litert_lm.Benchmark(model_path=str(model), backend=cpu_backend(threads), prefill_tokens=prompt_tokens,
-                               decode_tokens=new_tokens, max_num_tokens=max_seq_len, cache_dir=cache_dir).run()
+    info = litert_lm.Benchmark(
+        model_path=str(model),
+        backend=cpu_backend(threads),
+        prefill_tokens=prompt_tokens,
+        decode_tokens=new_tokens,
+        max_num_tokens=max_seq_len,
+        cache_dir=cache_dir,
+    ).run()
     wall = time.perf_counter() - started
     return {
         "init_s": info.init_time_in_second,
@@ -82,11 +89,17 @@ def check_sample(sample: dict, prompt_tokens: int, new_tokens: int) -> dict:
     """`Benchmark.run()` does not raise when a signature fails inside the runtime: XNNPACK refusing
     a tensor (an INT4 channel whose scale is 0, from an all-zero weight row) leaves 0 decode tokens
     at 0 tok/s. Refuse such a sample rather than summarise it."""
-    if sample["prefill_tokens"] != prompt_tokens or sample["decode_tokens"] != new_tokens or \
-            sample["prefill_tps"] <= 0 or sample["decode_tps"] <= 0:
-        raise BenchFailed(f"LiteRT-LM prefilled {sample['prefill_tokens']} of {prompt_tokens} tokens and decoded "
-                          f"{sample['decode_tokens']} of {new_tokens} ({sample['decode_tps']:.1f} tok/s): see the "
-                          "runtime's errors above (e.g. a tensor the XNNPACK delegate refused)")
+    if (
+        sample["prefill_tokens"] != prompt_tokens
+        or sample["decode_tokens"] != new_tokens
+        or sample["prefill_tps"] <= 0
+        or sample["decode_tps"] <= 0
+    ):
+        raise BenchFailed(
+            f"LiteRT-LM prefilled {sample['prefill_tokens']} of {prompt_tokens} tokens and decoded "
+            f"{sample['decode_tokens']} of {new_tokens} ({sample['decode_tps']:.1f} tok/s): see the "
+            "runtime's errors above (e.g. a tensor the XNNPACK delegate refused)"
+        )
     return sample
 
 
@@ -127,8 +140,9 @@ def greedy_tokens(engine, prompt_ids: list[int], max_new_tokens: int) -> dict:
         raise ValueError(f"prompt ids must start with the model's BOS id {bos}: the session adds BOS itself")
     text = engine.detokenize(list(prompt_ids[1:]))
     exact = engine.tokenize(text) == list(prompt_ids[1:])
-    session = engine.create_session(apply_prompt_template=False, sampler_config=litert_lm.SamplerConfig(top_k=1),
-                                    max_output_tokens=max_new_tokens)
+    session = engine.create_session(
+        apply_prompt_template=False, sampler_config=litert_lm.SamplerConfig(top_k=1), max_output_tokens=max_new_tokens
+    )
     try:
         session.run_prefill([text])
         pieces = [chunk.texts[0] for chunk in session.run_decode_async() if chunk.texts]
@@ -156,8 +170,11 @@ def run_bench(model: Path, spec: dict) -> dict:
     runs = []
     for length in spec["prompt_lengths"]:
         runs.append(bench_prompt_length(model, length, spec, cache_dir))
-        print(f"prompt {length}: prefill {runs[-1]['prefill_tps']['avg']:.1f} tok/s, "
-              f"decode {runs[-1]['decode_tps']['avg']:.1f} tok/s", flush=True)
+        print(
+            f"prompt {length}: prefill {runs[-1]['prefill_tps']['avg']:.1f} tok/s, "
+            f"decode {runs[-1]['decode_tps']['avg']:.1f} tok/s",
+            flush=True,
+        )
     started = time.perf_counter()
     engine = open_engine(model, spec.get("threads"), max_seq_len, cache_dir)
     load_s = time.perf_counter() - started
@@ -177,11 +194,16 @@ def run_bench(model: Path, spec: dict) -> dict:
         "bos_id": bos_id,
         "stop_ids": stop_ids,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
-        "device": {"machine": platform.machine(), "python": platform.python_version(), "libc": list(platform.libc_ver()),
-                   "cores": os.cpu_count(), "qemu_cpu": os.environ.get("QEMU_CPU")},
+        "device": {
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "libc": list(platform.libc_ver()),
+            "cores": os.cpu_count(),
+            "qemu_cpu": os.environ.get("QEMU_CPU"),
+        },
         "versions": {"litert-lm-api": metadata.version("litert-lm-api")},
         "runtime": "litert_lm.Benchmark(...).run() per repetition (the runtime's own timers); "
-                   "greedy tokens through Engine/Session, text in and text out",
+        "greedy tokens through Engine/Session, text in and text out",
     }
 
 

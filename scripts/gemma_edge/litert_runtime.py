@@ -57,8 +57,9 @@ def check_device(device: dict) -> str:
     if len(libc) == 2 and libc[0] == "glibc":
         found = tuple(int(part) for part in libc[1].split(".")[:2])
         if found < GLIBC:
-            raise RuntimeUnavailable(f"the device's glibc {libc[1]} is older than the {GLIBC[0]}.{GLIBC[1]} "
-                                     f"the {PACKAGE} wheel needs")
+            raise RuntimeUnavailable(
+                f"the device's glibc {libc[1]} is older than the {GLIBC[0]}.{GLIBC[1]} the {PACKAGE} wheel needs"
+            )
     elif libc:
         raise RuntimeUnavailable(f"the {PACKAGE} wheel needs glibc; the device has {' '.join(libc)}")
     return machine
@@ -78,9 +79,23 @@ def fetch_cached(version: str, machine: str, cache: Path, python: str = "3.11") 
     cache.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s==%s for %s into %s", PACKAGE, version, machine, cache)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as scratch:
-        argv = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
-                "--platform", f"manylinux_{GLIBC[0]}_{GLIBC[1]}_{machine}", "--python-version", python,
-                "--dest", scratch, f"{PACKAGE}=={version}"]
+        argv = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--platform",
+            f"manylinux_{GLIBC[0]}_{GLIBC[1]}_{machine}",
+            "--python-version",
+            python,
+            "--dest",
+            scratch,
+            f"{PACKAGE}=={version}",
+        ]
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S)
         except subprocess.TimeoutExpired as error:
@@ -110,10 +125,26 @@ def runtime_for_device(requirements: Path, device: dict, out_dir: Path, out_reco
     wheel = out_dir / cached.name
     with atomic_output(wheel) as tmp:
         shutil.copy2(cached, tmp)
-    record = {"engine": "litert", "available": True, "kind": "wheel", "binary": str(wheel), "sha256": sha256_file(wheel),
-              "size_bytes": wheel.stat().st_size, "package": PACKAGE, "version": version, "machine": machine,
-              "cached": was_cached}
+    record = {
+        "engine": "litert",
+        "available": True,
+        "kind": "wheel",
+        "binary": str(wheel),
+        "sha256": sha256_file(wheel),
+        "size_bytes": wheel.stat().st_size,
+        "package": PACKAGE,
+        "version": version,
+        "machine": machine,
+        "cached": was_cached,
+    }
     write_json(out_record, record)
-    log.info("%s %s for %s: %s (%.1f MB, %s)", PACKAGE, version, machine, wheel, record["size_bytes"] / 1e6,
-             "from the cache" if was_cached else "downloaded")
+    log.info(
+        "%s %s for %s: %s (%.1f MB, %s)",
+        PACKAGE,
+        version,
+        machine,
+        wheel,
+        record["size_bytes"] / 1e6,
+        "from the cache" if was_cached else "downloaded",
+    )
     return record

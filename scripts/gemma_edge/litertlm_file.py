@@ -26,15 +26,46 @@ MAGIC = b"LITERTLM"
 HEADER_END_AT = 24
 HEADER_BEGIN = 32
 # litert-lm-builder's AnySectionDataType.
-SECTION_TYPES = {0: "NONE", 1: "GenericBinaryData", 2: "Deprecated", 3: "TFLiteModel", 4: "SP_Tokenizer",
-                 5: "LlmMetadataProto", 6: "HF_Tokenizer_Zlib", 7: "TFLiteWeights", 8: "EmbeddingMetadataProto",
-                 9: "ExecutorMetadataProto", 10: "TtsMetadataProto", 11: "AsrMetadataProto"}
+SECTION_TYPES = {
+    0: "NONE",
+    1: "GenericBinaryData",
+    2: "Deprecated",
+    3: "TFLiteModel",
+    4: "SP_Tokenizer",
+    5: "LlmMetadataProto",
+    6: "HF_Tokenizer_Zlib",
+    7: "TFLiteWeights",
+    8: "EmbeddingMetadataProto",
+    9: "ExecutorMetadataProto",
+    10: "TtsMetadataProto",
+    11: "AsrMetadataProto",
+}
 STRING_VALUE = 9  # VData.StringValue, the union type of a string item
 
 # TFLite BuiltinOperator codes and TensorType names used below.
-CONV_2D, DEPTHWISE_CONV_2D, EMBEDDING_LOOKUP, FULLY_CONNECTED, GATHER, BATCH_MATMUL, STABLEHLO_COMPOSITE = 3, 4, 7, 9, 36, 126, 206
-TENSOR_TYPES = {0: "FLOAT32", 1: "FLOAT16", 2: "INT32", 3: "UINT8", 4: "INT64", 6: "BOOL", 7: "INT16", 9: "INT8",
-                10: "FLOAT64", 17: "INT4", 18: "BFLOAT16", 20: "UINT4"}
+CONV_2D, DEPTHWISE_CONV_2D, EMBEDDING_LOOKUP, FULLY_CONNECTED, GATHER, BATCH_MATMUL, STABLEHLO_COMPOSITE = (
+    3,
+    4,
+    7,
+    9,
+    36,
+    126,
+    206,
+)
+TENSOR_TYPES = {
+    0: "FLOAT32",
+    1: "FLOAT16",
+    2: "INT32",
+    3: "UINT8",
+    4: "INT64",
+    6: "BOOL",
+    7: "INT16",
+    9: "INT8",
+    10: "FLOAT64",
+    17: "INT4",
+    18: "BFLOAT16",
+    20: "UINT4",
+}
 BLOCKWISE = 2  # QuantizationDetails.BlockwiseQuantization
 COMPOSITE_OPTIONS = 21  # BuiltinOptions2.StableHLOCompositeOptions
 GATHER_OPTIONS = 23  # BuiltinOptions.GatherOptions
@@ -114,8 +145,15 @@ def read_header(data) -> dict:
             if item.scalar(6, N.Uint8Flags) == STRING_VALUE and value is not None:
                 items[item.string(4)] = value.string(4)
         kind = section.scalar(10, N.Uint8Flags)
-        sections.append({"index": index, "data_type": SECTION_TYPES.get(kind, str(kind)), "items": items,
-                         "begin": section.scalar(6, N.Uint64Flags), "end": section.scalar(8, N.Uint64Flags)})
+        sections.append(
+            {
+                "index": index,
+                "data_type": SECTION_TYPES.get(kind, str(kind)),
+                "items": items,
+                "begin": section.scalar(6, N.Uint64Flags),
+                "end": section.scalar(8, N.Uint64Flags),
+            }
+        )
     return {"version": ".".join(map(str, version)), "header_end": header_end, "sections": sections}
 
 
@@ -157,9 +195,16 @@ def read_subgraph(subgraph: Node, codes: list[int]) -> dict:
                 # BlockwiseQuantization: the tensors holding its scales and zero points.
                 aux = [t for t in (details.scalar(4, N.Int32Flags, -1), details.scalar(6, N.Int32Flags, -1)) if t >= 0]
         kind = tensor.scalar(6, N.Int8Flags)
-        tensors.append({"name": tensor.string(10), "shape": tensor.scalars(4, N.Int32Flags),
-                        "type": TENSOR_TYPES.get(kind, str(kind)), "buffer": tensor.scalar(8, N.Uint32Flags),
-                        "scales": scales, "quantization_tensors": aux})
+        tensors.append(
+            {
+                "name": tensor.string(10),
+                "shape": tensor.scalars(4, N.Int32Flags),
+                "type": TENSOR_TYPES.get(kind, str(kind)),
+                "buffer": tensor.scalar(8, N.Uint32Flags),
+                "scales": scales,
+                "quantization_tensors": aux,
+            }
+        )
     operators = []
     for operator in subgraph.tables(10):
         code = codes[operator.scalar(4, N.Uint32Flags)]

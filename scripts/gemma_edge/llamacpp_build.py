@@ -36,9 +36,17 @@ BUILD_TIMEOUT_S = 3600
 
 # /proc/cpuinfo flag -> ggml's CMake option, for an x86-64 device (ggml/CMakeLists.txt).
 X86_OPTIONS = {
-    "sse4_2": "GGML_SSE42", "avx": "GGML_AVX", "avx2": "GGML_AVX2", "bmi2": "GGML_BMI2", "fma": "GGML_FMA",
-    "f16c": "GGML_F16C", "avx_vnni": "GGML_AVX_VNNI", "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI",
-    "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16",
+    "sse4_2": "GGML_SSE42",
+    "avx": "GGML_AVX",
+    "avx2": "GGML_AVX2",
+    "bmi2": "GGML_BMI2",
+    "fma": "GGML_FMA",
+    "f16c": "GGML_F16C",
+    "avx_vnni": "GGML_AVX_VNNI",
+    "avx512f": "GGML_AVX512",
+    "avx512vbmi": "GGML_AVX512_VBMI",
+    "avx512_vnni": "GGML_AVX512_VNNI",
+    "avx512_bf16": "GGML_AVX512_BF16",
 }
 # /proc/cpuinfo feature -> -march extension, for an aarch64 device.
 ARM_EXTENSIONS = {"asimddp": "dotprod", "asimdhp": "fp16", "i8mm": "i8mm", "sve": "sve"}
@@ -78,11 +86,23 @@ def compilers(machine: str) -> tuple[str, str]:
 def cmake_arguments(machine: str, features: list[str], c: str, cxx: str, toolchain: Path | None) -> list[str]:
     """Configure options: llama-bench only, static, no network code, ggml for the device's CPU."""
     gomp = subprocess.run([c, "-print-file-name=libgomp.a"], capture_output=True, text=True, check=True).stdout.strip()
-    args = ["-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_C_COMPILER={c}", f"-DCMAKE_CXX_COMPILER={cxx}",
-            "-DBUILD_SHARED_LIBS=OFF", "-DCMAKE_EXE_LINKER_FLAGS=-static", f"-DOpenMP_gomp_LIBRARY={gomp}",
-            "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-            "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DGGML_CCACHE=OFF", "-DGGML_NATIVE=OFF",
-            *cpu_options(machine, features)]
+    args = [
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DCMAKE_C_COMPILER={c}",
+        f"-DCMAKE_CXX_COMPILER={cxx}",
+        "-DBUILD_SHARED_LIBS=OFF",
+        "-DCMAKE_EXE_LINKER_FLAGS=-static",
+        f"-DOpenMP_gomp_LIBRARY={gomp}",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=OFF",
+        "-DLLAMA_BUILD_APP=OFF",
+        "-DGGML_CCACHE=OFF",
+        "-DGGML_NATIVE=OFF",
+        *cpu_options(machine, features),
+    ]
     if toolchain:
         args.append(f"-DCMAKE_TOOLCHAIN_FILE={toolchain}")
     if shutil.which("ninja"):
@@ -111,10 +131,12 @@ def unpack_source(sdist: Path, into: Path) -> Path:
 
 def _toolchain_file(machine: str, c: str, cxx: str, folder: Path) -> Path:
     path = folder / "toolchain.cmake"
-    path.write_text(f"set(CMAKE_SYSTEM_NAME Linux)\nset(CMAKE_SYSTEM_PROCESSOR {machine})\n"
-                    f"set(CMAKE_C_COMPILER {c})\nset(CMAKE_CXX_COMPILER {cxx})\n"
-                    "set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)\nset(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)\n"
-                    "set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)\n")
+    path.write_text(
+        f"set(CMAKE_SYSTEM_NAME Linux)\nset(CMAKE_SYSTEM_PROCESSOR {machine})\n"
+        f"set(CMAKE_C_COMPILER {c})\nset(CMAKE_CXX_COMPILER {cxx})\n"
+        "set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)\nset(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)\n"
+        "set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)\n"
+    )
     return path
 
 
@@ -147,8 +169,14 @@ def build_cached(sdist: Path, version: str, machine: str, features: list[str], c
     facts = {"version": version, "machine": machine, "cpu_options": options, "compiler": cxx, "static": True}
     if binary.is_file():
         return binary, {**facts, "cached": True, "build_seconds": None}
-    log.info("building llama-bench %s for %s (%s) with %s, several minutes on two cores; cached in %s",
-             version, machine, " ".join(options), cxx, folder)
+    log.info(
+        "building llama-bench %s for %s (%s) with %s, several minutes on two cores; cached in %s",
+        version,
+        machine,
+        " ".join(options),
+        cxx,
+        folder,
+    )
     started = time.monotonic()
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as scratch:
@@ -156,10 +184,14 @@ def build_cached(sdist: Path, version: str, machine: str, features: list[str], c
         source = unpack_source(sdist, scratch / "src")
         toolchain = _toolchain_file(machine, c, cxx, scratch) if machine != host_platform.machine() else None
         build = scratch / "build"
-        _run_logged(["cmake", "-S", str(source), "-B", str(build), *cmake_arguments(machine, features, c, cxx, toolchain)],
-                    scratch, "configure")
-        _run_logged(["cmake", "--build", str(build), "--target", BINARY, "-j", str(os.cpu_count() or 1)], scratch,
-                    f"build {BINARY}")
+        _run_logged(
+            ["cmake", "-S", str(source), "-B", str(build), *cmake_arguments(machine, features, c, cxx, toolchain)],
+            scratch,
+            "configure",
+        )
+        _run_logged(
+            ["cmake", "--build", str(build), "--target", BINARY, "-j", str(os.cpu_count() or 1)], scratch, f"build {BINARY}"
+        )
         ready = scratch / "ready"
         ready.mkdir()
         shutil.copy2(build / "bin" / BINARY, ready / BINARY)
@@ -186,9 +218,20 @@ def build_for_device(sdist: Path, version: str, device: dict, out_dir: Path, out
     with atomic_output(out_dir / BINARY) as tmp:
         shutil.copy2(cached, tmp)
     binary = out_dir / BINARY
-    record = {"engine": "llamacpp", "available": True, "binary": str(binary), "sha256": sha256_file(binary),
-              "size_bytes": binary.stat().st_size, **facts}
+    record = {
+        "engine": "llamacpp",
+        "available": True,
+        "binary": str(binary),
+        "sha256": sha256_file(binary),
+        "size_bytes": binary.stat().st_size,
+        **facts,
+    }
     write_json(out_record, record)
-    log.info("llama-bench for %s: %s (%.1f MB, %s)", machine, binary, record["size_bytes"] / 1e6,
-             "from the cache" if facts["cached"] else f"built in {facts['build_seconds']:.0f} s")
+    log.info(
+        "llama-bench for %s: %s (%.1f MB, %s)",
+        machine,
+        binary,
+        record["size_bytes"] / 1e6,
+        "from the cache" if facts["cached"] else f"built in {facts['build_seconds']:.0f} s",
+    )
     return record

@@ -141,10 +141,21 @@ def runner_stats(stats) -> dict:
     seconds = stats.SCALING_FACTOR_UNITS_PER_SECOND
     prefill_ms = stats.prompt_eval_end_ms - stats.inference_start_ms
     decode_ms = stats.inference_end_ms - stats.prompt_eval_end_ms
-    raw = {name: getattr(stats, name) for name in (
-        "model_load_start_ms", "model_load_end_ms", "inference_start_ms", "prompt_eval_end_ms", "first_token_ms",
-        "inference_end_ms", "aggregate_model_execution_time_ms", "aggregate_sampling_time_ms",
-        "num_prompt_tokens", "num_generated_tokens")}
+    raw = {
+        name: getattr(stats, name)
+        for name in (
+            "model_load_start_ms",
+            "model_load_end_ms",
+            "inference_start_ms",
+            "prompt_eval_end_ms",
+            "first_token_ms",
+            "inference_end_ms",
+            "aggregate_model_execution_time_ms",
+            "aggregate_sampling_time_ms",
+            "num_prompt_tokens",
+            "num_generated_tokens",
+        )
+    }
     return {
         "prompt_tokens": stats.num_prompt_tokens,
         "generated_tokens": stats.num_generated_tokens,
@@ -160,12 +171,18 @@ def greedy_config(max_new_tokens: int, num_bos: int, warming: bool = False):
     """Greedy decoding of up to `max_new_tokens` new tokens, the prompt not echoed."""
     from executorch.extension.llm.runner import GenerationConfig
 
-    return GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0, num_bos=num_bos,
-                            warming=warming)
+    return GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0, num_bos=num_bos, warming=warming)
 
 
-def generate_with_runner(pte_path, tokenizer_path, prompts: list[str], max_new_tokens: int,
-                         threads: int | None = None, warmup: bool = True, exact_ids: bool = True) -> list[dict]:
+def generate_with_runner(
+    pte_path,
+    tokenizer_path,
+    prompts: list[str],
+    max_new_tokens: int,
+    threads: int | None = None,
+    warmup: bool = True,
+    exact_ids: bool = True,
+) -> list[dict]:
     """Generate greedily from each prompt with ExecuTorch's TextLLMRunner on `pte_path`.
 
     Returns, per prompt: `prompt_ids` (the ids the runner's tokenizer makes, BOS included, as
@@ -180,8 +197,9 @@ def generate_with_runner(pte_path, tokenizer_path, prompts: list[str], max_new_t
         return run_prompts(pte_path, runner_tokenizer, prompts, max_new_tokens, threads, warmup)
 
 
-def run_prompts(pte_path, tokenizer_path: Path, prompts: list[str], max_new_tokens: int, threads: int | None,
-                warmup: bool) -> list[dict]:
+def run_prompts(
+    pte_path, tokenizer_path: Path, prompts: list[str], max_new_tokens: int, threads: int | None, warmup: bool
+) -> list[dict]:
     """generate_with_runner's work, with the tokenizer file the runner is to load."""
     register_program_kernels()
     set_threads(threads)
@@ -203,19 +221,22 @@ def run_prompts(pte_path, tokenizer_path: Path, prompts: list[str], max_new_toke
         summary = runner_stats(stats[-1])
         summary["construct_s"] = construct_s
         prompt_ids = tokenizer.encode(prompt, num_bos, 0)
-        results.append({
-            "prompt": prompt,
-            "prompt_ids": prompt_ids,
-            "prompt_ids_count_matches": summary["prompt_tokens"] == len(prompt_ids),
-            "tokens": ids_from_pieces(pieces, table),
-            "pieces": pieces,
-            "stats": summary,
-        })
+        results.append(
+            {
+                "prompt": prompt,
+                "prompt_ids": prompt_ids,
+                "prompt_ids_count_matches": summary["prompt_tokens"] == len(prompt_ids),
+                "tokens": ids_from_pieces(pieces, table),
+                "pieces": pieces,
+                "stats": summary,
+            }
+        )
     return results
 
 
-def generate_with_our_loop(pte_path, prompt_ids: list[list[int]], max_new_tokens: int,
-                           threads: int | None = None, warmup: bool = True) -> list[dict]:
+def generate_with_our_loop(
+    pte_path, prompt_ids: list[list[int]], max_new_tokens: int, threads: int | None = None, warmup: bool = True
+) -> list[dict]:
     """The same generations with our own loop (runtime.PteDecoder, greedy, stopping at the .pte's
     EOS ids like the runner), timed with the runner's definitions but perf_counter's resolution:
     prefill_tps = prompt tokens / prefill call, decode_tps = decode calls / their time,
@@ -270,8 +291,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--compare", action="store_true", help="also run our own loop on the runner's prompt ids")
-    parser.add_argument("--pieces-as-decoded", action="store_true",
-                        help="give the runner tokenizer.json as it is (ids recovered only where a piece is unambiguous)")
+    parser.add_argument(
+        "--pieces-as-decoded",
+        action="store_true",
+        help="give the runner tokenizer.json as it is (ids recovered only where a piece is unambiguous)",
+    )
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     missing = binding_missing()
@@ -279,8 +303,11 @@ def main(argv=None) -> int:
         print(missing, file=sys.stderr)
         return BINDING_MISSING
     prompts = json.loads(args.prompts.read_text())
-    report = {"runner": generate_with_runner(args.pte, args.tokenizer, prompts, args.max_new_tokens, args.threads,
-                                             exact_ids=not args.pieces_as_decoded)}
+    report = {
+        "runner": generate_with_runner(
+            args.pte, args.tokenizer, prompts, args.max_new_tokens, args.threads, exact_ids=not args.pieces_as_decoded
+        )
+    }
     if args.compare:
         ids = [r["prompt_ids"] for r in report["runner"]]
         report["our_loop"] = generate_with_our_loop(args.pte, ids, args.max_new_tokens, args.threads)

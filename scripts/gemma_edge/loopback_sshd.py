@@ -7,6 +7,7 @@ sshd applies to every session after its own defaults (so they can override PATH)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -64,10 +65,8 @@ def kill_tree(pid: int) -> bool:
     except psutil.NoSuchProcess:
         return False
     for proc in family:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(family, timeout=10)
     return True
 
@@ -93,14 +92,20 @@ class SshServer:
     environment: dict = field(default_factory=dict)
 
     @classmethod
-    def create(cls, folder: Path, port: int | None = None, environment: dict | None = None) -> "SshServer":
+    def create(cls, folder: Path, port: int | None = None, environment: dict | None = None) -> SshServer:
         """Write keys (reusing any already in `folder`), known_hosts and sshd_config."""
         folder.mkdir(parents=True, exist_ok=True)
         host_pub = _key(folder / "host_key")
         client_pub = _key(folder / "client_key")
         (folder / "authorized_keys").write_text(client_pub + "\n")
-        server = cls(folder, port or free_port(), host_pub, folder / "client_key", folder / "known_hosts",
-                     environment=dict(environment or {}))
+        server = cls(
+            folder,
+            port or free_port(),
+            host_pub,
+            folder / "client_key",
+            folder / "known_hosts",
+            environment=dict(environment or {}),
+        )
         server.known_hosts.write_text(f"[127.0.0.1]:{server.port} {' '.join(host_pub.split()[:2])}\n")
         # A HOME of the device's own is where SFTP starts too, so relative remote paths agree with the shell's.
         sftp = f"internal-sftp -d {server.environment['HOME']}" if "HOME" in server.environment else "internal-sftp"
@@ -114,12 +119,16 @@ class SshServer:
         )
         return server
 
-    def start(self) -> "SshServer":
+    def start(self) -> SshServer:
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation directory
         with open(self.folder / "sshd.log", "ab") as log:
-            self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.folder / "sshd_config")],
-                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                            stderr=log, start_new_session=True)
+            self.process = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", str(self.folder / "sshd_config")],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -142,11 +151,23 @@ class SshServer:
     def target(self, workdir: Path, **overrides) -> dict:
         """Settings of a workflow target that reaches this server."""
         settings = {
-            "kind": "ssh", "host": "127.0.0.1", "port": self.port, "user": "root",
-            "key_file": str(self.client_key), "known_hosts": str(self.known_hosts), "ssh_config": None,
-            "trust_on_first_use": False, "workdir": str(workdir), "python": sys.executable,
-            "create_venv": False, "threads": 2, "connect_timeout_s": 5, "command_timeout_s": 60,
-            "transfer_timeout_s": 120, "install_timeout_s": 600, "bench_timeout_s": 600,
+            "kind": "ssh",
+            "host": "127.0.0.1",
+            "port": self.port,
+            "user": "root",
+            "key_file": str(self.client_key),
+            "known_hosts": str(self.known_hosts),
+            "ssh_config": None,
+            "trust_on_first_use": False,
+            "workdir": str(workdir),
+            "python": sys.executable,
+            "create_venv": False,
+            "threads": 2,
+            "connect_timeout_s": 5,
+            "command_timeout_s": 60,
+            "transfer_timeout_s": 120,
+            "install_timeout_s": 600,
+            "bench_timeout_s": 600,
         }
         settings.update(overrides)
         return settings

@@ -53,8 +53,10 @@ def decode_program(program: torch.export.ExportedProgram) -> torch.export.Export
     quantized program's own (its weights are shared, not copied); the cache buffers keep their
     names, which is how the lowered methods share them. A sliding layer's attention reads only the
     filled slots of its window (`one_token_sliding_attention`) instead of its whole ring."""
-    one_token = {torch.ops.llama.custom_sdpa.default: one_token_custom_sdpa,
-                 torch.ops.gemma_edge.sliding_attention.default: one_token_sliding_attention}
+    one_token = {
+        torch.ops.llama.custom_sdpa.default: one_token_custom_sdpa,
+        torch.ops.gemma_edge.sliding_attention.default: one_token_sliding_attention,
+    }
     module = program.module()
     for node in module.graph.nodes:
         if node.op == "call_function" and node.target in one_token:
@@ -102,18 +104,18 @@ def methods_of(program: torch.export.ExportedProgram, decode_method: bool) -> di
 def lower_to_xnnpack(programs: dict[str, torch.export.ExportedProgram], per_op_mode: bool, metadata: dict):
     """Return the ExecuTorch program manager for `programs` (method name: program) delegated to
     XNNPACK, their mutable buffers (the KV cache) shared by name when there are several."""
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (embedding_byte)
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
-
-    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (embedding_byte)
 
     # One partitioner for every precision: the INT8-activation INT4 linears and the FP32 ops between
     # them land in the same subgraphs. A dynamically-quantized-only partitioner first (ExecuTorch's
     # Llama recipe) cut the demo model into 158 delegates instead of 16, with bit-identical logits,
     # and every delegate costs its own XNNPACK preprocessing (bench/LOG.md, "Lowering time").
-    edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner(per_op_mode=per_op_mode)],
-                                       constant_methods=metadata)
+    edge = to_edge_transform_and_lower(
+        programs, partitioner=[XnnpackPartitioner(per_op_mode=per_op_mode)], constant_methods=metadata
+    )
     if len(programs) == 1:
         return edge.to_executorch()
     shared = MemoryPlanningPass(share_mutable_buffers=True)
@@ -132,11 +134,17 @@ def delegation_summary(manager, method: str = "forward") -> dict:
 
     graph_module = manager.exported_program(method).graph_module
     info = get_delegation_info(graph_module)
-    portable = Counter(str(node.target) for node in graph_module.graph.nodes
-                       if node.op == "call_function" and "executorch_call_delegate" not in str(node.target))
+    portable = Counter(
+        str(node.target)
+        for node in graph_module.graph.nodes
+        if node.op == "call_function" and "executorch_call_delegate" not in str(node.target)
+    )
     portable = {name: count for name, count in portable.items() if not name.startswith("<")}  # memory-planning helpers
-    return {"xnnpack_delegate_calls": info.num_delegated_subgraphs, "xnnpack_delegated_nodes": info.num_delegated_nodes,
-            "portable_ops": dict(sorted(portable.items()))}
+    return {
+        "xnnpack_delegate_calls": info.num_delegated_subgraphs,
+        "xnnpack_delegated_nodes": info.num_delegated_nodes,
+        "portable_ops": dict(sorted(portable.items())),
+    }
 
 
 def planned_memory_bytes(manager) -> int:
@@ -172,13 +180,13 @@ def smoke_run(pte_path: Path, bos_id: int) -> None:
 
 
 def write_pte(manager, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as handle:
-            manager.write_to_file(handle)
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        manager.write_to_file(handle)
 
 
-def lower_with_fallback(load, per_op_mode: str | bool, metadata: dict, pte_path: Path,
-                        decode_method: str | bool = "auto") -> dict:
+def lower_with_fallback(
+    load, per_op_mode: str | bool, metadata: dict, pte_path: Path, decode_method: str | bool = "auto"
+) -> dict:
     """Lower and write `pte_path`, honouring per_op_mode "auto", True or False; return what happened.
     With `decode_method` (as `wants_decode_method` reads it), the .pte gets a second method for one
     token a call (`decode_program`).
@@ -210,7 +218,11 @@ def lower_with_fallback(load, per_op_mode: str | bool, metadata: dict, pte_path:
             continue
         record["per_op_mode_used"] = mode
         record.update(summary)
-        log.info("lowered with %s subgraphs: %d XNNPACK delegate calls; portable ops %s",
-                 label, record["xnnpack_delegate_calls"], record["portable_ops"])
+        log.info(
+            "lowered with %s subgraphs: %d XNNPACK delegate calls; portable ops %s",
+            label,
+            record["xnnpack_delegate_calls"],
+            record["portable_ops"],
+        )
         return record
     raise AssertionError("unreachable")

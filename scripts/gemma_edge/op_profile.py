@@ -38,8 +38,9 @@ def load_traced(pte_path: Path):
     return portable_lib._load_for_executorch(str(pte_path), enable_etdump=True)
 
 
-def run_decode(module, prompt_len: int, new_tokens: int, per_call: int, decode_method: str = "forward",
-               token: int = 5) -> tuple[float, int]:
+def run_decode(
+    module, prompt_len: int, new_tokens: int, per_call: int, decode_method: str = "forward", token: int = 5
+) -> tuple[float, int]:
     """Prefill `prompt_len` tokens in calls of at most `per_call`, then decode `new_tokens` one at a
     time with `decode_method`; returns the decode seconds and the number of prefill calls."""
     starts = range(0, prompt_len, per_call)
@@ -49,8 +50,9 @@ def run_decode(module, prompt_len: int, new_tokens: int, per_call: int, decode_m
         module.run_method("forward", (ids, torch.arange(start, start + length, dtype=torch.long)))
     begin = time.perf_counter()
     for i in range(new_tokens):
-        module.run_method(decode_method, (torch.tensor([[token]], dtype=torch.long),
-                                          torch.tensor([prompt_len + i], dtype=torch.long)))
+        module.run_method(
+            decode_method, (torch.tensor([[token]], dtype=torch.long), torch.tensor([prompt_len + i], dtype=torch.long))
+        )
     return time.perf_counter() - begin, len(starts)
 
 
@@ -99,8 +101,10 @@ def summarise_events(events: list[Event], runs: int, decoded: int, operators: di
             portable[op_kind(name)] += ms
     named = sum(portable.values())
     return {
-        "delegate_calls": counts[DELEGATE_CALL], "delegate_ms": totals[DELEGATE_CALL],
-        "operator_calls": counts[OPERATOR_CALL], "operator_ms": totals[OPERATOR_CALL],
+        "delegate_calls": counts[DELEGATE_CALL],
+        "delegate_ms": totals[DELEGATE_CALL],
+        "operator_calls": counts[OPERATOR_CALL],
+        "operator_ms": totals[OPERATOR_CALL],
         "xnnpack_ms": dict(sorted(xnnpack.items(), key=lambda kv: -kv[1])),
         "portable_ms": dict(sorted(portable.items(), key=lambda kv: -kv[1])),
         # operator-call time outside every native_call event: the calls that hold none (the LLM custom
@@ -110,8 +114,9 @@ def summarise_events(events: list[Event], runs: int, decoded: int, operators: di
         # inputs and outputs, reshaping for the token count) and dispatch
         "delegate_overhead_ms": max(0.0, totals[DELEGATE_CALL] - sum(xnnpack.values())),
         "slowest_ms": {name: ms for ms, name in sorted(slowest, reverse=True)[:SLOWEST]},
-        "custom_ops": {name: {"ms": ms, "calls": calls}
-                       for name, (ms, calls) in sorted(unnamed.items(), key=lambda kv: -kv[1][0])},
+        "custom_ops": {
+            name: {"ms": ms, "calls": calls} for name, (ms, calls) in sorted(unnamed.items(), key=lambda kv: -kv[1][0])
+        },
     }
 
 
@@ -147,8 +152,11 @@ def read_events(etdump: Path) -> list[tuple[list[Event], int]]:
     blocks = []
     for block in inspector.event_blocks:
         if block.name == "Execute":
-            events = [(e.name, bool(e.is_delegated_op), list(e.perf_data.raw), getattr(e, "_instruction_id", None))
-                      for e in block.events if e.perf_data]
+            events = [
+                (e.name, bool(e.is_delegated_op), list(e.perf_data.raw), getattr(e, "_instruction_id", None))
+                for e in block.events
+                if e.perf_data
+            ]
             blocks.append((events, max(len(event[2]) for event in events)))
     return blocks
 
@@ -173,29 +181,45 @@ def profile_decode(pte_path: Path, prompt_len: int, new_tokens: int, threads: in
     if runs != expected:
         raise RuntimeError(f"the trace holds {runs} runs of {method}, expected {expected}")
     summary = summarise_events(events, runs, new_tokens, instruction_operators(pte_path, method))
-    summary.update({"pte": str(pte_path), "threads": threads, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-                    "method": method, "traced_ms_per_token": 1000 * seconds / new_tokens})
+    summary.update(
+        {
+            "pte": str(pte_path),
+            "threads": threads,
+            "prompt_tokens": prompt_len,
+            "new_tokens": new_tokens,
+            "method": method,
+            "traced_ms_per_token": 1000 * seconds / new_tokens,
+        }
+    )
     return summary
 
 
 def render(summary: dict, top: int = 12) -> str:
     total = summary["delegate_ms"] + summary["operator_ms"]
     share = lambda ms: f"{ms:8.3f} ms  {100 * ms / total:5.1f} %"  # noqa: E731
-    lines = [f"{summary['pte']} ({summary['method']}): {summary['threads']} threads, prompt {summary['prompt_tokens']}, "
-             f"{summary['new_tokens']} decoded tokens; traced {summary['traced_ms_per_token']:.2f} ms/token wall",
-             f"per token: {summary['delegate_calls']} XNNPACK delegate calls {share(summary['delegate_ms'])}, "
-             f"{summary['operator_calls']} operator calls {share(summary['operator_ms'])}",
-             "", "XNNPACK operators (inside the delegate calls):"]
+    lines = [
+        f"{summary['pte']} ({summary['method']}): {summary['threads']} threads, prompt {summary['prompt_tokens']}, "
+        f"{summary['new_tokens']} decoded tokens; traced {summary['traced_ms_per_token']:.2f} ms/token wall",
+        f"per token: {summary['delegate_calls']} XNNPACK delegate calls {share(summary['delegate_ms'])}, "
+        f"{summary['operator_calls']} operator calls {share(summary['operator_ms'])}",
+        "",
+        "XNNPACK operators (inside the delegate calls):",
+    ]
     lines += [f"  {name:48s} {share(ms)}" for name, ms in list(summary["xnnpack_ms"].items())[:top]]
     lines += [f"  {'(the delegate outside its operators)':48s} {share(summary['delegate_overhead_ms'])}"]
     lines += ["", "slowest single XNNPACK operators:"]
     lines += [f"  {name:48s} {share(ms)}" for name, ms in summary["slowest_ms"].items()]
-    lines += ["", "operators between the delegate calls:",
-              f"  {'LLM custom ops, and other calls timed whole':48s} {share(summary['custom_ms'])}"]
+    lines += [
+        "",
+        "operators between the delegate calls:",
+        f"  {'LLM custom ops, and other calls timed whole':48s} {share(summary['custom_ms'])}",
+    ]
     lines += [f"  {name:48s} {share(ms)}" for name, ms in summary["portable_ms"].items()]
     lines += ["", "operator calls with no kernel event of their own (the LLM custom ops among them), named by instruction:"]
-    lines += [f"  {name + ' (' + str(entry['calls']) + ' calls)':48s} {share(entry['ms'])}"
-              for name, entry in summary["custom_ops"].items()]
+    lines += [
+        f"  {name + ' (' + str(entry['calls']) + ' calls)':48s} {share(entry['ms'])}"
+        for name, entry in summary["custom_ops"].items()
+    ]
     return "\n".join(lines)
 
 

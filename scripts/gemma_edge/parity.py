@@ -52,7 +52,7 @@ def eager_reference(model, prompt: list[int], max_new_tokens: int) -> tuple[list
             sequence.append(int(torch.argmax(logits)))
         # The positions that predicted each new token: the last max_new_tokens of sequence[:-1].
         chosen = model(input_ids=torch.tensor([sequence[:-1]]), logits_to_keep=max_new_tokens).logits[0].to(torch.float32)
-    tokens = sequence[len(prompt):]
+    tokens = sequence[len(prompt) :]
     return tokens, list(chosen)
 
 
@@ -61,8 +61,11 @@ def compare_prompt(pte_step, model, prompt: list[int], max_new_tokens: int) -> d
     produced = greedy_decode(pte_step, prompt, max_new_tokens)
     forced = teacher_forced_logits(pte_step, prompt, reference)
     top1 = [int(torch.argmax(f)) == t for f, t in zip(forced, reference)]
-    flips = [{"position": i, "reference_top2_margin": top2_margin(reference_logits[i]), "pte_token": int(torch.argmax(forced[i]))}
-             for i, agreed in enumerate(top1) if not agreed]
+    flips = [
+        {"position": i, "reference_top2_margin": top2_margin(reference_logits[i]), "pte_token": int(torch.argmax(forced[i]))}
+        for i, agreed in enumerate(top1)
+        if not agreed
+    ]
     cosines = [float(torch.nn.functional.cosine_similarity(f, r, dim=0)) for f, r in zip(forced, reference_logits)]
     divergence = next((i for i, (a, b) in enumerate(zip(produced, reference)) if a != b), None)
     return {
@@ -114,8 +117,10 @@ def render_table(prompts: list[str], results: list[dict], summary: dict) -> str:
     for text, r in zip(prompts, results):
         n = len(r["reference_tokens"])
         div = "-" if r["first_divergence"] is None else str(r["first_divergence"])
-        lines.append(f"{text[:32]:<32} {len(r['prompt_ids']):>4} {r['matched']:>4}/{n:<3} {div:>7} "
-                     f"{r['teacher_forced_top1']:>7.3f} {r['logits_cosine_min']:>7.4f}")
+        lines.append(
+            f"{text[:32]:<32} {len(r['prompt_ids']):>4} {r['matched']:>4}/{n:<3} {div:>7} "
+            f"{r['teacher_forced_top1']:>7.3f} {r['logits_cosine_min']:>7.4f}"
+        )
     lines.append(
         f"greedy prefix {summary['greedy_prefix']:.3f}, exact {summary['greedy_exact_prompts']}/{summary['prompts']}, "
         f"first token {summary['first_token_match_prompts']}/{summary['prompts']}, teacher-forced top-1 "

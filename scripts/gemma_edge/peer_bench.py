@@ -43,8 +43,8 @@ def _process_cpu_ticks(own: set[int]) -> dict[int, tuple[str, int]]:
             text = Path(entry.path, "stat").read_text()
         except OSError:
             continue
-        name = text[text.find("(") + 1:text.rfind(")")]
-        fields = text[text.rfind(")") + 2:].split()
+        name = text[text.find("(") + 1 : text.rfind(")")]
+        fields = text[text.rfind(")") + 2 :].split()
         ticks[int(entry.name)] = (name, int(fields[11]) + int(fields[12]))
     return ticks
 
@@ -128,9 +128,15 @@ def runs_from_rows(prefill_rows: list[dict], decode_rows: list[dict], spec: dict
     for length in spec["prompt_lengths"]:
         if length not in prefill or length not in decode:
             raise RuntimeError(f"llama-bench reported no prefill of {length} tokens or no decode after them")
-        runs.append({"prompt_tokens": length, "new_tokens": spec["new_tokens"], "repetitions": spec["repetitions"],
-                     "prefill_tps": summarise(prefill[length]["samples_ts"]),
-                     "decode_tps": summarise(decode[length]["samples_ts"])})
+        runs.append(
+            {
+                "prompt_tokens": length,
+                "new_tokens": spec["new_tokens"],
+                "repetitions": spec["repetitions"],
+                "prefill_tps": summarise(prefill[length]["samples_ts"]),
+                "decode_tps": summarise(decode[length]["samples_ts"]),
+            }
+        )
     return runs
 
 
@@ -160,14 +166,24 @@ def bench_llamacpp(peer: dict, spec: dict, timeout_s: float) -> dict:
         "threads": first.get("n_threads"),
         "seconds": time.perf_counter() - started,
         "load": load,
-        "llama_bench": {key: first.get(key) for key in ("build_commit", "build_number", "cpu_info", "backends",
-                                                         "model_type", "model_size", "model_n_params", "n_batch")},
+        "llama_bench": {
+            key: first.get(key)
+            for key in (
+                "build_commit",
+                "build_number",
+                "cpu_info",
+                "backends",
+                "model_type",
+                "model_size",
+                "model_n_params",
+                "n_batch",
+            )
+        },
         "rows": prefill + decode,
     }
 
 
-LITERT_SPEC_KEYS = ("threads", "prompt_lengths", "new_tokens", "repetitions", "warmup", "parity_prompt_ids",
-                    "max_new_tokens")
+LITERT_SPEC_KEYS = ("threads", "prompt_lengths", "new_tokens", "repetitions", "warmup", "parity_prompt_ids", "max_new_tokens")
 
 
 class ModuleFailed(RuntimeError):
@@ -185,8 +201,9 @@ def run_module(module: str, args: list[str], timeout_s: float, what: str, path: 
     package_parent = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*path, package_parent, os.environ.get("PYTHONPATH")]))}
     try:
-        done = subprocess.run([sys.executable, "-m", f"gemma_edge.{module}", *args], capture_output=True, text=True,
-                              timeout=timeout_s, env=env)
+        done = subprocess.run(
+            [sys.executable, "-m", f"gemma_edge.{module}", *args], capture_output=True, text=True, timeout=timeout_s, env=env
+        )
     except subprocess.TimeoutExpired as error:
         raise ModuleFailed(f"{what} did not finish within {timeout_s:.0f} s") from error
     if done.returncode != 0:
@@ -206,8 +223,13 @@ def run_litert_bench(wheel: str, model: str, spec: dict, timeout_s: float) -> di
             raise RuntimeError(f"the litert-lm-api wheel could not be unpacked: {error}") from error
         spec_path, out_path = Path(scratch, "spec.json"), Path(scratch, "bench.json")
         spec_path.write_text(json.dumps({**spec, "cache_dir": str(Path(scratch, "cache"))}))
-        run_module("litert_bench", ["--model", model, "--spec", str(spec_path), "--out", str(out_path)], timeout_s,
-                   "LiteRT-LM's benchmark", path=(str(site),))
+        run_module(
+            "litert_bench",
+            ["--model", model, "--spec", str(spec_path), "--out", str(out_path)],
+            timeout_s,
+            "LiteRT-LM's benchmark",
+            path=(str(site),),
+        )
         return json.loads(out_path.read_text())
 
 
@@ -238,7 +260,12 @@ def ratios(pte_runs: list[dict], engines: dict) -> list[dict]:
         for ours in pte_runs:
             other = theirs.get(ours["prompt_tokens"])
             if other:
-                rows.append({"engine": name, "prompt_tokens": ours["prompt_tokens"],
-                             "decode": ours["decode_tps"]["avg"] / other["decode_tps"]["avg"],
-                             "prefill": ours["prefill_tps"]["avg"] / other["prefill_tps"]["avg"]})
+                rows.append(
+                    {
+                        "engine": name,
+                        "prompt_tokens": ours["prompt_tokens"],
+                        "decode": ours["decode_tps"]["avg"] / other["decode_tps"]["avg"],
+                        "prefill": ours["prefill_tps"]["avg"] / other["prefill_tps"]["avg"],
+                    }
+                )
     return rows

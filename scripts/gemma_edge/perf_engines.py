@@ -20,7 +20,8 @@ import torch
 from .artifacts import package_versions, peak_rss_bytes, read_json, write_json
 from .bandwidth import annotate_runs, measure_in_child
 from .device_bench import synthetic_prompt, timed_runs
-from .peer_bench import BUSY_SHARE, bench_litert as run_litert_engine, timed_with_load
+from .peer_bench import BUSY_SHARE, timed_with_load
+from .peer_bench import bench_litert as run_litert_engine
 from .runtime import greedy_decode
 from .weight_bytes import readable_weight_bytes, weight_bytes
 
@@ -61,8 +62,16 @@ class LlamaCppDecoder:
         # Prompts go in batches of up to 512 tokens, llama-bench's default micro-batch: a long context
         # then costs llama.cpp no more scratch memory than a short one.
         batch = min(max_seq_len, 512)
-        self.llm = Llama(model_path=str(gguf_path), n_ctx=max_seq_len, n_batch=batch, n_ubatch=batch,
-                         n_threads=threads, n_threads_batch=threads, logits_all=all_logits, verbose=False)
+        self.llm = Llama(
+            model_path=str(gguf_path),
+            n_ctx=max_seq_len,
+            n_batch=batch,
+            n_ubatch=batch,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=all_logits,
+            verbose=False,
+        )
         self.vocab_size = self.llm.n_vocab()
         # The CPU features llama.cpp was built with and uses (AVX2, NEON, REPACK, ...).
         self.info = {"system_info": llama_cpp.llama_print_system_info().decode().strip()}
@@ -118,19 +127,34 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
     # This host's memory read bandwidth at the same threads, just before the engine holds any memory,
     # and the weight bytes a decoded token of its artifact reads (eager's FP32 checkpoint: not counted).
     limit = measure_in_child(threads)
-    log.info("%s: memory read bandwidth at %d threads: %.1f ± %.1f GB/s (%s)", engine, threads,
-             limit["gb_per_s"]["avg"], limit["gb_per_s"]["stddev"], limit["method"])
+    log.info(
+        "%s: memory read bandwidth at %d threads: %.1f ± %.1f GB/s (%s)",
+        engine,
+        threads,
+        limit["gb_per_s"]["avg"],
+        limit["gb_per_s"]["stddev"],
+        limit["method"],
+    )
     weights = weight_bytes(Path(artifact)) if engine in ("pte", "llamacpp") else None
     started = time.perf_counter()
     decoder = open_engine(engine, Path(artifact), int(spec["max_seq_len"]), threads)
     load_s = time.perf_counter() - started
     log.info("%s: loaded %s in %.1f s", engine, artifact, load_s)
+
     def all_lengths():
         runs = []
         for length in spec["prompt_lengths"]:
+
             def progress(index, sample, length=length):
-                log.info("%s: prompt %d, repetition %d/%d: prefill %.1f tok/s, decode %.2f tok/s", engine, length,
-                         index + 1, spec["repetitions"], sample["prefill_tps"], sample["decode_tps"])
+                log.info(
+                    "%s: prompt %d, repetition %d/%d: prefill %.1f tok/s, decode %.2f tok/s",
+                    engine,
+                    length,
+                    index + 1,
+                    spec["repetitions"],
+                    sample["prefill_tps"],
+                    sample["decode_tps"],
+                )
 
             runs.append(timed_runs(decoder, synthetic_prompt(length, bos_id, vocab_size), spec, progress))
         return runs
@@ -162,9 +186,13 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
 
 def warn_if_busy(engine: str, load: dict) -> None:
     if load["busy"]:
-        log.warning("%s: other processes used more than %.0f %% of the CPU around its runs (load average %.1f): "
-                    "its figures are not clean; re-run on a quiet machine", engine, 100 * BUSY_SHARE,
-                    load["after"]["loadavg_1m"])
+        log.warning(
+            "%s: other processes used more than %.0f %% of the CPU around its runs (load average %.1f): "
+            "its figures are not clean; re-run on a quiet machine",
+            engine,
+            100 * BUSY_SHARE,
+            load["after"]["loadavg_1m"],
+        )
 
 
 def bench_litert(model: Path, spec: dict, requirements: Path, out: Path) -> dict:
@@ -177,12 +205,16 @@ def bench_litert(model: Path, spec: dict, requirements: Path, out: Path) -> dict
     from .artifacts import manifest_path
 
     recipe = read_json(manifest_path(model))["params"]
-    peer = {"recipe": f"{recipe['quantization']}" + (f"-g{recipe['group_size']}" if recipe.get("group_size") else ""),
-            "model": str(model), "max_seq_len": int(spec["max_seq_len"])}
+    peer = {
+        "recipe": f"{recipe['quantization']}" + (f"-g{recipe['group_size']}" if recipe.get("group_size") else ""),
+        "model": str(model),
+        "max_seq_len": int(spec["max_seq_len"]),
+    }
     try:
         version = litert_runtime.pinned_version(requirements)
-        wheel, _ = litert_runtime.fetch_cached(version, platform.machine(), litert_runtime.default_cache(),
-                                               ".".join(platform.python_version_tuple()[:2]))
+        wheel, _ = litert_runtime.fetch_cached(
+            version, platform.machine(), litert_runtime.default_cache(), ".".join(platform.python_version_tuple()[:2])
+        )
         peer["binary"] = str(wheel)
     except litert_runtime.RuntimeUnavailable as error:
         peer.update(available=False, reason=str(error))
@@ -193,8 +225,12 @@ def bench_litert(model: Path, spec: dict, requirements: Path, out: Path) -> dict
         annotate_runs(result["runs"], result["weight_bytes"], limit)
         warn_if_busy("litert", result["load"])
         first = result["runs"][0]
-        log.info("litert: prompt %d: prefill %.1f tok/s, decode %.2f tok/s", first["prompt_tokens"],
-                 first["prefill_tps"]["avg"], first["decode_tps"]["avg"])
+        log.info(
+            "litert: prompt %d: prefill %.1f tok/s, decode %.2f tok/s",
+            first["prompt_tokens"],
+            first["prefill_tps"]["avg"],
+            first["decode_tps"]["avg"],
+        )
     else:
         log.warning("litert: not available: %s", result["reason"])
     write_json(out, {**result, "artifact": str(model)})

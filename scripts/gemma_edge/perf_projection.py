@@ -42,12 +42,16 @@ def render_projection(rows: list[dict], target_parameters: int, layers: int) -> 
     sizes = sorted({int(n) for row in rows for n in row["measured"]["peak_rss_mb"]})
     head = " | ".join(f"RSS MiB @{n / 1e9:.2f} B" for n in sizes)
     target = f"{layers} layers, {target_parameters / 1e9:.2f} B"
-    lines = [f"| step | {head} | MiB per B params | projected RSS MiB ({target}) | projected wall s ({target}) |",
-             "|---|" + "---:|" * (len(sizes) + 3)]
+    lines = [
+        f"| step | {head} | MiB per B params | projected RSS MiB ({target}) | projected wall s ({target}) |",
+        "|---|" + "---:|" * (len(sizes) + 3),
+    ]
     for row in rows:
         measured = " | ".join(f"{row['measured']['peak_rss_mb'][str(n)]:.0f}" for n in sizes)
-        lines.append(f"| {row['step']} | {measured} | {row['peak_rss_mb_per_billion_parameters']:.0f} | "
-                     f"{row['peak_rss_mb_projected']:.0f} | {row['wall_s_projected']:.0f} |")
+        lines.append(
+            f"| {row['step']} | {measured} | {row['peak_rss_mb_per_billion_parameters']:.0f} | "
+            f"{row['peak_rss_mb_projected']:.0f} | {row['wall_s_projected']:.0f} |"
+        )
     return "\n".join(lines)
 
 

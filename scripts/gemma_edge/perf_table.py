@@ -50,17 +50,29 @@ def decode_ratio(results: dict) -> list[dict]:
 
 def build_report(engine_files: dict, step_files: dict, pte_manifest: Path, gguf_manifest: Path, checkpoint: Path) -> dict:
     results = {engine: read_json(path) for engine, path in engine_files.items()}
-    steps = {name: read_step_cost(files["benchmark"], files["peak_from"])
-             for name, files in step_files.items() if Path(files["benchmark"]).exists()}
+    steps = {
+        name: read_step_cost(files["benchmark"], files["peak_from"])
+        for name, files in step_files.items()
+        if Path(files["benchmark"]).exists()
+    }
     pte, gguf, model = read_json(pte_manifest), read_json(gguf_manifest), read_json(checkpoint)
     text_config = read_text_config_dict(Path(model["path"]))
     return {
         "schema": "gemma-edge.perf/1",
-        "model": {"repo_id": model["repo_id"], "commit": model["commit"], "checkpoint_bytes": model["total_bytes"],
-                  "layers": int(text_config["num_hidden_layers"]), "parameters": parameter_count_of(text_config)},
+        "model": {
+            "repo_id": model["repo_id"],
+            "commit": model["commit"],
+            "checkpoint_bytes": model["total_bytes"],
+            "layers": int(text_config["num_hidden_layers"]),
+            "parameters": parameter_count_of(text_config),
+        },
         "host": {"machine": os.uname().machine, "cores": os.cpu_count()},
         "steps": steps,
-        "pte": {"size_bytes": pte["size_bytes"], "lowering": pte.get("lowering"), "quantization_params": pte.get("program_params")},
+        "pte": {
+            "size_bytes": pte["size_bytes"],
+            "lowering": pte.get("lowering"),
+            "quantization_params": pte.get("program_params"),
+        },
         "gguf": {"gguf_type": gguf["params"]["gguf_type"], "size_bytes": gguf["size_bytes"], "sha256": gguf["sha256"]},
         "litert": litert_facts(results.get("litert")),
         "engines": results,
@@ -83,8 +95,10 @@ def same_greedy_tokens(results: dict) -> dict:
     for LiteRT-LM, whose benchmark does not decode the same synthetic prompt)?"""
     if "eager" not in results:
         return {engine: None for engine in results}
-    return {engine: result["greedy_tokens"] == results["eager"]["greedy_tokens"] if "greedy_tokens" in result else None
-            for engine, result in results.items()}
+    return {
+        engine: result["greedy_tokens"] == results["eager"]["greedy_tokens"] if "greedy_tokens" in result else None
+        for engine, result in results.items()
+    }
 
 
 def render_table(report: dict) -> str:
@@ -95,14 +109,19 @@ def render_table(report: dict) -> str:
         mark = "*" if step.get("peak_rss_source") == "sampled" else ""
         lines.append(f"| {name} | {step['wall_s']:.1f} | {rss}{mark} |")
     lines.append("\n\\* sampled by Snakemake's benchmark (may miss short spikes); others recorded by the step itself")
-    sizes = f".pte: {report['pte']['size_bytes'] / 1e6:.1f} MB; GGUF {report['gguf']['gguf_type']}: {report['gguf']['size_bytes'] / 1e6:.1f} MB"
+    sizes = (
+        f".pte: {report['pte']['size_bytes'] / 1e6:.1f} MB; "
+        f"GGUF {report['gguf']['gguf_type']}: {report['gguf']['size_bytes'] / 1e6:.1f} MB"
+    )
     litert = report.get("litert")
     if litert and litert["size_bytes"]:
         sizes += f"; .litertlm {litert['recipe']}: {litert['size_bytes'] / 1e6:.1f} MB"
     lines += ["", sizes, ""]
-    lines += ["| engine | prompt | prefill tok/s | decode tok/s | load s | peak RSS MiB | same greedy tokens as eager | "
-              "weight MB/token | bandwidth GB/s | fraction of bandwidth |",
-              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lines += [
+        "| engine | prompt | prefill tok/s | decode tok/s | load s | peak RSS MiB | same greedy tokens as eager | "
+        "weight MB/token | bandwidth GB/s | fraction of bandwidth |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
     busy = []
     for engine, result in report["engines"].items():
         if not result.get("available", True):
@@ -114,17 +133,24 @@ def render_table(report: dict) -> str:
         for run in result["runs"]:
             pre, dec = run["prefill_tps"], run["decode_tps"]
             per_token = run.get("weight_bytes_per_token")
-            lines.append(f"| {engine} | {run['prompt_tokens']} | {pre['avg']:.1f} ± {pre['stddev']:.1f} | "
-                         f"{dec['avg']:.2f} ± {dec['stddev']:.2f} | {result['load_s']:.1f} | "
-                         f"{result['peak_rss_bytes'] / 2**20:.0f} | {_cell(report['same_greedy_tokens'][engine])} | "
-                         f"{_cell(per_token and per_token / 1e6)} | "
-                         f"{_cell(limit and limit['gb_per_s']['avg'])} | {_cell(run.get('bandwidth_fraction'))} |")
-    lines.append("\nweight MB/token: bytes of weights a decoded token reads (linears and lm_head whole, one row of each "
-                 "embedding table); bandwidth: this host's memory read bandwidth at the same threads, measured in the "
-                 "engine's own job just before it; fraction: weight MB/token × decode tok/s over that bandwidth")
+            lines.append(
+                f"| {engine} | {run['prompt_tokens']} | {pre['avg']:.1f} ± {pre['stddev']:.1f} | "
+                f"{dec['avg']:.2f} ± {dec['stddev']:.2f} | {result['load_s']:.1f} | "
+                f"{result['peak_rss_bytes'] / 2**20:.0f} | {_cell(report['same_greedy_tokens'][engine])} | "
+                f"{_cell(per_token and per_token / 1e6)} | "
+                f"{_cell(limit and limit['gb_per_s']['avg'])} | {_cell(run.get('bandwidth_fraction'))} |"
+            )
+    lines.append(
+        "\nweight MB/token: bytes of weights a decoded token reads (linears and lm_head whole, one row of each "
+        "embedding table); bandwidth: this host's memory read bandwidth at the same threads, measured in the "
+        "engine's own job just before it; fraction: weight MB/token × decode tok/s over that bandwidth"
+    )
     if busy:
-        lines += ["", f"**Busy machine** while timing {', '.join(busy)}: other processes used more than "
-                      f"{100 * BUSY_SHARE:.0f} % of the CPU around the runs (perf.json `load`); those figures are not clean."]
+        lines += [
+            "",
+            f"**Busy machine** while timing {', '.join(busy)}: other processes used more than "
+            f"{100 * BUSY_SHARE:.0f} % of the CPU around the runs (perf.json `load`); those figures are not clean.",
+        ]
     names = {"llamacpp": "llama.cpp", "eager": "eager", "litert": "LiteRT-LM"}
     peers = ["llamacpp", "eager"] + (["litert"] if "litert" in report["engines"] else [])  # eager left out: "—"
     header = " | ".join(f"{phase} .pte/{names[name]}" for name in peers for phase in ("decode", "prefill"))

@@ -18,8 +18,9 @@ SCHEME = "8da4w"  # INT8 dynamic activations + INT4 per-group weights (gemma_edg
 BACKEND = "xnnpack"  # ExecuTorch's XNNPACK delegate (gemma_edge.lower)
 
 
-def build_demo(corpus: Path, hub_cache: Path, repo_id: str, train_steps: int, seed: int, marker: Path,
-               synthetic: dict | None = None) -> dict:
+def build_demo(
+    corpus: Path, hub_cache: Path, repo_id: str, train_steps: int, seed: int, marker: Path, synthetic: dict | None = None
+) -> dict:
     """Build a local Gemma 4 and seed it into a local hub cache as `repo_id`: the trained tiny demo
     model, or with `synthetic` ({shape, layers}) a randomly initialised one of that shape."""
     from .demo_model import build_demo_checkpoint
@@ -31,15 +32,23 @@ def build_demo(corpus: Path, hub_cache: Path, repo_id: str, train_steps: int, se
         else:
             facts = build_demo_checkpoint(Path(corpus), Path(scratch), train_steps, seed)
         commit = hub.seed_hub_cache(Path(scratch), Path(hub_cache), repo_id)
-    facts.update({"repo_id": repo_id, "commit": commit, "hub_cache": artifacts.portable_path(hub_cache), "versions": artifacts.package_versions(),
-                  "peak_rss_mb": artifacts.peak_rss_mb()})
+    facts.update(
+        {
+            "repo_id": repo_id,
+            "commit": commit,
+            "hub_cache": artifacts.portable_path(hub_cache),
+            "versions": artifacts.package_versions(),
+            "peak_rss_mb": artifacts.peak_rss_mb(),
+        }
+    )
     write_json(marker, facts)
     log.info("local model seeded as %s@%s", repo_id, commit[:12])
     return facts
 
 
-def download(repo_id: str, revision: str, cache_dir: str | None, offline: bool, local_path: str | None, out: Path,
-             demo: bool = False) -> dict:
+def download(
+    repo_id: str, revision: str, cache_dir: str | None, offline: bool, local_path: str | None, out: Path, demo: bool = False
+) -> dict:
     """Resolve the checkpoint, check the cached files against the hub's hashes and write a
     manifest of its files (sha256 each)."""
     verified = {}
@@ -55,8 +64,15 @@ def download(repo_id: str, revision: str, cache_dir: str | None, offline: bool, 
     total = sum(f["size_bytes"] for f in files.values())
     # The checkpoint folder relative to the working directory when inside it (the demo's hub cache,
     # which snapshot_download reports as an absolute path), so a moved working directory still finds it.
-    manifest = {"repo_id": repo_id, "revision": revision, "commit": commit, "path": artifacts.portable_path(folder), "files": files,
-                "total_bytes": total, "versions": artifacts.package_versions()}
+    manifest = {
+        "repo_id": repo_id,
+        "revision": revision,
+        "commit": commit,
+        "path": artifacts.portable_path(folder),
+        "files": files,
+        "total_bytes": total,
+        "versions": artifacts.package_versions(),
+    }
     write_json(out, manifest)
     log.info("checkpoint %s@%s: %d files, %.1f MB at %s", repo_id, (commit or "local")[:12], len(files), total / 1e6, folder)
     return manifest
@@ -81,8 +97,13 @@ def export(checkpoint_manifest: Path, max_seq_len: int, dtype: str, attention: s
         fingerprint = write_program(program, tmp)
         del program, model  # one copy of the weights at a time: the reload below is the second
         check_reloaded(tmp, fingerprint)
-    return write_manifest(out, {"checkpoint": checkpoint_manifest}, {"max_seq_len": max_seq_len, "dtype": dtype, "attention": attention},
-                          {"eager_max_abs_diff": drift, "embedding_tables_dtype": tables}, manifest=out_manifest)
+    return write_manifest(
+        out,
+        {"checkpoint": checkpoint_manifest},
+        {"max_seq_len": max_seq_len, "dtype": dtype, "attention": attention},
+        {"eager_max_abs_diff": drift, "embedding_tables_dtype": tables},
+        manifest=out_manifest,
+    )
 
 
 def quantize(program_path: Path, group_size: int, embeddings: str, out: Path, out_manifest: Path) -> dict:
@@ -100,8 +121,14 @@ def quantize(program_path: Path, group_size: int, embeddings: str, out: Path, ou
     return write_manifest(out, {"program": program_path}, params, {"quantization": report}, manifest=out_manifest)
 
 
-def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str | bool, decode_method: str | bool,
-          out: Path, out_manifest: Path) -> dict:
+def lower(
+    program_path: Path,
+    checkpoint_manifest: Path,
+    per_op_mode: str | bool,
+    decode_method: str | bool,
+    out: Path,
+    out_manifest: Path,
+) -> dict:
     from .checkpoint import read_text_config_dict
     from .export import context_length_of, kv_cache_bytes_of, load_program, tokens_per_call_of
     from .lower import lower_with_fallback, runner_metadata
@@ -112,19 +139,24 @@ def lower(program_path: Path, checkpoint_manifest: Path, per_op_mode: str | bool
     metadata = runner_metadata(text_config, context_length_of(loaded[0]), tokens_per_call_of(loaded[0]))
     kv_cache_bytes = kv_cache_bytes_of(loaded[0])
     # The first attempt lowers the program just loaded (handed over, not kept); a fallback loads afresh.
-    record = lower_with_fallback(lambda: loaded.pop() if loaded else load_program(program_path),
-                                 per_op_mode, metadata, Path(out), decode_method)
+    record = lower_with_fallback(
+        lambda: loaded.pop() if loaded else load_program(program_path), per_op_mode, metadata, Path(out), decode_method
+    )
     log_memory("lowering, writing and loading the .pte")
-    extra = {"lowering": record, "runner_metadata": metadata, "kv_cache_bytes": kv_cache_bytes,
-             "program_params": program_manifest["params"],
-             "quantization": program_manifest.get("quantization")}
+    extra = {
+        "lowering": record,
+        "runner_metadata": metadata,
+        "kv_cache_bytes": kv_cache_bytes,
+        "program_params": program_manifest["params"],
+        "quantization": program_manifest.get("quantization"),
+    }
     params = {"backend": BACKEND, "per_op_mode": per_op_mode, "decode_method": decode_method}
-    return write_manifest(out, {"program": program_path, "checkpoint": checkpoint_manifest}, params, extra,
-                          manifest=out_manifest)
+    return write_manifest(out, {"program": program_path, "checkpoint": checkpoint_manifest}, params, extra, manifest=out_manifest)
 
 
-def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_new_tokens: int, gates: dict,
-           out_json: Path, out_log: Path) -> dict:
+def verify(
+    pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_new_tokens: int, gates: dict, out_json: Path, out_log: Path
+) -> dict:
     from .checkpoint import load_checkpoint
     from .config import check_prompts_fit
     from .parity import Gates, compare_prompt, encode_prompts, render_table, summarise
@@ -133,8 +165,9 @@ def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_ne
     pte_manifest = verify_against_manifest(pte_path)
     bos_id = pte_manifest["runner_metadata"]["get_bos_id"]
     prompt_ids = encode_prompts(Path(read_json(checkpoint_manifest)["path"]) / "tokenizer.json", prompts, bos_id)
-    check_prompts_fit(prompts, [len(ids) for ids in prompt_ids], max_new_tokens,
-                      pte_manifest["runner_metadata"]["get_max_context_len"])
+    check_prompts_fit(
+        prompts, [len(ids) for ids in prompt_ids], max_new_tokens, pte_manifest["runner_metadata"]["get_max_context_len"]
+    )
     # The reference's logits are the FP32 model's either way; bf16 tables keep the real E2B's
     # reference (about 13 GiB instead of 18.5) beside its .pte on a 24 GiB host.
     model, checkpoint = load_checkpoint(checkpoint_manifest, bf16_tables=True)
@@ -148,7 +181,11 @@ def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_ne
         result["bos_included"] = result["prompt_ids"][:1] == [bos_id]
     summary = summarise(results, Gates(**gates))
     report = {
-        "pte": {"path": artifacts.portable_path(pte_path), "sha256": pte_manifest["sha256"], "lowering": pte_manifest["lowering"]},
+        "pte": {
+            "path": artifacts.portable_path(pte_path),
+            "sha256": pte_manifest["sha256"],
+            "lowering": pte_manifest["lowering"],
+        },
         "checkpoint": {"repo_id": checkpoint["repo_id"], "commit": checkpoint["commit"]},
         "reference": "eager FP32 transformers model, greedy, full recompute per token",
         "max_new_tokens": max_new_tokens,
@@ -169,9 +206,19 @@ def verify(pte_path: Path, checkpoint_manifest: Path, prompts: list[str], max_ne
     return report
 
 
-
-def quality(engine: str, artifact: Path, checkpoint_manifest: Path, text_path: Path, text_name: str, settings: dict,
-            gates: dict, synthetic: bool, threads: int, out: Path, out_manifest: Path) -> dict:
+def quality(
+    engine: str,
+    artifact: Path,
+    checkpoint_manifest: Path,
+    text_path: Path,
+    text_name: str,
+    settings: dict,
+    gates: dict,
+    synthetic: bool,
+    threads: int,
+    out: Path,
+    out_manifest: Path,
+) -> dict:
     """Perplexity and KL divergence of the .pte (engine `pte`) or a GGUF (`llamacpp`) against eager
     FP32 on a held-out text (gemma_edge.quality); the gates apply to the .pte only. `settings`:
     max_tokens, scored_positions and, for a GGUF, context (the .pte's is its own metadata)."""
@@ -192,8 +239,12 @@ def quality(engine: str, artifact: Path, checkpoint_manifest: Path, text_path: P
         "schema": SCHEMA,
         "engine": engine,
         "variant": variant,
-        "artifact": {"path": artifacts.portable_path(artifact), "sha256": recorded["sha256"], "size_bytes": recorded["size_bytes"],
-                     **({"gguf_type": recorded["params"]["gguf_type"]} if engine == "llamacpp" else {})},
+        "artifact": {
+            "path": artifacts.portable_path(artifact),
+            "sha256": recorded["sha256"],
+            "size_bytes": recorded["size_bytes"],
+            **({"gguf_type": recorded["params"]["gguf_type"]} if engine == "llamacpp" else {}),
+        },
         "checkpoint": {"repo_id": checkpoint["repo_id"], "commit": checkpoint["commit"]},
         # As configured (relative to the workflow folder): the sha256 says which text it was.
         "text": {"configured": text_name, "sha256": artifacts.sha256_file(text_path), "characters": len(text)},
@@ -210,9 +261,22 @@ def quality(engine: str, artifact: Path, checkpoint_manifest: Path, text_path: P
         model, _ = load_checkpoint(checkpoint_manifest, bf16_tables=True)
         folder = Path(checkpoint["path"])
         bos_id = int(read_text_config_dict(folder).get("bos_token_id", 2))
-        report.update(meaningful=True, threads=threads, **measure(
-            engine, artifact, model, folder / "tokenizer.json", bos_id, text, settings["max_tokens"],
-            settings["scored_positions"], threads, settings.get("context")))
+        report.update(
+            meaningful=True,
+            threads=threads,
+            **measure(
+                engine,
+                artifact,
+                model,
+                folder / "tokenizer.json",
+                bos_id,
+                text,
+                settings["max_tokens"],
+                settings["scored_positions"],
+                threads,
+                settings.get("context"),
+            ),
+        )
         if engine == "pte":
             failures = gate_failures(report["summary"], Gates(**gates))
         report.update(passed=not failures, failures=failures)
@@ -223,8 +287,13 @@ def quality(engine: str, artifact: Path, checkpoint_manifest: Path, text_path: P
         raise RuntimeError(f"quality gates missed by {variant}: {'; '.join(failures)} (details in {rejected})")
     write_json(out, report)
     params = {"engine": engine, "text": text_name, "settings": settings, "gates": report["gates"], "synthetic": synthetic}
-    write_manifest(out, {"artifact": artifact, "checkpoint": checkpoint_manifest}, params,
-                   {"text_sha256": report["text"]["sha256"]}, manifest=out_manifest)
+    write_manifest(
+        out,
+        {"artifact": artifact, "checkpoint": checkpoint_manifest},
+        params,
+        {"text_sha256": report["text"]["sha256"]},
+        manifest=out_manifest,
+    )
     return report
 
 
@@ -234,8 +303,13 @@ def gguf(converter: Path, checkpoint_manifest: Path, gguf_type: str, threads: in
 
     hub.verify_checkpoint(read_json(checkpoint_manifest))
     facts = convert_to_gguf(Path(converter), Path(checkpoint_manifest), gguf_type, threads, Path(out))
-    manifest = write_manifest(out, {"checkpoint": checkpoint_manifest}, {"gguf_type": gguf_type},
-                              {"converter": facts["converter"]}, manifest=out_manifest)
+    manifest = write_manifest(
+        out,
+        {"checkpoint": checkpoint_manifest},
+        {"gguf_type": gguf_type},
+        {"converter": facts["converter"]},
+        manifest=out_manifest,
+    )
     log.info("GGUF %s: %.1f MB", gguf_type, manifest["size_bytes"] / 1e6)
     return manifest
 
@@ -247,8 +321,9 @@ def perf_engine(engine: str, artifact: Path, checkpoint_manifest: Path, spec: di
     if engine != "eager":
         verify_against_manifest(artifact)
     text_config = read_text_config_dict(Path(read_json(checkpoint_manifest)["path"]))
-    return bench_engine(engine, Path(artifact), spec, int(text_config["vocab_size"]),
-                        int(text_config.get("bos_token_id", 2)), Path(out))
+    return bench_engine(
+        engine, Path(artifact), spec, int(text_config["vocab_size"]), int(text_config.get("bos_token_id", 2)), Path(out)
+    )
 
 
 def perf_litert(model: Path, spec: dict, requirements: Path, out: Path) -> dict:
@@ -258,8 +333,15 @@ def perf_litert(model: Path, spec: dict, requirements: Path, out: Path) -> dict:
     return bench_litert(Path(model), spec, Path(requirements), Path(out))
 
 
-def perf_table(engine_files: dict, step_benchmarks: dict, pte_manifest: Path, gguf_manifest: Path,
-               checkpoint_manifest: Path, out_json: Path, out_table: Path) -> dict:
+def perf_table(
+    engine_files: dict,
+    step_benchmarks: dict,
+    pte_manifest: Path,
+    gguf_manifest: Path,
+    checkpoint_manifest: Path,
+    out_json: Path,
+    out_table: Path,
+) -> dict:
     from .perf_table import build_report, write_report
 
     report = build_report(engine_files, step_benchmarks, pte_manifest, gguf_manifest, checkpoint_manifest)
@@ -280,8 +362,14 @@ def perf_projection(report_files: list[Path], shape: str, layers: int, out_json:
     table = render_projection(rows, target, layers)
     with artifacts.atomic_output(out_table) as tmp:
         tmp.write_text(table + "\n", encoding="utf-8")
-    result = {"schema": "gemma-edge.projection/1", "shape": shape, "layers": layers, "parameters": target, "steps": rows,
-              "models": [{k: r["model"][k] for k in ("repo_id", "layers", "parameters")} for r in reports]}
+    result = {
+        "schema": "gemma-edge.projection/1",
+        "shape": shape,
+        "layers": layers,
+        "parameters": target,
+        "steps": rows,
+        "models": [{k: r["model"][k] for k in ("repo_id", "layers", "parameters")} for r in reports],
+    }
     write_json(out_json, result)
     log.info("projection to %s at %d layers (%.2f B parameters):\n%s", shape, layers, target / 1e9, table)
     return result

@@ -37,17 +37,20 @@ SCORED_POSITIONS = {
         "every position of each chunk but its last, so every text token of the chunk is predicted "
         "once, the first from BOS alone: both models see the same context at every position, so "
         "short-context positions test the quantization as fairly as long ones, and the text yields "
-        "twice the tokens that scoring half of each chunk would"),
+        "twice the tokens that scoring half of each chunk would"
+    ),
     "second_half": (
         "the second half of each chunk, as llama.cpp's llama-perplexity scores (first = context / 2): "
         "every scored token has at least half a context before it, so perplexity is less inflated by "
-        "short contexts and closer to figures published with that tool"),
+        "short contexts and closer to figures published with that tool"
+    ),
 }
 
 SYNTHETIC_REASON = (
     "randomly initialised weights (models.<name>.synthetic): such a model has learned no text, so its "
     "perplexity and its KL divergence from FP32 say nothing about what quantization costs a trained "
-    "model; the step scores nothing and records this instead of numbers that would read as quality")
+    "model; the step scores nothing and records this instead of numbers that would read as quality"
+)
 
 # Positions whose KL is computed at once (E2B's 262,144-entry vocabulary: 256 MB of float64 a slice).
 SLICE = 128
@@ -75,9 +78,11 @@ def text_chunks(ids: list[int], bos_id: int, context: int, max_tokens: int) -> l
     width = context - 1
     usable = min(len(ids), max_tokens) // width * width
     if usable == 0:
-        raise ValueError(f"the quality text has {len(ids)} tokens (quality.max_tokens {max_tokens}): fewer than one "
-                         f"chunk of the exported context ({context} tokens, BOS included)")
-    return [[bos_id] + ids[start:start + width] for start in range(0, usable, width)]
+        raise ValueError(
+            f"the quality text has {len(ids)} tokens (quality.max_tokens {max_tokens}): fewer than one "
+            f"chunk of the exported context ({context} tokens, BOS included)"
+        )
+    return [[bos_id] + ids[start : start + width] for start in range(0, usable, width)]
 
 
 def scored_positions(length: int, policy: str) -> range:
@@ -110,13 +115,15 @@ def token_scores(reference: torch.Tensor, candidate: torch.Tensor, targets: torc
     """Per position: KL(reference ‖ candidate), each one's negative log-likelihood of the target
     and whether their top-1 tokens agree (float64 throughout)."""
     if reference.shape != candidate.shape:
-        raise ValueError(f"the candidate's logits have shape {tuple(candidate.shape)}, the reference's "
-                         f"{tuple(reference.shape)}: not the same vocabulary")
+        raise ValueError(
+            f"the candidate's logits have shape {tuple(candidate.shape)}, the reference's "
+            f"{tuple(reference.shape)}: not the same vocabulary"
+        )
     parts = {"kl": [], "nll_reference": [], "nll": [], "top1_same": []}
     for start in range(0, len(targets), SLICE):
-        p = torch.log_softmax(reference[start:start + SLICE].to(torch.float64), dim=-1)
-        q = torch.log_softmax(candidate[start:start + SLICE].to(torch.float64), dim=-1)
-        wanted = targets[start:start + SLICE, None]
+        p = torch.log_softmax(reference[start : start + SLICE].to(torch.float64), dim=-1)
+        q = torch.log_softmax(candidate[start : start + SLICE].to(torch.float64), dim=-1)
+        wanted = targets[start : start + SLICE, None]
         parts["kl"].append((p.exp() * (p - q)).sum(-1))
         parts["nll_reference"].append(-p.gather(-1, wanted)[:, 0])
         parts["nll"].append(-q.gather(-1, wanted)[:, 0])
@@ -161,10 +168,12 @@ def perplexity_note(fp32_perplexity: float, vocab_size: int) -> str | None:
     """A warning when eager FP32 itself predicts the text worse than a uniform guess would."""
     if fp32_perplexity <= vocab_size:
         return None
-    return (f"eager FP32's perplexity ({fp32_perplexity:.0f}) is above {vocab_size}, a uniform guess over the vocabulary: "
-            "the model has not learned text like this, so perplexity and its ratio say little here (quantization noise "
-            "that flattens an overconfident distribution can even lower it); KL divergence and top-1 agreement still "
-            "measure how far quantization moves the model from FP32")
+    return (
+        f"eager FP32's perplexity ({fp32_perplexity:.0f}) is above {vocab_size}, a uniform guess over the vocabulary: "
+        "the model has not learned text like this, so perplexity and its ratio say little here (quantization noise "
+        "that flattens an overconfident distribution can even lower it); KL divergence and top-1 agreement still "
+        "measure how far quantization moves the model from FP32"
+    )
 
 
 def gate_failures(summary: dict, gates: Gates) -> list[str]:
@@ -185,8 +194,8 @@ def compare_tokenizations(ours: list[int], theirs: list[int], piece=str) -> dict
         first = min(len(ours), len(theirs))
     result = {"identical": first is None, "ours": len(ours), "theirs": len(theirs), "first_difference": first}
     if first is not None:
-        result["ours_from_there"] = [piece(i) for i in ours[first:first + 4]]
-        result["theirs_from_there"] = [piece(i) for i in theirs[first:first + 4]]
+        result["ours_from_there"] = [piece(i) for i in ours[first : first + 4]]
+        result["theirs_from_there"] = [piece(i) for i in theirs[first : first + 4]]
     return result
 
 
@@ -195,10 +204,12 @@ def render(result: dict) -> str:
     if not result["meaningful"]:
         return f"{result['variant']}: not scored: {result['reason']}"
     s = result["summary"]
-    return (f"{result['variant']}: {s['tokens']} tokens, perplexity {s['perplexity']:.4f} (FP32 {s['fp32_perplexity']:.4f}, "
-            f"ratio {s['ppl_ratio']:.4f}), KL mean {s['kl']['mean']:.5f} ± {s['kl']['stderr'] or 0:.5f}, median "
-            f"{s['kl']['median']:.5f}, p99 {s['kl']['p99']:.4f}, max {s['kl']['max']:.4f}, top-1 agreement "
-            f"{s['top1_agreement']:.4f}")
+    return (
+        f"{result['variant']}: {s['tokens']} tokens, perplexity {s['perplexity']:.4f} (FP32 {s['fp32_perplexity']:.4f}, "
+        f"ratio {s['ppl_ratio']:.4f}), KL mean {s['kl']['mean']:.5f} ± {s['kl']['stderr'] or 0:.5f}, median "
+        f"{s['kl']['median']:.5f}, p99 {s['kl']['p99']:.4f}, max {s['kl']['max']:.4f}, top-1 agreement "
+        f"{s['top1_agreement']:.4f}"
+    )
 
 
 def open_candidate(engine: str, artifact: Path, context: int | None, threads: int):
@@ -207,21 +218,43 @@ def open_candidate(engine: str, artifact: Path, context: int | None, threads: in
         from .runtime import PteDecoder
 
         decoder = PteDecoder(artifact)
-        return (lambda chunk: pte_logits(decoder, chunk)), decoder.context, {
-            "bos_id": decoder.metadata["get_bos_id"], "how": "the .pte in the ExecuTorch runtime, one token per call "
-            "against its in-graph KV cache (as decode runs it), from position 0 for each chunk"}
+        return (
+            (lambda chunk: pte_logits(decoder, chunk)),
+            decoder.context,
+            {
+                "bos_id": decoder.metadata["get_bos_id"],
+                "how": "the .pte in the ExecuTorch runtime, one token per call "
+                "against its in-graph KV cache (as decode runs it), from position 0 for each chunk",
+            },
+        )
     if engine == "llamacpp":
         from .perf_engines import LlamaCppDecoder
 
         decoder = LlamaCppDecoder(artifact, context, threads, all_logits=True)
-        return (lambda chunk: decoder.logits_of(chunk[:-1])), context, {
-            "decoder": decoder, "how": "llama.cpp (llama-cpp-python) on the GGUF, fed our token ids, each chunk in "
-            "one batch from an empty context, with the logits of every position (logits_all)"}
+        return (
+            (lambda chunk: decoder.logits_of(chunk[:-1])),
+            context,
+            {
+                "decoder": decoder,
+                "how": "llama.cpp (llama-cpp-python) on the GGUF, fed our token ids, each chunk in "
+                "one batch from an empty context, with the logits of every position (logits_all)",
+            },
+        )
     raise ValueError(f"unknown quality engine {engine!r}; expected pte or llamacpp")
 
 
-def measure(engine: str, artifact: Path, model, tokenizer_path: Path, bos_id: int, text: str, max_tokens: int,
-            policy: str, threads: int, context: int | None = None) -> dict:
+def measure(
+    engine: str,
+    artifact: Path,
+    model,
+    tokenizer_path: Path,
+    bos_id: int,
+    text: str,
+    max_tokens: int,
+    policy: str,
+    threads: int,
+    context: int | None = None,
+) -> dict:
     """Score `engine` on `artifact` against the eager FP32 `model` over `text` (see the module's doc)."""
     import time
 
@@ -238,20 +271,25 @@ def measure(engine: str, artifact: Path, model, tokenizer_path: Path, bos_id: in
             logits = logits_of(chunk)
             seconds[name] += time.perf_counter() - started
             return logits
+
         return run
 
     def progress(index, scores):
         if index % 8 == 7 or index == len(chunks) - 1:
             log.info("%s: chunk %d/%d, mean KL in this chunk %.5f", engine, index + 1, len(chunks), float(scores["kl"].mean()))
 
-    scores = score_chunks(chunks, timed("reference", lambda chunk: eager_logits(model, chunk)),
-                          timed("candidate", candidate), policy, progress)
+    scores = score_chunks(
+        chunks, timed("reference", lambda chunk: eager_logits(model, chunk)), timed("candidate", candidate), policy, progress
+    )
     result = {
-        "tokens": {"text": len(ids), "used": sum(len(c) - 1 for c in chunks), "ids_sha256": ids_digest(chunks),
-                   "tokenizer": "the checkpoint's tokenizer.json (Hugging Face tokenizers), no special tokens; BOS "
-                                f"(id {bos_id}) opens every chunk"},
-        "chunks": {"count": len(chunks), "context": context, "scored_positions": policy,
-                   "why": SCORED_POSITIONS[policy]},
+        "tokens": {
+            "text": len(ids),
+            "used": sum(len(c) - 1 for c in chunks),
+            "ids_sha256": ids_digest(chunks),
+            "tokenizer": "the checkpoint's tokenizer.json (Hugging Face tokenizers), no special tokens; BOS "
+            f"(id {bos_id}) opens every chunk",
+        },
+        "chunks": {"count": len(chunks), "context": context, "scored_positions": policy, "why": SCORED_POSITIONS[policy]},
         "reference": "eager FP32 transformers model, one forward over each chunk (no cache)",
         "candidate": facts["how"],
         "summary": summarise(scores),
@@ -268,5 +306,6 @@ def measure(engine: str, artifact: Path, model, tokenizer_path: Path, bos_id: in
         result["llamacpp_tokenizer"] = {
             **compare_tokenizations(ids, facts["decoder"].tokenize(text), piece),
             "used": "ours: llama.cpp was fed the checkpoint tokenizer's ids, so both engines score the same ids "
-                    "whatever llama.cpp's own tokenizer makes of the text"}
+            "whatever llama.cpp's own tokenizer makes of the text",
+        }
     return result

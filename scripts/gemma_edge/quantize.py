@@ -39,8 +39,12 @@ def _weight_of(graph_module: fx.GraphModule, node: fx.Node):
 
 
 def _is_upcast(node) -> bool:
-    return (isinstance(node, fx.Node) and node.op == "call_function"
-            and node.target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default) and _casts_to_fp32(node))
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and node.target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default)
+        and _casts_to_fp32(node)
+    )
 
 
 def _get_attr(module: nn.Module, dotted: str):
@@ -117,7 +121,9 @@ def quantize_linears(graph_module: fx.GraphModule, group_size: int) -> dict:
         drop_if_unused(graph_module, source)
     graph_module.recompile()
     for item in kept:
-        log.warning("kept in FP32 (group size %d does not divide input width %d): %s", group_size, item["in_features"], item["weight"])
+        log.warning(
+            "kept in FP32 (group size %d does not divide input width %d): %s", group_size, item["in_features"], item["weight"]
+        )
     log.info("INT4 per-group(%d) linear weights: %d quantized, %d kept in FP32", group_size, len(quantized), len(kept))
     return {"quantized_linears": quantized, "fp32_linears": kept}
 

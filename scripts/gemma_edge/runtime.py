@@ -50,8 +50,9 @@ class PteDecoder:
             self.decode_method = program.load_method(DECODE_METHOD) if DECODE_METHOD in program.method_names else None
         except Exception as error:  # noqa: BLE001 - the runtime reports load failures as RuntimeError/ValueError
             raise ArtifactError(f"{pte_path} could not be loaded by the ExecuTorch runtime: {error}") from error
-        self.metadata = {name: _constant(program, name) for name in program.method_names
-                         if name not in ("forward", DECODE_METHOD)}
+        self.metadata = {
+            name: _constant(program, name) for name in program.method_names if name not in ("forward", DECODE_METHOD)
+        }
         self.decodes_with = DECODE_METHOD if self.decode_method is not None else "forward"  # recorded beside the timings
         # The most tokens one call takes (ExecuTorch's runner prefills in chunks of it too), and the
         # positions the KV cache holds (the same number in a .pte from before ring buffers).

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import shlex
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +100,9 @@ def connect(target: SshTarget) -> paramiko.SSHClient:
         ) from error
     except paramiko.AuthenticationException as error:
         client.close()
-        raise RemoteError(f"authentication to {label} failed: the key {where['key_file'] or '(agent/default keys)'} was not accepted") from error
+        raise RemoteError(
+            f"authentication to {label} failed: the key {where['key_file'] or '(agent/default keys)'} was not accepted"
+        ) from error
     except paramiko.SSHException as error:
         client.close()
         if "not found in known_hosts" in str(error):
@@ -110,7 +111,7 @@ def connect(target: SshTarget) -> paramiko.SSHClient:
                 f"{where['hostname']} >> {known_hosts}), or set trust_on_first_use for this target"
             ) from error
         raise RemoteError(f"SSH to {label} failed: {error}") from error
-    except (socket.timeout, TimeoutError) as error:
+    except TimeoutError as error:
         client.close()
         raise RemoteError(f"{label} is unreachable: no answer within {target.connect_timeout_s:.0f} s") from error
     except (paramiko.ssh_exception.NoValidConnectionsError, OSError) as error:
@@ -151,12 +152,12 @@ _GROUP_MARK = b"gemma-edge-pgid "
 def remote_command(command: str, timeout_s: float) -> str:
     """`command` wrapped so that it runs in its own process group with a deadline on the device."""
     deadline = math.ceil(timeout_s) + REMOTE_DEADLINE_GRACE_S
-    return (f"echo {_GROUP_MARK.decode()}$$ >&2; "
-            f"exec timeout -k 5 {deadline} sh -c {shlex.quote(command)}")
+    return f"echo {_GROUP_MARK.decode()}$$ >&2; exec timeout -k 5 {deadline} sh -c {shlex.quote(command)}"
 
 
-def run_shell(client: paramiko.SSHClient, command: str, timeout_s: float, check: bool = True, shown: str | None = None,
-              on_line=None):
+def run_shell(
+    client: paramiko.SSHClient, command: str, timeout_s: float, check: bool = True, shown: str | None = None, on_line=None
+):
     """Run a shell command line built only from shlex-quoted parts; same timeout and errors as run()."""
     shown = shown or command
     try:
@@ -212,7 +213,7 @@ def _take_group(stderr: bytearray) -> tuple[int | None, bytearray]:
     if not stderr.startswith(_GROUP_MARK) or b"\n" not in stderr:
         return None, stderr
     line, _, rest = stderr.partition(b"\n")
-    return int(line[len(_GROUP_MARK):]), bytearray(rest)
+    return int(line[len(_GROUP_MARK) :]), bytearray(rest)
 
 
 def stop_group(client: paramiko.SSHClient, group: int | None) -> None:
@@ -221,8 +222,10 @@ def stop_group(client: paramiko.SSHClient, group: int | None) -> None:
     transport = client.get_transport()
     if group is None or transport is None or not transport.is_active():
         return
-    script = (f"kill -TERM -- -{group} 2>/dev/null || exit 0; i=0; while [ $i -lt 20 ]; do "
-              f"kill -0 -- -{group} 2>/dev/null || exit 0; sleep 0.1; i=$((i+1)); done; kill -KILL -- -{group} 2>/dev/null; exit 0")
+    script = (
+        f"kill -TERM -- -{group} 2>/dev/null || exit 0; i=0; while [ $i -lt 20 ]; do "
+        f"kill -0 -- -{group} 2>/dev/null || exit 0; sleep 0.1; i=$((i+1)); done; kill -KILL -- -{group} 2>/dev/null; exit 0"
+    )
     try:
         channel = transport.open_session(timeout=10)
         try:
@@ -260,7 +263,8 @@ def upload_atomically(client, local: Path, remote_path: str, timeout_s: float) -
     free = remote_free_bytes(client, directory, timeout_s)
     if free < size:
         raise RemoteError(
-            f"the device has {free / 1e6:.1f} MB free in {directory} but {local.name} needs {size / 1e6:.1f} MB: free space there first"
+            f"the device has {free / 1e6:.1f} MB free in {directory} but {local.name} needs {size / 1e6:.1f} MB: "
+            "free space there first"
         )
     temporary = f"{remote_path}.tmp-{os.getpid()}"
     peer = peer_label(client)

@@ -33,8 +33,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # category) and message: torch's pytree deprecation, repeated through every lowering log; torchao
 # failing to load its CUDA-only kernels and finding no Triton. Anything else is logged.
 QUIET_WARNINGS = ((FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),)
-QUIET_RECORDS = (("torchao", r"Failed to load .*/torchao/_C_(mxfp8|cutlass)"),
-                 ("torchao.kernel.intmm", r"Warning: Detected no triton"))
+QUIET_RECORDS = (
+    ("torchao", r"Failed to load .*/torchao/_C_(mxfp8|cutlass)"),
+    ("torchao.kernel.intmm", r"Warning: Detected no triton"),
+)
 
 
 def _third_party_noise(record: logging.LogRecord) -> bool:
@@ -124,8 +126,12 @@ def rule_log(log_path: Path | str | None, step: str):
             # By now every `with` block inside the step has removed its temporaries. Nothing on
             # the terminal: the workflow says once that the run was cancelled.
             signum = getattr(stop, "signum", signal.SIGINT)
-            log.warning("%s: interrupted by %s after %.1f s; its temporary files were removed",
-                        step, signal.Signals(signum).name, time.monotonic() - started)
+            log.warning(
+                "%s: interrupted by %s after %.1f s; its temporary files were removed",
+                step,
+                signal.Signals(signum).name,
+                time.monotonic() - started,
+            )
             raise StepFailed(128 + signum) from None
         except Exception as error:  # noqa: BLE001 - every failure is logged, then reported once
             log.error("%s failed: %s\n%s", step, error, traceback.format_exc())

@@ -14,14 +14,47 @@ from .artifacts import atomic_output, read_json, write_json
 log = logging.getLogger(__name__)
 
 COLUMNS = [
-    "target", "emulated", "model", "engine", "variant", "group_size", "per_op_mode_used", "pte_mb", "prompt_tokens",
-    "new_tokens", "prefill_tps", "prefill_tps_stddev", "decode_tps", "decode_tps_stddev", "pte_decode_ratio",
-    "pte_prefill_ratio", "ttft_ms", "load_s", "peak_rss_mb", "host_teacher_forced_top1", "host_logits_cosine",
-    "device_identical_to_host_pte", "busy", "available", "cpu_model", "executorch", "measured_beside",
-    "weight_bytes_per_token", "bandwidth_gb_per_s", "bandwidth_fraction",
-    "runner_decode_tps", "runner_tokens_equal",
-    "perplexity", "fp32_perplexity", "ppl_ratio", "kl_mean", "kl_median", "kl_p99", "top1_agreement",
-    "quality_tokens", "quality_note",
+    "target",
+    "emulated",
+    "model",
+    "engine",
+    "variant",
+    "group_size",
+    "per_op_mode_used",
+    "pte_mb",
+    "prompt_tokens",
+    "new_tokens",
+    "prefill_tps",
+    "prefill_tps_stddev",
+    "decode_tps",
+    "decode_tps_stddev",
+    "pte_decode_ratio",
+    "pte_prefill_ratio",
+    "ttft_ms",
+    "load_s",
+    "peak_rss_mb",
+    "host_teacher_forced_top1",
+    "host_logits_cosine",
+    "device_identical_to_host_pte",
+    "busy",
+    "available",
+    "cpu_model",
+    "executorch",
+    "measured_beside",
+    "weight_bytes_per_token",
+    "bandwidth_gb_per_s",
+    "bandwidth_fraction",
+    "runner_decode_tps",
+    "runner_tokens_equal",
+    "perplexity",
+    "fp32_perplexity",
+    "ppl_ratio",
+    "kl_mean",
+    "kl_median",
+    "kl_p99",
+    "top1_agreement",
+    "quality_tokens",
+    "quality_note",
 ]
 
 
@@ -52,42 +85,61 @@ def rows_of(bench: dict, qualities: dict | None = None) -> list[dict]:
     `qualities` (quality_index), each row also gets its engine's quality against FP32."""
     qualities = qualities or {}
     host = bench.get("host_parity", {})
-    common = {"target": bench["target"], "emulated": bool(bench.get("emulated")), "model": bench["model"]["repo_id"],
-              "cpu_model": bench["device"].get("cpu_model"), "measured_beside": variant_name(bench)}
+    common = {
+        "target": bench["target"],
+        "emulated": bool(bench.get("emulated")),
+        "model": bench["model"]["repo_id"],
+        "cpu_model": bench["device"].get("cpu_model"),
+        "measured_beside": variant_name(bench),
+    }
     rows = []
     runner = runner_columns(bench.get("executorch_runner"))
     for run in bench["runs"]:
-        rows.append({
-            **common,
-            "engine": "pte",
-            "variant": variant_name(bench),
-            "group_size": bench["quantization"].get("group_size"),
-            "per_op_mode_used": bench["pte"]["per_op_mode_used"],
-            "pte_mb": round(bench["pte"]["size_bytes"] / 1e6, 3),
-            **speeds(run, bench),
-            "ttft_ms": round(1000 * run["ttft_s"]["avg"], 2),
-            "load_s": round(bench["load_s"], 3),
-            "peak_rss_mb": round(bench["peak_rss_bytes"] / 1e6, 1),
-            "host_teacher_forced_top1": host.get("teacher_forced_top1"),
-            "host_logits_cosine": host.get("logits_cosine"),
-            "device_identical_to_host_pte": f"{bench['parity']['identical_to_host_pte']}/{bench['parity']['prompts']}",
-            "busy": (bench.get("load") or {}).get("busy"),
-            "available": True,
-            "executorch": bench["versions"]["device"].get("executorch"),
-            **runner,
-            **quality_columns(qualities.get(("pte", bench["pte"].get("sha256")))),
-        })
+        rows.append(
+            {
+                **common,
+                "engine": "pte",
+                "variant": variant_name(bench),
+                "group_size": bench["quantization"].get("group_size"),
+                "per_op_mode_used": bench["pte"]["per_op_mode_used"],
+                "pte_mb": round(bench["pte"]["size_bytes"] / 1e6, 3),
+                **speeds(run, bench),
+                "ttft_ms": round(1000 * run["ttft_s"]["avg"], 2),
+                "load_s": round(bench["load_s"], 3),
+                "peak_rss_mb": round(bench["peak_rss_bytes"] / 1e6, 1),
+                "host_teacher_forced_top1": host.get("teacher_forced_top1"),
+                "host_logits_cosine": host.get("logits_cosine"),
+                "device_identical_to_host_pte": f"{bench['parity']['identical_to_host_pte']}/{bench['parity']['prompts']}",
+                "busy": (bench.get("load") or {}).get("busy"),
+                "available": True,
+                "executorch": bench["versions"]["device"].get("executorch"),
+                **runner,
+                **quality_columns(qualities.get(("pte", bench["pte"].get("sha256")))),
+            }
+        )
     ratios = {(r["engine"], r["prompt_tokens"]): r for r in bench.get("ratios", [])}
     for name, engine in bench.get("engines", {}).items():
-        peer = {**common, "engine": name, "variant": peer_variant(engine), "available": engine["available"],
-                **quality_columns(qualities.get((name, bench["model"].get("commit"))))}
+        peer = {
+            **common,
+            "engine": name,
+            "variant": peer_variant(engine),
+            "available": engine["available"],
+            **quality_columns(qualities.get((name, bench["model"].get("commit")))),
+        }
         if not engine["available"]:
             rows.append(peer)
             continue
         for run in engine["runs"]:
             ratio = ratios.get((name, run["prompt_tokens"]), {})
-            rows.append({**peer, **speeds(run, bench), "busy": engine["load"]["busy"],
-                         "pte_decode_ratio": _round(ratio.get("decode")), "pte_prefill_ratio": _round(ratio.get("prefill"))})
+            rows.append(
+                {
+                    **peer,
+                    **speeds(run, bench),
+                    "busy": engine["load"]["busy"],
+                    "pte_decode_ratio": _round(ratio.get("decode")),
+                    "pte_prefill_ratio": _round(ratio.get("prefill")),
+                }
+            )
     return rows
 
 
@@ -110,10 +162,19 @@ def quality_columns(quality: dict | None) -> dict:
     if not quality["meaningful"]:
         return {"quality_note": "not measured: " + quality["reason"].split(":")[0]}
     q = quality["summary"]
-    return {"perplexity": round(q["perplexity"], 4), "fp32_perplexity": round(q["fp32_perplexity"], 4),
-            "ppl_ratio": round(q["ppl_ratio"], 5), "kl_mean": round(q["kl"]["mean"], 6), "kl_median": round(q["kl"]["median"], 6),
-            "kl_p99": round(q["kl"]["p99"], 5), "top1_agreement": round(q["top1_agreement"], 4), "quality_tokens": q["tokens"],
-            "quality_note": "FP32 perplexity above a uniform guess: read KL and top-1, not perplexity" if quality.get("note") else None}
+    return {
+        "perplexity": round(q["perplexity"], 4),
+        "fp32_perplexity": round(q["fp32_perplexity"], 4),
+        "ppl_ratio": round(q["ppl_ratio"], 5),
+        "kl_mean": round(q["kl"]["mean"], 6),
+        "kl_median": round(q["kl"]["median"], 6),
+        "kl_p99": round(q["kl"]["p99"], 5),
+        "top1_agreement": round(q["top1_agreement"], 4),
+        "quality_tokens": q["tokens"],
+        "quality_note": "FP32 perplexity above a uniform guess: read KL and top-1, not perplexity"
+        if quality.get("note")
+        else None,
+    }
 
 
 def quality_table(qualities: list[dict]) -> list[dict]:
@@ -123,15 +184,32 @@ def quality_table(qualities: list[dict]) -> list[dict]:
     first = scored[0] if scored else None
     table = []
     if first:
-        table.append({"variant": "eager FP32 (reference)", "engine": "eager", "perplexity": first["summary"]["fp32_perplexity"],
-                      "ppl_ratio": 1.0, "kl_mean": 0.0, "top1_agreement": 1.0, "tokens": first["summary"]["tokens"]})
+        table.append(
+            {
+                "variant": "eager FP32 (reference)",
+                "engine": "eager",
+                "perplexity": first["summary"]["fp32_perplexity"],
+                "ppl_ratio": 1.0,
+                "kl_mean": 0.0,
+                "top1_agreement": 1.0,
+                "tokens": first["summary"]["tokens"],
+            }
+        )
     for quality in qualities:
         entry = {"variant": quality["variant"], "engine": quality["engine"], "meaningful": quality["meaningful"]}
         if quality["meaningful"]:
             s = quality["summary"]
-            entry.update(perplexity=s["perplexity"], ppl_ratio=s["ppl_ratio"], kl_mean=s["kl"]["mean"], kl_stderr=s["kl"]["stderr"],
-                         kl_median=s["kl"]["median"], kl_p99=s["kl"]["p99"], top1_agreement=s["top1_agreement"], tokens=s["tokens"],
-                         same_ids_as_first=quality["tokens"]["ids_sha256"] == first["tokens"]["ids_sha256"])
+            entry.update(
+                perplexity=s["perplexity"],
+                ppl_ratio=s["ppl_ratio"],
+                kl_mean=s["kl"]["mean"],
+                kl_stderr=s["kl"]["stderr"],
+                kl_median=s["kl"]["median"],
+                kl_p99=s["kl"]["p99"],
+                top1_agreement=s["top1_agreement"],
+                tokens=s["tokens"],
+                same_ids_as_first=quality["tokens"]["ids_sha256"] == first["tokens"]["ids_sha256"],
+            )
         else:
             entry["reason"] = quality["reason"]
         table.append(entry)
@@ -144,9 +222,11 @@ def render_quality_table(table: list[dict]) -> str:
         if e.get("meaningful") is False:
             lines.append(f"{e['variant']:<24} not measured: {e['reason'].split(':')[0]}")
             continue
-        cell = lambda key, spec: format(e[key], spec) if e.get(key) is not None else "-"  # noqa: E731
-        lines.append(f"{e['variant']:<24} {cell('perplexity', '9.4f')} {cell('ppl_ratio', '9.4f')} {cell('kl_mean', '9.5f')} "
-                     f"{cell('kl_median', '9.5f')} {cell('kl_p99', '8.4f')} {cell('top1_agreement', '7.4f')} {e['tokens']:>6}")
+        cell = lambda key, spec, e=e: format(e[key], spec) if e.get(key) is not None else "-"  # noqa: E731
+        lines.append(
+            f"{e['variant']:<24} {cell('perplexity', '9.4f')} {cell('ppl_ratio', '9.4f')} {cell('kl_mean', '9.5f')} "
+            f"{cell('kl_median', '9.5f')} {cell('kl_p99', '8.4f')} {cell('top1_agreement', '7.4f')} {e['tokens']:>6}"
+        )
     return "\n".join(lines)
 
 
@@ -177,7 +257,9 @@ def summarise(bench_paths: list[Path], out_csv: Path, out_json: Path, quality_pa
     qualities = [read_json(p) for p in quality_paths]
     index = quality_index(qualities)
     rows = [row for bench in benches for row in rows_of(bench, index)]
-    rows.sort(key=lambda r: (r["target"], r["engine"] != "pte", r.get("group_size") or 0, r["variant"], r.get("prompt_tokens") or 0))
+    rows.sort(
+        key=lambda r: (r["target"], r["engine"] != "pte", r.get("group_size") or 0, r["variant"], r.get("prompt_tokens") or 0)
+    )
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
@@ -185,15 +267,24 @@ def summarise(bench_paths: list[Path], out_csv: Path, out_json: Path, quality_pa
     with atomic_output(out_csv) as tmp:
         tmp.write_text(buffer.getvalue())
     table = quality_table(qualities)
-    write_json(out_json, {"rows": rows, "sources": [str(p) for p in bench_paths], "quality": table,
-                          "quality_sources": [str(p) for p in quality_paths],
-                          "versions": benches[0]["versions"]["host"] if benches else {}})
+    write_json(
+        out_json,
+        {
+            "rows": rows,
+            "sources": [str(p) for p in bench_paths],
+            "quality": table,
+            "quality_sources": [str(p) for p in quality_paths],
+            "versions": benches[0]["versions"]["host"] if benches else {},
+        },
+    )
     log.info("summary of %d benchmark(s), %d rows", len(benches), len(rows))
     if table:
         log.info("quality against eager FP32:\n%s", render_quality_table(table))
     if any(e.get("same_ids_as_first") is False for e in table):
-        log.warning("the quality results did not all score the same token ids (text, max_tokens or context differ): "
-                    "their figures are not comparable")
+        log.warning(
+            "the quality results did not all score the same token ids (text, max_tokens or context differ): "
+            "their figures are not comparable"
+        )
     return rows
 
 
@@ -263,8 +354,11 @@ def plot_tradeoff(rows: list[dict], out_png: Path) -> None:
     longest = {}
     for row in rows:
         key = (row["variant"], row["target"])
-        if row.get("kl_mean") is not None and row.get("decode_tps") is not None and (
-                key not in longest or row["prompt_tokens"] > longest[key]["prompt_tokens"]):
+        if (
+            row.get("kl_mean") is not None
+            and row.get("decode_tps") is not None
+            and (key not in longest or row["prompt_tokens"] > longest[key]["prompt_tokens"])
+        ):
             longest[key] = row
     figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     colours = {target: f"C{i}" for i, target in enumerate(sorted({t for _, t in longest}))}
@@ -273,8 +367,16 @@ def plot_tradeoff(rows: list[dict], out_png: Path) -> None:
         busy = bool(row.get("busy"))
         busy_seen |= busy
         marker = "o" if row["engine"] == "pte" else "s" if row["engine"].startswith("llamacpp") else "^"
-        axes.errorbar(row["kl_mean"], row["decode_tps"], yerr=row.get("decode_tps_stddev") or 0, fmt=marker, capsize=3,
-                      color=colours[target], markerfacecolor="none" if busy else colours[target], markersize=7)
+        axes.errorbar(
+            row["kl_mean"],
+            row["decode_tps"],
+            yerr=row.get("decode_tps_stddev") or 0,
+            fmt=marker,
+            capsize=3,
+            color=colours[target],
+            markerfacecolor="none" if busy else colours[target],
+            markersize=7,
+        )
         axes.annotate(name, (row["kl_mean"], row["decode_tps"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
     if longest and all(row["kl_mean"] > 0 for row in longest.values()):
         axes.set_xscale("log")
@@ -284,8 +386,11 @@ def plot_tradeoff(rows: list[dict], out_png: Path) -> None:
     axes.set_ylabel("decode tokens/s")
     lengths = sorted({row["prompt_tokens"] for row in longest.values()})
     note = "; hollow: machine busy during the run" if busy_seen else ""
-    heading = f"prompt of {'/'.join(map(str, lengths))} tokens; ○ .pte, □ llama.cpp{note}" if longest else \
-        "no engine has both a speed and a quality figure (see quality_note in summary.csv)"
+    heading = (
+        f"prompt of {'/'.join(map(str, lengths))} tokens; ○ .pte, □ llama.cpp{note}"
+        if longest
+        else "no engine has both a speed and a quality figure (see quality_note in summary.csv)"
+    )
     axes.set_title(f"Decode speed against quality loss\n{heading}", fontsize=10)
     if colours:
         axes.legend(title="target", fontsize=8)

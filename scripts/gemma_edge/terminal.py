@@ -28,8 +28,9 @@ from .steplog import EXIT_REPORTED, STOP_SIGNALS
 
 CANCELLED = "Cancelled: nothing partial was kept; re-run the same command to resume."
 FAILED = "A step failed: the sentence above says why and names its log; fix the cause and re-run the same command."
-CANCELLED_AFTER_FAILURE = ("Cancelled after a step failed: fix the failure the sentence above names, then re-run "
-                           "the same command to resume.")
+CANCELLED_AFTER_FAILURE = (
+    "Cancelled after a step failed: fix the failure the sentence above names, then re-run the same command to resume."
+)
 
 # Snakemake's closing lines after a failed run, which the `onerror` sentence replaces.
 _CLOSING_LINES = (
@@ -82,9 +83,12 @@ class OneSentencePerFailure(logging.Formatter):
         from snakemake_interface_logger_plugins.common import LogEvent
 
         event = getattr(record, "event", None)
-        if event == LogEvent.ERROR and getattr(record, "exception", None) in _CONFIG_REFUSALS:
-            if match := _CONFIG_SENTENCE.search(record.getMessage()):
-                return match.group(1)
+        if (
+            event == LogEvent.ERROR
+            and getattr(record, "exception", None) in _CONFIG_REFUSALS
+            and (match := _CONFIG_SENTENCE.search(record.getMessage()))
+        ):
+            return match.group(1)
         if event == LogEvent.ERROR and getattr(record, "exception", None) == "RuleException":
             status = step_exit(record.getMessage())
             if status is not None:

@@ -28,8 +28,12 @@ log = logging.getLogger(__name__)
 
 # ---- the .pte ------------------------------------------------------------------------------------
 
-EMBEDDING_OPS = ("quantized_decomposed::embedding_byte", "quantized_decomposed::embedding_4bit",
-                 "quantized_decomposed::embedding_2bit", "aten::embedding")
+EMBEDDING_OPS = (
+    "quantized_decomposed::embedding_byte",
+    "quantized_decomposed::embedding_4bit",
+    "quantized_decomposed::embedding_2bit",
+    "aten::embedding",
+)
 # ExecuTorch ScalarType codes (exir/schema: ScalarType) and their element sizes in bytes.
 SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 4, 4: 8, 5: 2, 6: 4, 7: 8, 11: 1, 15: 2}
 
@@ -66,7 +70,7 @@ def xnnpack_graph(payload: bytes) -> dict:
         schema = Path(scratch) / "schema.fbs"
         schema.write_bytes(resources.files(serialization).joinpath("schema.fbs").read_bytes())
         graph = Path(scratch) / "graph.bin"
-        graph.write_bytes(payload[offset:offset + size])
+        graph.write_bytes(payload[offset : offset + size])
         _flatc_decompile(scratch, str(schema), str(graph))
         return json.loads((Path(scratch) / "graph.json").read_text())
 
@@ -117,8 +121,7 @@ def embedding_tables(plan) -> dict[int, dict]:
                 if type(tensor).__name__ != "Tensor" or not tensor.data_buffer_idx:
                     continue
                 rows = rows or tensor.sizes[0]
-                tables[tensor.data_buffer_idx] = {"rows": tensor.sizes[0], "shape": list(tensor.sizes),
-                                                  "op": operator.name}
+                tables[tensor.data_buffer_idx] = {"rows": tensor.sizes[0], "shape": list(tensor.sizes), "op": operator.name}
     return tables
 
 
@@ -175,22 +178,39 @@ def pte_weight_bytes(pte: Path) -> dict:
     used = sum(s.size for s in segments)
     file_size = Path(pte).stat().st_size
     parts = {"linear_weights": linear, "lm_head": lm_head, "embedding_rows": rows, "other_constants": other}
-    file = {"size_bytes": file_size, "weights_bytes": weights_in_file, "delegate_graphs_bytes": delegate_bytes,
-            "program_bytes": header.program_size, "padding_bytes": file_size - header.program_size - used,
-            "unattributed_named_data": len(unknown)}
-    return attributed("pte", parts, list(tables.values()), file,
-                      "XNNPACK named data read whole (lm_head: its constants with the vocabulary as first dimension); "
-                      "embedding tables one row per token; other constants whole; KV cache excluded",
-                      lm_head_tensors=len(lm_head_keys), vocab_size=vocab)
+    file = {
+        "size_bytes": file_size,
+        "weights_bytes": weights_in_file,
+        "delegate_graphs_bytes": delegate_bytes,
+        "program_bytes": header.program_size,
+        "padding_bytes": file_size - header.program_size - used,
+        "unattributed_named_data": len(unknown),
+    }
+    return attributed(
+        "pte",
+        parts,
+        list(tables.values()),
+        file,
+        "XNNPACK named data read whole (lm_head: its constants with the vocabulary as first dimension); "
+        "embedding tables one row per token; other constants whole; KV cache excluded",
+        lm_head_tensors=len(lm_head_keys),
+        vocab_size=vocab,
+    )
 
 
 def attributed(artifact: str, parts: dict, tables: list[dict], file: dict, attribution: str, **facts) -> dict:
     """A weight_bytes result: the bytes a decoded token reads (the sum of `parts`) and by part, the
     embedding tables it reads a row of, facts of the format, and `file`, which accounts for every
     byte of the file (with the tables' whole bytes added)."""
-    return {"artifact": artifact, "bytes_per_token": sum(parts.values()), "parts": parts, "embedding_tables": tables,
-            **facts, "file": {**file, "embedding_tables_bytes": sum(t["bytes"] for t in tables)},
-            "attribution": attribution}
+    return {
+        "artifact": artifact,
+        "bytes_per_token": sum(parts.values()),
+        "parts": parts,
+        "embedding_tables": tables,
+        **facts,
+        "file": {**file, "embedding_tables_bytes": sum(t["bytes"] for t in tables)},
+        "attribution": attribution,
+    }
 
 
 def _vocab_size(program) -> int:
@@ -204,14 +224,55 @@ def _vocab_size(program) -> int:
 # ggml type -> (elements per block, bytes per block), as ggml.c's type_traits (gguf-py's
 # GGML_QUANT_SIZES) give them.
 GGML_BLOCKS = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 36),
-    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
-    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
-    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
-    34: (256, 54), 35: (256, 66), 39: (32, 17),
+    0: (1, 4),
+    1: (1, 2),
+    2: (32, 18),
+    3: (32, 20),
+    6: (32, 22),
+    7: (32, 24),
+    8: (32, 34),
+    9: (32, 36),
+    10: (256, 84),
+    11: (256, 110),
+    12: (256, 144),
+    13: (256, 176),
+    14: (256, 210),
+    15: (256, 292),
+    16: (256, 66),
+    17: (256, 74),
+    18: (256, 98),
+    19: (256, 50),
+    20: (32, 18),
+    21: (256, 110),
+    22: (256, 82),
+    23: (256, 136),
+    24: (1, 1),
+    25: (1, 2),
+    26: (1, 4),
+    27: (1, 8),
+    28: (1, 8),
+    29: (256, 56),
+    30: (1, 2),
+    34: (256, 54),
+    35: (256, 66),
+    39: (32, 17),
 }
-GGML_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K",
-              12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 30: "BF16"}
+GGML_NAMES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    6: "Q5_0",
+    7: "Q5_1",
+    8: "Q8_0",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    15: "Q8_K",
+    30: "BF16",
+}
 # GGUF metadata value types: fixed-size scalars by struct format; 8 string, 9 array.
 GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
@@ -220,6 +281,7 @@ def read_gguf_tensors(path: Path) -> tuple[list[dict], dict]:
     """The tensor table of a GGUF (name, dims in ggml order: dims[0] is a row's length, type,
     bytes) and its scalar metadata; only the header is read."""
     with open(path, "rb") as handle:
+
         def unpack(fmt):
             size = struct.calcsize("<" + fmt)
             return struct.unpack("<" + fmt, handle.read(size))[0]
@@ -249,9 +311,16 @@ def read_gguf_tensors(path: Path) -> tuple[list[dict], dict]:
             dims = [unpack("Q") for _ in range(unpack("I"))]
             kind, offset = unpack("I"), unpack("Q")
             block, block_bytes = GGML_BLOCKS[kind]
-            tensors.append({"name": name, "dims": dims, "type": GGML_NAMES.get(kind, str(kind)), "offset": offset,
-                            "bytes": math.prod(dims) // block * block_bytes,
-                            "row_bytes": dims[0] // block * block_bytes})
+            tensors.append(
+                {
+                    "name": name,
+                    "dims": dims,
+                    "type": GGML_NAMES.get(kind, str(kind)),
+                    "offset": offset,
+                    "bytes": math.prod(dims) // block * block_bytes,
+                    "row_bytes": dims[0] // block * block_bytes,
+                }
+            )
         alignment = metadata.get("general.alignment", 32)
         metadata["data_offset"] = -(-handle.tell() // alignment) * alignment
     return tensors, metadata
@@ -270,8 +339,15 @@ def gguf_weight_bytes(path: Path) -> dict:
     for tensor in tensors:
         if tensor["name"] in ("token_embd.weight", "per_layer_token_embd.weight"):
             parts["embedding_rows"] += tensor["row_bytes"]
-            tables.append({"name": tensor["name"], "type": tensor["type"], "dims": tensor["dims"],
-                           "bytes": tensor["bytes"], "row_bytes": tensor["row_bytes"]})
+            tables.append(
+                {
+                    "name": tensor["name"],
+                    "type": tensor["type"],
+                    "dims": tensor["dims"],
+                    "bytes": tensor["bytes"],
+                    "row_bytes": tensor["row_bytes"],
+                }
+            )
             if tensor["name"] == "token_embd.weight" and tied:
                 parts["lm_head"] += tensor["bytes"]
         elif tensor["name"] == "output.weight":
@@ -283,12 +359,22 @@ def gguf_weight_bytes(path: Path) -> dict:
     weights = sum(t["bytes"] for t in tensors)
     last = max(tensors, key=lambda t: t["offset"])
     file_size = Path(path).stat().st_size
-    file = {"size_bytes": file_size, "weights_bytes": weights, "header_bytes": metadata["data_offset"],
-            "padding_bytes": metadata["data_offset"] + last["offset"] + last["bytes"] - metadata["data_offset"] - weights}
-    return attributed("gguf", parts, tables, file,
-                      "token_embd and per_layer_token_embd one row per token; the lm_head (output.weight, or token_embd "
-                      "whole when tied) read whole; every other tensor whole; KV cache excluded",
-                      tied_output=tied, types=sorted({t["type"] for t in tensors}))
+    file = {
+        "size_bytes": file_size,
+        "weights_bytes": weights,
+        "header_bytes": metadata["data_offset"],
+        "padding_bytes": metadata["data_offset"] + last["offset"] + last["bytes"] - metadata["data_offset"] - weights,
+    }
+    return attributed(
+        "gguf",
+        parts,
+        tables,
+        file,
+        "token_embd and per_layer_token_embd one row per token; the lm_head (output.weight, or token_embd "
+        "whole when tied) read whole; every other tensor whole; KV cache excluded",
+        tied_output=tied,
+        types=sorted({t["type"] for t in tensors}),
+    )
 
 
 # ---- the .litertlm -------------------------------------------------------------------------------
@@ -296,8 +382,7 @@ def gguf_weight_bytes(path: Path) -> dict:
 # TFLite ops that look rows up in a table (the position of the table among their inputs), and the
 # ops whose constant inputs are the linears' weights.
 LOOKUP_TABLE_INPUT = {litertlm_file.EMBEDDING_LOOKUP: 1, litertlm_file.GATHER: 0}
-MATMUL_OPS = {litertlm_file.FULLY_CONNECTED, litertlm_file.BATCH_MATMUL, litertlm_file.CONV_2D,
-              litertlm_file.DEPTHWISE_CONV_2D}
+MATMUL_OPS = {litertlm_file.FULLY_CONNECTED, litertlm_file.BATCH_MATMUL, litertlm_file.CONV_2D, litertlm_file.DEPTHWISE_CONV_2D}
 WHOLE_ROLES = ("lm_head", "linear_weights", "other_constants")  # a buffer in several: the first
 
 
@@ -362,8 +447,12 @@ def tflite_buffers(model: dict, vocab: int | None) -> dict[int, dict]:
                 continue
             if buffer not in found:
                 scales = 4 * tensor["scales"] if tensor["scales"] > 1 else 0
-                found[buffer] = {"bytes": model["buffers"][buffer]["bytes"] + scales, "decode": False, "roles": set(),
-                                 "tensor": tensor}
+                found[buffer] = {
+                    "bytes": model["buffers"][buffer]["bytes"] + scales,
+                    "decode": False,
+                    "roles": set(),
+                    "tensor": tensor,
+                }
             if index in decode:
                 found[buffer]["decode"] = True
                 found[buffer]["roles"] |= roles[position]
@@ -377,9 +466,13 @@ def is_lookup(op: dict, position: int) -> bool:
 
 def lookup_rows(model: dict) -> list[int]:
     """The row counts of the tables the model's lookup ops read."""
-    return [subgraph["tensors"][tensor]["shape"][0] for subgraph in model["subgraphs"] for op in subgraph["operators"]
-            for position, tensor in enumerate(op["inputs"])
-            if is_lookup(op, position) and subgraph["tensors"][tensor]["shape"]]
+    return [
+        subgraph["tensors"][tensor]["shape"][0]
+        for subgraph in model["subgraphs"]
+        for op in subgraph["operators"]
+        for position, tensor in enumerate(op["inputs"])
+        if is_lookup(op, position) and subgraph["tensors"][tensor]["shape"]
+    ]
 
 
 def litertlm_weight_bytes(path: Path) -> dict:
@@ -415,8 +508,12 @@ def litertlm_weight_bytes(path: Path) -> dict:
     parts = {"linear_weights": 0, "lm_head": 0, "embedding_rows": 0, "other_constants": 0}
     tables, described, lm_head_tensors = [], [], 0
     for section in sections:
-        entry = {"index": section["index"], "data_type": section["data_type"],
-                 "model_type": section["items"].get("model_type"), "bytes": section["end"] - section["begin"]}
+        entry = {
+            "index": section["index"],
+            "data_type": section["data_type"],
+            "model_type": section["items"].get("model_type"),
+            "bytes": section["end"] - section["begin"],
+        }
         if section["index"] in models:
             found = tflite_weight_bytes(models[section["index"]], vocab)
             for part, size in found.pop("parts").items():
@@ -426,17 +523,27 @@ def litertlm_weight_bytes(path: Path) -> dict:
             entry.update(found, graph_bytes=entry["bytes"] - found["weights_bytes"])
         described.append(entry)
     tflite = [entry for entry in described if "weights_bytes" in entry]
-    file = {"size_bytes": file_size, "weights_bytes": sum(e["weights_bytes"] for e in tflite),
-            "outside_decode_bytes": sum(e["outside_decode_bytes"] for e in tflite),
-            "graph_bytes": sum(e["graph_bytes"] for e in tflite),
-            "other_sections_bytes": sum(e["bytes"] for e in described if "weights_bytes" not in e),
-            "header_bytes": header["header_end"],
-            "padding_bytes": file_size - header["header_end"] - sum(e["bytes"] for e in described)}
-    return attributed("litertlm", parts, tables, file,
-                      "TFLite weights the decode signatures' subgraphs read: embedding tables (EMBEDDING_LOOKUP, GATHER) "
-                      "one row per token with their per-channel scales; the lm_head (vocabulary-sized matrices) and every "
-                      "other weight whole; prefill-only weights and the KV cache excluded",
-                      lm_head_tensors=lm_head_tensors, vocab_size=vocab, sections=described)
+    file = {
+        "size_bytes": file_size,
+        "weights_bytes": sum(e["weights_bytes"] for e in tflite),
+        "outside_decode_bytes": sum(e["outside_decode_bytes"] for e in tflite),
+        "graph_bytes": sum(e["graph_bytes"] for e in tflite),
+        "other_sections_bytes": sum(e["bytes"] for e in described if "weights_bytes" not in e),
+        "header_bytes": header["header_end"],
+        "padding_bytes": file_size - header["header_end"] - sum(e["bytes"] for e in described),
+    }
+    return attributed(
+        "litertlm",
+        parts,
+        tables,
+        file,
+        "TFLite weights the decode signatures' subgraphs read: embedding tables (EMBEDDING_LOOKUP, GATHER) "
+        "one row per token with their per-channel scales; the lm_head (vocabulary-sized matrices) and every "
+        "other weight whole; prefill-only weights and the KV cache excluded",
+        lm_head_tensors=lm_head_tensors,
+        vocab_size=vocab,
+        sections=described,
+    )
 
 
 def read_litertlm(path: Path) -> tuple[dict, list[dict], dict[int, dict], int]:
@@ -450,13 +557,15 @@ def read_litertlm(path: Path) -> tuple[dict, list[dict], dict[int, dict], int]:
             if section["data_type"] == "TFLiteWeights":
                 raise ValueError(f"{path}: section {section['index']} holds external TFLite weights: not attributed")
             if section["data_type"] == "TFLiteModel":
-                models[section["index"]] = litertlm_file.read_tflite(data[section["begin"]:section["end"]])
+                models[section["index"]] = litertlm_file.read_tflite(data[section["begin"] : section["end"]])
         file_size = len(data)
     previous = header["header_end"]
     for section in sections:
         if not previous <= section["begin"] <= section["end"] <= file_size:
-            raise ValueError(f"{path}: section {section['index']} at [{section['begin']}, {section['end']}) overlaps "
-                             "what precedes it or passes the end of the file")
+            raise ValueError(
+                f"{path}: section {section['index']} at [{section['begin']}, {section['end']}) overlaps "
+                "what precedes it or passes the end of the file"
+            )
         previous = section["end"]
     return header, sections, models, file_size
 
@@ -472,17 +581,28 @@ def tflite_weight_bytes(model: dict, vocab: int | None) -> dict:
         if "table" in buffer["roles"]:
             tensor = buffer["tensor"]
             row = math.ceil(buffer["bytes"] / tensor["shape"][0])
-            tables.append({"name": tensor["name"], "type": tensor["type"], "shape": tensor["shape"],
-                           "bytes": buffer["bytes"], "row_bytes": row})
+            tables.append(
+                {
+                    "name": tensor["name"],
+                    "type": tensor["type"],
+                    "shape": tensor["shape"],
+                    "bytes": buffer["bytes"],
+                    "row_bytes": row,
+                }
+            )
             parts["embedding_rows"] += row
         role = next((r for r in WHOLE_ROLES if r in buffer["roles"]), None)
         if role:
             parts[role] += buffer["bytes"]
-    return {"weights_bytes": sum(b["bytes"] for b in buffers.values()),
-            "outside_decode_bytes": sum(b["bytes"] for b in buffers.values() if not b["decode"]),
-            "read_per_token_bytes": sum(parts.values()), "parts": parts, "tables": tables,
-            "lm_head_tensors": sum("lm_head" in b["roles"] and b["decode"] for b in buffers.values()),
-            "decode_signatures": sorted(key for key in model["signatures"] if key.startswith("decode"))}
+    return {
+        "weights_bytes": sum(b["bytes"] for b in buffers.values()),
+        "outside_decode_bytes": sum(b["bytes"] for b in buffers.values() if not b["decode"]),
+        "read_per_token_bytes": sum(parts.values()),
+        "parts": parts,
+        "tables": tables,
+        "lm_head_tensors": sum("lm_head" in b["roles"] and b["decode"] for b in buffers.values()),
+        "decode_signatures": sorted(key for key in model["signatures"] if key.startswith("decode")),
+    }
 
 
 def weight_bytes(path: Path) -> dict | None:

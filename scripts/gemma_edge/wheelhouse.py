@@ -36,7 +36,6 @@ from collections import deque
 from email.parser import HeaderParser
 from pathlib import Path
 
-from packaging.markers import Marker
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.tags import Tag, compatible_tags, cpython_tags
@@ -65,6 +64,7 @@ class WheelhouseError(RuntimeError):
 
 # --- the device's platform ---------------------------------------------------------------------
 
+
 def device_platform(facts: dict) -> dict:
     """{"machine", "python", "glibc"} from device facts with keys `machine` ("aarch64"), `python`
     ("3.11.2") and `libc` (["glibc", "2.36"] as platform.libc_ver() gives, or "glibc 2.36")."""
@@ -76,13 +76,18 @@ def device_platform(facts: dict) -> dict:
         libc = libc.replace("-", " ").split()
     libc = [str(part) for part in (libc or []) if str(part)]
     if len(libc) < 2 or libc[0].lower() != "glibc" or not re.fullmatch(r"2\.\d+(\.\d+)?", libc[1]):
-        raise WheelhouseError(f"device libc is {' '.join(libc) or 'unknown'}, not glibc 2.x, so manylinux wheels do not fit it "
-                              "(musllinux devices are not supported)")
+        raise WheelhouseError(
+            f"device libc is {' '.join(libc) or 'unknown'}, not glibc 2.x, so manylinux wheels do not fit it "
+            "(musllinux devices are not supported)"
+        )
     glibc = ".".join(libc[1].split(".")[:2])
     python = str(facts.get("python") or "").strip()
     implementation = str(facts.get("implementation", "CPython"))
     if implementation != "CPython" or not re.fullmatch(r"3\.\d+\.\d+\S*", python):
-        raise WheelhouseError(f"device Python is {implementation} {python or 'unknown'}, not CPython 3.x, which is the only Python this wheelhouse supports")
+        raise WheelhouseError(
+            f"device Python is {implementation} {python or 'unknown'}, not CPython 3.x, "
+            "which is the only Python this wheelhouse supports"
+        )
     return {"machine": machine, "python": python, "glibc": glibc}
 
 
@@ -157,22 +162,29 @@ def check_wheels_fit(filenames, platform: dict) -> None:
         try:
             _, _, _, tags = parse_wheel_filename(name)
         except InvalidWheelFilename:
-            raise WheelhouseError(f"wheelhouse holds {name}, which is not a wheel (a source distribution would have to be built on the device): "
-                                  "rebuild the wheelhouse with binary wheels only") from None
+            raise WheelhouseError(
+                f"wheelhouse holds {name}, which is not a wheel (a source distribution would have to be built on the device): "
+                "rebuild the wheelhouse with binary wheels only"
+            ) from None
         if tags.isdisjoint(supported):
             built_for = ".".join(sorted({tag.platform for tag in tags}))
-            raise WheelhouseError(f"wheelhouse holds {name}, built for {built_for}, which this device ({describe(platform)}) "
-                                  "cannot install: rebuild the wheelhouse for it")
+            raise WheelhouseError(
+                f"wheelhouse holds {name}, built for {built_for}, which this device ({describe(platform)}) "
+                "cannot install: rebuild the wheelhouse for it"
+            )
 
 
 # --- reading wheels ----------------------------------------------------------------------------
+
 
 def wheel_metadata(path: Path):
     """The parsed METADATA of a wheel file."""
     with zipfile.ZipFile(path) as archive:
         names = [name for name in archive.namelist() if name.count("/") == 1 and name.endswith(".dist-info/METADATA")]
         if len(names) != 1:
-            raise WheelhouseError(f"{Path(path).name} has {len(names)} .dist-info/METADATA files, not one, so its dependencies cannot be read")
+            raise WheelhouseError(
+                f"{Path(path).name} has {len(names)} .dist-info/METADATA files, not one, so its dependencies cannot be read"
+            )
         return HeaderParser().parsestr(archive.read(names[0]).decode("utf-8", "replace"))
 
 
@@ -204,11 +216,18 @@ def installed_bytes(path: Path) -> int:
 
 def wheel_record(path: Path) -> dict:
     name, version, _, _ = parse_wheel_filename(path.name)
-    return {"filename": path.name, "name": str(name), "version": str(version), "sha256": sha256_file(path),
-            "size_bytes": path.stat().st_size, "installed_bytes": installed_bytes(path)}
+    return {
+        "filename": path.name,
+        "name": str(name),
+        "version": str(version),
+        "sha256": sha256_file(path),
+        "size_bytes": path.stat().st_size,
+        "installed_bytes": installed_bytes(path),
+    }
 
 
 # --- resolving and downloading -----------------------------------------------------------------
+
 
 def host_version(name: str) -> Version | None:
     """The version of `name` installed in the running interpreter, if any."""
@@ -244,9 +263,27 @@ def probe_index(url: str, package: str = "torch", timeout: float = PROBE_TIMEOUT
 
 def _download_command(platform: dict, dest: Path, python: str, index_url: str | None) -> list[str]:
     major, minor = _python_minor(platform)
-    command = [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "--dest", str(dest), "--python-version", f"{major}.{minor}", "--implementation", "cp",
-               "--abi", f"cp{major}{minor}", "--abi", "abi3", "--abi", "none"]
+    command = [
+        python,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--dest",
+        str(dest),
+        "--python-version",
+        f"{major}.{minor}",
+        "--implementation",
+        "cp",
+        "--abi",
+        f"cp{major}{minor}",
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+    ]
     for tag in platform_tags(platform):
         command += ["--platform", tag]
     if index_url:
@@ -260,12 +297,22 @@ def pip_download(requirements: list[str], platform: dict, dest: Path, python: st
     rest are retried without it); any other failure raises."""
     remaining, missing = list(requirements), []
     while remaining:
-        log.info("downloading %d wheel(s) for %s%s: %s", len(remaining), platform["machine"],
-                 f" from {index_url}" if index_url else "", " ".join(remaining))
-        result = subprocess.run([*_download_command(platform, dest, python, index_url), *remaining], capture_output=True, text=True)
+        log.info(
+            "downloading %d wheel(s) for %s%s: %s",
+            len(remaining),
+            platform["machine"],
+            f" from {index_url}" if index_url else "",
+            " ".join(remaining),
+        )
+        result = subprocess.run(
+            [*_download_command(platform, dest, python, index_url), *remaining], capture_output=True, text=True
+        )
         if result.returncode == 0:
             break
-        absent = {canonicalize_name(Requirement(found).name) for found in re.findall(r"No matching distribution found for (\S+)", result.stderr)}
+        absent = {
+            canonicalize_name(Requirement(found).name)
+            for found in re.findall(r"No matching distribution found for (\S+)", result.stderr)
+        }
         stuck = [pin for pin in remaining if canonicalize_name(Requirement(pin).name) in absent]
         if not stuck:
             raise WheelhouseError(_pip_failure(remaining, platform, result.stderr))
@@ -279,18 +326,33 @@ def build_pure_wheel(requirement: str, platform: dict, dest: Path, python: str) 
     a pure-Python result (py*-none-any) is kept: a compiled one would be for the host."""
     name = Requirement(requirement).name
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".sdist-build-") as scratch:
-        command = [python, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "--no-binary", name,
-                   "--wheel-dir", scratch, requirement]
+        command = [
+            python,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--no-binary",
+            name,
+            "--wheel-dir",
+            scratch,
+            requirement,
+        ]
         log.info("%s publishes no wheel for %s; building one from its source distribution", requirement, describe(platform))
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            raise WheelhouseError(f"pip found no wheel of {requirement} for this device ({describe(platform)}), and building one "
-                                  f"from its source distribution failed: {_last_error(result.stderr)}")
+            raise WheelhouseError(
+                f"pip found no wheel of {requirement} for this device ({describe(platform)}), and building one "
+                f"from its source distribution failed: {_last_error(result.stderr)}"
+            )
         [built] = list(Path(scratch).glob("*.whl"))
         tags = parse_wheel_filename(built.name)[3]
         if not all(tag.abi == "none" and tag.platform == "any" for tag in tags):
-            raise WheelhouseError(f"{requirement} publishes no wheel for this device ({describe(platform)}) and its source builds "
-                                  f"{built.name}, which is compiled for this host: build that wheel on the device's platform and add it")
+            raise WheelhouseError(
+                f"{requirement} publishes no wheel for this device ({describe(platform)}) and its source builds "
+                f"{built.name}, which is compiled for this host: build that wheel on the device's platform and add it"
+            )
         return Path(shutil.move(str(built), dest / built.name))
 
 
@@ -309,7 +371,9 @@ def _wheels_by_name(folder: Path) -> dict[str, Path]:
         if path.suffix == ".whl":
             found[canonicalize_name(parse_wheel_filename(path.name)[0])] = path
         elif path.is_file():
-            raise WheelhouseError(f"pip downloaded {path.name}, which is not a wheel; the device could not install it without building it")
+            raise WheelhouseError(
+                f"pip downloaded {path.name}, which is not a wheel; the device could not install it without building it"
+            )
     return found
 
 
@@ -319,8 +383,9 @@ def resolve_and_download(roots: dict[str, str], platform: dict, dest: Path, torc
     Returns {name: {"path", "requires": [Requirement], "extras": [str], "required_by": [names],
     "source"}} keyed by canonical name. One `pip download` per level (plus one for torch when it has
     its own index); a requirement with no wheel for the device is built from its sdist if the
-    result is pure Python (omegaconf's antlr4-python3-runtime 4.9.3 is sdist-only). A requirement such as `cuda-toolkit[cublas]` also pulls what that extra of
-    cuda-toolkit requires, as pip would, even when cuda-toolkit was downloaded at an earlier level.
+    result is pure Python (omegaconf's antlr4-python3-runtime 4.9.3 is sdist-only). A requirement
+    such as `cuda-toolkit[cublas]` also pulls what that extra of cuda-toolkit requires, as pip
+    would, even when cuda-toolkit was downloaded at an earlier level.
     """
     nodes: dict[str, dict] = {}
     required_by: dict[str, set[str]] = {}
@@ -378,11 +443,20 @@ def resolve_and_download(roots: dict[str, str], platform: dict, dest: Path, torc
                 specifier &= requirement.specifier
             level[dep] = choose_pin(requirements[0].name, specifier)
     _check_consistent(nodes, wanted, required_by)
+
     def source(name):
         return "sdist built on host" if name in built else (torch_index if name == "torch" and torch_index else "index")
 
-    return {name: {"path": node["path"], "requires": node["requires"], "extras": sorted(extras_wanted.get(name, ())),
-                   "required_by": sorted(required_by.get(name, ())), "source": source(name)} for name, node in nodes.items()}
+    return {
+        name: {
+            "path": node["path"],
+            "requires": node["requires"],
+            "extras": sorted(extras_wanted.get(name, ())),
+            "required_by": sorted(required_by.get(name, ())),
+            "source": source(name),
+        }
+        for name, node in nodes.items()
+    }
 
 
 def _check_consistent(graph: dict, wanted: dict, required_by: dict) -> None:
@@ -393,8 +467,10 @@ def _check_consistent(graph: dict, wanted: dict, required_by: dict) -> None:
         for requirement in requirements:
             if not requirement.specifier.contains(version, prereleases=True):
                 who = ", ".join(sorted(required_by.get(name, ()))) or "the roots"
-                raise WheelhouseError(f"the wheelhouse took {name} {version}, but {who} requires {requirement}: "
-                                      "pin a version of it that fits both as a root and rebuild")
+                raise WheelhouseError(
+                    f"the wheelhouse took {name} {version}, but {who} requires {requirement}: "
+                    "pin a version of it that fits both as a root and rebuild"
+                )
 
 
 def unmet_requirements(wheel_paths, roots: dict[str, str], platform: dict) -> list[str]:
@@ -445,8 +521,13 @@ def gpu_closure(graph: dict) -> set[str]:
     return reachable(False) - reachable(True)
 
 
-def build_wheelhouse(roots: dict[str, str], platform: dict, out_dir: Path, torch_index: str | None = DEFAULT_TORCH_INDEX,
-                     python: str = sys.executable) -> dict:
+def build_wheelhouse(
+    roots: dict[str, str],
+    platform: dict,
+    out_dir: Path,
+    torch_index: str | None = DEFAULT_TORCH_INDEX,
+    python: str = sys.executable,
+) -> dict:
     """Resolve and download the device's closure of `roots` into a temporary sibling of `out_dir`,
     check every wheel fits the device, write its manifest (wheelhouse.json) and a hash-pinned
     requirements.lock inside, then put it in place of `out_dir`. Returns the manifest record."""
@@ -462,7 +543,11 @@ def build_wheelhouse(roots: dict[str, str], platform: dict, out_dir: Path, torch
             index_for_torch = torch_index
             torch_info["note"] = f"torch from {torch_index}"
         else:
-            log.warning("torch index %s is not usable (%s), so torch comes from PyPI, whose aarch64 build may bring CUDA wheels", torch_index, reason)
+            log.warning(
+                "torch index %s is not usable (%s), so torch comes from PyPI, whose aarch64 build may bring CUDA wheels",
+                torch_index,
+                reason,
+            )
             torch_info["note"] = f"{reason}; torch taken from PyPI"
     else:
         torch_info["note"] = "no torch index configured; torch taken from PyPI"
@@ -477,9 +562,15 @@ def build_wheelhouse(roots: dict[str, str], platform: dict, out_dir: Path, torch
         if unmet:
             raise WheelhouseError(f"the wheelhouse for {describe(platform)} would leave unmet: {'; '.join(unmet)}")
         wheels = []
-        for name, node in sorted(graph.items()):
-            wheels.append({**wheel_record(node["path"]), "required_by": node["required_by"], "extras": node["extras"],
-                           "source": node["source"]})
+        for _name, node in sorted(graph.items()):
+            wheels.append(
+                {
+                    **wheel_record(node["path"]),
+                    "required_by": node["required_by"],
+                    "extras": node["extras"],
+                    "source": node["source"],
+                }
+            )
         by_name = {canonicalize_name(wheel["name"]): wheel for wheel in wheels}
         if "torch" not in graph:
             torch_info["note"] = "torch is not in the closure"
@@ -491,9 +582,14 @@ def build_wheelhouse(roots: dict[str, str], platform: dict, out_dir: Path, torch
                 torch_info["cuda_wheels"] = sorted(by_name[name]["filename"] for name in gpu)
                 torch_info["cuda_download_bytes"] = sum(by_name[name]["size_bytes"] for name in gpu)
                 torch_info["cuda_installed_bytes"] = sum(by_name[name]["installed_bytes"] for name in gpu)
-                log.warning("torch %s is a CUDA build for %s: it brings %d more wheels, %.2f GB to download and %.2f GB installed",
-                            torch_info["version"], platform["machine"], len(gpu), torch_info["cuda_download_bytes"] / 1e9,
-                            torch_info["cuda_installed_bytes"] / 1e9)
+                log.warning(
+                    "torch %s is a CUDA build for %s: it brings %d more wheels, %.2f GB to download and %.2f GB installed",
+                    torch_info["version"],
+                    platform["machine"],
+                    len(gpu),
+                    torch_info["cuda_download_bytes"] / 1e9,
+                    torch_info["cuda_installed_bytes"] / 1e9,
+                )
         record = {
             "schema": SCHEMA,
             "platform": dict(platform),
@@ -527,6 +623,7 @@ def _replace_dir(new: Path, target: Path) -> None:
 def read_wheelhouse(folder: Path, platform: dict | None = None) -> dict:
     """The manifest of a built wheelhouse, its files checked against it (and the device)."""
     from .artifacts import read_json
+
     folder = Path(folder)
     manifest = folder / MANIFEST_NAME
     if not manifest.exists():
@@ -538,7 +635,9 @@ def read_wheelhouse(folder: Path, platform: dict | None = None) -> dict:
             raise WheelhouseError(f"{path} is missing or differs from {manifest}: rebuild the wheelhouse")
     if platform is not None:
         check_wheels_fit([wheel["filename"] for wheel in record["wheels"]], platform)
-    unmet = unmet_requirements([folder / wheel["filename"] for wheel in record["wheels"]], record["roots"], platform or record["platform"])
+    unmet = unmet_requirements(
+        [folder / wheel["filename"] for wheel in record["wheels"]], record["roots"], platform or record["platform"]
+    )
     if unmet:
         raise WheelhouseError(f"{folder} would leave unmet: {'; '.join(unmet)}: rebuild the wheelhouse")
     return record
@@ -550,6 +649,7 @@ def _size(count: int) -> str:
 
 # --- command line ------------------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gemma_edge.wheelhouse", description=__doc__.split("\n\n")[0])
     parser.add_argument("--machine", required=True, help="device platform.machine(), e.g. aarch64")
@@ -557,8 +657,13 @@ def main(argv=None) -> int:
     parser.add_argument("--glibc", required=True, help="device glibc version, e.g. 2.36")
     parser.add_argument("--out", required=True, type=Path, help="wheelhouse folder (replaced)")
     parser.add_argument("--torch-index", default=DEFAULT_TORCH_INDEX, help="index with CPU torch wheels; '' for PyPI")
-    parser.add_argument("--root", action="append", default=[], metavar="NAME==VERSION",
-                        help="a root requirement (repeatable); default " + " ".join(f"{n}=={v}" for n, v in DEFAULT_ROOTS.items()))
+    parser.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        metavar="NAME==VERSION",
+        help="a root requirement (repeatable); default " + " ".join(f"{n}=={v}" for n, v in DEFAULT_ROOTS.items()),
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     roots = {}
@@ -573,8 +678,11 @@ def main(argv=None) -> int:
     except WheelhouseError as error:
         log.error("%s", error)
         return 1
-    print(f"{args.out}: {len(record['wheels'])} wheels for {describe(platform)}, {_size(record['download_bytes'])} download, "
-          f"{_size(record['installed_bytes'])} installed, torch {record['torch'].get('build') or '-'} build, {record['seconds']:.0f} s")
+    print(
+        f"{args.out}: {len(record['wheels'])} wheels for {describe(platform)}, {_size(record['download_bytes'])} download, "
+        f"{_size(record['installed_bytes'])} installed, torch {record['torch'].get('build') or '-'} build, "
+        f"{record['seconds']:.0f} s"
+    )
     return 0
 
 
