@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from gemma_edge import hub, loopback_sshd  # noqa: E402
 from gemma_edge.config import requirement_pins  # noqa: E402
-from sshd import SshServer  # noqa: E402
 from gemma_edge.demo_model import build_demo_checkpoint  # noqa: E402
+from sshd import SshServer  # noqa: E402
 
 TEST_REPO_ID = "tests/gemma4-tiny"
 CONVERTER = REPO / ".bench/llama.cpp/convert_hf_to_gguf.py"
@@ -60,21 +60,34 @@ def require(unavailable: str | None) -> None:
 # deployed targets; the emulated Pi, set up and served once per machine). Every other module is
 # its own unit of work.
 SAME_WORKER = {
-    "test_deploy.py": "deployed", "test_sweep.py": "deployed", "test_slurm.py": "deployed",
-    "test_emulated.py": "emulator", "test_emulator.py": "emulator",
+    "test_deploy.py": "deployed",
+    "test_sweep.py": "deployed",
+    "test_slurm.py": "deployed",
+    "test_emulated.py": "emulator",
+    "test_emulator.py": "emulator",
 }
 
 
 # The modules that start first (pytest.ini turns off xdist's largest-unit-first order): the
 # longest chain (deploy, sweep, SLURM; it builds the workflow run) on one worker and the
 # performance benchmark, which needs none of it, on the other; then the emulated Pi, then the
-# second build from nothing.
-START_FIRST = ["test_deploy.py", "test_perf.py", "test_emulated.py", "test_reproducible.py"]
+# second build from nothing and the README's own default run.
+START_FIRST = ["test_deploy.py", "test_perf.py", "test_emulated.py", "test_reproducible.py", "test_readme.py"]
 
 
 # What a test needs beyond the virtualenv, by the fixture that needs it (pytest.ini names the
 # markers): `pytest -m "not needs_sshd"` runs the suite without root and Debian's openssh-server.
 NEEDS = {"sshd": "needs_sshd", "cluster": "needs_slurm", "pi5_emulator": "needs_emulator", "built_root": "needs_emulator"}
+
+# The fixtures that make a test end-to-end (marker `e2e`), and why: the fast lane,
+# `pytest -m "not e2e"`, runs every other test. A fixture's users include every test that uses a
+# fixture built on it (`workflow` on `demo_checkpoint`, ...), and a test with a NEEDS marker is
+# end-to-end too. A test that does such work inline carries `@pytest.mark.e2e` itself.
+E2E_FIXTURES = {
+    "demo_checkpoint": "trains the demo model",
+    "perf_run": "builds a model and runs `snakemake perf` with the peers",
+    "small_filesystem": "mounts a filesystem (root)",
+}
 
 
 def qemu_unavailable() -> str | None:
@@ -91,9 +104,13 @@ def pytest_collection_modifyitems(items):
 
     items.sort(key=rank)
     for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
         for fixture, marker in NEEDS.items():
-            if fixture in getattr(item, "fixturenames", ()):
+            if fixture in fixtures:
                 item.add_marker(marker)
+        needs = any(item.get_closest_marker(marker) for marker in set(NEEDS.values()))
+        if needs or fixtures & E2E_FIXTURES.keys():
+            item.add_marker("e2e")
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: known only while it is loaded
@@ -116,7 +133,9 @@ def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = 
     command = [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1800)
     if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -144,8 +163,13 @@ def built_once(tmp_path_factory, name: str, build) -> tuple[Path, object]:
 
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory) -> Path:
-    folder, _ = built_once(tmp_path_factory, "demo-checkpoint", lambda folder: build_demo_checkpoint(
-        REPO / "resources/demo_corpus.txt", folder, DEFAULT_CONFIG["demo"]["train_steps"], DEFAULT_CONFIG["demo"]["seed"]))
+    folder, _ = built_once(
+        tmp_path_factory,
+        "demo-checkpoint",
+        lambda folder: build_demo_checkpoint(
+            REPO / "resources/demo_corpus.txt", folder, DEFAULT_CONFIG["demo"]["train_steps"], DEFAULT_CONFIG["demo"]["seed"]
+        ),
+    )
     return folder
 
 
@@ -167,15 +191,18 @@ def workflow(tmp_path_factory, seeded_hub):
     cache, commit = seeded_hub
 
     def build(workdir: Path) -> None:
-        config = write_config(workdir / "test-config.yaml", {
-            "model": "tiny",
-            "models": {"tiny": {"repo_id": TEST_REPO_ID, "revision": "main", "hub_cache": str(cache), "offline": True}},
-            # The demo checkpoint under another name: the quality step gets the demo's held-out text, 8 chunks.
-            "quality": {"text": "resources/quality/demo_heldout.txt", "max_tokens": QUALITY_TOKENS},
-            # At 128 tokens `auto` leaves the one-token method out; forced here, so that verify, the
-            # device benchmarks and the emulated Pi decode with it (the perf tests keep `auto`).
-            "lowering": {"decode_method": True},
-        })
+        config = write_config(
+            workdir / "test-config.yaml",
+            {
+                "model": "tiny",
+                "models": {"tiny": {"repo_id": TEST_REPO_ID, "revision": "main", "hub_cache": str(cache), "offline": True}},
+                # The demo checkpoint under another name: the quality step gets the demo's held-out text, 8 chunks.
+                "quality": {"text": "resources/quality/demo_heldout.txt", "max_tokens": QUALITY_TOKENS},
+                # At 128 tokens `auto` leaves the one-token method out; forced here, so that verify, the
+                # device benchmarks and the emulated Pi decode with it (the perf tests keep `auto`).
+                "lowering": {"decode_method": True},
+            },
+        )
         snakemake(workdir, "--cores", "2", *WORKFLOW_TARGETS, "--configfile", str(config), env={"HF_HUB_OFFLINE": "1"})
 
     built, _ = built_once(tmp_path_factory, "workflow", build)
@@ -199,10 +226,15 @@ def sshd(tmp_path_factory):
 def deployed(workflow, sshd, tmp_path_factory):
     """The workflow run on, deployed and benchmarked through, the loopback sshd and the local target."""
     remote = tmp_path_factory.mktemp("remote-home")
-    config = write_config(workflow["workdir"] / "targets.yaml", {
-        "targets": {"loopback": sshd.target(remote / "gemma-edge"), "local": {"kind": "local", "threads": 2}},
-        "bench": {"prompt_lengths": [8, 32], "new_tokens": 8, "repetitions": 2, "warmup": 1},
-    })
+    config = write_config(
+        workflow["workdir"] / "targets.yaml",
+        {
+            "targets": {"loopback": sshd.target(remote / "gemma-edge"), "local": {"kind": "local", "threads": 2}},
+            "bench": {"prompt_lengths": [8, 32], "new_tokens": 8, "repetitions": 2, "warmup": 1},
+        },
+    )
     configs = [str(workflow["config"]), str(config)]
-    snakemake(workflow["workdir"], "--cores", "2", "results/loopback/bench.json", "results/local/bench.json", "--configfile", *configs)
+    snakemake(
+        workflow["workdir"], "--cores", "2", "results/loopback/bench.json", "results/local/bench.json", "--configfile", *configs
+    )
     return {"workdir": workflow["workdir"], "remote": remote / "gemma-edge", "configs": configs, "targets_config": config}

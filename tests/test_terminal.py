@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from snakemake_interface_logger_plugins.common import LogEvent
 
 from conftest import REPO, snakemake, write_config
 from gemma_edge import terminal
 from gemma_edge.steplog import EXIT_REPORTED
-from snakemake_interface_logger_plugins.common import LogEvent
 
 DEMO_MARKER = "results/demo-hub/local--gemma4-tiny.json"
 DEMO_LOG = "logs/demo/local--gemma4-tiny.log"
@@ -26,15 +26,27 @@ def lines_after(output: str, marker: str) -> list[str]:
     lines = output.splitlines()
     starts = [i for i, line in enumerate(lines) if marker in line]
     assert starts, f"{marker!r} is not in:\n{output}"
-    return lines[starts[0]:]
+    return lines[starts[0] :]
 
 
 def test_a_failing_step_prints_one_sentence_naming_its_log(tmp_path):
     """A download refused offline: one sentence with the log's path, then the run's end; the
     traceback and Snakemake's CalledProcessError block stay out of the terminal."""
     (tmp_path / "empty-cache").mkdir()
-    config = write_config(tmp_path / "missing.yaml", {"model": "missing", "models": {"missing": {
-        "repo_id": "tests/missing-model", "revision": "main", "hub_cache": str(tmp_path / "empty-cache"), "offline": True}}})
+    config = write_config(
+        tmp_path / "missing.yaml",
+        {
+            "model": "missing",
+            "models": {
+                "missing": {
+                    "repo_id": "tests/missing-model",
+                    "revision": "main",
+                    "hub_cache": str(tmp_path / "empty-cache"),
+                    "offline": True,
+                }
+            },
+        },
+    )
     result = snakemake(tmp_path, "results/missing/checkpoint.json", "--configfile", str(config), check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
@@ -49,11 +61,20 @@ def test_a_failing_step_prints_one_sentence_naming_its_log(tmp_path):
     assert "Traceback" in log and "download failed:" in log  # the whole story is in the log
 
 
+@pytest.mark.e2e  # trains the demo model
 def test_ctrl_c_cancels_cleanly_and_the_same_command_resumes(tmp_path):
     """SIGINT to snakemake's process group, as a terminal sends it, while the demo model trains."""
     config = write_config(tmp_path / "short.yaml", {"demo": {"train_steps": 20}})
-    command = [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-               DEMO_MARKER, "--configfile", str(config)]
+    command = [
+        str(Path(sys.executable).with_name("snakemake")),
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(tmp_path),
+        DEMO_MARKER,
+        "--configfile",
+        str(config),
+    ]
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
     step_log = tmp_path / DEMO_LOG
     try:
@@ -123,9 +144,12 @@ class _Inner(logging.Formatter):
 
 
 def _rule_exception(ending: str) -> logging.LogRecord:
-    return _record(LogEvent.ERROR, "RuleException:\nCalledProcessError in file \"/w/rules/export.smk\", line 30:\n"
-                   f"Command 'set -euo pipefail;  python3 /w/.snakemake/scripts/tmpab12.export.py' {ending}.",
-                   exception="RuleException")
+    return _record(
+        LogEvent.ERROR,
+        'RuleException:\nCalledProcessError in file "/w/rules/export.smk", line 30:\n'
+        f"Command 'set -euo pipefail;  python3 /w/.snakemake/scripts/tmpab12.export.py' {ending}.",
+        exception="RuleException",
+    )
 
 
 def test_a_step_that_could_not_say_why_still_gets_one_sentence(monkeypatch):
@@ -134,8 +158,10 @@ def test_a_step_that_could_not_say_why_still_gets_one_sentence(monkeypatch):
     formatter = terminal.OneSentencePerFailure(_Inner())
     assert formatter.format(_rule_exception("died with <Signals.SIGKILL: 9>")) == ""
     job_error = _record(LogEvent.JOB_ERROR, rule_name="export", log=["logs/demo/fp32/export.log"])
-    assert formatter.format(job_error) == ("export failed: its process was killed by SIGKILL (often the kernel's "
-                                           "out-of-memory killer) (full log: logs/demo/fp32/export.log)")
+    assert formatter.format(job_error) == (
+        "export failed: its process was killed by SIGKILL (often the kernel's "
+        "out-of-memory killer) (full log: logs/demo/fp32/export.log)"
+    )
     assert terminal.describe_exit(137) == terminal.describe_exit(-9)  # bash's status for a child killed by SIGKILL
     assert terminal.describe_exit(1) == "its process exited with status 1 without saying why"
     # A step that reported its failure adds nothing; an unrelated record is Snakemake's own.
