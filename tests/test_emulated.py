@@ -17,6 +17,7 @@ from conftest import DEFAULT_CONFIG, PINS, REPO, needs_litert, needs_llamacpp, q
 from gemma_edge import bandwidth, deploy, device_bench, emulator, loopback_sshd
 from gemma_edge.artifacts import read_json, sha256_file
 from gemma_edge.config import validate_config
+from readme import emulator_commands, run_readme_line
 
 TARGET = "pi5_emulated"
 VARIANTS = {"int4": "tiny/int4-g128/xnnpack-auto", "fp32": "tiny/fp32/xnnpack-auto"}
@@ -26,17 +27,19 @@ PI5_FEATURES = "fp asimd aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid as
 
 @pytest.fixture(scope="session")
 def pi5_emulator():
-    """The emulated Pi as the README sets it up: `setup` (cached per machine: a second call checks
-    the stamp and the guest and builds nothing) and `serve` (its loopback sshd and ssh_config)."""
+    """The emulated Pi set up with the README's own commands, as written: `setup` (cached per
+    machine: a second call checks the stamp and the guest and builds nothing), `serve` (its
+    loopback sshd and ssh_config) and, unless it was already serving, `stop` at the end."""
     require(qemu_unavailable())
     require(loopback_sshd.unavailable())
     root = emulator.default_root()
-    emulator.setup(root)
+    commands = emulator_commands()
+    run_readme_line(commands["setup"])
     already_serving = emulator.running_port(root)
-    emulator.serve(root)
+    run_readme_line(commands["serve"])
     yield root
     if not already_serving:
-        emulator.stop(root)
+        run_readme_line(commands["stop"])
 
 
 @pytest.fixture(scope="session")
