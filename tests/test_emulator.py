@@ -73,6 +73,18 @@ def test_missing_sysroot_says_to_run_setup(tmp_path):
         emulator.check_emulator(tmp_path)
 
 
+def test_serve_without_openssh_says_what_to_install_in_one_sentence(tmp_path, monkeypatch, capsys):
+    python = tmp_path / "sysroot/usr/bin/python3.11"
+    python.parent.mkdir(parents=True)
+    python.touch()
+    monkeypatch.setattr(loopback_sshd, "SSHD", str(tmp_path / "no-sshd"))
+    assert emulator.main(["serve", "--root", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert error == (
+        "error: the emulated Pi's sshd cannot start: sshd is not installed (Debian: openssh-server, openssh-client)\n"
+    )
+
+
 def test_default_root_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMMA_EDGE_EMULATOR", str(tmp_path / "emu"))
     assert emulator.default_root() == tmp_path / "emu"

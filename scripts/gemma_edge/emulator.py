@@ -29,6 +29,7 @@ from pathlib import Path
 
 import psutil
 
+from . import loopback_sshd
 from .artifacts import atomic_output, sha256_file
 from .loopback_sshd import SshServer, kill_tree
 
@@ -500,6 +501,8 @@ def serve(root: Path, port: int | None = None) -> int:
         return running
     if not (sysroot_of(root) / "usr/bin/python3.11").exists():
         raise EmulatorError(f"there is no sysroot at {sysroot_of(root)}: run `python -m gemma_edge.emulator setup` first")
+    if missing := loopback_sshd.unavailable():
+        raise EmulatorError(f"the emulated Pi's sshd cannot start: {missing}")
     if not binfmt_ready():
         raise EmulatorError("binfmt_misc does not run aarch64 binaries yet: run `python -m gemma_edge.emulator setup` as root")
     home = root / "home"
