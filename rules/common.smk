@@ -135,10 +135,22 @@ def quality_text_name(wildcards):
     return config["quality"]["demo_text" if entry["demo"] and not entry["synthetic"] else "text"]
 
 
+def workflow_file(path) -> str:
+    """A path as configured, a relative one taken from the workflow's folder (where resources/,
+    bench/ and the virtualenvs are), written relative to the working directory when it lies inside
+    it. Snakemake records inputs as written: run in the checkout, as the README does, a copy of
+    the whole folder (cp -a) then finds the same inputs and re-runs nothing."""
+    path = Path(path).expanduser()
+    path = path if path.is_absolute() else Path(workflow.basedir).resolve() / path
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def quality_text(wildcards):
-    """quality_text_name, relative paths taken from the workflow folder (where resources/ is)."""
-    text = Path(quality_text_name(wildcards)).expanduser()
-    return str(text if text.is_absolute() else Path(workflow.basedir) / text)
+    """quality_text_name, relative paths taken from the workflow folder (workflow_file)."""
+    return workflow_file(quality_text_name(wildcards))
 
 
 def quality_settings(**extra):
@@ -155,8 +167,7 @@ for _target in config["targets"]:
 
 
 def llamacpp_converter():
-    converter = Path(config["perf"]["llamacpp_converter"]).expanduser()
-    return str(converter if converter.is_absolute() else Path(workflow.basedir) / converter)
+    return workflow_file(config["perf"]["llamacpp_converter"])
 
 
 def llamacpp_version():
@@ -166,12 +177,11 @@ def llamacpp_version():
 
 def llamacpp_sdist():
     """The source distribution bench/setup-llamacpp.sh downloads: llama-bench is built from it."""
-    return str(Path(workflow.basedir) / ".bench" / f"llama_cpp_python-{llamacpp_version()}.tar.gz")
+    return workflow_file(f".bench/llama_cpp_python-{llamacpp_version()}.tar.gz")
 
 
 def litert_python():
-    python = Path(config["perf"]["litert_python"]).expanduser()
-    return str(python if python.is_absolute() else Path(workflow.basedir) / python)
+    return workflow_file(config["perf"]["litert_python"])
 
 
 def litert_set_up():
@@ -183,7 +193,7 @@ def litert_set_up():
 
 
 def litert_requirements():
-    return str(Path(workflow.basedir) / "requirements-litert.txt")
+    return workflow_file("requirements-litert.txt")
 
 
 def litert_recipe(recipe, quant):

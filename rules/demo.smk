@@ -4,7 +4,7 @@
 
 rule demo_checkpoint:
     input:
-        corpus=workflow.source_path("../resources/demo_corpus.txt"),
+        corpus=workflow_file("resources/demo_corpus.txt"),
     output:
         marker="results/demo-hub/{repo}.json",
     log:

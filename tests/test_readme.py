@@ -4,6 +4,7 @@ that docs/testing.md names as not runnable on this machine, with the reason."""
 from __future__ import annotations
 
 import re
+import subprocess
 
 import pytest
 
@@ -70,6 +71,12 @@ def test_the_default_run_and_a_group_size_change_as_the_readme_shows_them(tmp_pa
     assert (checkout / "results/demo/int4-g128/xnnpack-auto/parity.json").exists()
     again = run_readme_line(default, checkout)
     assert "Nothing to be done" in again.stdout + again.stderr
+    # The checkout copied whole with its timestamps, as `cp -a` does: nothing to do there either,
+    # the demo model's rule included (its corpus is recorded relative to the working directory).
+    moved = tmp_path / "moved"
+    subprocess.run(["cp", "-a", str(checkout), str(moved)], check=True)
+    dry_run = run_readme_line(f"{default} -n", moved)
+    assert "Nothing to be done" in dry_run.stdout + dry_run.stderr, dry_run.stdout[-3000:]
 
     results = [path for path in (checkout / "results").rglob("*") if path.is_file()]
     before = {path: path.stat().st_mtime_ns for path in results}
