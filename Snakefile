@@ -10,7 +10,7 @@ min_version("9.0")
 # Every step runs in a fresh interpreter (`script:`), which would otherwise draw a random string-hash
 # seed: torch.export and ExecuTorch iterate sets of names in places, so graph node order and the
 # .pte's value ids followed it. One fixed seed for every job (cluster jobs re-read this file too)
-# makes the same config, pins and machine give the same bytes (README "Reproducible artifacts").
+# makes the same config, pins and machine give the same bytes (docs/design.md, "Reproducible bytes on one machine").
 # Set here, never read from the user, so it needs no `envvars:` entry.
 os.environ.update(PYTHONHASHSEED="0")
 

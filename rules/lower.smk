@@ -12,7 +12,7 @@ rule lower:
     conda:
         "../envs/torch.yaml"
     # Lowering is single-threaded Python (torch's fake-tensor retracing): its CPU time equals its wall
-    # time from the demo to 35 layers (bench/LOG.md). One core leaves the other to the next job.
+    # time from the demo to 35 layers (docs/design.md). One core leaves the other to the next job.
     threads: 1
     resources:
         mem_mb=memory_mb("lower"),

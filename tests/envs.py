@@ -28,7 +28,7 @@ from filelock import FileLock
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("GEMMA_EDGE_CACHE", Path.home() / ".cache/gemma-edge")) / "envs"
 # What the process running Snakemake imports itself: Snakemake, and tokenizers for the early
-# prompt-length check as jobs are built (rules/common.smk). README "Set-up" says the same.
+# prompt-length check as jobs are built (rules/common.smk). docs/running.md says the same.
 DRIVER_PACKAGES = ("snakemake", "tokenizers")
 
 

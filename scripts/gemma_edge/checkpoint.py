@@ -141,7 +141,7 @@ class StoredTensors:
     tensor at a time, or a block of a tensor's rows.
 
     Kept over safetensors' own lazy reader (`safe_open(...).get_slice(name)[rows]`) by measurement
-    (`bench/checkpoint_rss.py`, the export step at E2B's widths and 8 layers, a 2.73 GB bf16
+    (a one-off script, in the repository's history: the export step at E2B's widths and 8 layers, a 2.73 GB bf16
     checkpoint, 2026-11-27): peak RSS 3,959 MiB after loading and 5,527 MiB for the whole step
     with this reader, 4,863 and 7,260 MiB with safe_open, for the same program (same sha256).
     safe_open reads through a memory mapping whose pages stay resident once touched, so the

@@ -403,7 +403,7 @@ def query_heads_as_rows(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     share one KV head (transformers numbers them kv_head * group + g): query t's head g becomes row
     t * group + g of its KV head. custom_sdpa handles each query head on its own, so given the heads
     it reads a shared KV head once per head in a step of small products; given them as rows, once in
-    one larger product, 3-4 times faster for E2B's one KV head (bench/sdpa_depth.py). Rows have no
+    one larger product, 3-4 times faster for E2B's one KV head (docs/design.md, "Query heads as rows"). Rows have no
     causal order of their own, so this serves the calls that need none: masked ones (the mask
     repeated per row) and those with a single query token."""
     batch, heads, length, dim = query.shape

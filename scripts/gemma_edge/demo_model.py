@@ -10,7 +10,7 @@ It learns a quarter of the corpus rather than all of it: every TRAIN_LINES_EVERY
 378, 6,108 of 24,595 tokens), in windows that open with BOS at the start of a line, as a prompt
 does. In 120 steps that gives the verify prompts' continuations larger top-2 margins, and an eager
 8da4w copy that agrees with them more often, than 800 steps of windows at random offsets in the
-whole corpus gave (bench/demo_quality.py measures both; the numbers are in the commit that made
+whole corpus gave (the numbers, and the script that measured both, are in the commit that made
 the change). The tokenizer still learns the whole corpus, so token counts do not depend on this;
 the lines in between are text the model has not seen.
 """
@@ -162,8 +162,7 @@ def train_demo_model(
     """Teach the tiny model the corpus so its greedy choices have real margins. Returns final loss.
 
     AdamW, linear warm-up then cosine decay to zero. The defaults are the workflow's; 800 steps at
-    lr 3e-3, warm-up 20, beta2 0.999 on random windows of the whole corpus were the settings before
-    (bench/demo_quality.py can rebuild either)."""
+    lr 3e-3, warm-up 20, beta2 0.999 on random windows of the whole corpus were the settings before."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=0.0)
 
     def factor(s):
@@ -194,7 +193,7 @@ def build_demo_checkpoint(
 ) -> dict:
     """Write a Hugging Face style checkpoint (config, safetensors, tokenizer) of the demo model.
 
-    `train_options` override the training settings, for bench/demo_quality.py, which compares them:
+    `train_options` override the training settings, to compare them:
     lines_every (default TRAIN_LINES_EVERY), windows ("lines", the default, or "random") and any
     keyword of train_demo_model. The workflow uses the defaults."""
     from transformers import Gemma4ForCausalLM, GenerationConfig

@@ -79,7 +79,7 @@ def as_masked_ring_calls(program: torch.export.ExportedProgram) -> torch.export.
 
 # `lowering.decode_method: auto` adds the one-token method to programs whose context exceeds this.
 # At 512 positions it saves about 0.5 ms a token per cached full-attention layer (per-head 0.68 ms
-# against rows 0.18, bench/sdpa_depth.py on this 2-vCPU host), 2 % of E2B's decode with its 3 such
+# against rows 0.18 on the AVX-512 host; docs/design.md, "A one-token method"), 2 % of E2B's decode with its 3 such
 # layers; at 2,048 it saves 9 %. Lowering it costs a third more lowering time at any context.
 DECODE_METHOD_ABOVE_CONTEXT = 512
 
@@ -112,7 +112,7 @@ def lower_to_xnnpack(programs: dict[str, torch.export.ExportedProgram], per_op_m
     # One partitioner for every precision: the INT8-activation INT4 linears and the FP32 ops between
     # them land in the same subgraphs. A dynamically-quantized-only partitioner first (ExecuTorch's
     # Llama recipe) cut the demo model into 158 delegates instead of 16, with bit-identical logits,
-    # and every delegate costs its own XNNPACK preprocessing (bench/LOG.md, "Lowering time").
+    # and every delegate costs its own XNNPACK preprocessing (docs/design.md, "One XNNPACK partitioner").
     edge = to_edge_transform_and_lower(
         programs, partitioner=[XnnpackPartitioner(per_op_mode=per_op_mode)], constant_methods=metadata
     )

@@ -24,7 +24,7 @@ def flush_denormals(threads: int | None = None) -> bool:
     operators; ExecuTorch's custom ops between its delegates (`custom_sdpa`) do not. Measured on
     the e2b-4l program at 4,000 tokens of context, 2 threads: decode 39-50 ms a token from a varied
     prompt against 24-29 ms from a constant one (whose attention has no such tails); flushed, the
-    varied prompt 25-35 ms (bench/LOG.md). The setting lives in each thread's floating-point
+    varied prompt 25-35 ms (docs/design.md, "Flushing subnormal floats"). The setting lives in each thread's floating-point
     control register and a new thread copies its creator's, so the pool is restarted after it."""
     from executorch.extension.pybindings import portable_lib
 

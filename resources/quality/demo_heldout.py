@@ -7,7 +7,7 @@ blank lines, whitespace folded, leaving out doctest examples and shell sessions 
 paragraphs under 40 characters and any paragraph that is a line of the corpus. It reads the
 docstrings of the Python running it; the bundled file came from CPython 3.11.7:
 
-    .venv/bin/python bench/demo_heldout.py resources/quality/demo_heldout.txt
+    .venv/bin/python resources/quality/demo_heldout.py resources/quality/demo_heldout.txt
 
 tests/test_quality.py checks that no line of the result is a corpus line and that no run of 8
 words from it is in the lines the demo model trains on.
@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # File, archive and text utilities, the corpus's kind of module, none of them in the corpus.
 MODULES = ["zipfile", "gzip", "filecmp", "configparser", "shlex", "contextlib", "copy", "pprint"]
 MIN_CHARS = 40
@@ -36,8 +36,11 @@ def module_paragraphs(name: str) -> list[str]:
     docs = [module.__doc__]
     for attribute in sorted(dir(module)):
         value = getattr(module, attribute)
-        if not attribute.startswith("_") and getattr(value, "__module__", None) == name and (
-                inspect.isfunction(value) or inspect.isclass(value)):
+        if (
+            not attribute.startswith("_")
+            and getattr(value, "__module__", None) == name
+            and (inspect.isfunction(value) or inspect.isclass(value))
+        ):
             docs.append(value.__doc__)
     return [p for doc in docs for p in paragraphs(doc)]
 
