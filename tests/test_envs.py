@@ -23,7 +23,7 @@ def pinned_requirements(files=(*MAIN_REQUIREMENTS, LITERT_REQUIREMENTS)) -> dict
     for file in files:
         for line in (REPO / file).read_text().splitlines():
             line = line.split("#")[0].strip()
-            if line and not line.startswith("-r"):
+            if line and not line.startswith("-"):  # -r includes, -e .
                 assert "==" in line, f"{file}: {line} is not pinned with =="
                 name, version = line.split("==")
                 pins[normal_name(name)] = version

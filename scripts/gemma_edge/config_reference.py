@@ -2,9 +2,9 @@
 cannot disagree: one `##` section per top-level key, one table row per key (dotted path, type and
 allowed values, default, description), in schema order.
 
-    PYTHONPATH=scripts .venv/bin/python -m gemma_edge.config_reference                 # print it
-    PYTHONPATH=scripts .venv/bin/python -m gemma_edge.config_reference --write docs/config.md
-    PYTHONPATH=scripts .venv/bin/python -m gemma_edge.config_reference --check docs/config.md
+    .venv/bin/python -m gemma_edge.config_reference                 # print it
+    .venv/bin/python -m gemma_edge.config_reference --write docs/config.md
+    .venv/bin/python -m gemma_edge.config_reference --check docs/config.md
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .config import load_schema
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "schemas/config.schema.yaml"
 PAGE = "docs/config.md"
-COMMAND = f"PYTHONPATH=scripts .venv/bin/python -m gemma_edge.config_reference --write {PAGE}"
+COMMAND = f".venv/bin/python -m gemma_edge.config_reference --write {PAGE}"
 TYPE_OF = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null"}
 
 OVERRIDES = """\
