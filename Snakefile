@@ -15,11 +15,17 @@ min_version("9.0")
 os.environ.update(PYTHONHASHSEED="0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
-from gemma_edge import terminal  # noqa: E402
+from gemma_edge import stale_lock, terminal  # noqa: E402
 from gemma_edge.config import validate_config  # noqa: E402
 
 # One sentence on the terminal per failed step (its log has the rest), and Ctrl-C told from a failure.
 terminal.install(workflow)
+
+# A run killed outright (SIGKILL: the OOM killer, a power cut) leaves its lock on this folder, and
+# snakemake would refuse the same command: taken over when no other snakemake works here (stale_lock).
+# Only by the run itself: a cluster job reads this file too, on a node that cannot see the run.
+if workflow.is_main_process and stale_lock.take_over():
+    print("Removed the lock a killed snakemake run left on this folder: resuming.", file=sys.stderr)
 
 
 # config.yaml beside this Snakefile holds the defaults, found from any working directory; Snakemake

@@ -159,9 +159,11 @@ def test_a_step_that_could_not_say_why_still_gets_one_sentence(monkeypatch):
     assert formatter.format(_rule_exception("died with <Signals.SIGKILL: 9>")) == ""
     job_error = _record(LogEvent.JOB_ERROR, rule_name="export", log=["logs/demo/fp32/export.log"])
     assert formatter.format(job_error) == (
-        "export failed: its process was killed by SIGKILL (often the kernel's "
-        "out-of-memory killer) (full log: logs/demo/fp32/export.log)"
+        "export failed: its process was killed by SIGKILL (often the kernel's out-of-memory killer); nothing partial "
+        "was kept: re-run the same command to resume (full log: logs/demo/fp32/export.log)"
     )
+    assert formatter.format(_rule_exception("died with <Signals.SIGSEGV: 11>")) == ""
+    assert formatter.format(job_error) == "export failed: its process was killed by SIGSEGV (full log: logs/demo/fp32/export.log)"
     assert terminal.describe_exit(137) == terminal.describe_exit(-9)  # bash's status for a child killed by SIGKILL
     assert terminal.describe_exit(1) == "its process exited with status 1 without saying why"
     # A step that reported its failure adds nothing; an unrelated record is Snakemake's own.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import atomic_output
+from .artifacts import DiskFull, atomic_output
 from .decoder import example_inputs, one_token_custom_sdpa, one_token_sliding_attention
 from .runtime import DECODE_METHOD, PteDecoder
 from .steplog import log_memory
@@ -180,7 +180,9 @@ def smoke_run(pte_path: Path, bos_id: int) -> None:
 
 
 def write_pte(manager, path: Path) -> None:
-    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+    # The serialized program's exact size (ExecuTorch assembles it as a Cord before writing it).
+    size = len(getattr(manager, "_pte_data", None) or b"")
+    with atomic_output(path, min_bytes=size) as tmp, open(tmp, "wb") as handle:
         manager.write_to_file(handle)
 
 
@@ -211,7 +213,7 @@ def lower_with_fallback(
             smoke_run(pte_path, metadata["get_bos_id"])
         except Exception as error:  # noqa: BLE001 - any rejection of the fused path triggers the fallback
             pte_path.unlink(missing_ok=True)
-            if mode or len(attempts) == 1:
+            if mode or len(attempts) == 1 or isinstance(error, DiskFull):  # a full disk is no rejection
                 raise
             record["fused_rejection"] = f"{type(error).__name__}: {error}"
             log.warning("XNNPACK rejected the fused program (%s); falling back to per_op_mode=True", error)

@@ -80,7 +80,7 @@ def download(
 
 def export(checkpoint_manifest: Path, max_seq_len: int, dtype: str, attention: str, out: Path, out_manifest: Path) -> dict:
     from .checkpoint import load_checkpoint
-    from .export import check_reloaded, export_decoder, max_abs_diff_on_prompt, write_program
+    from .export import check_reloaded, export_decoder, max_abs_diff_on_prompt, saved_bytes, write_program
 
     if dtype != "float32":
         raise ValueError(f"export.dtype {dtype!r} is not supported yet; use float32")
@@ -93,7 +93,7 @@ def export(checkpoint_manifest: Path, max_seq_len: int, dtype: str, attention: s
     log.info("exported program vs eager: max |logits diff| %.3g", drift)
     if drift > 1e-3:
         raise RuntimeError(f"the exported program disagrees with the eager model (max |logits diff| {drift:.3g})")
-    with artifacts.atomic_output(out) as tmp:
+    with artifacts.atomic_output(out, min_bytes=saved_bytes(program)) as tmp:
         fingerprint = write_program(program, tmp)
         del program, model  # one copy of the weights at a time: the reload below is the second
         check_reloaded(tmp, fingerprint)
@@ -107,13 +107,13 @@ def export(checkpoint_manifest: Path, max_seq_len: int, dtype: str, attention: s
 
 
 def quantize(program_path: Path, group_size: int, embeddings: str, out: Path, out_manifest: Path) -> dict:
-    from .export import check_reloaded, load_program, write_program
+    from .export import check_reloaded, load_program, saved_bytes, write_program
     from .quantize import quantize_program
 
     verify_against_manifest(program_path)
     quantized, report = quantize_program(load_program(program_path), group_size, embeddings)
     log_memory("quantizing and re-exporting")
-    with artifacts.atomic_output(out) as tmp:
+    with artifacts.atomic_output(out, min_bytes=saved_bytes(quantized)) as tmp:
         fingerprint = write_program(quantized, tmp)
         del quantized
         check_reloaded(tmp, fingerprint)

@@ -9,7 +9,7 @@ Snakemake's terminal handler (its log file under .snakemake/log/ keeps everythin
 - a step that reported its failure (exit status EXIT_REPORTED) adds nothing to its sentence;
 - a step that was interrupted (Ctrl-C or SIGTERM) adds nothing: the run's end says it was cancelled;
 - any other failed step (killed by the kernel, crashed before it could report) gets one sentence
-  naming how its process ended and its log;
+  naming how its process ended and its log (a SIGKILL: that nothing partial was kept);
 - a config refusal (while the Snakefile is read, or while a rule checks what its job needs) is
   its own sentence, without Snakemake's frame and traceback;
 - the run's closing error lines give way to the Snakefile's `onerror` sentence.
@@ -69,6 +69,16 @@ def describe_exit(status: int) -> str:
     return f"its process exited with status {status} without saying why"
 
 
+def failure_sentence(rule: str, status: int) -> str:
+    """What the terminal says of a step that ended without saying why. A SIGKILL (the OOM killer,
+    `kill -9`) is the one ending a step cannot clean up after; its outputs are only ever renamed
+    into place whole, and the next run removes its temporaries (artifacts.atomic_output)."""
+    sentence = f"{rule} failed: {describe_exit(status)}"
+    if status in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        sentence += "; nothing partial was kept: re-run the same command to resume"
+    return sentence
+
+
 class OneSentencePerFailure(logging.Formatter):
     """Wraps Snakemake's formatter on the terminal handler; "" means print nothing."""
 
@@ -106,7 +116,7 @@ class OneSentencePerFailure(logging.Formatter):
                 return ""
             if status is not None:
                 logs = ", ".join(record.log) or "none (the rule has no log:)"
-                return f"{record.rule_name} failed: {describe_exit(status)} (full log: {logs})"
+                return f"{failure_sentence(record.rule_name, status)} (full log: {logs})"
         elif _is_closing_line(record.getMessage()) and self.onerror_runs():
             return ""
         return self.inner.format(record)
