@@ -2,7 +2,13 @@ import json
 import re
 
 from gemma_edge import variant
-from gemma_edge.config import check_lengths_fit, check_prompts_fit, prompt_token_counts, requirement_pins, step_memory_mb
+from gemma_edge.config import (
+    check_lengths_fit,
+    check_prompts_fit,
+    checkpoint_prompt_counts,
+    requirement_pins,
+    step_memory_mb,
+)
 
 # Paths and config lookups shared by every stage. Artifacts live under results/<model>/<quant>/…
 # so that models, group sizes and lowering modes coexist and switching back is free.
@@ -256,13 +262,11 @@ def peer_files(target):
 
 def verify_prompts(wildcards):
     """verify.prompts, each checked against export.max_seq_len with the model's own tokenizer once it
-    is downloaded (the check runs as Snakemake builds the jobs, so only when verify is needed)."""
+    is downloaded (the check runs as Snakemake builds the jobs, so only when verify is needed).
+    Before the download only a lower bound is known: the context_check step (rules/export.smk)
+    then counts them as soon as the tokenizer exists, before the model's first export."""
     prompts = config["verify"]["prompts"]
-    counts = None
-    manifest = Path(f"results/{wildcards.model}/checkpoint.json")
-    if manifest.exists():
-        tokenizer = Path(json.loads(manifest.read_text())["path"]) / "tokenizer.json"
-        counts = prompt_token_counts(tokenizer, prompts) if tokenizer.exists() else None
+    counts = checkpoint_prompt_counts(f"results/{wildcards.model}/checkpoint.json", prompts)
     check_prompts_fit(prompts, counts, config["verify"]["max_new_tokens"], config["export"]["max_seq_len"])
     return prompts
 

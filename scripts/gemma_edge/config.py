@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -110,10 +111,22 @@ def prompt_token_counts(tokenizer_path: Path, prompts: list[str]) -> list[int]:
     ]
 
 
+def checkpoint_prompt_counts(checkpoint_manifest: Path, prompts: list[str]) -> list[int] | None:
+    """prompt_token_counts with the tokenizer of a downloaded checkpoint (its record,
+    results/<model>/checkpoint.json), or None before the download or for a checkpoint without a
+    tokenizer.json."""
+    manifest = Path(checkpoint_manifest)
+    if not manifest.exists():
+        return None
+    tokenizer = Path(json.loads(manifest.read_text(encoding="utf-8"))["path"]) / "tokenizer.json"
+    return prompt_token_counts(tokenizer, prompts) if tokenizer.exists() else None
+
+
 def check_prompts_fit(prompts: list[str], counts: list[int] | None, max_new_tokens: int, max_seq_len: int) -> None:
     """verify.prompts: each prompt's positions plus verify.max_new_tokens within max_seq_len.
     Without token counts (the tokenizer is not downloaded yet) a prompt takes at least two (BOS
-    and one token); the verify step checks the exact counts before it loads anything."""
+    and one token); the context_check step counts them exactly before the model's first export,
+    and the verify step before it loads anything."""
     bound = "" if counts else "at least "
     counts = counts or [2] * len(prompts)
     for index, (prompt, count) in enumerate(zip(prompts, counts)):
