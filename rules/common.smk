@@ -3,6 +3,7 @@ import re
 
 from gemma_edge import variant
 from gemma_edge.config import (
+    HOUSEKEEPING_KEYS,
     check_lengths_fit,
     check_prompts_fit,
     checkpoint_prompt_counts,
@@ -83,8 +84,14 @@ def hub_folder_name(repo_id):
     return "--".join(repo_id.split("/"))
 
 
+def device_settings(target):
+    """A target's settings as its steps' params: without the housekeeping keys (keep_models, …),
+    which the step scripts read from the config themselves, so that changing one re-runs nothing."""
+    return {key: value for key, value in config["targets"][target].items() if key not in HOUSEKEEPING_KEYS}
+
+
 def target_settings(wildcards):
-    return config["targets"][wildcards.target]
+    return device_settings(wildcards.target)
 
 
 def runtime_pins():

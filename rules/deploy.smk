@@ -114,12 +114,36 @@ for target_name in config["targets"]:
             **{f"device_{target_name}": 1},
         params:
             target=target_name,
-            settings=config["targets"][target_name],
+            settings=device_settings(target_name),
             peers=peer_plan(target_name),
         message:
             f"Uploading {{input.pte}} and the peers' programs and models to {target_name}"
         script:
             "../scripts/deploy.py"
+
+    # On demand: `snakemake clean_<target>` removes everything the workflow put on the device but
+    # its virtualenv, and this host's records of it (its output is a temp file, so it runs each time).
+    rule:
+        name:
+            f"clean_{target_name}"
+        output:
+            record=temp(f"results/{target_name}/cleaned.json"),
+        log:
+            f"logs/targets/{target_name}/clean.log",
+        benchmark:
+            f"benchmarks/targets/{target_name}/clean.tsv"
+        localrule: True
+        conda:
+            "../envs/deploy.yaml"
+        resources:
+            **{f"device_{target_name}": 1},
+        params:
+            target=target_name,
+            settings=device_settings(target_name),
+        message:
+            f"Removing what the workflow put on {target_name}, all but its virtualenv"
+        script:
+            "../scripts/clean.py"
 
     rule:
         name:
@@ -143,6 +167,9 @@ for target_name in config["targets"]:
             f"logs/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/bench.log",
         benchmark:
             f"benchmarks/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/bench.tsv"
+        # Ahead of the next deploy when both are ready: each deploy keeps only keep_models earlier
+        # programs on the device, so a benchmark runs while its program is still there.
+        priority: 1
         localrule: True
         conda:
             "../envs/deploy.yaml"
@@ -150,7 +177,7 @@ for target_name in config["targets"]:
             **{f"device_{target_name}": 1},
         params:
             target=target_name,
-            settings=config["targets"][target_name],
+            settings=device_settings(target_name),
             bench=bench_settings,
         message:
             f"Benchmarking decode on {target_name}: the .pte, then each peer engine, one at a time"

@@ -18,6 +18,7 @@ def main(snakemake):
         o.bench,
         o.parity_log,
         o.parity,
+        deploy.Housekeeping.of(snakemake.config["targets"][snakemake.params.target]),  # from the config: re-runs nothing
     )
 
 

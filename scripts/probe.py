@@ -5,7 +5,9 @@ from gemma_edge.steplog import rule_log
 
 
 def main(snakemake):
-    deploy.probe(snakemake.wildcards.target, snakemake.params.settings, snakemake.output.platform)
+    target = snakemake.wildcards.target
+    house = deploy.Housekeeping.of(snakemake.config["targets"][target])  # from the config: re-runs nothing
+    deploy.probe(target, snakemake.params.settings, snakemake.output.platform, house)
 
 
 with rule_log(snakemake.log[0], "probe"):

@@ -63,6 +63,7 @@ SAME_WORKER = {
     "test_deploy.py": "deployed",
     "test_sweep.py": "deployed",
     "test_slurm.py": "deployed",
+    "test_device_storage.py": "deployed",
     "test_emulated.py": "emulator",
     "test_emulator.py": "emulator",
 }

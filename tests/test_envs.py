@@ -107,6 +107,8 @@ STAGES = [
     ("report", ["results/summary.csv"]),
 ]
 NOT_RUN = {  # with where the suite runs them instead (in the main virtualenv)
+    "clean_loopback": "removes what the other device steps of the same run need: test_deploy runs it",
+    "clean_local": "the local target has nothing on a device to remove: test_deploy runs clean_loopback",
     "perf_litert": "LiteRT-LM's host timing, minutes of conversion and timing: test_litert runs it",
     "perf_projection": "the projection needs two perf tables of models of one shape: test_perf runs it",
 }

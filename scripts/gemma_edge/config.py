@@ -138,6 +138,13 @@ def check_prompts_fit(prompts: list[str], counts: list[int] | None, max_new_toke
             )
 
 
+# A device target's housekeeping keys: how it shares the device and its storage, never what a
+# result is. The rules leave them out of the device steps' params (device_settings in
+# rules/common.smk) and the step scripts read them from the config (deploy.Housekeeping), so
+# changing one re-runs no step.
+HOUSEKEEPING_KEYS = ("keep_models", "keep_wheelhouse", "lock_timeout_s")
+
+
 def requirement_pins(path: Path) -> dict[str, str]:
     """name -> version of each `name==version` line of a pip requirements file (comments, options
     and `-r` includes skipped), names in their normal form (lower case, `-` for `_` and `.`)."""

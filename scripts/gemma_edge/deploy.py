@@ -9,17 +9,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
-from . import artifacts, bandwidth, device_bench, peer_bench, ssh
+from . import artifacts, bandwidth, device_bench, device_lock, device_storage, peer_bench, ssh
 from .artifacts import read_json, write_json
+from .config import HOUSEKEEPING_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,31 @@ RUNTIME_PACKAGES = ("executorch", "torch")
 
 class DeviceError(RuntimeError):
     """The device is not fit to run the benchmark; the message says why."""
+
+
+@dataclass(frozen=True)
+class Housekeeping:
+    keep_models: int = 1  # earlier deployments kept beside the one deployed and the configured variant's
+    keep_wheelhouse: bool = False  # leave the wheels on the device after a verified install
+    lock_timeout_s: float = 3600.0  # how long a step waits for another run's hold on the device
+
+    @classmethod
+    def of(cls, target: dict) -> Housekeeping:
+        return cls(**{key: target[key] for key in HOUSEKEEPING_KEYS if key in target})
+
+
+def local_lock_file() -> Path:
+    """The `local` target's lock: this machine, whichever working directory times it."""
+    cache = Path(os.environ.get("GEMMA_EDGE_CACHE", Path.home() / ".cache/gemma-edge"))
+    return cache / "locks" / "local.lock"
+
+
+@contextmanager
+def holding_device(client, name: str, settings: dict, step: str, house: Housekeeping):
+    """This device to this step alone, across working directories (gemma_edge.device_lock)."""
+    layout = remote_layout(settings)
+    with device_lock.held_over_ssh(client, name, settings["python"], layout["work"], step, house.lock_timeout_s):
+        yield
 
 
 def ssh_target(settings: dict) -> ssh.SshTarget:
@@ -71,6 +100,7 @@ def remote_layout(settings: dict) -> dict:
         "work": work,
         "runner": f"{work}/runner",
         "models": f"{work}/models",
+        "peers": f"{work}/peers",
         "wheelhouse": f"{work}/wheelhouse",
         "python": python,
     }
@@ -107,12 +137,12 @@ def is_emulated(settings: dict, facts: dict) -> bool:
     return bool(settings.get("emulated") or facts.get("emulator"))
 
 
-def probe(name: str, settings: dict, out: Path) -> dict:
+def probe(name: str, settings: dict, out: Path, house: Housekeeping = Housekeeping()) -> dict:
     """What the device is, as its own system Python reports it before anything is installed: the
     host builds the device's wheelhouse for this platform."""
     layout = remote_layout(settings)
     timeout = settings["command_timeout_s"]
-    with connection(settings) as client:
+    with connection(settings) as client, holding_device(client, name, settings, "probe", house):
         upload_runner(client, layout, timeout)
         facts = remote_facts(client, layout, timeout, python=settings["python"])
     record = {"target": name, "kind": settings["kind"], "emulated": is_emulated(settings, facts), **facts}
@@ -137,6 +167,7 @@ def provision(
     platform_path: Path | None = None,
     wheelhouse_path: Path | None = None,
     wheel_dir: Path | None = None,
+    house: Housekeeping = Housekeeping(),
 ) -> dict:
     host_versions = host_runtime_versions()
     if settings["kind"] == "local":
@@ -144,7 +175,7 @@ def provision(
     else:
         wheelhouse_record = read_json(wheelhouse_path) if wheelhouse_path else None
         probed = read_json(platform_path) if platform_path else {}
-        facts, wheels = provision_ssh(settings, host_versions, probed, wheelhouse_record, wheel_dir)
+        facts, wheels = provision_ssh(name, settings, host_versions, probed, wheelhouse_record, wheel_dir, house)
     check_versions(facts["versions"], host_versions)
     try:
         checked = device_bench.preflight(facts)
@@ -171,6 +202,38 @@ def provision(
     return record
 
 
+def clean(name: str, settings: dict, results: Path, house: Housekeeping = Housekeeping()) -> dict:
+    """Remove everything the workflow put on an SSH device but its virtualenv: deployed programs,
+    peers, the wheelhouse and the benchmark runner. This host's records of what the device held
+    (`results/<target>/device.json` and every `deployed.json`) go too, so the next run provisions
+    (installing nothing) and deploys again."""
+    removed = []
+    if settings["kind"] == "ssh":
+        layout = remote_layout(settings)
+        short = settings["command_timeout_s"]
+        paths = [layout["models"], layout["peers"], layout["wheelhouse"], layout["runner"]]
+        with connection(settings) as client, holding_device(client, name, settings, "clean", house):
+            _, out, _ = ssh.run_shell(
+                client, "du -sk -- " + " ".join(shlex.quote(p) for p in paths) + " 2>/dev/null", short, check=False
+            )
+            removed = [
+                {"path": path, "bytes": int(kb) * 1024}
+                for kb, path in (line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+            ]
+            ssh.run(client, ["rm", "-rf", "--", *paths], short)
+        log.info(
+            "%s: removed %s (%.1f MB); the virtualenv stays",
+            name,
+            ", ".join(r["path"] for r in removed) or "nothing (the device held none of it)",
+            sum(r["bytes"] for r in removed) / 1e6,
+        )
+    records = [Path(results) / "device.json", *sorted(Path(results).rglob("deployed.json"))]
+    for record in records:
+        if record.exists():
+            record.unlink()
+    return {"target": name, "removed": removed, "records_removed": [str(r) for r in records]}
+
+
 def local_facts() -> dict:
     result = subprocess.run(
         [sys.executable, "-m", "gemma_edge.device_bench", "facts", "--out", "-"],
@@ -188,12 +251,18 @@ def _local_env() -> dict:
 
 
 def provision_ssh(
-    settings: dict, host_versions: dict, probed: dict, wheelhouse_record: dict | None, wheel_dir: Path | None
+    name: str,
+    settings: dict,
+    host_versions: dict,
+    probed: dict,
+    wheelhouse_record: dict | None,
+    wheel_dir: Path | None,
+    house: Housekeeping = Housekeeping(),
 ) -> tuple[dict, dict | None]:
     layout = remote_layout(settings)
     timeout = settings["command_timeout_s"]
     wheels = None
-    with connection(settings) as client:
+    with connection(settings) as client, holding_device(client, name, settings, "provision", house):
         ssh.run(client, ["mkdir", "-p", layout["models"], layout["wheelhouse"]], timeout)
         ssh.remove_stale_uploads(client, layout["models"], timeout)
         ssh.remove_stale_uploads(client, layout["wheelhouse"], timeout)
@@ -201,6 +270,12 @@ def provision_ssh(
             if wheelhouse_record is None:
                 raise DeviceError("create_venv is on but no wheelhouse was built for this device")
             wheels = install_wheelhouse(client, settings, layout, host_versions, probed, wheelhouse_record, Path(wheel_dir))
+            wheels["wheelhouse_kept"] = house.keep_wheelhouse
+            if not house.keep_wheelhouse:
+                # Installed and verified: the wheels would only hold the device's disk (2.8 GB for
+                # E2B's runtime). A later install uploads just the wheels it then lacks.
+                ssh.run(client, ["rm", "-rf", "--", layout["wheelhouse"]], timeout)
+                log.info("removed the wheelhouse from the device after the verified install (keep_wheelhouse: false)")
         upload_runner(client, layout, timeout)
         return remote_facts(client, layout, timeout), wheels
 
@@ -315,11 +390,25 @@ def wheels_not_installed(client, venv_python: str, wheels: list[dict], timeout: 
 # ---- deploy ----------------------------------------------------------------------------------
 
 
-def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path, peers: list[dict] | None = None) -> dict:
+def deploy(
+    name: str,
+    settings: dict,
+    pte: Path,
+    tokenizer: Path,
+    out: Path,
+    peers: list[dict] | None = None,
+    configured: str | None = None,
+    house: Housekeeping = Housekeeping(),
+) -> dict:
     """Put the .pte and tokenizer on the device, and each peer engine's program and model (see
-    `place_peers`), atomically, skipped when already there."""
+    `place_peers`), atomically, skipped when already there. On a device reached over SSH, first
+    remove the earlier deployments it no longer keeps (gemma_edge.device_storage), so the disk
+    check before each upload counts the space they held; `configured` is the configured variant
+    (<model>/<quant>/xnnpack-<mode>), whose newest deployment stays."""
     started = time.monotonic()
     pte_sha = artifacts.sha256_file(pte)
+    variant = "/".join(Path(pte).parts[-4:-1])  # results/<model>/<quant>/xnnpack-<mode>/model.pte
+    removed, uploads = [], []
     if settings["kind"] == "local":
         # Relative to the working directory (where the local benchmark runs) when inside it.
         files = {
@@ -336,22 +425,41 @@ def deploy(name: str, settings: dict, pte: Path, tokenizer: Path, out: Path, pee
         )
     else:
         layout = remote_layout(settings)
-        timeout = settings["transfer_timeout_s"]
+        timeout, short = settings["transfer_timeout_s"], settings["command_timeout_s"]
         folder = f"{layout['models']}/{pte_sha[:16]}"
-        with connection(settings) as client:
+        peer_folders = {artifacts.sha256_file(local)[:16] for local, _ in peer_files_to_place(peers or [])}
+        with connection(settings) as client, holding_device(client, name, settings, f"deploy {variant}", house):
             # Uploads an earlier run lost with its connection live in the models' folders.
-            ssh.remove_stale_uploads(client, layout["models"], settings["command_timeout_s"])
-            ssh.run(client, ["mkdir", "-p", folder], settings["command_timeout_s"])
+            ssh.remove_stale_uploads(client, layout["models"], short)
+            listing = device_storage.list_device(client, settings["python"], layout["work"], short)
+            old_models, old_peers = device_storage.plan_removal(
+                listing, pte_sha[:16], configured, house.keep_models, peer_folders
+            )
+            removed = device_storage.remove_folders(client, layout["work"], old_models, old_peers, short)
+            ssh.run(client, ["mkdir", "-p", folder], short)
+
+            def put(local: Path, remote: str, kind: str) -> dict:
+                placed_file = ssh.upload_atomically(client, local, remote, timeout)
+                if kind == "program":
+                    ssh.run(client, ["chmod", "+x", remote], short)
+                uploads.append({"host": artifacts.portable_path(local), "device": remote, "kind": kind})
+                return placed_file
+
             files = {
-                "pte": ssh.upload_atomically(client, pte, f"{folder}/model.pte", timeout),
-                "tokenizer": ssh.upload_atomically(client, tokenizer, f"{folder}/tokenizer.json", timeout),
+                "pte": put(pte, f"{folder}/model.pte", "pte"),
+                "tokenizer": put(tokenizer, f"{folder}/tokenizer.json", "tokenizer"),
             }
-            placed = place_peers(peers or [], lambda local, kind: upload_peer_file(client, settings, layout, local, kind))
+            placed = place_peers(peers or [], lambda local, kind: upload_peer_file(client, settings, layout, local, kind, put))
+            device_storage.write_marker(client, folder, variant, sorted(peer_folders), short)
     record = {
         "target": name,
         "kind": settings["kind"],
+        "variant": variant,
         "files": files,
         "peers": placed,
+        "uploads": uploads,
+        "removed": removed,
+        "peer_folders": sorted(peer_folders) if settings["kind"] != "local" else [],
         "weight_bytes": weights_of(pte, peers or []),
         "seconds": time.monotonic() - started,
     }
@@ -396,16 +504,25 @@ def place_peers(peers: list[dict], put) -> list[dict]:
     return placed
 
 
-def upload_peer_file(client, settings: dict, layout: dict, local: Path, kind: str) -> dict:
-    """A peer's program (made executable), runtime wheel or model under <workdir>/peers/<sha256 prefix>/."""
+def peer_files_to_place(peers: list[dict]) -> list[tuple[Path, str]]:
+    """(host file, kind) of each file `place_peers` puts on the device: each available peer's
+    program and model."""
+    files = []
+    for peer in peers:
+        program = read_json(peer["program"]) if "program" in peer else {"available": False}
+        if program["available"]:
+            files += [(Path(program["binary"]), program.get("kind", "program")), (Path(peer["model"]), "model")]
+    return files
+
+
+def upload_peer_file(client, settings: dict, layout: dict, local: Path, kind: str, put) -> dict:
+    """A peer's program (made executable), runtime wheel or model under <workdir>/peers/<sha256
+    prefix>/, placed with `put(local, remote, kind)`."""
     digest = artifacts.sha256_file(local)
-    folder = f"{layout['work']}/peers/{digest[:16]}"
+    folder = f"{layout['peers']}/{digest[:16]}"
     ssh.run(client, ["mkdir", "-p", folder], settings["command_timeout_s"])
     ssh.remove_stale_uploads(client, folder, settings["command_timeout_s"])
-    uploaded = ssh.upload_atomically(client, local, f"{folder}/{local.name}", settings["transfer_timeout_s"])
-    if kind == "program":
-        ssh.run(client, ["chmod", "+x", uploaded["path"]], settings["command_timeout_s"])
-    return uploaded
+    return put(local, f"{folder}/{local.name}", kind)
 
 
 # ---- bench -----------------------------------------------------------------------------------
@@ -443,12 +560,51 @@ def bench_spec(
     }
 
 
-def run_device_bench(name: str, settings: dict, deployed: dict, spec: dict) -> dict:
+def restore_removed_files(client, settings: dict, deployed: dict) -> None:
+    """Upload again what this deployment placed on the device and a later deploy removed (it
+    keeps only `keep_models` earlier deployments), and mark the deployment as just used."""
+    short = settings["command_timeout_s"]
+    uploads = deployed.get("uploads", [])
+    missing = set(device_storage.missing_on_device(client, [u["device"] for u in uploads], short))
+    for upload in (u for u in uploads if u["device"] in missing):
+        log.info("%s was removed from the device since its deploy (keep_models); uploading it again", upload["device"])
+        ssh.run(client, ["mkdir", "-p", os.path.dirname(upload["device"])], short)
+        ssh.upload_atomically(client, Path(upload["host"]), upload["device"], settings["transfer_timeout_s"])
+        if upload["kind"] == "program":
+            ssh.run(client, ["chmod", "+x", upload["device"]], short)
+    if "variant" in deployed:
+        folder = os.path.dirname(deployed["files"]["pte"]["path"])
+        device_storage.write_marker(client, folder, deployed["variant"], deployed.get("peer_folders", []), short)
+
+
+def run_device_bench(name: str, settings: dict, deployed: dict, spec: dict, house: Housekeeping = Housekeeping()) -> dict:
+    """The device's benchmark result, with `wall_clock`: when it held the device (lock taken, released)."""
+    step = f"bench {deployed.get('variant', '')}".strip()
     if settings["kind"] == "local":
-        return run_local_bench(deployed["files"]["pte"]["path"], spec, settings["bench_timeout_s"])
+        lock = device_lock.held_here(name, local_lock_file(), step, house.lock_timeout_s)
+    else:
+        lock = nullcontext()
+    with lock:
+        started = time.time()
+        if settings["kind"] == "local":
+            result = run_local_bench(deployed["files"]["pte"]["path"], spec, settings["bench_timeout_s"])
+        else:
+            result = run_ssh_bench(name, settings, deployed, spec, house)
+        held_from = result.pop("locked_at", started)
+        return {**result, "wall_clock": {"started": held_from, "finished": time.time()}}
+
+
+def run_ssh_bench(name: str, settings: dict, deployed: dict, spec: dict, house: Housekeeping) -> dict:
+    step = f"bench {deployed.get('variant', '')}".strip()
     layout = remote_layout(settings)
     folder = os.path.dirname(deployed["files"]["pte"]["path"])
-    with connection(settings) as client, tempfile.TemporaryDirectory() as scratch:
+    with (
+        connection(settings) as client,
+        holding_device(client, name, settings, step, house),
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        locked_at = time.time()
+        restore_removed_files(client, settings, deployed)
         check_versions(remote_facts(client, layout, settings["command_timeout_s"])["versions"], host_runtime_versions())
         spec_path = Path(scratch) / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -474,7 +630,7 @@ def run_device_bench(name: str, settings: dict, deployed: dict, spec: dict) -> d
                 raise DeviceError(bench_failure(name, status, stderr))
             local_out = Path(scratch) / "bench.json"
             ssh.download_file(client, remote_out, local_out, settings["command_timeout_s"])
-            return json.loads(local_out.read_text())
+            return {**json.loads(local_out.read_text()), "locked_at": locked_at}
         finally:
             if client.get_transport().is_active():
                 ssh.run(client, ["rm", "-f", remote_spec, remote_out], settings["command_timeout_s"], check=False)
@@ -526,6 +682,11 @@ def bench_failure(name: str, status: int, stderr: str) -> str:
             f"{name}: the device's ExecuTorch runtime rejected the .pte ({rejected.strip()[-400:]}); if XNNPACK rejects "
             "fused subgraphs there, lower with lowering.per_op_mode: true"
         )
+    # Killed by a signal: a subprocess's negative status, or a shell's 128 + the signal's number.
+    signum = -status if status < 0 else status - 128 if 128 < status < 160 else None
+    if signum in (signal.SIGKILL, signal.SIGTERM, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS):
+        cause = " (often the out-of-memory killer)" if signum == signal.SIGKILL else ""
+        return f"the benchmark on {name} was killed by {signal.Signals(signum).name}{cause}; re-run the same command"
     return f"the benchmark failed on {name} (exit {status}): {stderr.strip()[-2000:]}"
 
 
@@ -671,6 +832,7 @@ def bench(
     out_bench: Path,
     out_log: Path,
     out_parity: Path,
+    house: Housekeeping = Housekeeping(),
 ) -> dict:
     deployed, device = read_json(deployed_path), read_json(device_path)
     pte_manifest, host_parity, checkpoint = read_json(pte_manifest_path), read_json(host_parity_path), read_json(checkpoint_path)
@@ -685,9 +847,7 @@ def bench(
         deployed["files"]["tokenizer"]["path"],
         bool(device.get("emulated")),
     )
-    started = time.time()
-    result = run_device_bench(name, settings, deployed, spec)
-    finished = time.time()
+    result = run_device_bench(name, settings, deployed, spec, house)
     runner = result.get("executorch_runner")
     rows = compare_tokens(host_parity, result.pop("parity_tokens"), runner)
     add_bandwidth_fractions(result, deployed.get("weight_bytes") or {})
@@ -712,7 +872,6 @@ def bench(
         },
         "versions": {"host": artifacts.package_versions(), "device": device["versions"]},
         **result,
-        "wall_clock": {"started": started, "finished": finished},
         "parity": {
             "prompts": len(rows),
             "identical_to_host_pte": sum(r["matches_host_pte"] for r in rows),
