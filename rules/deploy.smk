@@ -122,16 +122,13 @@ for target_name in config["targets"]:
             "../scripts/deploy.py"
 
     # On demand: `snakemake clean_<target>` removes everything the workflow put on the device but
-    # its virtualenv, and this host's records of it (its output is a temp file, so it runs each time).
+    # its virtualenv, and this host's records of it. No output and no benchmark file (which would
+    # be one), so it runs each time it is asked; its log says what it removed.
     rule:
         name:
             f"clean_{target_name}"
-        output:
-            record=temp(f"results/{target_name}/cleaned.json"),
         log:
             f"logs/targets/{target_name}/clean.log",
-        benchmark:
-            f"benchmarks/targets/{target_name}/clean.tsv"
         localrule: True
         conda:
             "../envs/deploy.yaml"

@@ -3,15 +3,13 @@
 from pathlib import Path
 
 from gemma_edge import deploy
-from gemma_edge.artifacts import write_json
 from gemma_edge.steplog import rule_log
 
 
 def main(snakemake):
     target = snakemake.params.target
     house = deploy.Housekeeping.of(snakemake.config["targets"][target])
-    record = deploy.clean(target, snakemake.params.settings, Path("results") / target, house)
-    write_json(snakemake.output.record, record)
+    deploy.clean(target, snakemake.params.settings, Path("results") / target, house)
 
 
 with rule_log(snakemake.log[0], "clean"):

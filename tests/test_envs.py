@@ -67,7 +67,9 @@ def test_every_rule_names_an_existing_env_a_log_and_a_benchmark():
             assert env, f"rule {name} has no conda env"
             assert (REPO / env.group(1)).exists(), f"rule {name}: {env.group(1)} is missing"
             assert re.search(r"\n\s*log:", rule), f"rule {name} has no log"
-            assert re.search(r"\n\s*benchmark:", rule), f"rule {name} has no benchmark"
+            # clean_<target> runs each time it is asked: a benchmark file, being an output, would stop that.
+            on_demand = name.startswith('f"clean_')
+            assert on_demand or re.search(r"\n\s*benchmark:", rule), f"rule {name} has no benchmark"
     assert seen >= 11
 
 
