@@ -129,9 +129,14 @@ def pytest_xdist_make_scheduler(config, log):
     return ModuleGroups(config, log)
 
 
+def snakemake_argv(workdir: Path, *args: str) -> list[str]:
+    """The documented snakemake command for this checkout's Snakefile, run in `workdir`."""
+    return [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the workflow's Snakefile the documented way, in `workdir`."""
-    command = [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
+    command = snakemake_argv(workdir, *args)
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1800)
     if check and result.returncode != 0:
         raise AssertionError(

@@ -13,12 +13,11 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import REPO, write_config
+from conftest import snakemake_argv, write_config
 from gemma_edge import deploy, device_lock
 from gemma_edge.artifacts import read_json
 
@@ -161,19 +160,15 @@ def test_two_working_directories_never_time_one_device_at_once(workflow, sshd, t
                 },
             },
         )
-        command = [
-            str(Path(sys.executable).with_name("snakemake")),
-            "-s",
-            str(REPO / "Snakefile"),
-            "-d",
-            str(workdir),
+        command = snakemake_argv(
+            workdir,
             "--cores",
             "1",
             f"results/loopback/{VARIANT}/bench.json",
             "--configfile",
             str(workdir / workflow["config"].name),
             str(config),
-        ]
+        )
         runs.append((workdir, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     spans = []
     for workdir, run in runs:

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, write_config
+from conftest import snakemake_argv, write_config
 from gemma_edge import stale_lock, terminal
 from gemma_edge.artifacts import MANIFEST_SUFFIX, atomic_output, verify_against_manifest
 
@@ -108,7 +108,7 @@ class Run:
 
     def __init__(self, workdir: Path, *args: str):
         self.out, self.err = workdir.with_name("run.out"), workdir.with_name("run.err")
-        command = [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
+        command = snakemake_argv(workdir, *args)
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.process = subprocess.Popen(
                 command, stdout=out, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"}, process_group=0

@@ -9,12 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from snakemake_interface_logger_plugins.common import LogEvent
 
-from conftest import REPO, snakemake, write_config
+from conftest import REPO, snakemake, snakemake_argv, write_config
 from gemma_edge import terminal
 from gemma_edge.steplog import EXIT_REPORTED
 
@@ -65,16 +64,7 @@ def test_a_failing_step_prints_one_sentence_naming_its_log(tmp_path):
 def test_ctrl_c_cancels_cleanly_and_the_same_command_resumes(tmp_path):
     """SIGINT to snakemake's process group, as a terminal sends it, while the demo model trains."""
     config = write_config(tmp_path / "short.yaml", {"demo": {"train_steps": 20}})
-    command = [
-        str(Path(sys.executable).with_name("snakemake")),
-        "-s",
-        str(REPO / "Snakefile"),
-        "-d",
-        str(tmp_path),
-        DEMO_MARKER,
-        "--configfile",
-        str(config),
-    ]
+    command = snakemake_argv(tmp_path, DEMO_MARKER, "--configfile", str(config))
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
     step_log = tmp_path / DEMO_LOG
     try:
