@@ -71,6 +71,35 @@ def test_a_waiting_holder_gets_the_device_when_the_first_lets_go(sshd, tmp_path)
     assert order == ["A done", "B"]
 
 
+def test_a_holder_that_removes_the_lock_file_hands_the_device_to_a_waiter_still(sshd, tmp_path):
+    """clean removes the lock file as it lets go; a run waiting on that file must take the new one,
+    not an unlinked file nobody else sees (two holders at once)."""
+    settings = sshd.target(tmp_path / "device")
+    lock = tmp_path / "device" / device_lock.LOCK_NAME
+    seen = []
+
+    def second():
+        with holding(settings, "B"):
+            seen.append(json.loads(lock.read_text())["step"])
+            with pytest.raises(device_lock.DeviceBusy), holding(settings, "C", wait_s=1):
+                pass
+
+    with deploy.connection(settings) as client:
+        with deploy.holding_device(client, "loopback", settings, "clean", deploy.Housekeeping(), remove=True):
+            waiter = threading.Thread(target=second)
+            waiter.start()
+            time.sleep(3)
+        waiter.join(timeout=60)
+    assert seen == ["B"]
+    assert lock.read_text() == ""  # B's file, released; the held C was refused while B held it
+    with (
+        deploy.connection(settings) as client,
+        deploy.holding_device(client, "loopback", settings, "clean", deploy.Housekeeping(), remove=True),
+    ):
+        pass
+    assert not lock.exists()
+
+
 HOLD_IN_ANOTHER_PROCESS = """
 import json, sys, time
 from gemma_edge import deploy

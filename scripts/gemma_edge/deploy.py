@@ -64,11 +64,14 @@ def local_lock_file() -> Path:
 
 
 @contextmanager
-def holding_device(client, name: str, settings: dict, step: str, house: Housekeeping):
+def holding_device(client, name: str, settings: dict, step: str, house: Housekeeping, remove: bool = False):
     """This device to this step alone, across working directories (gemma_edge.device_lock)."""
     layout = remote_layout(settings)
-    with device_lock.held_over_ssh(client, name, settings["python"], layout["work"], step, house.lock_timeout_s):
-        yield
+    try:
+        with device_lock.held_over_ssh(client, name, settings["python"], layout["work"], step, house.lock_timeout_s, remove):
+            yield
+    except device_lock.HolderFailed as err:  # raised on entry only: the device's Python cannot run
+        raise DeviceError(str(err)) from None
 
 
 def ssh_target(settings: dict) -> ssh.SshTarget:
@@ -212,7 +215,7 @@ def clean(name: str, settings: dict, results: Path, house: Housekeeping = Housek
         layout = remote_layout(settings)
         short = settings["command_timeout_s"]
         paths = [layout["models"], layout["peers"], layout["wheelhouse"], layout["runner"]]
-        with connection(settings) as client, holding_device(client, name, settings, "clean", house):
+        with connection(settings) as client, holding_device(client, name, settings, "clean", house, remove=True):
             _, out, _ = ssh.run_shell(
                 client, "du -sk -- " + " ".join(shlex.quote(p) for p in paths) + " 2>/dev/null", short, check=False
             )

@@ -39,38 +39,53 @@ path, owner, wait = sys.argv[1], sys.argv[2], float(sys.argv[3])
 folder = os.path.dirname(path)
 if folder:
     os.makedirs(folder, exist_ok=True)
-lock = open(path, "a+")
-def record():
+def record(lock):
     lock.seek(0)
     return lock.read().strip() or "{}"
+def same_file(lock):
+    try:
+        return os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 started, told = time.monotonic(), False
 while True:
+    lock = open(path, "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        break
-    except OSError:
+    except BlockingIOError:
         if not told:
-            print("WAITING " + record(), flush=True)
+            print("WAITING " + record(lock), flush=True)
             told = True
         if time.monotonic() - started >= wait:
-            print("TIMEOUT " + record(), flush=True)
+            print("TIMEOUT " + record(lock), flush=True)
             sys.exit(3)
+        lock.close()
         time.sleep(0.5)
-found = record()
+        continue
+    if same_file(lock):
+        break
+    lock.close()  # its holder removed the file as it let go: take the one there now
+found = record(lock)
 lock.seek(0)
 lock.truncate()
 lock.write(owner)
 lock.flush()
 print("LOCKED " + found, flush=True)
-sys.stdin.read()
-lock.seek(0)
-lock.truncate()
-lock.flush()
+if sys.stdin.read().strip() == "REMOVE":
+    os.unlink(path)  # while still held: a waiter that opened this file sees it gone and reopens
+else:
+    lock.seek(0)
+    lock.truncate()
+    lock.flush()
 """
 
 
 class DeviceBusy(RuntimeError):
     """Another run held the device for longer than this run would wait; the message says who."""
+
+
+class HolderFailed(RuntimeError):
+    """The device's Python could not run the holder; the message has what it printed."""
 
 
 def owner_record(step: str) -> dict:
@@ -115,22 +130,33 @@ def wait_for_lock(name: str, lines, wait_s: float) -> None:
                 f"{name} is still in use by {describe(record)} after {wait_s:.0f} s (targets.<name>.lock_timeout_s): "
                 "re-run when it is free"
             )
-    raise DeviceBusy(f"{name}: the device lock could not be taken (the device's Python ended without a word)")
+    raise HolderFailed(f"{name}: the device lock could not be taken (the device's Python ended without a word)")
 
 
 @contextmanager
-def held_over_ssh(client, name: str, python: str, workdir: str, step: str, wait_s: float):
-    """Hold the device's lock for the block, through `client` (paramiko) and the device's `python`."""
+def held_over_ssh(client, name: str, python: str, workdir: str, step: str, wait_s: float, remove: bool = False):
+    """Hold the device's lock for the block, through `client` (paramiko) and the device's `python`.
+    With `remove`, the lock file goes as the block ends well (clean leaves nothing of ours)."""
     argv = [python, "-c", HOLDER, f"{workdir.rstrip('/')}/{LOCK_NAME}", json.dumps(owner_record(step)), str(wait_s)]
     channel = client.get_transport().open_session()
     channel.settimeout(wait_s + 120)  # the holder answers within wait_s; this bounds a silent device
     channel.exec_command(shlex.join(argv))
     stdout = channel.makefile("r")
     try:
-        wait_for_lock(name, stdout, wait_s)
+        try:
+            wait_for_lock(name, stdout, wait_s)
+        except HolderFailed:
+            said = channel.makefile_stderr("r").read().decode(errors="replace").strip().splitlines()
+            raise HolderFailed(
+                f"{name}: the device's Python ({python}) cannot run (exit {channel.recv_exit_status()}): "
+                f"{said[-1] if said else 'it printed nothing'}"
+            ) from None
         yield
+        if remove:
+            channel.sendall(b"REMOVE\n")
     finally:
         channel.shutdown_write()  # the holder reads end of input and lets the lock go
+        channel.status_event.wait(30)  # it has let go (and removed the file if asked) before we go on
         channel.close()
 
 
