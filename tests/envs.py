@@ -2,8 +2,10 @@
 rule's step sees only that environment, the way `snakemake --sdm conda` runs it.
 
 No conda channel is reachable from the test machines, so an `envs/*.yaml` file becomes a
-virtualenv with its pip list (the index options left to pip's own configuration). Each is built
-once per machine and kept under ~/.cache/gemma-edge/envs, keyed by its list and the interpreter.
+virtualenv with its pip list, installed by uv from the package sources pip is configured with on
+this machine (the file's own index options left out, as pip's configuration decides them). Each
+is built once per machine and kept under ~/.cache/gemma-edge/envs, keyed by its list and the
+interpreter.
 
 Under `--sdm conda` a rule's Python step runs with its environment's interpreter, and Snakemake's
 script preamble appends Snakemake's own `sys.path`: the step sees its environment first, then the
@@ -45,27 +47,53 @@ def llamacpp_wheels() -> list[Path]:
     return sorted(Path(CACHE.parent, "llama-cpp-python").glob(f"*-{platform.machine()}-*"))
 
 
+def pip_sources() -> list[str]:
+    """This machine's package sources as pip is configured with them (`pip config list`: a local
+    wheel folder or index mirror, as CI machines have), as uv options: uv reads no pip
+    configuration. Sources that are not there (pip ignores those with a warning) are left out."""
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    options = []
+    for line in listed.splitlines():
+        key, _, value = line.partition("=")
+        option = {"find-links": "--find-links", "extra-index-url": "--extra-index-url", "index-url": "--index-url"}.get(
+            key.rsplit(".", 1)[-1]
+        )
+        for source in value.strip().strip("'\"").split() if option else ():
+            local = source.removeprefix("file://")
+            if ("://" in local or Path(local).exists()) and source not in options:
+                options += [option, source]
+    # pip takes each package's best match across all its sources; uv's default stops at the first
+    # index that has the package at all.
+    return [*options, "--index-strategy", "unsafe-best-match"]
+
+
 def venv_with(name: str, packages: list[str]) -> Path:
-    """A virtualenv holding `packages` and what they depend on, nothing else; built once."""
+    """A virtualenv holding `packages` and what they depend on, nothing else; built once.
+
+    Made with uv (requirements-dev.txt) rather than pip: its cache links a package's files into
+    each environment, so the seven environments cost seconds each on a fresh machine where pip
+    took about two minutes apiece unpacking torch again."""
     key = hashlib.sha256("\n".join([sys.version, *sorted(packages)]).encode()).hexdigest()[:12]
     folder = CACHE / f"{name}-{key}"
     CACHE.mkdir(parents=True, exist_ok=True)
+    uv = str(Path(sys.executable).with_name("uv"))
     with FileLock(str(folder) + ".lock"):
         if (folder / "bin/python").exists():
             return folder
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(partial)], check=True)
+        # --relocatable: the rename below leaves its scripts' interpreter paths right.
+        subprocess.run([uv, "venv", "-q", "--relocatable", "--python", sys.executable, str(partial)], check=True)
         links = [arg for wheels in llamacpp_wheels() for arg in ("--find-links", str(wheels))]
         result = subprocess.run(
-            [str(partial / "bin/python"), "-m", "pip", "install", "-q", *links, *packages],
+            [uv, "pip", "install", "-q", "--python", str(partial / "bin/python"), *pip_sources(), *links, *packages],
             capture_output=True,
             text=True,
             timeout=1800,
         )
         if result.returncode != 0:
-            raise AssertionError(f"pip could not make the {name} environment:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-        partial.rename(folder)  # a virtualenv finds itself from its interpreter's path, so a move keeps it whole
+            raise AssertionError(f"uv could not make the {name} environment:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        partial.rename(folder)
     return folder
 
 
