@@ -32,6 +32,8 @@ CACHE = Path(os.environ.get("GEMMA_EDGE_CACHE", Path.home() / ".cache/gemma-edge
 # What the process running Snakemake imports itself: Snakemake, and tokenizers for the early
 # prompt-length check as jobs are built (rules/common.smk). docs/running.md says the same.
 DRIVER_PACKAGES = ("snakemake", "tokenizers")
+# How an environment is made, in its cache key: a change here makes each one again.
+MADE_BY = "uv venv --seed"
 
 
 def env_packages(env_file: Path) -> list[str]:
@@ -73,7 +75,7 @@ def venv_with(name: str, packages: list[str]) -> Path:
     Made with uv (requirements-dev.txt) rather than pip: its cache links a package's files into
     each environment, so the seven environments cost seconds each on a fresh machine where pip
     took about two minutes apiece unpacking torch again."""
-    key = hashlib.sha256("\n".join([sys.version, *sorted(packages)]).encode()).hexdigest()[:12]
+    key = hashlib.sha256("\n".join([sys.version, MADE_BY, *sorted(packages)]).encode()).hexdigest()[:12]
     folder = CACHE / f"{name}-{key}"
     CACHE.mkdir(parents=True, exist_ok=True)
     uv = str(Path(sys.executable).with_name("uv"))
@@ -82,8 +84,9 @@ def venv_with(name: str, packages: list[str]) -> Path:
             return folder
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
+        # --seed: pip in it, as each environment file lists it (the wheelhouse step runs pip);
         # --relocatable: the rename below leaves its scripts' interpreter paths right.
-        subprocess.run([uv, "venv", "-q", "--relocatable", "--python", sys.executable, str(partial)], check=True)
+        subprocess.run([uv, "venv", "-q", "--seed", "--relocatable", "--python", sys.executable, str(partial)], check=True)
         links = [arg for wheels in llamacpp_wheels() for arg in ("--find-links", str(wheels))]
         result = subprocess.run(
             [uv, "pip", "install", "-q", "--python", str(partial / "bin/python"), *pip_sources(), *links, *packages],

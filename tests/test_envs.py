@@ -157,6 +157,9 @@ def env_workdir(workflow, sshd, tmp_path_factory):
             "bench": {"prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "warmup": 1},
             "perf": {"prompt_lengths": [8], "new_tokens": 4, "repetitions": 1, "litert": False},
             "sweep": {"group_sizes": [128], "per_op_modes": ["auto"], "targets": ["local"]},
+            # The default: the workflow fixture's forced one-token method doubles the lowering,
+            # and it is not what these environments are tested for.
+            "lowering": {"decode_method": "auto"},
         },
     )
     return workdir, [str(workflow["config"]), str(overrides)]
