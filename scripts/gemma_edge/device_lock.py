@@ -26,6 +26,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import paramiko
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
@@ -155,9 +157,12 @@ def held_over_ssh(client, name: str, python: str, workdir: str, step: str, wait_
         if remove:
             channel.sendall(b"REMOVE\n")
     finally:
-        channel.shutdown_write()  # the holder reads end of input and lets the lock go
-        channel.status_event.wait(30)  # it has let go (and removed the file if asked) before we go on
-        channel.close()
+        try:
+            channel.shutdown_write()  # the holder reads end of input and lets the lock go
+            channel.status_event.wait(30)  # it has let go (and removed the file if asked) before we go on
+            channel.close()
+        except (EOFError, OSError, paramiko.SSHException):
+            pass  # the connection is gone (the block's own error says so): sshd ended the holder, the lock with it
 
 
 @contextmanager
