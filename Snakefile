@@ -14,9 +14,9 @@ min_version("9.0")
 # Set here, never read from the user, so it needs no `envvars:` entry.
 os.environ.update(PYTHONHASHSEED="0")
 
-sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
-from gemma_edge import stale_lock, terminal  # noqa: E402
-from gemma_edge.config import validate_config  # noqa: E402
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from gemma_edge.workflow import stale_lock, terminal  # noqa: E402
+from gemma_edge.workflow.config import validate_config  # noqa: E402
 
 # One sentence on the terminal per failed step (its log has the rest), and Ctrl-C told from a failure.
 terminal.install(workflow)

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 
 def main() -> None:
@@ -36,8 +36,9 @@ def main() -> None:
 
     from executorch.extension.pybindings import portable_lib
 
-    from gemma_edge.device_bench import summarise, synthetic_prompt, time_generation
-    from gemma_edge.runtime import PteDecoder, greedy_decode
+    from gemma_edge.device.peer_bench import summarise
+    from gemma_edge.device.runtime import PteDecoder, greedy_decode
+    from gemma_edge.device.timing import synthetic_prompt, time_generation
 
     portable_lib._unsafe_reset_threadpool(args.threads)
     decoders = [PteDecoder(path) for path in args.pte]

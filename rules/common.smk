@@ -1,8 +1,9 @@
 import json
 import re
 
-from gemma_edge import variant
-from gemma_edge.config import (
+from gemma_edge.peers.gguf_convert import GGUF_TYPES
+from gemma_edge.workflow import variant
+from gemma_edge.workflow.config import (
     HOUSEKEEPING_KEYS,
     check_lengths_fit,
     check_prompts_fit,
@@ -22,8 +23,8 @@ wildcard_constraints:
     group_size=r"\d+",
     target="|".join(re.escape(t) for t in config["targets"]) or "(?!)",
     engine=r"pte|eager|llamacpp",
-    engine_variant=rf"({variant.QUANT_PATTERN})/xnnpack-({variant.MODE_PATTERN})|fp32|q4_0|q4_k_m|q8_0|f16",
-    gguf_type=r"q4_0|q4_k_m|q8_0|f16",
+    engine_variant="|".join([variant.lowered(f"({variant.QUANT_PATTERN})", f"({variant.MODE_PATTERN})"), "fp32", *GGUF_TYPES]),
+    gguf_type="|".join(GGUF_TYPES),
     litert_recipe=rf"int8|{variant.QUANT_PATTERN}",
 
 

@@ -97,16 +97,16 @@ for target_name in config["targets"]:
         name:
             f"deploy_{target_name}"
         input:
-            pte="results/{model}/{quant}/xnnpack-{mode}/model.pte",
+            pte=f"results/{variant.VARIANT}/model.pte",
             checkpoint="results/{model}/checkpoint.json",
             device=f"results/{target_name}/device.json",
             peers=peer_files(target_name),
         output:
-            deployed=f"results/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/deployed.json",
+            deployed=f"results/{target_name}/{variant.VARIANT}/deployed.json",
         log:
-            f"logs/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/deploy.log",
+            f"logs/targets/{target_name}/{variant.VARIANT}/deploy.log",
         benchmark:
-            f"benchmarks/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/deploy.tsv"
+            f"benchmarks/targets/{target_name}/{variant.VARIANT}/deploy.tsv"
         localrule: True
         conda:
             "../envs/deploy.yaml"
@@ -146,24 +146,24 @@ for target_name in config["targets"]:
         name:
             f"bench_{target_name}"
         input:
-            deployed=f"results/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/deployed.json",
+            deployed=f"results/{target_name}/{variant.VARIANT}/deployed.json",
             device=f"results/{target_name}/device.json",
-            pte_manifest="results/{model}/{quant}/xnnpack-{mode}/model.pte.manifest.json",
-            host_parity="results/{model}/{quant}/xnnpack-{mode}/parity.json",
+            pte_manifest=f"results/{variant.VARIANT}/model.pte.manifest.json",
+            host_parity=f"results/{variant.VARIANT}/parity.json",
             checkpoint="results/{model}/checkpoint.json",
         output:
             bench=report(
-                f"results/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/bench.json",
+                f"results/{target_name}/{variant.VARIANT}/bench.json",
                 caption="../report/bench.rst",
                 category="Benchmarks",
                 subcategory=target_name,
             ),
-            parity_log=f"results/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/parity.log",
-            parity=f"results/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/parity.json",
+            parity_log=f"results/{target_name}/{variant.VARIANT}/parity.log",
+            parity=f"results/{target_name}/{variant.VARIANT}/parity.json",
         log:
-            f"logs/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/bench.log",
+            f"logs/targets/{target_name}/{variant.VARIANT}/bench.log",
         benchmark:
-            f"benchmarks/targets/{target_name}/{{model}}/{{quant}}/xnnpack-{{mode}}/bench.tsv"
+            f"benchmarks/targets/{target_name}/{variant.VARIANT}/bench.tsv"
         # Ahead of the next deploy when both are ready: each deploy keeps only keep_models earlier
         # programs on the device, so a benchmark runs while its program is still there.
         priority: 1

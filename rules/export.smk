@@ -45,7 +45,6 @@ rule export:
         mem_mb=memory_mb("export"),
     params:
         max_seq_len=config["export"]["max_seq_len"],
-        dtype=config["export"]["dtype"],
         attention=config["export"]["attention"],
     message:
         "torch.export of {wildcards.model} with an in-graph KV cache of {params.max_seq_len} positions"

@@ -3,12 +3,12 @@ rule lower:
         program="results/{model}/{quant}/program.pt2",
         checkpoint=rules.download.output.manifest,
     output:
-        pte="results/{model}/{quant}/xnnpack-{mode}/model.pte",
-        manifest="results/{model}/{quant}/xnnpack-{mode}/model.pte.manifest.json",
+        pte=f"results/{variant.VARIANT}/model.pte",
+        manifest=f"results/{variant.VARIANT}/model.pte.manifest.json",
     log:
-        "logs/{model}/{quant}/xnnpack-{mode}/lower.log",
+        f"logs/{variant.VARIANT}/lower.log",
     benchmark:
-        "benchmarks/{model}/{quant}/xnnpack-{mode}/lower.tsv"
+        f"benchmarks/{variant.VARIANT}/lower.tsv"
     conda:
         "../envs/torch.yaml"
     # Lowering is single-threaded Python (torch's fake-tensor retracing): its CPU time equals its wall

@@ -82,16 +82,16 @@ rule perf_table:
     input:
         unpack(perf_table_inputs),
     output:
-        json="results/perf/{model}/{quant}/xnnpack-{mode}/perf.json",
+        json=f"results/perf/{variant.VARIANT}/perf.json",
         table=report(
-            "results/perf/{model}/{quant}/xnnpack-{mode}/perf.md",
+            f"results/perf/{variant.VARIANT}/perf.md",
             caption="../report/perf.rst",
             category="Performance",
         ),
     log:
-        "logs/perf/{model}/{quant}/xnnpack-{mode}/perf_table.log",
+        f"logs/perf/{variant.VARIANT}/perf_table.log",
     benchmark:
-        "benchmarks/perf/{model}/{quant}/xnnpack-{mode}/perf_table.tsv"
+        f"benchmarks/perf/{variant.VARIANT}/perf_table.tsv"
     localrule: True
     conda:
         "../envs/perf.yaml"
@@ -107,16 +107,16 @@ rule perf_projection:
     input:
         reports=perf_projection_inputs,
     output:
-        json="results/perf/projection/{quant}/xnnpack-{mode}/projection.json",
+        json=f"results/perf/projection/{variant.LOWERED}/projection.json",
         table=report(
-            "results/perf/projection/{quant}/xnnpack-{mode}/projection.md",
+            f"results/perf/projection/{variant.LOWERED}/projection.md",
             caption="../report/projection.rst",
             category="Performance",
         ),
     log:
-        "logs/perf/projection/{quant}/xnnpack-{mode}/projection.log",
+        f"logs/perf/projection/{variant.LOWERED}/projection.log",
     benchmark:
-        "benchmarks/perf/projection/{quant}/xnnpack-{mode}/projection.tsv"
+        f"benchmarks/perf/projection/{variant.LOWERED}/projection.tsv"
     localrule: True
     conda:
         "../envs/perf.yaml"

@@ -14,17 +14,17 @@ def projection_path():
 
 
 def perf_projection_inputs(wildcards):
-    variant = f"{wildcards.quant}/xnnpack-{wildcards.mode}"
-    return [f"results/perf/{model}/{variant}/perf.json" for model in config["perf"]["projection"]["models"]]
+    folder = variant.lowered(wildcards.quant, wildcards.mode)
+    return [f"results/perf/{model}/{folder}/perf.json" for model in config["perf"]["projection"]["models"]]
 
 
 def perf_engine_artifact(wildcards):
     """What each engine runs: the .pte, the checkpoint (eager) or the GGUF (llama.cpp)."""
-    model, variant = wildcards.model, wildcards.engine_variant
+    model, engine_variant = wildcards.model, wildcards.engine_variant
     return {
-        "pte": f"results/{model}/{variant}/model.pte",
+        "pte": f"results/{model}/{engine_variant}/model.pte",
         "eager": f"results/{model}/checkpoint.json",
-        "llamacpp": f"results/{model}/llamacpp/model-{variant}.gguf",
+        "llamacpp": f"results/{model}/llamacpp/model-{engine_variant}.gguf",
     }[wildcards.engine]
 
 
@@ -37,9 +37,9 @@ def perf_spec(wildcards):
 
 def perf_engine_results(wildcards):
     """Each timed engine's result file (eager FP32 only with perf.eager)."""
-    model, variant = wildcards.model, f"{wildcards.quant}/xnnpack-{wildcards.mode}"
+    model, folder = wildcards.model, variant.lowered(wildcards.quant, wildcards.mode)
     results = {
-        "pte": f"results/perf/{model}/{variant}/pte.json",
+        "pte": f"results/perf/{model}/{folder}/pte.json",
         "eager": f"results/perf/{model}/fp32/eager.json",
         "llamacpp": f"results/perf/{model}/{config['perf']['gguf_type']}/llamacpp.json",
     }
@@ -51,10 +51,10 @@ def perf_engine_results(wildcards):
 
 
 def perf_table_inputs(wildcards):
-    model, variant = wildcards.model, f"{wildcards.quant}/xnnpack-{wildcards.mode}"
+    model, folder = wildcards.model, variant.lowered(wildcards.quant, wildcards.mode)
     return {
         **perf_engine_results(wildcards),
-        "pte_manifest": f"results/{model}/{variant}/model.pte.manifest.json",
+        "pte_manifest": f"results/{model}/{folder}/model.pte.manifest.json",
         "gguf_manifest": f"results/{model}/llamacpp/model-{config['perf']['gguf_type']}.gguf.manifest.json",
         "checkpoint": f"results/{model}/checkpoint.json",
     }
@@ -66,7 +66,7 @@ def perf_step_benchmarks(wildcards):
     model, quant, mode = wildcards.model, wildcards.quant, wildcards.mode
     entry = config["models"][model]
     gguf_type = config["perf"]["gguf_type"]
-    variant = f"{quant}/xnnpack-{mode}"
+    folder = variant.lowered(quant, mode)
     steps = {}
     if entry["demo"]:
         repo = hub_folder_name(entry["repo_id"])
@@ -75,7 +75,7 @@ def perf_step_benchmarks(wildcards):
     steps["export"] = (f"benchmarks/{model}/fp32/export.tsv", f"results/{model}/fp32/program.pt2.manifest.json")
     if quant != "fp32":
         steps["quantize"] = (f"benchmarks/{model}/{quant}/quantize.tsv", f"results/{model}/{quant}/program.pt2.manifest.json")
-    steps["lower"] = (f"benchmarks/{model}/{variant}/lower.tsv", f"results/{model}/{variant}/model.pte.manifest.json")
+    steps["lower"] = (f"benchmarks/{model}/{folder}/lower.tsv", f"results/{model}/{folder}/model.pte.manifest.json")
     steps[f"gguf ({gguf_type})"] = (
         f"benchmarks/{model}/llamacpp/gguf-{gguf_type}.tsv",
         f"results/{model}/llamacpp/model-{gguf_type}.gguf.manifest.json",

@@ -1,5 +1,5 @@
 # What quantization costs in quality: perplexity and KL divergence against eager FP32 on a held-out
-# text (gemma_edge.quality), for each .pte variant and for llama.cpp's GGUFs of the same checkpoint,
+# text (gemma_edge.measure.quality), for each .pte variant and for llama.cpp's GGUFs of the same checkpoint,
 # on the same token ids. The GGUFs' scores do not depend on the group size, so a group-size change
 # re-scores only the new .pte.
 
@@ -11,15 +11,15 @@ rule quality:
         text=quality_text,
     output:
         quality=report(
-            "results/{model}/{quant}/xnnpack-{mode}/quality.json",
+            f"results/{variant.VARIANT}/quality.json",
             caption="../report/quality.rst",
             category="Quality",
         ),
-        manifest="results/{model}/{quant}/xnnpack-{mode}/quality.json.manifest.json",
+        manifest=f"results/{variant.VARIANT}/quality.json.manifest.json",
     log:
-        "logs/{model}/{quant}/xnnpack-{mode}/quality.log",
+        f"logs/{variant.VARIANT}/quality.log",
     benchmark:
-        "benchmarks/{model}/{quant}/xnnpack-{mode}/quality.tsv"
+        f"benchmarks/{variant.VARIANT}/quality.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 2

@@ -2,12 +2,12 @@ rule quantize:
     input:
         program=rules.export.output.program,
     output:
-        program="results/{model}/int4-g{group_size}/program.pt2",
-        manifest="results/{model}/int4-g{group_size}/program.pt2.manifest.json",
+        program=f"results/{variant.QUANTIZED}/program.pt2",
+        manifest=f"results/{variant.QUANTIZED}/program.pt2.manifest.json",
     log:
-        "logs/{model}/int4-g{group_size}/quantize.log",
+        f"logs/{variant.QUANTIZED}/quantize.log",
     benchmark:
-        "benchmarks/{model}/int4-g{group_size}/quantize.tsv"
+        f"benchmarks/{variant.QUANTIZED}/quantize.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 2

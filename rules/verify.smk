@@ -4,15 +4,15 @@ rule verify:
         checkpoint=rules.download.output.manifest,
     output:
         parity=report(
-            "results/{model}/{quant}/xnnpack-{mode}/parity.json",
+            f"results/{variant.VARIANT}/parity.json",
             caption="../report/parity.rst",
             category="Parity",
         ),
-        table="results/{model}/{quant}/xnnpack-{mode}/parity.log",
+        table=f"results/{variant.VARIANT}/parity.log",
     log:
-        "logs/{model}/{quant}/xnnpack-{mode}/verify.log",
+        f"logs/{variant.VARIANT}/verify.log",
     benchmark:
-        "benchmarks/{model}/{quant}/xnnpack-{mode}/verify.tsv"
+        f"benchmarks/{variant.VARIANT}/verify.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 2

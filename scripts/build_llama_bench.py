@@ -1,19 +1,12 @@
 """Snakemake step: llama.cpp's llama-bench for the target's CPU, from the pinned llama.cpp source."""
 
-from pathlib import Path
-
-from gemma_edge import llamacpp_build
-from gemma_edge.artifacts import read_json
-from gemma_edge.steplog import rule_log
+from gemma_edge.steps import peers
+from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
-    llamacpp_build.build_for_device(
-        Path(snakemake.input.sdist),
-        snakemake.params.version,
-        read_json(snakemake.input.device),
-        Path(snakemake.output.program),
-        Path(snakemake.output.record),
+    peers.llama_bench(
+        snakemake.input.sdist, snakemake.params.version, snakemake.input.device, snakemake.output.program, snakemake.output.record
     )
 
 

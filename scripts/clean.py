@@ -1,15 +1,12 @@
 """Snakemake step: remove everything the workflow put on a device but its virtualenv."""
 
-from pathlib import Path
-
-from gemma_edge import deploy
-from gemma_edge.steplog import rule_log
+from gemma_edge.steps import device
+from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
     target = snakemake.params.target
-    house = deploy.Housekeeping.of(snakemake.config["targets"][target])
-    deploy.clean(target, snakemake.params.settings, Path("results") / target, house)
+    device.clean(target, snakemake.params.settings, device.housekeeping(snakemake.config, target))
 
 
 with rule_log(snakemake.log[0], "clean"):

@@ -1,25 +1,20 @@
 """Snakemake step: upload the .pte, tokenizer and peer engines to the device, atomically and sha256-checked."""
 
-from pathlib import Path
-
-from gemma_edge import deploy, variant
-from gemma_edge.artifacts import read_json
-from gemma_edge.steplog import rule_log
+from gemma_edge.steps import device
+from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
-    tokenizer = Path(read_json(snakemake.input.checkpoint)["path"]) / "tokenizer.json"
-    config = snakemake.config  # housekeeping, read here so that no change of it re-runs the step
-    configured = variant.variant_dir(config["model"], config["quantization"]["group_size"], config["lowering"]["per_op_mode"])
-    deploy.deploy(
-        snakemake.params.target,
+    config, target = snakemake.config, snakemake.params.target  # housekeeping read here: changing it re-runs nothing
+    device.deploy(
+        target,
         snakemake.params.settings,
         snakemake.input.pte,
-        tokenizer,
+        snakemake.input.checkpoint,
         snakemake.output.deployed,
         snakemake.params.peers,
-        configured=configured,
-        house=deploy.Housekeeping.of(config["targets"][snakemake.params.target]),
+        device.configured_variant(config),
+        device.housekeeping(config, target),
     )
 
 

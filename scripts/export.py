@@ -1,14 +1,12 @@
 """Snakemake step: torch.export the decoder with its KV cache as module buffers."""
 
-from gemma_edge import pipeline
-from gemma_edge.steplog import rule_log
+from gemma_edge.steps import host
+from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
     p = snakemake.params
-    pipeline.export(
-        snakemake.input.checkpoint, p.max_seq_len, p.dtype, p.attention, snakemake.output.program, snakemake.output.manifest
-    )
+    host.export(snakemake.input.checkpoint, p.max_seq_len, p.attention, snakemake.output.program, snakemake.output.manifest)
 
 
 with rule_log(snakemake.log[0], "export"):

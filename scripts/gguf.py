@@ -1,11 +1,11 @@
 """Snakemake step: write the GGUF llama.cpp benchmarks from the downloaded checkpoint."""
 
-from gemma_edge import pipeline
-from gemma_edge.steplog import rule_log
+from gemma_edge.steps import peers
+from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
-    pipeline.gguf(
+    peers.gguf(
         snakemake.params.converter,
         snakemake.input.checkpoint,
         snakemake.wildcards.gguf_type,

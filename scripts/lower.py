@@ -1,11 +1,11 @@
 """Snakemake step: lower an exported program to an XNNPACK .pte."""
 
-from gemma_edge import pipeline
-from gemma_edge.steplog import rule_log
+from gemma_edge.steps import host
+from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
-    pipeline.lower(
+    host.lower(
         snakemake.input.program,
         snakemake.input.checkpoint,
         snakemake.params.per_op_mode,

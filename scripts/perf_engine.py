@@ -1,11 +1,11 @@
 """Snakemake step: time prefill and decode of one engine (.pte, eager FP32 or llama.cpp) on this host."""
 
-from gemma_edge import pipeline
-from gemma_edge.steplog import rule_log
+from gemma_edge.steps import measure
+from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
-    pipeline.perf_engine(
+    measure.perf_engine(
         snakemake.wildcards.engine,
         snakemake.input.artifact,
         snakemake.input.checkpoint,

@@ -1,11 +1,11 @@
 """Snakemake step: extrapolate every step's peak RSS and wall time per layer to full depth."""
 
-from gemma_edge import pipeline
-from gemma_edge.steplog import rule_log
+from gemma_edge.steps import measure
+from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
-    pipeline.perf_projection(
+    measure.perf_projection(
         snakemake.input.reports, snakemake.params.shape, snakemake.params.layers, snakemake.output.json, snakemake.output.table
     )
 

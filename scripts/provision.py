@@ -1,19 +1,19 @@
 """Snakemake step: make sure the device can run the benchmark; record its facts."""
 
-from gemma_edge import deploy
-from gemma_edge.steplog import rule_log
+from gemma_edge.steps import device
+from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
-    i = snakemake.input
-    deploy.provision(
-        snakemake.wildcards.target,
+    i, target = snakemake.input, snakemake.wildcards.target
+    device.provision(
+        target,
         snakemake.params.settings,
         snakemake.output.device,
-        platform_path=i.get("platform"),
-        wheelhouse_path=i.get("wheelhouse"),
-        wheel_dir=i.get("wheels"),
-        house=deploy.Housekeeping.of(snakemake.config["targets"][snakemake.wildcards.target]),  # re-runs nothing
+        i.get("platform"),
+        i.get("wheelhouse"),
+        i.get("wheels"),
+        device.housekeeping(snakemake.config, target),
     )
 
 

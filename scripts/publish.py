@@ -1,15 +1,11 @@
 """Snakemake step: publish the configured variant's benchmark at results/<target>/."""
 
-import shutil
-
-from gemma_edge.artifacts import atomic_output
-from gemma_edge.steplog import rule_log
+from gemma_edge.steps import device
+from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
-    for key in ("bench", "parity_log", "parity"):
-        with atomic_output(snakemake.output[key]) as tmp:
-            shutil.copyfile(snakemake.input[key], tmp)
+    device.publish({snakemake.input[key]: snakemake.output[key] for key in ("bench", "parity_log", "parity")})
 
 
 with rule_log(snakemake.log[0], "current_bench"):

@@ -1,12 +1,12 @@
 """Snakemake step: perplexity and KL divergence of a .pte or a GGUF against eager FP32 on a held-out text."""
 
-from gemma_edge import pipeline
-from gemma_edge.steplog import rule_log
+from gemma_edge.steps import measure
+from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
     i, p = snakemake.input, snakemake.params
-    pipeline.quality(
+    measure.quality(
         p.engine,
         i.artifact,
         i.checkpoint,

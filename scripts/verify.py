@@ -1,12 +1,12 @@
 """Snakemake step: token parity of the .pte against eager FP32 on the host."""
 
-from gemma_edge import pipeline
-from gemma_edge.steplog import rule_log
+from gemma_edge.steps import host
+from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
     p = snakemake.params
-    pipeline.verify(
+    host.verify(
         snakemake.input.pte,
         snakemake.input.checkpoint,
         p.prompts,

@@ -20,11 +20,13 @@ import yaml
 from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "src"))
 
-from gemma_edge import hub, loopback_sshd  # noqa: E402
-from gemma_edge.config import requirement_pins  # noqa: E402
-from gemma_edge.demo_model import build_demo_checkpoint  # noqa: E402
+from gemma_edge.model import hub  # noqa: E402
+from gemma_edge.model.demo_model import build_demo_checkpoint  # noqa: E402
+from gemma_edge.reach import loopback_sshd  # noqa: E402
+from gemma_edge.reach.qemu import QEMU  # noqa: E402
+from gemma_edge.workflow.config import requirement_pins  # noqa: E402
 from sshd import SshServer  # noqa: E402
 
 TEST_REPO_ID = "tests/gemma4-tiny"
@@ -93,9 +95,8 @@ E2E_FIXTURES = {
 
 def qemu_unavailable() -> str | None:
     """Why the emulated Pi 5 cannot run here, or None."""
-    from gemma_edge import emulator
 
-    return None if shutil.which(emulator.QEMU) else f"{emulator.QEMU} is not installed (Debian: qemu-user-static)"
+    return None if shutil.which(QEMU) else f"{QEMU} is not installed (Debian: qemu-user-static)"
 
 
 def pytest_collection_modifyitems(items):

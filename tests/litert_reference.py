@@ -1,5 +1,5 @@
 """What LiteRT's own code reads in a .litertlm, as JSON, for tests/test_litert.py to set beside
-gemma_edge.litertlm_file: run with .venv-litert's python (litert-lm-builder's header reader and
+gemma_edge.peers.litertlm_file: run with .venv-litert's python (litert-lm-builder's header reader and
 ai-edge-litert's generated TFLite schema), `python litert_reference.py MODEL.litertlm`."""
 
 import io

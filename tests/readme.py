@@ -30,7 +30,7 @@ def readme_commands(text: str | None = None) -> dict[str, list[str]]:
 def emulator_commands() -> dict[str, str]:
     """The README's emulator commands by their verb: setup, serve and stop."""
     lines = readme_commands()[EMULATOR_SECTION]
-    return {line.split()[-1]: line for line in lines if "-m gemma_edge.emulator " in line}
+    return {line.split()[-1]: line for line in lines if "-m gemma_edge.reach.emulator " in line}
 
 
 def run_readme_line(line: str, cwd: Path = REPO, timeout: float = 1800) -> subprocess.CompletedProcess:

@@ -1,16 +1,17 @@
 """The physical limit beside every figure: this machine's memory read bandwidth, measured for real,
 and the weight bytes a decoded token reads, attributed from the demo model's own .pte and GGUF."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, needs_llamacpp, snakemake
-from gemma_edge import bandwidth
-from gemma_edge.artifacts import read_json
-from gemma_edge.checkpoint import read_text_config_dict
-from gemma_edge.weight_bytes import gguf_weight_bytes, pte_weight_bytes, read_gguf_tensors, readable_weight_bytes, weight_bytes
+from conftest import needs_llamacpp, snakemake
+from gemma_edge.device import bandwidth
+from gemma_edge.device.files import read_json
+from gemma_edge.measure.gguf_weights import gguf_weight_bytes, read_gguf_tensors
+from gemma_edge.measure.pte_weights import pte_weight_bytes
+from gemma_edge.measure.weight_bytes import readable_weight_bytes, weight_bytes
+from gemma_edge.model.checkpoint import read_text_config_dict
 
 
 def test_read_bandwidth_streams_a_buffer_far_larger_than_the_last_level_cache():
@@ -115,16 +116,11 @@ def test_gguf_bytes_come_from_its_tensor_table_and_add_up_to_the_file(demo, demo
     parts, file = result["parts"], result["file"]
     assert file["header_bytes"] + file["weights_bytes"] + file["padding_bytes"] == file["size_bytes"]
     assert 0 <= file["padding_bytes"] < 32 * 64  # at most one alignment's padding per tensor
-    # Our reading of the header agrees with llama.cpp's own gguf-py, tensor by tensor.
-    sys.path.insert(0, str(REPO / ".bench/llama.cpp/gguf-py"))
-    from gguf import GGUFReader
-
-    theirs = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
-    ours, _ = read_gguf_tensors(path)
-    assert {t["name"]: t["bytes"] for t in ours} == theirs
+    tensors = {t["name"]: t for t in read_gguf_tensors(path)[0]}
+    assert {"q4_0": "Q4_0", "q4_k_m": "Q4_K"}[gguf_type] in result["types"]  # the linears' type, as asked
     # Tied output: the token table is the lm_head, read whole; one row of it and of the per-layer table.
     config = demo["config"]
-    assert result["tied_output"] and parts["lm_head"] == theirs["token_embd.weight"]
+    assert result["tied_output"] and parts["lm_head"] == tensors["token_embd.weight"]["bytes"]
     rows = {t["name"]: t for t in result["embedding_tables"]}
     assert rows["token_embd.weight"]["dims"] == [config["hidden_size"], config["vocab_size"]]
     per_layer = rows["per_layer_token_embd.weight"]
@@ -143,3 +139,42 @@ def test_a_file_weight_bytes_cannot_read_gets_no_bytes_and_no_fraction(tmp_path)
         weight_bytes(broken)
     assert readable_weight_bytes(broken) is None
     assert weight_bytes(tmp_path / "model.onnx") is None
+
+
+def test_a_gguf_is_read_from_its_tensor_table(tmp_path):
+    """A GGUF written by llama.cpp's own writer: each tensor's bytes, row bytes and type, and every
+    byte of the file accounted for as header, weights or alignment padding."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    path = tmp_path / "tiny.gguf"
+    writer = GGUFWriter(str(path), "gemma4")
+    writer.add_tensor("token_embd.weight", np.zeros((10, 8), dtype=np.float16))  # 10 rows of 8
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((8, 8), dtype=np.float32))
+    writer.add_tensor("blk.0.attn_norm.weight", np.zeros(8, dtype=np.float32))
+    q8 = np.zeros((4, 34), dtype=np.uint8)  # 4 rows of one Q8_0 block (32 values in 34 bytes)
+    writer.add_tensor("output.weight", q8, raw_shape=(4, 34), raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensors = {t["name"]: t for t in read_gguf_tensors(path)[0]}
+    assert tensors["token_embd.weight"] | {"offset": 0} == {
+        "name": "token_embd.weight",
+        "dims": [8, 10],
+        "type": "F16",
+        "offset": 0,
+        "bytes": 160,
+        "row_bytes": 16,
+    }
+    assert tensors["output.weight"]["type"] == "Q8_0" and tensors["output.weight"]["row_bytes"] == 34
+    result = gguf_weight_bytes(path)
+    assert not result["tied_output"]
+    assert result["parts"] == {"linear_weights": 256, "lm_head": 4 * 34, "embedding_rows": 16, "other_constants": 32}
+    file = result["file"]
+    assert file["header_bytes"] + file["weights_bytes"] + file["padding_bytes"] == file["size_bytes"] == path.stat().st_size
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"text, not a GGUF")
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        gguf_weight_bytes(broken)
+    assert readable_weight_bytes(broken) is None

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import DEFAULT_CONFIG, REPO, TEST_REPO_ID, snakemake, write_config
-from gemma_edge.config import step_memory_mb, validate_config
+from gemma_edge.workflow.config import load_schema, step_memory_mb, validate_config
 
 
 @pytest.mark.parametrize(
@@ -15,6 +15,7 @@ from gemma_edge.config import step_memory_mb, validate_config
     [
         ({"quantization": {"grop_size": 64}}, "unknown key quantization.grop_size"),
         ({"colour": "blue"}, "unknown key colour"),
+        ({"export": {"dtype": "float32"}}, "export.dtype was removed: the export is always float32"),
         ({"export": {"max_seq_len": "long"}}, "export.max_seq_len is 'long', but must be of type integer"),
         ({"quantization": {"group_size": 100}}, "quantization.group_size is 100, but must be one of 32, 64, 128, 256"),
         ({"export": {"attention": "flash"}}, "export.attention is 'flash', but must be one of executorch, transformers"),
@@ -167,3 +168,10 @@ def test_verify_prompts_are_counted_with_the_models_tokenizer(seeded_hub, tmp_pa
         r"exceed export.max_seq_len \(12\)",
         output,
     ), output[-2000:]
+
+
+def test_the_schema_offers_the_gguf_types_the_converter_knows():
+    """The schema's gguf_type and the converter's table (rules/common.smk's wildcard too) agree."""
+    from gemma_edge.peers.gguf_convert import GGUF_TYPES
+
+    assert load_schema(REPO / "schemas/config.schema.yaml")["$defs"]["gguf_type"]["enum"] == list(GGUF_TYPES)

@@ -1,9 +1,9 @@
-"""docs/config.md is generated from the config schema (gemma_edge.config_reference): the committed
+"""docs/config.md is generated from the config schema (gemma_edge.workflow.config_reference): the committed
 page must be what the generator writes now, and it must cover every key config.yaml sets."""
 
 from conftest import DEFAULT_CONFIG, REPO
-from gemma_edge.config import load_schema
-from gemma_edge.config_reference import COMMAND, SCHEMA, main, render
+from gemma_edge.workflow.config import load_schema
+from gemma_edge.workflow.config_reference import COMMAND, SCHEMA, main, render
 
 PAGE = REPO / "docs/config.md"
 MAPS = {"models", "targets"}  # top-level keys whose entries are named by the user: `models.<name>.…`

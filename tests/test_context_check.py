@@ -10,7 +10,7 @@ import pytest
 from conftest import snakemake, write_config
 from test_workflow import jobs_of
 
-# The sentence verify itself would give after export, quantize and lower (gemma_edge.config.check_prompts_fit).
+# The sentence verify itself would give after export, quantize and lower (gemma_edge.workflow.config.check_prompts_fit).
 OVERFLOW = re.compile(
     r"config: verify\.prompts\[\d+\] \('[^']*', \d+ tokens\) plus verify\.max_new_tokens \(120\) exceed "
     r"export\.max_seq_len \(128\): shorten the prompt, lower max_new_tokens or raise max_seq_len"

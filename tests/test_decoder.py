@@ -6,16 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma_edge.checkpoint import load_for_export, load_text_model, stored_dtypes
-from gemma_edge.decoder import (
-    KVCacheDecoder,
+from gemma_edge.model.attention import (
     one_token_custom_sdpa,
     query_heads_as_rows,
     register_executorch_llm_ops,
-    ring_mask,
     rows_as_query_heads,
 )
-from gemma_edge.e2b_shape import build_synthetic_checkpoint
+from gemma_edge.model.checkpoint import load_for_export, load_text_model, stored_dtypes
+from gemma_edge.model.decoder import KVCacheDecoder
+from gemma_edge.model.e2b_shape import build_synthetic_checkpoint
+from gemma_edge.model.kv_cache import ring_mask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,7 +177,7 @@ def test_every_demo_token_but_high_bytes_decodes_to_valid_utf8_on_its_own(demo_c
 def test_rmsnorm_rewrite_keeps_the_logits_and_leaves_xnnpack_nothing_to_refuse(demo_checkpoint):
     """The rewritten norms compute the same logits (up to rounding), and the exported graph has no
     mean or power op left for portable kernels: only linears, mul, add and rsqrt."""
-    from gemma_edge.export import export_decoder
+    from gemma_edge.build.export import export_decoder
 
     model = load_text_model(demo_checkpoint)
     ids = torch.tensor([[2, 40, 41, 42, 43]])
@@ -232,7 +232,7 @@ def test_bf16_checkpoint_exports_with_bf16_tables_and_identical_logits(tmp_path)
 
 def test_split_per_layer_table_is_read_block_by_block(tmp_path):
     """Rows are read in blocks (here 7 rows, which divide nothing) and land where they belong."""
-    from gemma_edge.checkpoint import PerLayerTables, StoredTensors
+    from gemma_edge.model.checkpoint import PerLayerTables, StoredTensors
 
     build_synthetic_checkpoint(REPO / "resources/demo_corpus.txt", tmp_path, "tiny", 4, seed=3)
     reference = load_text_model(tmp_path, torch.bfloat16)
@@ -245,7 +245,7 @@ def test_split_per_layer_table_is_read_block_by_block(tmp_path):
 
 
 def test_truncated_checkpoint_is_refused_on_reading(tmp_path):
-    from gemma_edge.checkpoint import StoredTensors
+    from gemma_edge.model.checkpoint import StoredTensors
 
     build_synthetic_checkpoint(REPO / "resources/demo_corpus.txt", tmp_path, "tiny", 4, seed=3)
     weights = tmp_path / "model.safetensors"
@@ -257,7 +257,7 @@ def test_truncated_checkpoint_is_refused_on_reading(tmp_path):
 
 
 def test_unreadable_safetensors_header_is_named(tmp_path):
-    from gemma_edge.checkpoint import StoredTensors
+    from gemma_edge.model.checkpoint import StoredTensors
 
     (tmp_path / "model.safetensors").write_bytes((20).to_bytes(8, "little") + b"{not json at all...}")
     with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):

@@ -5,7 +5,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from gemma_edge.demo_model import BOS_ID, DEMO_VOCAB, TRAIN_LINES_EVERY, build_tokenizer, line_start_tokens, training_batches
+from gemma_edge.model.demo_model import (
+    BOS_ID,
+    DEMO_VOCAB,
+    TRAIN_LINES_EVERY,
+    build_tokenizer,
+    line_start_tokens,
+    training_batches,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = (REPO / "resources/demo_corpus.txt").read_text(encoding="utf-8")

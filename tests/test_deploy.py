@@ -5,10 +5,10 @@ import getpass
 import pytest
 
 from conftest import PINS, needs_litert, needs_llamacpp, snakemake, write_config
-from gemma_edge import summary
-from gemma_edge.artifacts import read_json, sha256_file
-from gemma_edge.device_bench import until_eos
-from gemma_edge.runtime import DECODE_METHOD
+from gemma_edge.device.files import read_json, sha256_file
+from gemma_edge.device.runtime import DECODE_METHOD
+from gemma_edge.device.timing import until_eos
+from gemma_edge.measure import summary
 
 VARIANT = "tiny/int4-g128/xnnpack-auto"
 INT4 = f"results/{VARIANT}"
@@ -58,7 +58,7 @@ def test_upload_landed_on_the_device_with_its_hash(deployed):
     pte = record["files"]["pte"]
     assert pte["uploaded"]
     assert sha256_file(pte["path"]) == pte["sha256"]
-    assert (deployed["remote"] / "runner/gemma_edge/device_bench.py").exists()
+    assert (deployed["remote"] / "runner/gemma_edge/device/device_bench.py").exists()
     assert not list(deployed["remote"].rglob("*.tmp-*"))
 
 

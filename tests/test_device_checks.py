@@ -9,13 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from gemma_edge import deploy, device_bench, elf
-from gemma_edge.device_bench import DeviceCheckFailed, preflight
+from gemma_edge.device import elf, runner_bench
+from gemma_edge.device.facts import (
+    DeviceCheckFailed,
+    device_facts,
+    preflight,
+    runner_extension,
+    runner_libraries,
+    runner_preflight,
+    xnnpack_features,
+)
+from gemma_edge.reach import remote_bench
+from gemma_edge.reach.target import DeviceError
 
 
 @pytest.fixture(scope="module")
 def facts():
-    return device_bench.device_facts()
+    return device_facts()
 
 
 def test_facts_describe_this_machine(facts):
@@ -68,7 +78,7 @@ def test_aarch64_without_neon_is_refused():
     facts = {
         "machine": "aarch64",
         "cpu_features": features,
-        "xnnpack_features": device_bench.xnnpack_features("aarch64", features),
+        "xnnpack_features": xnnpack_features("aarch64", features),
     }
     with pytest.raises(DeviceCheckFailed, match="aarch64 CPU lacks neon, which XNNPACK's kernels need"):
         preflight(facts)
@@ -76,7 +86,7 @@ def test_aarch64_without_neon_is_refused():
 
 def test_a_pi5s_features_select_dot_product_and_fp16():
     pi5 = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp".split()
-    assert device_bench.xnnpack_features("aarch64", pi5) == {
+    assert xnnpack_features("aarch64", pi5) == {
         "neon": True,
         "dotprod": True,
         "fp16": True,
@@ -98,11 +108,11 @@ def test_a_device_short_of_memory_stops_the_bench_with_the_numbers(tmp_path):
         "max_new_tokens": 4,
     }
     with pytest.raises(
-        deploy.DeviceError,
+        DeviceError,
         match=r"^local: the device has \d+ MiB of memory available but the .pte and its KV "
         r"cache and activations need 1073741824 MiB$",
     ):
-        deploy.run_local_bench(str(tmp_path / "never-loaded.pte"), spec, 120)
+        remote_bench.run_local_bench(str(tmp_path / "never-loaded.pte"), spec, 120)
 
 
 # ---- the LLM runner's system libraries ---------------------------------------------------------
@@ -111,13 +121,13 @@ def test_a_device_short_of_memory_stops_the_bench_with_the_numbers(tmp_path):
 def test_the_runner_extensions_links_are_read_as_the_loader_reads_them():
     """This host's executorch: its runner extension links the runtime and the C/C++ libraries, and
     (the x86-64 build) not libatomic, so there is nothing for the device to provide."""
-    extension = device_bench.runner_extension()
+    extension = runner_extension()
     assert extension is not None and extension.name.startswith("_llm_runner.")
     linked = elf.needed(extension)
     assert {"libexecutorch.so", "libtorch.so", "libstdc++.so.6", "libc.so.6"} <= set(linked)
     if elf.machine(extension) == elf.MACHINES["x86_64"]:
         assert "libatomic.so.1" not in linked
-        assert device_bench.runner_libraries(extension, "x86_64") == {"extension": extension.name, "needs": {}}
+        assert runner_libraries(extension, "x86_64") == {"extension": extension.name, "needs": {}}
 
 
 def host_libatomic() -> Path:
@@ -173,25 +183,25 @@ def test_a_device_without_libatomic_gets_the_runner_left_out_with_the_fix(extens
     assert "libatomic.so.1" in elf.needed(extension_linking_libatomic)
     without = tmp_path / "sysroot-without"
     (without / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
-    facts = {"llm_runner_libraries": device_bench.runner_libraries(extension_linking_libatomic, "x86_64", without)}
+    facts = {"llm_runner_libraries": runner_libraries(extension_linking_libatomic, "x86_64", without)}
     assert facts["llm_runner_libraries"] == {"extension": extension_linking_libatomic.name, "needs": {"libatomic.so.1": None}}
-    reason = device_bench.runner_preflight(facts)
+    reason = runner_preflight(facts)
     assert reason == (
         "ExecuTorch's LLM runner links libatomic.so.1, which this device does not have (our loop does not "
         "need it): install it with `sudo apt install libatomic1`"
     )
-    block = device_bench.bench_llm_runner(tmp_path / "never-loaded.pte", {"tokenizer": None}, [], set(), unavailable=reason)
+    block = runner_bench.bench_llm_runner(tmp_path / "never-loaded.pte", {"tokenizer": None}, [], set(), unavailable=reason)
     assert block["available"] is False and block["reason"] == reason and set(block) == {"available", "reason", "load"}
     # With the library in place the same extension passes.
     with_it = tmp_path / "sysroot-with"
     (with_it / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
     shutil.copy(host_libatomic(), with_it / "usr/lib/x86_64-linux-gnu/libatomic.so.1")
-    facts = {"llm_runner_libraries": device_bench.runner_libraries(extension_linking_libatomic, "x86_64", with_it)}
-    assert device_bench.runner_preflight(facts) is None
-    assert device_bench.runner_preflight({"llm_runner_libraries": None}) is None  # no executorch yet (probe)
+    facts = {"llm_runner_libraries": runner_libraries(extension_linking_libatomic, "x86_64", with_it)}
+    assert runner_preflight(facts) is None
+    assert runner_preflight({"llm_runner_libraries": None}) is None  # no executorch yet (probe)
 
 
 def test_this_host_records_the_runners_libraries_in_its_facts(facts):
     libraries = facts["llm_runner_libraries"]
     assert libraries["extension"].startswith("_llm_runner.") and all(libraries["needs"].values())
-    assert device_bench.runner_preflight(facts) is None
+    assert runner_preflight(facts) is None

@@ -18,8 +18,9 @@ import psutil
 import pytest
 
 from conftest import snakemake_argv, write_config
-from gemma_edge import deploy, device_lock
-from gemma_edge.artifacts import read_json
+from gemma_edge.device.files import read_json
+from gemma_edge.reach import device_lock
+from gemma_edge.reach.target import Housekeeping, connection, holding_device
 
 VARIANT = "tiny/int4-g128/xnnpack-auto"
 
@@ -28,15 +29,15 @@ VARIANT = "tiny/int4-g128/xnnpack-auto"
 def holding(settings: dict, step: str, wait_s: float = 3600):
     """The loopback device held by `step`, through a connection of its own, as a device step holds it."""
     with (
-        deploy.connection(settings) as client,
-        deploy.holding_device(client, "loopback", settings, step, deploy.Housekeeping(lock_timeout_s=wait_s)),
+        connection(settings) as client,
+        holding_device(client, "loopback", settings, step, Housekeeping(lock_timeout_s=wait_s)),
     ):
         yield
 
 
 def test_a_second_holder_waits_says_who_holds_the_device_then_gives_up_in_one_sentence(sshd, tmp_path, caplog):
     settings = sshd.target(tmp_path / "device")
-    caplog.set_level(logging.INFO, logger="gemma_edge.device_lock")
+    caplog.set_level(logging.INFO, logger="gemma_edge.reach.device_lock")
     with holding(settings, "bench A"):
         started = time.monotonic()
         with pytest.raises(device_lock.DeviceBusy) as refused, holding(settings, "bench B", wait_s=2):
@@ -84,8 +85,8 @@ def test_a_holder_that_removes_the_lock_file_hands_the_device_to_a_waiter_still(
             with pytest.raises(device_lock.DeviceBusy), holding(settings, "C", wait_s=1):
                 pass
 
-    with deploy.connection(settings) as client:
-        with deploy.holding_device(client, "loopback", settings, "clean", deploy.Housekeeping(), remove=True):
+    with connection(settings) as client:
+        with holding_device(client, "loopback", settings, "clean", Housekeeping(), remove=True):
             waiter = threading.Thread(target=second)
             waiter.start()
             time.sleep(3)
@@ -93,8 +94,8 @@ def test_a_holder_that_removes_the_lock_file_hands_the_device_to_a_waiter_still(
     assert seen == ["B"]
     assert lock.read_text() == ""  # B's file, released; the held C was refused while B held it
     with (
-        deploy.connection(settings) as client,
-        deploy.holding_device(client, "loopback", settings, "clean", deploy.Housekeeping(), remove=True),
+        connection(settings) as client,
+        holding_device(client, "loopback", settings, "clean", Housekeeping(), remove=True),
     ):
         pass
     assert not lock.exists()
@@ -102,9 +103,9 @@ def test_a_holder_that_removes_the_lock_file_hands_the_device_to_a_waiter_still(
 
 HOLD_IN_ANOTHER_PROCESS = """
 import json, sys, time
-from gemma_edge import deploy
+from gemma_edge.reach.target import Housekeeping, connection, holding_device
 settings = json.loads(sys.argv[1])
-with deploy.connection(settings) as c, deploy.holding_device(c, "loopback", settings, "doomed", deploy.Housekeeping()):
+with connection(settings) as c, holding_device(c, "loopback", settings, "doomed", Housekeeping()):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -121,8 +122,8 @@ def hold_in_another_process(settings: dict) -> subprocess.Popen:
 def take(settings: dict, wait_s: float) -> float:
     started = time.monotonic()
     with (
-        deploy.connection(settings) as client,
-        deploy.holding_device(client, "loopback", settings, "next", deploy.Housekeeping(lock_timeout_s=wait_s)),
+        connection(settings) as client,
+        holding_device(client, "loopback", settings, "next", Housekeeping(lock_timeout_s=wait_s)),
     ):
         pass
     return time.monotonic() - started
@@ -148,7 +149,7 @@ def test_a_lock_whose_holder_died_on_the_device_is_taken_over_and_said_so(sshd, 
         on_device = [p for p in psutil.process_iter(["cmdline"]) if lock in (p.info["cmdline"] or [])]
         assert len(on_device) == 1
         on_device[0].kill()
-        caplog.set_level(logging.INFO, logger="gemma_edge.device_lock")
+        caplog.set_level(logging.INFO, logger="gemma_edge.reach.device_lock")
         assert take(settings, 60) < 30
     finally:
         holder.kill()

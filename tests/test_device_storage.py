@@ -10,8 +10,9 @@ import shutil
 from pathlib import Path
 
 from conftest import snakemake, write_config
-from gemma_edge import deploy, device_storage, ssh
-from gemma_edge.artifacts import sha256_file
+from gemma_edge.device.files import sha256_file
+from gemma_edge.reach import deploy, device_storage, ssh
+from gemma_edge.reach.target import Housekeeping, connection
 
 GROUP_SIZES = [32, 64, 128, 256, 512]
 
@@ -60,7 +61,7 @@ def test_five_deploys_leave_only_the_kept_programs_and_a_removed_one_comes_back_
     settings = sshd.target(remote)
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text("{}")
-    house = deploy.Housekeeping(keep_models=1)
+    house = Housekeeping(keep_models=1)
     configured = "tiny/int4-g32/xnnpack-auto"
     records = []
     for group_size in GROUP_SIZES:
@@ -76,7 +77,7 @@ def test_five_deploys_leave_only_the_kept_programs_and_a_removed_one_comes_back_
     # uploads it again, whole, before it runs.
     g64 = records[1]
     assert not Path(g64["files"]["pte"]["path"]).exists()
-    with deploy.connection(settings) as client:
+    with connection(settings) as client:
         deploy.restore_removed_files(client, settings, g64)
     assert sha256_file(g64["files"]["pte"]["path"]) == g64["files"]["pte"]["sha256"]
     assert Path(g64["files"]["tokenizer"]["path"]).exists()
@@ -115,7 +116,7 @@ def test_the_device_listing_reads_sizes_and_markers(sshd, tmp_path):
     (remote / "models/abc" / device_storage.MARKER).write_text(json.dumps({"variant": "v", "used": 5.0}))
     (remote / "peers/p").mkdir(parents=True)
     settings = sshd.target(remote)
-    with deploy.connection(settings) as client:
+    with connection(settings) as client:
         listing = device_storage.list_device(client, settings["python"], str(remote), 30)
         assert device_storage.missing_on_device(client, [str(remote / "models/abc/model.pte"), str(remote / "nope")], 30) == [
             str(remote / "nope")

@@ -2,7 +2,7 @@
 the real aarch64 wheels) behind a real OpenSSH server on loopback, provisioned with a virtualenv
 from the wheelhouse the host downloads, then deployed to and benchmarked like a Pi.
 
-The emulator's sysroot is built once per machine and cached (gemma_edge.emulator); the device's
+The emulator's sysroot is built once per machine and cached (gemma_edge.reach.emulator); the device's
 virtualenv is created and installed for real in every run, in a fresh device folder."""
 
 import copy
@@ -14,9 +14,13 @@ from pathlib import Path
 import pytest
 
 from conftest import DEFAULT_CONFIG, PINS, REPO, needs_litert, needs_llamacpp, qemu_unavailable, require, snakemake, write_config
-from gemma_edge import bandwidth, deploy, device_bench, emulator, loopback_sshd
-from gemma_edge.artifacts import read_json
-from gemma_edge.config import validate_config
+from gemma_edge.device import bandwidth
+from gemma_edge.device.facts import runner_libraries, runner_preflight
+from gemma_edge.device.files import read_json
+from gemma_edge.reach import emulator, loopback_sshd, provision
+from gemma_edge.reach.sysroot import sysroot_of
+from gemma_edge.reach.target import DeviceError
+from gemma_edge.workflow.config import validate_config
 from readme import emulator_commands, run_readme_line
 
 TARGET = "pi5_emulated"
@@ -76,7 +80,7 @@ def test_the_device_is_an_emulated_cortex_a76_with_debian_python(emulated):
     assert device["xnnpack_features"] == {"neon": True, "dotprod": True, "fp16": True, "i8mm": False, "sve": False}
     assert device["python"] == "3.11.2" and device["libc"] == ["glibc", "2.36"]
     assert (
-        deploy.public_version(device["versions"]["torch"]) == PINS["torch"]
+        provision.public_version(device["versions"]["torch"]) == PINS["torch"]
         and device["versions"]["executorch"] == PINS["executorch"]
     )
     assert device["library_alignment"]["bytes"] >= device["page_size"]
@@ -125,7 +129,7 @@ NEAR_TIE = 0.1
 
 def host_margin_at_divergence(pte, prompt_ids: list[int], host_tokens: list[int], device_tokens: list[int]) -> float:
     """How far the host's .pte preferred its token over the device's where the two first differ."""
-    from gemma_edge.runtime import PteDecoder
+    from gemma_edge.device.runtime import PteDecoder
 
     index = next(i for i, (a, b) in enumerate(zip(host_tokens, device_tokens)) if a != b)
     logits = PteDecoder(pte).step(prompt_ids + host_tokens[:index], 0)
@@ -168,11 +172,11 @@ def test_a_wheel_for_another_platform_is_refused_before_anything_is_sent(emulate
     wrong.write_text(json.dumps(record))
     settings = {**emulated["settings"], "workdir": str(tmp_path / "fresh-device")}
     with pytest.raises(
-        deploy.DeviceError,
+        DeviceError,
         match=rf"{numpy['filename']}, built for manylinux_2_28_x86_64, which this device "
         r"\(aarch64, CPython 3.11, glibc 2.36\) cannot install",
     ):
-        deploy.provision(
+        provision.provision(
             TARGET,
             settings,
             tmp_path / "device.json",
@@ -250,14 +254,14 @@ def test_a_pi_without_libatomic_gets_the_runner_left_out_with_the_fix(emulated, 
     wheel = next(w for w in wheelhouse["wheels"] if w["name"].lower() == "executorch")
     with zipfile.ZipFile(workdir / f"results/{TARGET}/wheelhouse" / wheel["filename"]) as archive:
         extension = Path(archive.extract(RUNNER_EXTENSION, tmp_path / "wheel"))
-    sysroot = emulator.sysroot_of(pi5_emulator)
-    found = device_bench.runner_libraries(extension, "aarch64", sysroot)
+    sysroot = sysroot_of(pi5_emulator)
+    found = runner_libraries(extension, "aarch64", sysroot)
     assert found["needs"] == {"libatomic.so.1": "/usr/lib/aarch64-linux-gnu/libatomic.so.1"}
-    assert device_bench.runner_preflight({"llm_runner_libraries": found}) is None
+    assert runner_preflight({"llm_runner_libraries": found}) is None
     without = tmp_path / "sysroot-without-libatomic1"
     shutil.copytree(sysroot / "usr/lib/aarch64-linux-gnu", without / "usr/lib/aarch64-linux-gnu", symlinks=True)
     for library in (without / "usr/lib/aarch64-linux-gnu").glob("libatomic.so*"):
         library.unlink()
-    missing = device_bench.runner_libraries(extension, "aarch64", without)
+    missing = runner_libraries(extension, "aarch64", without)
     assert missing["needs"] == {"libatomic.so.1": None}
-    assert device_bench.runner_preflight({"llm_runner_libraries": missing}).endswith("`sudo apt install libatomic1`")
+    assert runner_preflight({"llm_runner_libraries": missing}).endswith("`sudo apt install libatomic1`")

@@ -7,12 +7,14 @@ import subprocess
 import pytest
 
 from conftest import qemu_unavailable, require
-from gemma_edge import emulator, loopback_sshd
-from gemma_edge.loopback_sshd import SshServer
+from gemma_edge.reach import emulator, loopback_sshd
+from gemma_edge.reach.loopback_sshd import SshServer
+from gemma_edge.reach.qemu import EmulatorError, register_binfmt
+from gemma_edge.reach.sysroot import PI5_FEATURES, build_sysroot, host_apt_uris, pi5_cpuinfo, read_stamp
 
 
 def test_pi5_cpuinfo_has_cortex_a76_processors():
-    text = emulator.pi5_cpuinfo(3)
+    text = pi5_cpuinfo(3)
     blocks = [block for block in text.split("\n\n") if block.startswith("processor")]
     assert [block.splitlines()[0] for block in blocks] == ["processor\t: 0", "processor\t: 1", "processor\t: 2"]
     for block in blocks:
@@ -61,15 +63,15 @@ def test_setenv_refuses_values_sshd_cannot_carry(tmp_path):
 
 def test_missing_qemu_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no qemu-aarch64-static on this PATH
-    with pytest.raises(emulator.EmulatorError, match=r"qemu-aarch64-static is not installed: apt-get install qemu-user-static"):
+    with pytest.raises(EmulatorError, match=r"qemu-aarch64-static is not installed: apt-get install qemu-user-static"):
         emulator.check_emulator(tmp_path)
-    with pytest.raises(emulator.EmulatorError, match="apt-get install qemu-user-static"):
-        emulator.register_binfmt()
+    with pytest.raises(EmulatorError, match="apt-get install qemu-user-static"):
+        register_binfmt()
 
 
 def test_missing_sysroot_says_to_run_setup(tmp_path):
     require(qemu_unavailable())
-    with pytest.raises(emulator.EmulatorError, match="run `python -m gemma_edge.emulator setup` first"):
+    with pytest.raises(EmulatorError, match="run `python -m gemma_edge.reach.emulator setup` first"):
         emulator.check_emulator(tmp_path)
 
 
@@ -109,15 +111,15 @@ def built_root():
 def test_guest_is_an_aarch64_cortex_a76(built_root):
     seen = emulator.check_emulator(built_root)
     assert seen["machine"] == "aarch64" and seen["cpu_part"] == "0xd0b" and seen["binfmt"] == "aarch64"
-    assert set(emulator.PI5_FEATURES) <= set(seen["features"].split())
+    assert set(PI5_FEATURES) <= set(seen["features"].split())
     assert seen["python"].startswith("3.11.")
 
 
 def test_setup_again_builds_nothing(built_root):
-    stamp = emulator.read_stamp(built_root)
-    again = emulator.build_sysroot(built_root)
+    stamp = read_stamp(built_root)
+    again = build_sysroot(built_root)
     assert again["unchanged"] and again["packages"] == stamp["packages"]
-    assert (built_root / "sysroot/proc/cpuinfo").read_text() == emulator.pi5_cpuinfo(__import__("os").cpu_count())
+    assert (built_root / "sysroot/proc/cpuinfo").read_text() == pi5_cpuinfo(__import__("os").cpu_count())
 
 
 def test_packages_come_from_the_hosts_own_apt_sources(tmp_path):
@@ -127,6 +129,6 @@ def test_packages_come_from_the_hosts_own_apt_sources(tmp_path):
         "Types: deb-src\nURIs: http://sources.example/debian\nSuites: bookworm\nComponents: main\n"
     )
     (tmp_path / "sources.list").write_text("deb [arch=amd64] http://security.example/debian-security bookworm-security main\n")
-    assert emulator.host_apt_uris("bookworm", tmp_path) == ["http://mirror.example/debian"]
-    assert emulator.host_apt_uris("bookworm-security", tmp_path) == ["http://security.example/debian-security"]
-    assert emulator.host_apt_uris("trixie", tmp_path) == []
+    assert host_apt_uris("bookworm", tmp_path) == ["http://mirror.example/debian"]
+    assert host_apt_uris("bookworm-security", tmp_path) == ["http://security.example/debian-security"]
+    assert host_apt_uris("trixie", tmp_path) == []

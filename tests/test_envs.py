@@ -10,7 +10,7 @@ import yaml
 
 import envs
 from conftest import REPO, needs_litert, needs_llamacpp, write_config
-from gemma_edge.config import normal_name
+from gemma_edge.workflow.config import normal_name
 
 MAIN_REQUIREMENTS = ("requirements.txt", "requirements-bench.txt")
 LITERT_REQUIREMENTS = "requirements-litert.txt"
@@ -194,3 +194,18 @@ def test_each_env_runs_its_rules(env_workdir):
         assert rules_run(output) == expected, f"envs/{env}.yaml: ran {sorted(rules_run(output))}"
         for target in targets:
             assert (workdir / target).stat().st_size > 0
+
+
+def test_every_env_takes_torch_from_the_configured_index():
+    """torch's CPU index is stated in the schema (wheelhouse.torch_index's default); the env files,
+    which cannot read it, and the wheelhouse's own default must say the same."""
+    from gemma_edge.reach.wheel_resolver import DEFAULT_TORCH_INDEX
+    from gemma_edge.workflow.config import load_schema
+
+    index = load_schema(REPO / "schemas/config.schema.yaml")["properties"]["wheelhouse"]["properties"]["torch_index"]["default"]
+    assert index == DEFAULT_TORCH_INDEX
+    for path in sorted((REPO / "envs").glob("*.yaml")):
+        pip = next((d["pip"] for d in yaml.safe_load(path.read_text())["dependencies"] if isinstance(d, dict)), [])
+        urls = [line.split(None, 1)[1] for line in pip if line.startswith("--extra-index-url")]
+        if any(normal_name(line.split("==")[0]) == "torch" for line in pip):
+            assert urls == [index], path.name

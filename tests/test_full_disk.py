@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import require, snakemake, write_config
-from gemma_edge.artifacts import MANIFEST_SUFFIX, DiskFull, atomic_output
-from gemma_edge.steplog import EXIT_REPORTED
+from gemma_edge.device.files import DiskFull, atomic_output
+from gemma_edge.workflow.manifest import MANIFEST_SUFFIX
+from gemma_edge.workflow.steplog import EXIT_REPORTED
 
 FP32 = "results/tiny/fp32"
 # What export needs: the download's record (and the prompt check's, where the workflow has one).
@@ -53,9 +54,9 @@ def files_in(folder: Path) -> list[str]:
 
 WRITE = """
 import torch
-from gemma_edge.artifacts import atomic_output
-from gemma_edge.export import write_program
-from gemma_edge.steplog import rule_log
+from gemma_edge.device.files import atomic_output
+from gemma_edge.build.export import write_program
+from gemma_edge.workflow.steplog import rule_log
 
 class Linear(torch.nn.Module):
     def __init__(self):

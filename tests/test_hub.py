@@ -9,13 +9,14 @@ import sys
 import pytest
 
 from conftest import REPO, TEST_REPO_ID
-from gemma_edge import checkpoint, hub, pipeline
-from gemma_edge.artifacts import ArtifactError, read_json
+from gemma_edge.device.files import ArtifactError, read_json
+from gemma_edge.model import checkpoint, hub
+from gemma_edge.steps import host
 
 
 def test_seeded_cache_resolves_offline_to_its_commit(seeded_hub, tmp_path):
     cache, commit = seeded_hub
-    manifest = pipeline.download(TEST_REPO_ID, "main", str(cache), True, None, tmp_path / "checkpoint.json")
+    manifest = host.download(TEST_REPO_ID, "main", str(cache), True, None, tmp_path / "checkpoint.json")
     assert manifest["commit"] == commit
     assert set(manifest["files"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
     assert (
@@ -26,18 +27,18 @@ def test_seeded_cache_resolves_offline_to_its_commit(seeded_hub, tmp_path):
 
 def test_revision_can_be_the_commit_sha(seeded_hub, tmp_path):
     cache, commit = seeded_hub
-    manifest = pipeline.download(TEST_REPO_ID, commit, str(cache), True, None, tmp_path / "checkpoint.json")
+    manifest = host.download(TEST_REPO_ID, commit, str(cache), True, None, tmp_path / "checkpoint.json")
     assert manifest["commit"] == commit
 
 
 def test_offline_with_an_empty_cache_says_so(tmp_path):
     with pytest.raises(hub.DownloadError, match="is not in .* and the hub cannot be reached \\(offline\\)"):
-        pipeline.download("google/gemma-4-E2B", "main", str(tmp_path / "empty"), True, None, tmp_path / "checkpoint.json")
+        host.download("google/gemma-4-E2B", "main", str(tmp_path / "empty"), True, None, tmp_path / "checkpoint.json")
     assert not (tmp_path / "checkpoint.json").exists()
 
 
 def test_local_path_is_hashed_in_place(demo_checkpoint, tmp_path):
-    manifest = pipeline.download("local/anything", "main", None, True, str(demo_checkpoint), tmp_path / "c.json")
+    manifest = host.download("local/anything", "main", None, True, str(demo_checkpoint), tmp_path / "c.json")
     assert manifest["commit"] is None and manifest["path"] == str(demo_checkpoint)
 
 
@@ -52,7 +53,7 @@ def test_checkpoint_without_tokenizer_is_refused(demo_checkpoint, tmp_path):
 def test_corrupted_checkpoint_file_is_caught(demo_checkpoint, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(demo_checkpoint, folder)
-    manifest = pipeline.download("local/copy", "main", None, True, str(folder), tmp_path / "c.json")
+    manifest = host.download("local/copy", "main", None, True, str(folder), tmp_path / "c.json")
     weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -70,12 +71,12 @@ def test_truncated_blob_in_the_cache_is_named_and_reseeding_repairs_it(demo_chec
         handle.truncate(blob.stat().st_size // 2)
     out = tmp_path / "checkpoint.json"
     with pytest.raises(hub.DownloadError) as failure:
-        pipeline.download(TEST_REPO_ID, "main", str(cache), True, None, out, demo=True)
+        host.download(TEST_REPO_ID, "main", str(cache), True, None, out, demo=True)
     assert f"the cached model.safetensors ({blob}) is corrupt" in str(failure.value)
     assert "snakemake --forcerun demo_checkpoint" in str(failure.value)
     assert not out.exists(), "nothing may record a corrupt checkpoint as good"
     assert hub.seed_hub_cache(demo_checkpoint, cache, TEST_REPO_ID) == commit
-    manifest = pipeline.download(TEST_REPO_ID, "main", str(cache), True, None, out, demo=True)
+    manifest = host.download(TEST_REPO_ID, "main", str(cache), True, None, out, demo=True)
     assert manifest["files"]["model.safetensors"]["sha256"] == blob.name
 
 
@@ -131,8 +132,8 @@ class _HubStandIn:
 
 def _download_against(url: str, tmp_path) -> subprocess.CompletedProcess:
     code = (
-        "import sys; sys.path.insert(0, 'scripts'); from gemma_edge import pipeline; "
-        f"pipeline.download('google/gemma-4-E2B', 'main', {str(tmp_path / 'cache')!r}, False, None, {str(tmp_path / 'c.json')!r})"
+        "import sys; sys.path.insert(0, 'src'); from gemma_edge.steps import host; "
+        f"host.download('google/gemma-4-E2B', 'main', {str(tmp_path / 'cache')!r}, False, None, {str(tmp_path / 'c.json')!r})"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
     env.update({"HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf-home")})

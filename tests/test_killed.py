@@ -28,8 +28,9 @@ import psutil
 import pytest
 
 from conftest import snakemake_argv, write_config
-from gemma_edge import stale_lock, terminal
-from gemma_edge.artifacts import MANIFEST_SUFFIX, atomic_output, verify_against_manifest
+from gemma_edge.device.files import atomic_output
+from gemma_edge.workflow import stale_lock, terminal
+from gemma_edge.workflow.manifest import MANIFEST_SUFFIX, verify_against_manifest
 
 SEED = int(os.environ.get("GEMMA_EDGE_KILL_SEED", "38"))
 RUN_TIMEOUT_S = 600
@@ -156,7 +157,7 @@ def _cmdline(process: psutil.Process) -> list[str]:
 def wait_for_moment(process: psutil.Process, moment: str, seconds: float, temporaries: list[Path], log: Progress) -> str:
     """Wait for the moment to kill `process`: `seconds` after it started (or `log.until`, if that
     comes first), ("line") until `log.until`, or ("temporary") until one of its temporary files
-    (artifacts.temp_path_for's names, with its pid) exists. Returns what the moment was."""
+    (files.temp_path_for's names, with its pid) exists. Returns what the moment was."""
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
         started = process.create_time()
@@ -331,7 +332,7 @@ def test_a_killed_snakemake_and_its_steps_resume_with_the_same_command(workflow,
 
 def test_the_device_benchmark_killed_at_any_moment_resumes_with_the_same_command(workflow, tmp_path):
     """The local target's bench step killed, then the benchmark process it runs (the device side,
-    `python -m gemma_edge.device_bench`), each at a seeded moment of its measured duration."""
+    `python -m gemma_edge.device.device_bench`), each at a seeded moment of its measured duration."""
     workdir = copy_of(workflow, tmp_path)
     targets = write_config(workdir / "local-target.yaml", LOCAL_TARGET)
     args = [f"{LOCAL}/bench.json", "--configfile", str(workflow["config"]), str(targets)]
@@ -379,7 +380,7 @@ def device_bench_of(step: psutil.Process) -> psutil.Process:
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while time.monotonic() < deadline:
         for child in step.children(recursive=True):
-            if "gemma_edge.device_bench" in _cmdline(child):
+            if "gemma_edge.device.device_bench" in _cmdline(child):
                 return child
         assert step.is_running(), "the bench step ended before its benchmark process started"
         time.sleep(0.02)

@@ -18,10 +18,13 @@ from pathlib import Path
 import pytest
 
 from conftest import DEFAULT_CONFIG, LITERT_PYTHON, PINS, REPO, needs_litert
-from gemma_edge import litertlm_file
-from gemma_edge.weight_bytes import is_lookup, weight_bytes
+from gemma_edge.measure.litertlm_weights import is_lookup
+from gemma_edge.measure.weight_bytes import weight_bytes
+from gemma_edge.peers import litertlm_file
+from gemma_edge.reach.qemu import EmulatorError, find_qemu
+from gemma_edge.reach.sysroot import sysroot_of
 
-BENCH_SCRIPT = REPO / "scripts/gemma_edge/litert_bench.py"
+BENCH_SCRIPT = REPO / "src/gemma_edge/device/litert_bench.py"
 
 pytestmark = needs_litert
 
@@ -42,7 +45,7 @@ def run_litert(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(REPO / "scripts")},
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
     )
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
@@ -55,7 +58,7 @@ def converted(demo_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("litert")
     manifest = folder / "checkpoint.json"
     manifest.write_text(json.dumps({"path": str(demo_checkpoint), "commit": None}))
-    from gemma_edge.litert import convert_in
+    from gemma_edge.peers.litert import convert_in
 
     models = {}
     for quantization, recipe in (("fp32", "fp32"), ("int4", "int4-g128")):
@@ -70,8 +73,8 @@ def reference(demo_checkpoint):
     """The verify prompts as ids (BOS first) and eager FP32's greedy tokens for each."""
     from transformers import Gemma4ForCausalLM
 
-    from gemma_edge.demo_model import BOS_ID
-    from gemma_edge.parity import eager_reference, encode_prompts
+    from gemma_edge.build.parity import eager_reference, encode_prompts
+    from gemma_edge.model.demo_model import BOS_ID
 
     prompts = encode_prompts(demo_checkpoint / "tokenizer.json", DEFAULT_CONFIG["verify"]["prompts"], BOS_ID)
     model = Gemma4ForCausalLM.from_pretrained(demo_checkpoint, dtype="float32").eval()
@@ -82,7 +85,7 @@ def bench(model: Path, prompt_ids: list[list[int]], tmp_path: Path) -> dict:
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({**SPEC, "parity_prompt_ids": prompt_ids}))
     out = tmp_path / "bench.json"
-    run_litert("-m", "gemma_edge.litert_bench", "--model", str(model), "--spec", str(spec), "--out", str(out))
+    run_litert("-m", "gemma_edge.device.litert_bench", "--model", str(model), "--spec", str(spec), "--out", str(out))
     return json.loads(out.read_text())
 
 
@@ -93,10 +96,10 @@ def until_stop(tokens: list[int], stop_id: int) -> list[int]:
 
 def assert_same_text(demo_checkpoint, result: dict, prompts: list[list[int]], expected: list[list[int]]) -> None:
     """Each prompt's streamed text is eager FP32's tokens, all of them up to the stop token (as
-    text: LiteRT-LM's API returns no ids, see deploy.tokens_matched_as_text)."""
+    text: LiteRT-LM's API returns no ids, see device_parity.tokens_matched_as_text)."""
     from tokenizers import Tokenizer
 
-    from gemma_edge.deploy import tokens_matched_as_text
+    from gemma_edge.measure.device_parity import tokens_matched_as_text
 
     tokenizer = Tokenizer.from_file(str(demo_checkpoint / "tokenizer.json"))
     stop_id = result["stop_ids"][0][0]
@@ -114,7 +117,7 @@ def assert_summary(summary: dict, repetitions: int) -> None:
 
 
 def test_manifests_say_how_each_model_was_made(converted):
-    from gemma_edge.artifacts import read_json, sha256_file
+    from gemma_edge.device.files import read_json, sha256_file
 
     fp32 = read_json(converted["fp32"].with_name("model.litertlm.manifest.json"))
     int4 = read_json(converted["int4"].with_name("model.litertlm.manifest.json"))
@@ -191,7 +194,7 @@ def test_our_litertlm_reader_reads_what_literts_own_tools_read(converted, quanti
 
 @pytest.mark.parametrize("quantization", ["fp32", "int4"])
 def test_litertlm_bytes_per_token_read_the_embedders_as_rows_and_add_up_to_the_file(converted, demo_checkpoint, quantization):
-    from gemma_edge.checkpoint import read_text_config_dict
+    from gemma_edge.model.checkpoint import read_text_config_dict
 
     result = weight_bytes(converted[quantization])
     config = read_text_config_dict(demo_checkpoint)
@@ -278,12 +281,13 @@ def test_fp32_litertlm_runs_on_the_emulated_pi5_with_only_the_aarch64_wheel(conv
     nothing)."""
     import zipfile
 
-    from gemma_edge import emulator, litert_runtime
+    from gemma_edge.peers import litert_runtime
+    from gemma_edge.reach import emulator
 
     root = emulator.default_root()
     try:
         emulator.check_emulator(root)
-    except emulator.EmulatorError as error:
+    except EmulatorError as error:
         pytest.skip(f"the emulated Pi 5 is not ready ({error})")
     version = litert_runtime.pinned_version(REPO / "requirements-litert.txt")
     wheel, _ = litert_runtime.fetch_cached(version, "aarch64", litert_runtime.default_cache())
@@ -298,14 +302,14 @@ def test_fp32_litertlm_runs_on_the_emulated_pi5_with_only_the_aarch64_wheel(conv
     spec.write_text(
         json.dumps({**SPEC, "prompt_lengths": [16], "new_tokens": 8, "repetitions": 1, "parity_prompt_ids": prompts[:2]})
     )
-    python = emulator.sysroot_of(root) / "usr/bin/python3.11"
-    env = {**os.environ, **emulator.device_environment(root), "PYTHONPATH": f"{site}:{REPO / 'scripts'}"}
+    python = sysroot_of(root) / "usr/bin/python3.11"
+    env = {**os.environ, **emulator.device_environment(root), "PYTHONPATH": f"{site}:{REPO / 'src'}"}
     done = subprocess.run(
         [
-            emulator.find_qemu(),
+            find_qemu(),
             str(python),
             "-m",
-            "gemma_edge.litert_bench",
+            "gemma_edge.device.litert_bench",
             "--model",
             str(model),
             "--spec",
@@ -333,13 +337,14 @@ def test_bench_script_needs_only_the_standard_library_litert_lm_and_peer_bench()
         for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom) and node.module and not node.level
     }
-    relative = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
-    assert imported - set(sys.stdlib_module_names) == {"litert_lm"}
-    assert relative == {"peer_bench"}
+    froms = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    package = {module for module in froms if module.startswith("gemma_edge")}
+    assert imported - set(sys.stdlib_module_names) == {"litert_lm", "gemma_edge"}
+    assert package == {"gemma_edge.device.peer_bench"}
 
 
 def load_bench_module():
-    from gemma_edge import litert_bench
+    from gemma_edge.device import litert_bench
 
     return litert_bench
 

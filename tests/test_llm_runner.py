@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from conftest import DEFAULT_CONFIG
-from gemma_edge import device_bench, llm_runner
-from gemma_edge.artifacts import read_json
-from gemma_edge.runtime import PteDecoder, greedy_decode
+from gemma_edge.device import llm_runner, runner_bench, timing
+from gemma_edge.device.files import read_json
+from gemma_edge.device.runtime import PteDecoder, greedy_decode
 
 VARIANTS = {"int4": "results/tiny/int4-g128/xnnpack-auto", "fp32": "results/tiny/fp32/xnnpack-auto"}
 PROMPTS = DEFAULT_CONFIG["verify"]["prompts"]
@@ -113,7 +113,7 @@ def test_bos_is_asked_for_only_when_the_tokenizer_does_not_add_it():
 
 
 def bench_spec_for(workdir: Path, parity: dict, **changes) -> dict:
-    """The part of the device benchmark's spec (deploy.bench_spec) the runner's block reads."""
+    """The part of the device benchmark's spec (remote_bench.bench_spec) the runner's block reads."""
     return {
         "tokenizer": str(tokenizer_of(workdir)),
         "parity_prompts": [p["prompt"] for p in parity["prompts"]],
@@ -130,10 +130,10 @@ def test_the_bench_runs_the_runner_in_a_process_of_its_own_and_compares_it_with_
     folder = workflow["workdir"] / VARIANTS["int4"]
     parity = read_json(folder / "parity.json")
     loop = [p["pte_tokens"] for p in parity["prompts"]]
-    eos = device_bench.eos_id_set(PteDecoder(folder / "model.pte").metadata)
-    block = device_bench.bench_llm_runner(folder / "model.pte", bench_spec_for(workflow["workdir"], parity), loop, eos)
+    eos = timing.eos_id_set(PteDecoder(folder / "model.pte").metadata)
+    block = runner_bench.bench_llm_runner(folder / "model.pte", bench_spec_for(workflow["workdir"], parity), loop, eos)
     assert block["available"], block.get("reason")
-    assert block["tokens"] == [device_bench.until_eos(t, eos) for t in loop] and block["tokens_equal_loop"]
+    assert block["tokens"] == [timing.until_eos(t, eos) for t in loop] and block["tokens_equal_loop"]
     assert block["prompt_ids_equal_loop"] and block["loop_same_prompts"]["tokens_equal_runner"]
     assert block["stats"]["decode_tps"]["avg"] > 0 and block["loop_same_prompts"]["decode_tps"]["avg"] > 0
     assert set(block["load"]) == {"before", "after", "busy"}
@@ -145,15 +145,15 @@ def test_a_runner_that_cannot_run_is_reported_with_its_reason_not_raised(workflo
     parity = read_json(folder / "parity.json")
     loop = [p["pte_tokens"] for p in parity["prompts"]]
     missing = bench_spec_for(workflow["workdir"], parity, tokenizer=str(tmp_path / "missing.json"))
-    block = device_bench.bench_llm_runner(folder / "model.pte", missing, loop, {1})
+    block = runner_bench.bench_llm_runner(folder / "model.pte", missing, loop, {1})
     assert not block["available"] and block["reason"].startswith("the runner exited with status 1: ")
     assert "missing.json" in block["reason"]
     no_texts = bench_spec_for(workflow["workdir"], parity, parity_prompts=None)
-    assert device_bench.bench_llm_runner(folder / "model.pte", no_texts, loop, {1})["reason"] == (
+    assert runner_bench.bench_llm_runner(folder / "model.pte", no_texts, loop, {1})["reason"] == (
         "the host sent no tokenizer or no prompt texts for the runner"
     )
 
 
 def test_the_loop_is_compared_up_to_the_first_eos_where_the_runner_stops():
-    assert device_bench.until_eos([5, 1, 7, 1], {1, 106}) == [5, 1]
-    assert device_bench.until_eos([5, 6], {1}) == [5, 6]
+    assert timing.until_eos([5, 1, 7, 1], {1, 106}) == [5, 1]
+    assert timing.until_eos([5, 6], {1}) == [5, 6]

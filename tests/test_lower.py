@@ -3,9 +3,9 @@
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gemma_edge.checkpoint import load_text_model
-from gemma_edge.export import export_decoder
-from gemma_edge.lower import DECODE_METHOD_ABOVE_CONTEXT, as_masked_ring_calls, decode_program, wants_decode_method
+from gemma_edge.build.export import export_decoder
+from gemma_edge.build.lower import DECODE_METHOD_ABOVE_CONTEXT, as_masked_ring_calls, decode_program, wants_decode_method
+from gemma_edge.model.checkpoint import load_text_model
 
 
 def test_auto_adds_the_one_token_method_only_above_its_context_threshold():

@@ -3,9 +3,9 @@ tracer: the split must account for the delegate calls and operators the lowering
 
 import pytest
 
-from gemma_edge import op_profile
-from gemma_edge.artifacts import read_json
-from gemma_edge.runtime import DECODE_METHOD
+from gemma_edge.device.files import read_json
+from gemma_edge.device.runtime import DECODE_METHOD
+from gemma_edge.measure import op_profile
 
 PTE = "results/tiny/int4-g128/xnnpack-auto/model.pte"
 

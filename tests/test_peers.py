@@ -10,15 +10,18 @@ import time
 import pytest
 
 from conftest import REPO
-from gemma_edge import device_bench, emulator, litert, litert_runtime, llamacpp_build, peer_bench
-from gemma_edge.artifacts import read_json
+from gemma_edge.device import peer_bench
+from gemma_edge.device.facts import device_facts
+from gemma_edge.device.files import read_json
+from gemma_edge.peers import litert, litert_runtime, llamacpp_build
+from gemma_edge.reach.sysroot import PI5_FEATURES
 
 
 def test_llama_bench_is_compiled_for_the_devices_own_instruction_set():
-    pi5 = llamacpp_build.cpu_options("aarch64", list(emulator.PI5_FEATURES))
+    pi5 = llamacpp_build.cpu_options("aarch64", list(PI5_FEATURES))
     assert pi5 == ["-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16"]  # Cortex-A76: dot product and FP16, no i8mm or SVE
     assert llamacpp_build.cpu_options("aarch64", ["fp", "asimd"]) == ["-DGGML_CPU_ARM_ARCH=armv8-a"]
-    facts = device_bench.device_facts()
+    facts = device_facts()
     if facts["machine"] == "x86_64":
         host = dict(
             option.removeprefix("-D").split("=") for option in llamacpp_build.cpu_options("x86_64", facts["cpu_features"])
@@ -120,7 +123,7 @@ def test_a_peers_text_is_matched_against_fp32s_tokens(demo_checkpoint):
     as the same; a different word ends the match."""
     from tokenizers import Tokenizer
 
-    from gemma_edge.deploy import tokens_matched_as_text
+    from gemma_edge.measure.device_parity import tokens_matched_as_text
 
     tokenizer = Tokenizer.from_file(str(demo_checkpoint / "tokenizer.json"))
     prompt = [2] + tokenizer.encode("Return a new list of", add_special_tokens=False).ids
@@ -147,7 +150,7 @@ def test_machine_load_sees_another_busy_process():
     finally:
         busy.kill()
         busy.wait()
-    cores = device_bench.device_facts()["cores"]
+    cores = device_facts()["cores"]
     # One spinning process holds up to one core; on a loaded machine it gets less than all of one.
     assert after[busy.pid][1] > before[busy.pid][1]
     assert 0.25 / cores < load["other_cpu_share"] <= 1.0

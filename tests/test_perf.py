@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from conftest import REPO, needs_litert, needs_llamacpp, snakemake, write_config
-from gemma_edge.artifacts import read_json, sha256_file
-from gemma_edge.e2b_shape import (
+from gemma_edge.device.files import read_json, sha256_file
+from gemma_edge.device.runtime import DECODE_METHOD
+from gemma_edge.measure.perf_projection import fit_line, parameter_count_of, project_steps, render_projection
+from gemma_edge.measure.perf_table import decode_ratio, render_table, same_greedy_tokens
+from gemma_edge.model.e2b_shape import (
     E2B,
     TINY_VOCAB,
     e2b_layer_types,
@@ -17,9 +20,6 @@ from gemma_edge.e2b_shape import (
     parameter_count,
     shared_layers_for,
 )
-from gemma_edge.perf_projection import fit_line, parameter_count_of, project_steps, render_projection
-from gemma_edge.perf_table import decode_ratio, render_table, same_greedy_tokens
-from gemma_edge.runtime import DECODE_METHOD
 from test_workflow import jobs_of
 
 
@@ -63,7 +63,7 @@ def test_too_shallow_an_e2b_shape_is_refused():
 def test_byte_fallback_tokenizer_covers_any_text_at_the_full_vocabulary(tmp_path):
     from transformers import AutoTokenizer
 
-    from gemma_edge.demo_model import build_tokenizer, write_tokenizer
+    from gemma_edge.model.demo_model import build_tokenizer, write_tokenizer
 
     tokenizer = build_tokenizer((REPO / "resources/demo_corpus.txt").read_text(), E2B["vocab_size"], merges_from=4096)
     assert tokenizer.get_vocab_size() == E2B["vocab_size"]
@@ -257,7 +257,7 @@ def test_leaving_eager_out_times_nothing_again_and_drops_its_row(perf_run):
 
 
 def test_missing_converter_is_explained(tmp_path):
-    from gemma_edge.gguf_convert import convert_to_gguf
+    from gemma_edge.peers.gguf_convert import convert_to_gguf
 
     checkpoint = tmp_path / "checkpoint.json"
     checkpoint.write_text(json.dumps({"path": str(tmp_path)}))

@@ -9,11 +9,8 @@ import pytest
 import torch
 
 from conftest import QUALITY_TOKENS, REPO, snakemake
-from gemma_edge import pipeline
-from gemma_edge.artifacts import read_json, sha256_file
-from gemma_edge.checkpoint import load_checkpoint
-from gemma_edge.demo_model import TRAIN_LINES_EVERY
-from gemma_edge.quality import (
+from gemma_edge.device.files import read_json, sha256_file
+from gemma_edge.measure.quality import (
     Gates,
     compare_tokenizations,
     eager_logits,
@@ -24,6 +21,9 @@ from gemma_edge.quality import (
     text_ids,
     token_scores,
 )
+from gemma_edge.model.checkpoint import load_checkpoint
+from gemma_edge.model.demo_model import TRAIN_LINES_EVERY
+from gemma_edge.steps import measure
 
 HELDOUT = REPO / "resources/quality/demo_heldout.txt"
 CORPUS = REPO / "resources/demo_corpus.txt"
@@ -110,7 +110,7 @@ def scored(workflow, tmp_path_factory):
     workdir = workflow["workdir"]
     snakemake(workdir, "--cores", "2", f"{INT4}/quality.json", "--configfile", str(workflow["config"]))
     out = tmp_path_factory.mktemp("fp32-quality")
-    fp32 = pipeline.quality(
+    fp32 = measure.quality(
         "pte",
         workdir / FP32 / "model.pte",
         workdir / "results/tiny/checkpoint.json",
@@ -180,7 +180,7 @@ def test_a_missed_gate_fails_with_one_sentence_and_keeps_the_result_aside(workfl
         match=r"quality gates missed by int4-g128 fused: mean KL divergence [\d.e-]+ > 1e-06 "
         r"\(details in .*quality.rejected.json\)",
     ):
-        pipeline.quality(
+        measure.quality(
             "pte",
             workdir / INT4 / "model.pte",
             workdir / "results/tiny/checkpoint.json",
@@ -200,7 +200,7 @@ def test_a_missed_gate_fails_with_one_sentence_and_keeps_the_result_aside(workfl
 
 def test_a_randomly_initialised_model_is_not_scored_and_says_why(workflow, tmp_path):
     workdir = workflow["workdir"]
-    result = pipeline.quality(
+    result = measure.quality(
         "pte",
         workdir / INT4 / "model.pte",
         workdir / "results/tiny/checkpoint.json",

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from gemma_edge.quantize import (
+from gemma_edge.build.quantize import (
     GroupSizeError,
     check_group_size,
     drop_unreferenced_attributes,
@@ -122,7 +122,7 @@ def test_tied_bf16_head_becomes_int8_lookup_and_int4_linear_and_the_table_goes()
 
 def test_int8_rows_are_the_same_whatever_the_chunk_size():
     """Chunking bounds the temporaries; it must not change a single value or scale."""
-    from gemma_edge.quantize import int8_per_row
+    from gemma_edge.build.quantize import int8_per_row
 
     weight = torch.randn(1000, 48, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 3, 1000)[:, None]
     whole_table, whole_scales = int8_per_row(weight, rows_per_chunk=1000)
@@ -136,8 +136,8 @@ def test_int8_rows_are_the_same_whatever_the_chunk_size():
 def test_saved_program_is_checked_tensor_by_tensor_after_reloading(tmp_path):
     """write_program + check_reloaded: a reload must reproduce the graph and every tensor, INT4
     torchao tensors included; a file holding a different weight is refused."""
-    from gemma_edge.artifacts import ArtifactError
-    from gemma_edge.export import check_reloaded, write_program
+    from gemma_edge.build.export import check_reloaded, write_program
+    from gemma_edge.device.files import ArtifactError
 
     _, graph_module = exported_module()
     quantize_linears(graph_module, 64)

@@ -41,7 +41,7 @@ def test_every_readme_command_is_run_by_ci_or_a_test_or_says_why_not():
     unaccounted = []
     for section, lines in commands.items():
         for line in lines:
-            by_fixture = section == EMULATOR_SECTION and "-m gemma_edge.emulator " in line  # tests/test_emulated.py
+            by_fixture = section == EMULATOR_SECTION and "-m gemma_edge.reach.emulator " in line  # tests/test_emulated.py
             packages = line.startswith("apt-get install")  # the next test: .ci/run installs them
             if not (line in ci or line in RUN_HERE.get(section, []) or line in unrunnable or by_fixture or packages):
                 unaccounted.append(f"{section}: {line}")

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from conftest import REPO, TEST_REPO_ID, WORKFLOW_TARGETS, snakemake, write_config
-from gemma_edge import pipeline
-from gemma_edge.artifacts import read_json, sha256_file
-from gemma_edge.export import relative_stack_trace
+from gemma_edge.build.export import relative_stack_trace
+from gemma_edge.device.files import read_json, sha256_file
+from gemma_edge.steps import host
 
 PTE = "results/tiny/int4-g128/xnnpack-auto/model.pte"
 ARTIFACTS = ["results/tiny/fp32/program.pt2", "results/tiny/int4-g128/program.pt2", PTE]
@@ -66,20 +66,20 @@ def test_a_hub_cache_inside_the_working_directory_is_recorded_relative(seeded_hu
     cache, commit = seeded_hub
     monkeypatch.chdir(tmp_path)
     shutil.copytree(cache, "results/demo-hub", symlinks=True)
-    manifest = pipeline.download(TEST_REPO_ID, "main", "results/demo-hub", True, None, tmp_path / "checkpoint.json")
+    manifest = host.download(TEST_REPO_ID, "main", "results/demo-hub", True, None, tmp_path / "checkpoint.json")
     assert manifest["path"] == f"results/demo-hub/models--{TEST_REPO_ID.replace('/', '--')}/snapshots/{commit}"
     assert read_json(tmp_path / "checkpoint.json")["path"] == manifest["path"]
 
 
 def test_stack_traces_name_files_relative_to_their_import_root():
-    roots = ["/venv/lib/python3.11/site-packages", "/checkout/scripts"]
+    roots = ["/venv/lib/python3.11/site-packages", "/checkout/src"]
     trace = (
-        'File "/checkout/scripts/gemma_edge/decoder.py", line 358, in forward\n    x = f(y)\n'
+        'File "/checkout/src/gemma_edge/model/decoder.py", line 358, in forward\n    x = f(y)\n'
         'File "/venv/lib/python3.11/site-packages/transformers/activations.py", line 7, in g\n'
         'File "/elsewhere/tool.py", line 1, in h\nFile "<eval_with_key>.3", line 5, in forward'
     )
     assert relative_stack_trace(trace, roots) == (
-        'File "gemma_edge/decoder.py", line 358, in forward\n    x = f(y)\n'
+        'File "gemma_edge/model/decoder.py", line 358, in forward\n    x = f(y)\n'
         'File "transformers/activations.py", line 7, in g\n'
         'File "tool.py", line 1, in h\nFile "<eval_with_key>.3", line 5, in forward'
     )

@@ -6,7 +6,7 @@ import pytest
 
 import slurm
 from conftest import REPO, require, snakemake
-from gemma_edge.artifacts import read_json
+from gemma_edge.device.files import read_json
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,14 @@ import psutil
 import pytest
 
 from conftest import PINS, require
-from gemma_edge import deploy, loopback_sshd, ssh
-from gemma_edge.artifacts import sha256_file
+from gemma_edge.device.files import sha256_file
+from gemma_edge.reach import deploy, loopback_sshd, provision, ssh
+from gemma_edge.reach.target import DeviceError, ssh_target
 from sshd import SshServer
 
 
 def client_for(server, **overrides):
-    return ssh.connect(deploy.ssh_target(server.target(Path("/tmp"), **overrides)))
+    return ssh.connect(ssh_target(server.target(Path("/tmp"), **overrides)))
 
 
 def test_commands_are_quoted_and_report_their_output(sshd, tmp_path):
@@ -169,8 +170,8 @@ def test_ssh_config_alias_is_honoured(sshd, tmp_path):
         f"Host pi5-test\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User root\n"
         f"  IdentityFile {sshd.client_key}\n  UserKnownHostsFile {sshd.known_hosts}\n"
     )
-    target = deploy.ssh_target({"host": "pi5-test", "ssh_config": str(config)})
-    client = ssh.connect(target)
+    alias = ssh_target({"host": "pi5-test", "ssh_config": str(config)})
+    client = ssh.connect(alias)
     try:
         assert ssh.run(client, ["echo", "ok"], 10)[1].strip() == "ok"
     finally:
@@ -261,16 +262,16 @@ def test_full_remote_disk_is_refused_before_uploading(sshd, tmp_path, small_file
 def test_missing_remote_python_is_reported(sshd, tmp_path):
     settings = sshd.target(tmp_path / "remote", python="/nonexistent/python3")
     said = r"^broken: the device's Python \(/nonexistent/python3\) cannot run \(exit 127\): .*No such file"
-    with pytest.raises(deploy.DeviceError, match=said):
-        deploy.provision("broken", settings, tmp_path / "device.json")
+    with pytest.raises(DeviceError, match=said):
+        provision.provision("broken", settings, tmp_path / "device.json")
     assert not (tmp_path / "device.json").exists()
 
 
 def test_runtime_versions_must_match_the_host_release():
     host = {"executorch": "1.5.1", "torch": "2.13.0"}
-    deploy.check_versions({"executorch": "1.5.1", "torch": "2.13.0+cpu"}, host)  # same release, other wheel tag
-    with pytest.raises(deploy.DeviceError, match=r"torch 2.12.0 \(host 2.13.0\); re-run provisioning"):
-        deploy.check_versions({"executorch": "1.5.1", "torch": "2.12.0"}, host)
-    with pytest.raises(deploy.DeviceError, match=r"executorch None"):
-        deploy.check_versions({"executorch": None, "torch": "2.13.0"}, host)
-    assert deploy.host_runtime_versions()["torch"] == PINS["torch"]
+    provision.check_versions({"executorch": "1.5.1", "torch": "2.13.0+cpu"}, host)  # same release, other wheel tag
+    with pytest.raises(DeviceError, match=r"torch 2.12.0 \(host 2.13.0\); re-run provisioning"):
+        provision.check_versions({"executorch": "1.5.1", "torch": "2.12.0"}, host)
+    with pytest.raises(DeviceError, match=r"executorch None"):
+        provision.check_versions({"executorch": None, "torch": "2.13.0"}, host)
+    assert provision.host_runtime_versions()["torch"] == PINS["torch"]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import DEFAULT_CONFIG, QUALITY_TOKENS, REPO, needs_litert, needs_llamacpp, snakemake, write_config
-from gemma_edge.artifacts import read_json
+from gemma_edge.device.files import read_json
 from test_workflow import jobs_of
 
 PROMPTS = len(DEFAULT_CONFIG["verify"]["prompts"])  # the sweep runs the default verify prompts
@@ -110,7 +110,7 @@ def test_summary_sets_each_pte_s_quality_beside_its_speed(sweep):
 def test_llama_cpp_s_ggufs_are_scored_on_our_ids_and_its_own_tokenizer_is_checked(sweep):
     from llama_cpp import Llama
 
-    from gemma_edge.quality import text_ids
+    from gemma_edge.measure.quality import text_ids
 
     workdir = sweep["workdir"]
     rows = list(csv.DictReader((workdir / "results/summary.csv").open()))
@@ -187,7 +187,8 @@ def test_one_benchmark_per_device_at_a_time_but_devices_in_parallel(sweep):
 
 
 def test_emulated_targets_are_tabulated_as_such_and_never_plotted_as_speed():
-    from gemma_edge.summary import rows_for_plot, rows_of
+    from gemma_edge.measure.plots import rows_for_plot
+    from gemma_edge.measure.summary import rows_of
 
     bench = {
         "target": "pi5_emulated",
@@ -216,7 +217,8 @@ def test_emulated_targets_are_tabulated_as_such_and_never_plotted_as_speed():
 
 
 def test_peer_rows_carry_the_ratio_and_an_unavailable_peer_is_a_row_not_a_gap():
-    from gemma_edge.summary import rows_for_plot, rows_of
+    from gemma_edge.measure.plots import rows_for_plot
+    from gemma_edge.measure.summary import rows_of
 
     speeds = {k: {"avg": 2.0, "stddev": 0.1} for k in ("prefill_tps", "decode_tps", "ttft_s")}
     bench = {

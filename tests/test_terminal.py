@@ -14,8 +14,8 @@ import pytest
 from snakemake_interface_logger_plugins.common import LogEvent
 
 from conftest import REPO, snakemake, snakemake_argv, write_config
-from gemma_edge import terminal
-from gemma_edge.steplog import EXIT_REPORTED
+from gemma_edge.workflow import terminal
+from gemma_edge.workflow.steplog import EXIT_REPORTED
 
 DEMO_MARKER = "results/demo-hub/local--gemma4-tiny.json"
 DEMO_LOG = "logs/demo/local--gemma4-tiny.log"
@@ -98,9 +98,9 @@ def test_ctrl_c_cancels_cleanly_and_the_same_command_resumes(tmp_path):
 
 STEP = """
 import os, signal, sys
-sys.path.insert(0, {scripts!r})
-from gemma_edge.artifacts import atomic_output
-from gemma_edge.steplog import rule_log
+sys.path.insert(0, {src!r})
+from gemma_edge.device.files import atomic_output
+from gemma_edge.workflow.steplog import rule_log
 
 with rule_log({log!r}, "export"):
     with atomic_output({out!r}) as tmp:
@@ -113,7 +113,7 @@ with rule_log({log!r}, "export"):
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_a_stopped_step_logs_interrupted_removes_its_temporaries_and_exits_quietly(tmp_path, stop):
     log, out = tmp_path / "logs/export.log", tmp_path / "results/program.pt2"
-    script = STEP.format(scripts=str(REPO / "scripts"), log=str(log), out=str(out), signal=stop.name)
+    script = STEP.format(src=str(REPO / "src"), log=str(log), out=str(out), signal=stop.name)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 128 + stop
     assert result.stdout == result.stderr == ""  # no traceback, no sentence: the run's end says it was cancelled
@@ -183,7 +183,7 @@ def test_a_step_log_leaves_out_the_named_third_party_noise_and_keeps_the_rest(tm
     log_path = tmp_path / "step.log"
     code = f"""
 import logging, warnings
-from gemma_edge.steplog import rule_log
+from gemma_edge.workflow.steplog import rule_log
 with rule_log({str(log_path)!r}, "noise"):
     warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use TreeSpec", FutureWarning)
     warnings.warn("something else is deprecated", FutureWarning)
@@ -191,7 +191,7 @@ with rule_log({str(log_path)!r}, "noise"):
     logging.getLogger("torchao").warning("Failed to load /x/torchao/_C_other.so")
     logging.getLogger("torchao.kernel.intmm").warning("Warning: Detected no triton, on systems without Triton")
 """
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO / "scripts", timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO / "src", timeout=120)
     text = log_path.read_text()
     assert "something else is deprecated" in text and "_C_other.so" in text
     assert "LeafSpec" not in text and "_C_mxfp8" not in text and "triton" not in text

@@ -1,10 +1,11 @@
-"""A variant's folder names, built and read back in one place (gemma_edge.variant)."""
+"""A variant's folder names, built and read back in one place (gemma_edge.workflow.variant)."""
 
 import re
+from pathlib import Path
 
 import pytest
 
-from gemma_edge import variant
+from gemma_edge.workflow import variant
 
 
 @pytest.mark.parametrize("per_op_mode", ["auto", True, False])
@@ -24,3 +25,21 @@ def test_the_folder_names_and_labels_users_see():
     assert variant.label(64, False) == "int4-g64 fused" and variant.label(None, True) == "fp32 per-op"
     with pytest.raises(ValueError, match="expected fp32 or int4-g<group size>"):
         variant.group_size_of("int8")
+
+
+def test_the_rules_paths_are_the_same_names_with_wildcards():
+    assert variant.VARIANT == "{model}/{quant}/xnnpack-{mode}" and variant.QUANTIZED == "{model}/int4-g{group_size}"
+    filled = variant.VARIANT.format(model="demo", quant=variant.quant_dir(128), mode=variant.mode_dir("auto"))
+    assert filled == variant.variant_dir("demo", 128, "auto")
+
+
+def test_no_rule_spells_a_variant_folder_by_hand():
+    """The rules build every variant path from this module, so a name changes in one place."""
+    rules = Path(__file__).resolve().parents[1] / "rules"
+    by_hand = [
+        f"{path.name}:{number}: {line.strip()}"
+        for path in sorted(rules.glob("*.smk"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"xnnpack-|int4-g", line.split("#", 1)[0].split('"""', 1)[0])
+    ]
+    assert by_hand == []

@@ -10,17 +10,26 @@ import zipfile
 import pytest
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from gemma_edge import wheelhouse
-from gemma_edge.wheelhouse import WheelhouseError
+from gemma_edge.reach import wheel_resolver, wheelhouse
+from gemma_edge.reach.device_platform import (
+    WheelhouseError,
+    check_wheels_fit,
+    device_platform,
+    device_requirements,
+    marker_environment,
+    platform_tags,
+    wheel_fits,
+)
+from gemma_edge.reach.wheel_resolver import choose_pin, probe_index, resolve_and_download, unmet_requirements
 
 PI5 = {"machine": "aarch64", "python": "3.11.2", "glibc": "2.36"}
 X86 = {"machine": "x86_64", "python": "3.11.2", "glibc": "2.36"}
 
 
 def test_device_platform_accepts_libc_ver_tuple_and_string():
-    assert wheelhouse.device_platform({"machine": "aarch64", "python": "3.11.2", "libc": ["glibc", "2.36"]}) == PI5
-    assert wheelhouse.device_platform({"machine": "aarch64", "python": "3.11.2", "libc": "glibc 2.36"}) == PI5
-    assert wheelhouse.device_platform({"machine": "aarch64", "python": "3.11.2", "libc": ("glibc", "2.36.1")})["glibc"] == "2.36"
+    assert device_platform({"machine": "aarch64", "python": "3.11.2", "libc": ["glibc", "2.36"]}) == PI5
+    assert device_platform({"machine": "aarch64", "python": "3.11.2", "libc": "glibc 2.36"}) == PI5
+    assert device_platform({"machine": "aarch64", "python": "3.11.2", "libc": ("glibc", "2.36.1")})["glibc"] == "2.36"
 
 
 @pytest.mark.parametrize(
@@ -35,11 +44,11 @@ def test_device_platform_accepts_libc_ver_tuple_and_string():
 )
 def test_device_platform_refuses_what_manylinux_cannot_serve(facts, words):
     with pytest.raises(WheelhouseError, match=words):
-        wheelhouse.device_platform(facts)
+        device_platform(facts)
 
 
 def test_platform_tags_cover_2_17_to_device_glibc_and_nothing_newer():
-    tags = wheelhouse.platform_tags(PI5)
+    tags = platform_tags(PI5)
     for minor in range(17, 37):
         assert f"manylinux_2_{minor}_aarch64" in tags
     assert "manylinux2014_aarch64" in tags and "linux_aarch64" in tags
@@ -49,14 +58,14 @@ def test_platform_tags_cover_2_17_to_device_glibc_and_nothing_newer():
 
 
 def test_marker_environment_is_the_device_not_the_host():
-    env = wheelhouse.marker_environment(PI5)
+    env = marker_environment(PI5)
     assert env["platform_machine"] == "aarch64" and env["platform_system"] == "Linux" and env["sys_platform"] == "linux"
     assert env["python_version"] == "3.11" and env["python_full_version"] == "3.11.2" and env["extra"] == ""
 
 
 def _executorch_requirements(platform):
     requires = importlib.metadata.distribution("executorch").requires
-    return {canonicalize_name(r.name) for r in wheelhouse.device_requirements(requires, platform)}
+    return {canonicalize_name(r.name) for r in device_requirements(requires, platform)}
 
 
 def test_executorch_markers_drop_coreml_and_sklearn_on_aarch64_but_keep_them_on_x86_64():
@@ -71,7 +80,7 @@ def test_executorch_markers_drop_coreml_and_sklearn_on_aarch64_but_keep_them_on_
 
 def test_wrong_platform_wheel_gives_one_sentence():
     with pytest.raises(WheelhouseError) as caught:
-        wheelhouse.check_wheels_fit(
+        check_wheels_fit(
             ["numpy-2.3.0-cp311-cp311-manylinux_2_28_aarch64.whl", "numpy-2.3.0-cp311-cp311-manylinux_2_28_x86_64.whl"], PI5
         )
     assert str(caught.value) == (
@@ -82,7 +91,7 @@ def test_wrong_platform_wheel_gives_one_sentence():
 
 def test_sdist_in_wheelhouse_is_refused():
     with pytest.raises(WheelhouseError, match="not a wheel"):
-        wheelhouse.check_wheels_fit(["somepkg-1.0.tar.gz"], PI5)
+        check_wheels_fit(["somepkg-1.0.tar.gz"], PI5)
 
 
 @pytest.mark.parametrize(
@@ -100,20 +109,20 @@ def test_sdist_in_wheelhouse_is_refused():
     ],
 )
 def test_wheel_fits(filename, fits):
-    assert wheelhouse.wheel_fits(filename, PI5) is fits
+    assert wheel_fits(filename, PI5) is fits
 
 
 def test_host_version_pins_when_it_satisfies(monkeypatch):
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
-    monkeypatch.setattr(wheelhouse, "host_version", lambda name: Version("2.13.0+cpu"))
-    assert wheelhouse.choose_pin("torch", SpecifierSet(">=2.0")) == "torch==2.13.0"
-    assert wheelhouse.choose_pin("torch", SpecifierSet("<2")) == "torch<2"
+    monkeypatch.setattr(wheel_resolver, "host_version", lambda name: Version("2.13.0+cpu"))
+    assert choose_pin("torch", SpecifierSet(">=2.0")) == "torch==2.13.0"
+    assert choose_pin("torch", SpecifierSet("<2")) == "torch<2"
 
 
 def test_unreachable_index_is_reported_not_raised():
-    reachable, reason = wheelhouse.probe_index("http://127.0.0.1:9/simple", timeout=2)
+    reachable, reason = probe_index("http://127.0.0.1:9/simple", timeout=2)
     assert not reachable and "127.0.0.1:9/simple/torch/" in reason
 
 
@@ -154,7 +163,7 @@ def test_sdist_only_pure_python_dependency_is_built_on_the_host(tmp_path):
     record = wheelhouse.build_wheelhouse({"antlr4-python3-runtime": "4.9.3"}, PI5, tmp_path / "wh", torch_index=None)
     [wheel] = record["wheels"]
     assert wheel["source"] == "sdist built on host" and wheel["filename"].endswith("-py3-none-any.whl")
-    assert wheelhouse.wheel_fits(wheel["filename"], PI5)
+    assert wheel_fits(wheel["filename"], PI5)
 
 
 def _fake_wheel(folder, name, version, requires=()):
@@ -188,9 +197,9 @@ def test_resolver_follows_requested_extras_and_device_markers(tmp_path, monkeypa
             _fake_wheel(dest, name, "1.0", index[name])
         return []
 
-    monkeypatch.setattr(wheelhouse, "pip_download", fake_download)
-    monkeypatch.setattr(wheelhouse, "host_version", lambda name: None)
-    graph = wheelhouse.resolve_and_download({"app": "1.0"}, PI5, tmp_path, None, "python")
+    monkeypatch.setattr(wheel_resolver, "pip_download", fake_download)
+    monkeypatch.setattr(wheel_resolver, "host_version", lambda name: None)
+    graph = resolve_and_download({"app": "1.0"}, PI5, tmp_path, None, "python")
     assert sorted(graph) == ["app", "gpu", "late", "lib", "mid", "speedup"]
     assert graph["lib"]["extras"] == ["fast", "gpu"] and graph["gpu"]["required_by"] == ["lib"]
     assert calls == [["app==1.0"], ["lib", "mid"], ["late", "speedup"], ["gpu"]]  # breadth-first, one call per level
@@ -201,8 +210,8 @@ def test_unmet_requirements_checks_the_folder_as_the_device_would(tmp_path):
         _fake_wheel(tmp_path, "app", "1.0", ["lib[fast]>=1", 'x86only; platform_machine == "x86_64"']),
         _fake_wheel(tmp_path, "lib", "1.0", ['speedup; extra == "fast"']),
     ]
-    assert wheelhouse.unmet_requirements(paths, {"app": "1.0"}, PI5) == ['speedup; extra == "fast" (needed by lib)']
-    assert "x86only" in " ".join(wheelhouse.unmet_requirements(paths, {"app": "1.0"}, X86))
+    assert unmet_requirements(paths, {"app": "1.0"}, PI5) == ['speedup; extra == "fast" (needed by lib)']
+    assert "x86only" in " ".join(unmet_requirements(paths, {"app": "1.0"}, X86))
     paths.append(_fake_wheel(tmp_path, "speedup", "2.0"))
-    assert wheelhouse.unmet_requirements(paths, {"app": "1.0"}, PI5) == []
-    assert wheelhouse.unmet_requirements(paths, {"app": "2.0"}, PI5) == ["app==2.0 (needed by the roots)"]
+    assert unmet_requirements(paths, {"app": "1.0"}, PI5) == []
+    assert unmet_requirements(paths, {"app": "2.0"}, PI5) == ["app==2.0 (needed by the roots)"]

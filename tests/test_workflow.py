@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from conftest import TEST_REPO_ID, snakemake, write_config
-from gemma_edge.artifacts import ArtifactError, read_json, sha256_file, verify_against_manifest
-from gemma_edge.checkpoint import read_text_config_dict
-from gemma_edge.demo_model import DEMO_VOCAB
-from gemma_edge.export import cache_buffers, context_length_of, kv_cache_bytes_of, load_program, tokens_per_call_of
-from gemma_edge.parity import TIE_MARGIN
-from gemma_edge.runtime import DECODE_METHOD, PteDecoder
+from gemma_edge.build.export import cache_buffers, context_length_of, kv_cache_bytes_of, load_program, tokens_per_call_of
+from gemma_edge.build.parity import TIE_MARGIN
+from gemma_edge.device.files import ArtifactError, read_json, sha256_file
+from gemma_edge.device.runtime import DECODE_METHOD, PteDecoder
+from gemma_edge.model.checkpoint import read_text_config_dict
+from gemma_edge.model.demo_model import DEMO_VOCAB
+from gemma_edge.workflow.manifest import verify_against_manifest
 
 INT4 = "results/tiny/int4-g128/xnnpack-auto"
 FP32 = "results/tiny/fp32/xnnpack-auto"

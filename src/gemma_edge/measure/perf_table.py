@@ -1,0 +1,177 @@
+"""The performance table: the engines' numbers side by side, with the ratio of the .pte to each
+peer, and what each workflow step cost (wall time from Snakemake's benchmark files, peak RSS as
+each step recorded it)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from gemma_edge.device.files import atomic_output, read_json, write_json
+from gemma_edge.device.peer_bench import BUSY_SHARE, ratios
+from gemma_edge.measure.perf_projection import parameter_count_of
+from gemma_edge.model.checkpoint import read_text_config_dict
+from gemma_edge.workflow.manifest import package_versions
+
+PEER_ENGINES = ("llamacpp", "eager", "litert")
+
+
+def read_step_cost(benchmark: Path, peak_from: Path | None) -> dict:
+    """Wall seconds from the step's Snakemake `benchmark:` file; peak RSS (MB) as the step itself
+    recorded it (`peak_rss_mb`/`peak_rss_bytes` in its manifest or result), else Snakemake's
+    sampled max_rss, which can miss a short spike."""
+    with open(benchmark, newline="", encoding="utf-8") as handle:
+        row = next(csv.DictReader(handle, delimiter="\t"))
+    cost = {"wall_s": float(row["s"]), "peak_rss_mb": _number(row.get("max_rss")), "peak_rss_source": "sampled"}
+    recorded = read_json(peak_from) if peak_from and Path(peak_from).exists() else {}
+    if "peak_rss_mb" in recorded or "peak_rss_bytes" in recorded:
+        cost["peak_rss_mb"] = recorded.get("peak_rss_mb") or recorded["peak_rss_bytes"] / 2**20
+        cost["peak_rss_source"] = "recorded"
+    return cost
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def decode_ratio(results: dict) -> list[dict]:
+    """Per prompt length: the .pte's decode and prefill tok/s over llama.cpp's and over eager's
+    (peer_bench.ratios, the device benchmark's, laid out one row per prompt length)."""
+    rows = {run["prompt_tokens"]: {"prompt_tokens": run["prompt_tokens"]} for run in results["pte"]["runs"]}
+    others = {name: results[name] for name in PEER_ENGINES if name in results}
+    for ratio in ratios(results["pte"]["runs"], others):
+        rows[ratio["prompt_tokens"]][f"decode_vs_{ratio['engine']}"] = ratio["decode"]
+        rows[ratio["prompt_tokens"]][f"prefill_vs_{ratio['engine']}"] = ratio["prefill"]
+    return list(rows.values())
+
+
+def build_report(engine_files: dict, step_files: dict, pte_manifest: Path, gguf_manifest: Path, checkpoint: Path) -> dict:
+    results = {engine: read_json(path) for engine, path in engine_files.items()}
+    steps = {
+        name: read_step_cost(files["benchmark"], files["peak_from"])
+        for name, files in step_files.items()
+        if Path(files["benchmark"]).exists()
+    }
+    pte, gguf, model = read_json(pte_manifest), read_json(gguf_manifest), read_json(checkpoint)
+    text_config = read_text_config_dict(Path(model["path"]))
+    return {
+        "schema": "gemma-edge.perf/1",
+        "model": {
+            "repo_id": model["repo_id"],
+            "commit": model["commit"],
+            "checkpoint_bytes": model["total_bytes"],
+            "layers": int(text_config["num_hidden_layers"]),
+            "parameters": parameter_count_of(text_config),
+        },
+        "host": {"machine": os.uname().machine, "cores": os.cpu_count()},
+        "steps": steps,
+        "pte": {
+            "size_bytes": pte["size_bytes"],
+            "lowering": pte.get("lowering"),
+            "quantization_params": pte.get("program_params"),
+        },
+        "gguf": {"gguf_type": gguf["params"]["gguf_type"], "size_bytes": gguf["size_bytes"], "sha256": gguf["sha256"]},
+        "litert": litert_facts(results.get("litert")),
+        "engines": results,
+        "ratios": decode_ratio(results),
+        "same_greedy_tokens": same_greedy_tokens(results),
+        "versions": package_versions(("torch", "executorch", "torchao", "transformers", "llama_cpp_python")),
+    }
+
+
+def litert_facts(result: dict | None) -> dict | None:
+    """The .litertlm LiteRT-LM ran: its recipe and size (None when LiteRT-LM was not timed)."""
+    if result is None:
+        return None
+    artifact = Path(result["artifact"])
+    return {"recipe": result.get("recipe"), "size_bytes": artifact.stat().st_size if artifact.exists() else None}
+
+
+def same_greedy_tokens(results: dict) -> dict:
+    """Per engine: does it generate eager FP32's greedy tokens (None when eager was not timed, or
+    for LiteRT-LM, whose benchmark does not decode the same synthetic prompt)?"""
+    if "eager" not in results:
+        return {engine: None for engine in results}
+    return {
+        engine: result["greedy_tokens"] == results["eager"]["greedy_tokens"] if "greedy_tokens" in result else None
+        for engine, result in results.items()
+    }
+
+
+def render_table(report: dict) -> str:
+    """Markdown: steps (wall, RSS), sizes, then tok/s mean ± stddev per engine and prompt length."""
+    lines = ["| step | wall s | peak RSS MiB |", "|---|---:|---:|"]
+    for name, step in report["steps"].items():
+        rss = "" if step["peak_rss_mb"] is None else f"{step['peak_rss_mb']:.0f}"
+        mark = "*" if step.get("peak_rss_source") == "sampled" else ""
+        lines.append(f"| {name} | {step['wall_s']:.1f} | {rss}{mark} |")
+    lines.append("\n\\* sampled by Snakemake's benchmark (may miss short spikes); others recorded by the step itself")
+    sizes = (
+        f".pte: {report['pte']['size_bytes'] / 1e6:.1f} MB; "
+        f"GGUF {report['gguf']['gguf_type']}: {report['gguf']['size_bytes'] / 1e6:.1f} MB"
+    )
+    litert = report.get("litert")
+    if litert and litert["size_bytes"]:
+        sizes += f"; .litertlm {litert['recipe']}: {litert['size_bytes'] / 1e6:.1f} MB"
+    lines += ["", sizes, ""]
+    lines += [
+        "| engine | prompt | prefill tok/s | decode tok/s | load s | peak RSS MiB | same greedy tokens as eager | "
+        "weight MB/token | bandwidth GB/s | fraction of bandwidth |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    busy = []
+    for engine, result in report["engines"].items():
+        if not result.get("available", True):
+            lines.append(f"| {engine} | — | not available: {result['reason']} | | | | | | | |")
+            continue
+        if result.get("load", {}).get("busy"):
+            busy.append(engine)
+        limit = result.get("bandwidth")
+        for run in result["runs"]:
+            pre, dec = run["prefill_tps"], run["decode_tps"]
+            per_token = run.get("weight_bytes_per_token")
+            lines.append(
+                f"| {engine} | {run['prompt_tokens']} | {pre['avg']:.1f} ± {pre['stddev']:.1f} | "
+                f"{dec['avg']:.2f} ± {dec['stddev']:.2f} | {result['load_s']:.1f} | "
+                f"{result['peak_rss_bytes'] / 2**20:.0f} | {_cell(report['same_greedy_tokens'][engine])} | "
+                f"{_cell(per_token and per_token / 1e6)} | "
+                f"{_cell(limit and limit['gb_per_s']['avg'])} | {_cell(run.get('bandwidth_fraction'))} |"
+            )
+    lines.append(
+        "\nweight MB/token: bytes of weights a decoded token reads (linears and lm_head whole, one row of each "
+        "embedding table); bandwidth: this host's memory read bandwidth at the same threads, measured in the "
+        "engine's own job just before it; fraction: weight MB/token × decode tok/s over that bandwidth"
+    )
+    if busy:
+        lines += [
+            "",
+            f"**Busy machine** while timing {', '.join(busy)}: other processes used more than "
+            f"{100 * BUSY_SHARE:.0f} % of the CPU around the runs (perf.json `load`); those figures are not clean.",
+        ]
+    names = {"llamacpp": "llama.cpp", "eager": "eager", "litert": "LiteRT-LM"}
+    peers = ["llamacpp", "eager"] + (["litert"] if "litert" in report["engines"] else [])  # eager left out: "—"
+    header = " | ".join(f"{phase} .pte/{names[name]}" for name in peers for phase in ("decode", "prefill"))
+    lines += ["", f"| prompt | {header} |", "|---:|" + "---:|" * (2 * len(peers))]
+    for row in report["ratios"]:
+        cells = [row.get(f"{phase}_vs_{name}") for name in peers for phase in ("decode", "prefill")]
+        lines.append(f"| {row['prompt_tokens']} | " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    """A table cell: ratios to two decimals, an engine left out as "—"."""
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def write_report(report: dict, out_json: Path, out_table: Path) -> str:
+    table = render_table(report)
+    with atomic_output(out_table) as tmp:
+        tmp.write_text(table + "\n", encoding="utf-8")
+    write_json(out_json, report)
+    return table

@@ -1,0 +1,1 @@
+"""The peer engines, llama.cpp and LiteRT-LM: building, converting and reading their files."""
