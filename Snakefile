@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from gemma_edge.workflow import stale_lock, terminal  # noqa: E402
 from gemma_edge.workflow.config import validate_config  # noqa: E402
 
-# One sentence on the terminal per failed step (its log has the rest), and Ctrl-C told from a failure.
+# One sentence on the terminal per failed step (its log has the rest), and Ctrl-C told from a failure:
+# the terminal itself is the logger plugin profiles/ name (snakemake_logger_plugin_gemma_edge).
 terminal.install(workflow)
 
 # A run killed outright (SIGKILL: the OOM killer, a power cut) leaves its lock on this folder, and

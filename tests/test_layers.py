@@ -131,13 +131,21 @@ def test_every_step_script_goes_through_the_steps(script):
 
 
 def test_every_name_imported_from_the_package_exists():
-    """What the package, the step scripts, the benchmark tools and the tests import from gemma_edge
-    is there, at any depth of their code (an import inside a function fails only when it runs)."""
+    """What the package, its logger plugin, the step scripts, the benchmark tools and the tests
+    import from gemma_edge is there, at any depth of their code (an import inside a function fails
+    only when it runs)."""
     import importlib
 
     missing = []
+    plugin = PACKAGE.parent / "snakemake_logger_plugin_gemma_edge"
     for path in sorted(
-        {*PACKAGE.rglob("*.py"), *(REPO / "scripts").glob("*.py"), *(REPO / "bench").glob("*.py"), *(REPO / "tests").glob("*.py")}
+        {
+            *PACKAGE.rglob("*.py"),
+            *plugin.glob("*.py"),
+            *(REPO / "scripts").glob("*.py"),
+            *(REPO / "bench").glob("*.py"),
+            *(REPO / "tests").glob("*.py"),
+        }
     ):
         if "__pycache__" in path.parts:
             continue

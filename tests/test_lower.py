@@ -1,4 +1,6 @@
-"""The lower step's choices that need no lowering to check."""
+"""The lower step's choices that need no model build to check."""
+
+import logging
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -89,3 +91,30 @@ def test_program_for_several_tokens_reads_its_rings_masked_with_the_same_logits(
                 assert torch.equal(module(*call), logits)
             filled = min(end, 32)
             assert masked.slots == [(filled, filled, filled)] * 4, (start, end)  # the demo's 4 sliding layers
+
+
+def test_lowering_logs_each_xnnpack_delegate_of_how_many_and_leaves_executorch_as_it_was(caplog):
+    """The progress lines a long lowering shows (build/delegate_progress.py), on a real XNNPACK
+    lowering of two methods: one line per delegate, numbered of the total both methods tagged,
+    and ExecuTorch's XnnpackBackend.preprocess restored afterwards."""
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    from gemma_edge.build.lower import delegation_summary, lower_to_xnnpack
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    programs = {name: torch.export.export(Mlp().eval(), (torch.randn(2, 8),)) for name in ("forward", "other")}
+    preprocess = XnnpackBackend.__dict__["preprocess"]
+    with caplog.at_level(logging.INFO, logger="gemma_edge.build.delegate_progress"):
+        manager = lower_to_xnnpack(programs, per_op_mode=True, metadata={})
+    delegates = sum(delegation_summary(manager, method)["xnnpack_delegate_calls"] for method in programs)
+    assert delegates >= 4  # per-op: each method's linears at least
+    lines = [record.getMessage() for record in caplog.records if "XNNPACK delegate" in record.getMessage()]
+    assert [line.split(" (")[0] for line in lines] == [f"XNNPACK delegate {n} of {delegates}" for n in range(1, delegates + 1)]
+    assert XnnpackBackend.__dict__["preprocess"] is preprocess

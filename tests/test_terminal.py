@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from snakemake_interface_logger_plugins.common import LogEvent
@@ -206,3 +207,65 @@ def test_the_done_line_names_what_was_asked_for():
     assert "Done: results/perf/m/int4-g128/xnnpack-auto/perf.md (" in terminal.done_message([perf])
     many = [Job(output=[f"results/{name}.json"], input=[]) for name in "abcde"]
     assert "results/a.json, results/b.json, results/c.json and 2 more" in terminal.done_message(many)
+
+
+SLOW_SNAKEFILE = """
+rule slow:
+    output: "done.txt"
+    log: "logs/slow.log"
+    shell: "echo '2026-12-07 14:00:00,000 INFO gemma_edge: XNNPACK delegate 3 of 16' > {log}; sleep 5; touch {output}"
+"""
+
+
+def test_the_logger_plugin_prints_a_progress_line_for_a_long_step(tmp_path):
+    """The workflow's logger plugin (snakemake_logger_plugin_gemma_edge), found by Snakemake's
+    plugin registry and run by a real snakemake: each second a step runs, a line with its rule,
+    its time so far and its log's latest message."""
+    (tmp_path / "Snakefile").write_text(SLOW_SNAKEFILE)
+    command = [str(Path(sys.executable).with_name("snakemake")), "-s", str(tmp_path / "Snakefile"), "-d", str(tmp_path)]
+    result = subprocess.run(
+        [*command, "--cores", "1", "--logger", "gemma-edge", "--logger-gemma-edge-progress-every", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    progress = [line for line in result.stderr.splitlines() if line.startswith("slow: ")]
+    assert progress, result.stderr
+    assert progress[-1].endswith(" so far; XNNPACK delegate 3 of 16 (log: logs/slow.log)"), progress
+    assert 2 <= len(progress) <= 6, progress  # one a second, none after the step ended
+
+
+def test_the_workflow_profiles_name_the_logger_plugin_and_it_wraps_snakemakes_terminal_handler():
+    """What the plugin relies on beyond the plugin interface, pinned on the installed Snakemake:
+    its terminal handler class and the keyword arguments it is built with."""
+    import inspect
+
+    import yaml
+    from snakemake.logging import ColorizingTextHandler
+    from snakemake_interface_logger_plugins.registry import LoggerPluginRegistry
+
+    for profile in ("default", "slurm"):
+        assert yaml.safe_load((REPO / f"profiles/{profile}/config.yaml").read_text())["logger"] == ["gemma-edge"]
+    assert LoggerPluginRegistry().is_installed("gemma-edge")
+    assert {"nocolor", "stream"} <= set(inspect.signature(ColorizingTextHandler).parameters)
+    assert issubclass(ColorizingTextHandler, logging.StreamHandler)
+
+
+def test_progress_lines_name_only_jobs_running_long_enough(tmp_path):
+    from gemma_edge.workflow.progress import RunningJobs
+
+    log = tmp_path / "lower.log"
+    log.write_text(
+        "2026-12-07 14:00:00,000 INFO gemma_edge: lower: started (pid 1)\n"
+        "2026-12-07 14:00:09,000 INFO gemma_edge.build.delegate_progress: XNNPACK delegate 12 of 35 (9 s into lowering)\n"
+        "a traceback line\n"
+    )
+    jobs = RunningJobs(every_s=60)
+    jobs.started(1, "lower", [str(log)], now=0)
+    jobs.started(2, "verify", [], now=100)
+    assert jobs.lines(now=59) == []
+    assert jobs.lines(now=150) == [f"lower: 2 min 30 s so far; XNNPACK delegate 12 of 35 (9 s into lowering) (log: {log})"]
+    assert jobs.lines(now=250)[1] == "verify: 2 min 30 s so far"
+    jobs.ended(1)
+    assert jobs.lines(now=3700) == ["verify: 1 h 00 min so far"]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from gemma_edge.build.delegate_progress import counted_xnnpack_partitioner
 from gemma_edge.device.files import DiskFull, atomic_output
 from gemma_edge.device.runtime import DECODE_METHOD, PteDecoder
 from gemma_edge.model.attention import one_token_custom_sdpa, one_token_sliding_attention
@@ -106,7 +107,6 @@ def lower_to_xnnpack(programs: dict[str, torch.export.ExportedProgram], per_op_m
     """Return the ExecuTorch program manager for `programs` (method name: program) delegated to
     XNNPACK, their mutable buffers (the KV cache) shared by name when there are several."""
     import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (embedding_byte)
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
@@ -114,9 +114,8 @@ def lower_to_xnnpack(programs: dict[str, torch.export.ExportedProgram], per_op_m
     # them land in the same subgraphs. A dynamically-quantized-only partitioner first (ExecuTorch's
     # Llama recipe) cut the demo model into 158 delegates instead of 16, with bit-identical logits,
     # and every delegate costs its own XNNPACK preprocessing (docs/design.md, "One XNNPACK partitioner").
-    edge = to_edge_transform_and_lower(
-        programs, partitioner=[XnnpackPartitioner(per_op_mode=per_op_mode)], constant_methods=metadata
-    )
+    with counted_xnnpack_partitioner(per_op_mode) as partitioner:
+        edge = to_edge_transform_and_lower(programs, partitioner=[partitioner], constant_methods=metadata)
     if len(programs) == 1:
         return edge.to_executorch()
     shared = MemoryPlanningPass(share_mutable_buffers=True)

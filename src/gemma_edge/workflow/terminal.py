@@ -3,8 +3,9 @@
 A failing step already says why in one sentence that names its log (`steplog.rule_log`). Snakemake
 then adds its own report: a `RuleException`/`CalledProcessError` block with the full script
 command, an "Error in rule" block, and at the end "Exiting because a job execution failed" and
-"WorkflowError: At least one job did not complete successfully". `install` wraps the formatter of
-Snakemake's terminal handler (its log file under .snakemake/log/ keeps everything) so that:
+"WorkflowError: At least one job did not complete successfully". The workflow's logger plugin
+(`snakemake_logger_plugin_gemma_edge`, named in profiles/) puts `OneSentencePerFailure` around
+Snakemake's terminal formatter (its log file under .snakemake/log/ keeps everything), so that:
 
 - a step that reported its failure (exit status EXIT_REPORTED) adds nothing to its sentence;
 - a step that was interrupted (Ctrl-C or SIGTERM) adds nothing: the run's end says it was cancelled;
@@ -14,7 +15,9 @@ Snakemake's terminal handler (its log file under .snakemake/log/ keeps everythin
   its own sentence, without Snakemake's frame and traceback;
 - the run's closing error lines give way to the Snakefile's `onerror` sentence.
 
-Anything it does not recognise is printed exactly as Snakemake formats it.
+Anything it does not recognise is printed exactly as Snakemake formats it. The records' `event`
+and fields are the logger-plugin interface's (`LogEvent`); the messages matched below are
+Snakemake's own text, which tests/test_terminal.py pins against the installed Snakemake.
 """
 
 from __future__ import annotations
@@ -129,14 +132,16 @@ def _is_closing_line(message: str) -> bool:
     return len(lines) == 1 and lines[0] in _CLOSING_LINES
 
 
+def hooks_run() -> bool:
+    """Whether the Snakefile's `onerror` sentence will replace Snakemake's closing lines."""
+    return _state.get("hooks_run", lambda: True)()
+
+
 def install(workflow) -> None:
-    """Put OneSentencePerFailure on Snakemake's terminal handler, and note a Ctrl-C for `cancelled`."""
-    for handler in workflow.logger_manager.logger.handlers:
-        if handler.name == "DefaultStreamHandler" and not isinstance(handler.formatter, OneSentencePerFailure):
-            # With --nohooks no onerror sentence replaces the closing lines: they stay then. (The
-            # execution settings arrive after the Snakefile is read, hence asked when formatting.)
-            onerror_runs = lambda: not getattr(workflow.execution_settings, "no_hooks", False)  # noqa: E731
-            handler.setFormatter(OneSentencePerFailure(handler.formatter, onerror_runs))
+    """Called by the Snakefile: tell the formatter whether `onerror` runs, and note a Ctrl-C for
+    `cancelled`. With --nohooks no onerror sentence replaces the closing lines: they stay then.
+    (The execution settings arrive after the Snakefile is read, hence asked when formatting.)"""
+    _state["hooks_run"] = lambda: not getattr(workflow.execution_settings, "no_hooks", False)
     try:
         previous = signal.getsignal(signal.SIGINT)
         if callable(previous) and previous is not _note_ctrl_c:
