@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -245,3 +246,8 @@ def deployed(workflow, sshd, tmp_path_factory):
         workflow["workdir"], "--cores", "2", "results/loopback/bench.json", "results/local/bench.json", "--configfile", *configs
     )
     return {"workdir": workflow["workdir"], "remote": remote / "gemma-edge", "configs": configs, "targets_config": config}
+
+
+def compact(table: str) -> str:
+    """A Markdown table with the padding around its cells removed, so a test can look for a row."""
+    return re.sub(r" *\| *", " | ", table)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, needs_litert, needs_llamacpp, snakemake, write_config
+from conftest import REPO, compact, needs_litert, needs_llamacpp, snakemake, write_config
 from gemma_edge.device.files import read_json, sha256_file
 from gemma_edge.device.runtime import DECODE_METHOD
 from gemma_edge.measure.perf_projection import fit_line, parameter_count_of, project_steps, render_projection
@@ -105,7 +105,7 @@ def test_ratios_divide_the_pte_by_each_other_engine():
         "ratios": [row],
         "same_greedy_tokens": {"pte": True, "eager": True, "llamacpp": False},
     }
-    table = render_table(report)
+    table = compact(render_table(report))
     assert "| export | 80.0 | 6700 |" in table
     assert "| llamacpp | 64 | 150.0 ± 15.0 | 16.00 ± 1.60 |" in table
     assert "| 64 | 0.75 | 2.00 | 3.00 | 3.00 |" in table
@@ -126,7 +126,7 @@ def test_without_eager_the_table_compares_the_pte_with_llamacpp_only():
         "same_greedy_tokens": same_greedy_tokens(results),
     }
     assert report["same_greedy_tokens"] == {"pte": None, "llamacpp": None}
-    table = render_table(report)
+    table = compact(render_table(report))
     assert "| eager |" not in table
     assert "| pte | 64 | 300.0 ± 30.0 | 12.00 ± 1.20 | 1.0 | 1907 | — |" in table
     assert "| 64 | 0.75 | 2.00 | — | — |" in table
@@ -214,7 +214,7 @@ def test_perf_times_litert_lm_with_the_pte_s_group_size_by_its_own_benchmark(per
         pte = {r["prompt_tokens"]: r for r in perf["engines"]["pte"]["runs"]}[row["prompt_tokens"]]
         theirs = {r["prompt_tokens"]: r for r in litert["runs"]}[row["prompt_tokens"]]
         assert row["decode_vs_litert"] == pytest.approx(pte["decode_tps"]["avg"] / theirs["decode_tps"]["avg"])
-    table = (workdir / "results/perf/tiny-random/int4-g128/xnnpack-auto/perf.md").read_text()
+    table = compact((workdir / "results/perf/tiny-random/int4-g128/xnnpack-auto/perf.md").read_text())
     assert "| litert | 8 |" in table and "decode .pte/LiteRT-LM" in table and "| litert (int4-g128) |" in table
 
 
@@ -235,7 +235,7 @@ def test_perf_table_lists_every_step_with_its_cost(perf_run):
         assert name in steps, name
         assert steps[name]["wall_s"] > 0
     assert steps["export"]["peak_rss_mb"] > 100  # torch alone is more than that
-    table = (perf_run["workdir"] / "results/perf/tiny-random/int4-g128/xnnpack-auto/perf.md").read_text()
+    table = compact((perf_run["workdir"] / "results/perf/tiny-random/int4-g128/xnnpack-auto/perf.md").read_text())
     assert "| export |" in table and "decode .pte/llama.cpp" in table
 
 
@@ -283,6 +283,6 @@ def test_projection_extends_each_steps_growth_per_parameter_to_the_full_model():
     assert export["peak_rss_mb_projected"] == pytest.approx(18000.0)
     assert export["wall_s_projected"] == pytest.approx(50.0)
     assert lower["peak_rss_mb_projected"] == pytest.approx(5600.0)
-    assert "| export | 6000 | 9000 | 3000 | 18000 | 50 |" in render_projection(rows, 5 * 10**9, 35)
+    assert "| export | 6000 | 9000 | 3000 | 18000 | 50 |" in compact(render_projection(rows, 5 * 10**9, 35))
     with pytest.raises(ValueError, match="two or more depths"):
         fit_line([(4, 1.0), (4, 2.0)])

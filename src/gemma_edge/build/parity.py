@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from gemma_edge.device.runtime import greedy_decode, teacher_forced_logits
+from gemma_edge.workflow.table import text_table
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,20 @@ def summarise(results: list[dict], gates: Gates) -> dict:
 
 
 def render_table(prompts: list[str], results: list[dict], summary: dict) -> str:
-    lines = [f"{'prompt':<32} {'ids':>4} {'matched':>8} {'diverge':>7} {'tf-top1':>7} {'cos-min':>7}"]
+    rows = []
     for text, r in zip(prompts, results):
-        n = len(r["reference_tokens"])
         div = "-" if r["first_divergence"] is None else str(r["first_divergence"])
-        lines.append(
-            f"{text[:32]:<32} {len(r['prompt_ids']):>4} {r['matched']:>4}/{n:<3} {div:>7} "
-            f"{r['teacher_forced_top1']:>7.3f} {r['logits_cosine_min']:>7.4f}"
+        rows.append(
+            [
+                text[:32],
+                len(r["prompt_ids"]),
+                f"{r['matched']}/{len(r['reference_tokens'])}",
+                div,
+                f"{r['teacher_forced_top1']:.3f}",
+                f"{r['logits_cosine_min']:.4f}",
+            ]
         )
+    lines = [text_table(["prompt", "ids", "matched", "diverge", "tf-top1", "cos-min"], rows, "lrrrrr")]
     lines.append(
         f"greedy prefix {summary['greedy_prefix']:.3f}, exact {summary['greedy_exact_prompts']}/{summary['prompts']}, "
         f"first token {summary['first_token_match_prompts']}/{summary['prompts']}, teacher-forced top-1 "

@@ -4,6 +4,7 @@ LLM runner and the peers, and the parity log that shows them."""
 from __future__ import annotations
 
 from gemma_edge.device import timing
+from gemma_edge.workflow.table import text_table
 
 
 def compare_tokens(host_parity: dict, device_tokens: list[list[int]], runner: dict | None = None) -> list[dict]:
@@ -80,25 +81,23 @@ def render_peer_parity(compared: dict) -> list[str]:
     lines = []
     for name, rows in compared.items():
         lines.append(f"{name}: greedy text of the same prompts against eager FP32's tokens (matched / generated)")
-        for row in rows:
-            lines.append(
-                f"  {(row['prompt'] or '')[:34]:<34} {row['matched_host_fp32']:>4}/{row['generated']:<3} {row['text']!r}"
-            )
+        cells = [
+            [(row["prompt"] or "")[:34], f"{row['matched_host_fp32']}/{row['generated']}", repr(row["text"])] for row in rows
+        ]
+        lines += ["  " + line for line in text_table(["prompt", "matched", "text"], cells, "lrl").splitlines()]
     return lines
 
 
 def render_parity_log(name: str, rows: list[dict], runner: dict | None = None, peers: dict | None = None) -> str:
-    lines = [
-        f"device parity on target {name}: the device decoded the host's prompt ids greedily",
-        f"{'prompt':<36} {'= host .pte':>11} {'vs FP32':>8} {'diverge':>7}",
-    ]
+    lines = [f"device parity on target {name}: the device decoded the host's prompt ids greedily"]
+    cells = []
     for row in rows:
-        n = len(row["host_fp32_tokens"])
         div = "-" if row["first_divergence_from_fp32"] is None else str(row["first_divergence_from_fp32"])
-        lines.append(
-            f"{(row['prompt'] or '')[:36]:<36} {'yes' if row['matches_host_pte'] else 'NO':>11} "
-            f"{row['matched_host_fp32']:>4}/{n:<3} {div:>7}"
-        )
+        matched = f"{row['matched_host_fp32']}/{len(row['host_fp32_tokens'])}"
+        cells.append([(row["prompt"] or "")[:36], "yes" if row["matches_host_pte"] else "NO", matched, div])
+    lines.append(text_table(["prompt", "= host .pte", "vs FP32", "diverge"], cells, "lrrr"))
+    for row in rows:
+        lines.append(f"{(row['prompt'] or '')[:36]}:")
         lines.append(f"  device: {row['device_tokens']}")
         if not row["matches_host_pte"]:
             lines.append(f"  host:   {row['host_pte_tokens']}")

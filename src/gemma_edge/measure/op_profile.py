@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from gemma_edge.workflow.table import text_table
+
 # One ETDump event: its name, whether it is an operator inside a delegate, its raw times (one per
 # run of the method), and the index of the method's instruction it times (None inside a delegate).
 Event = tuple[str, bool, list[float], int | None]
@@ -196,7 +198,7 @@ def profile_decode(pte_path: Path, prompt_len: int, new_tokens: int, threads: in
 
 def render(summary: dict, top: int = 12) -> str:
     total = summary["delegate_ms"] + summary["operator_ms"]
-    share = lambda ms: f"{ms:8.3f} ms  {100 * ms / total:5.1f} %"  # noqa: E731
+    share = lambda ms: f"{ms:.3f} ms, {100 * ms / total:.1f} %"  # noqa: E731
     lines = [
         f"{summary['pte']} ({summary['method']}): {summary['threads']} threads, prompt {summary['prompt_tokens']}, "
         f"{summary['new_tokens']} decoded tokens; traced {summary['traced_ms_per_token']:.2f} ms/token wall",
@@ -205,22 +207,23 @@ def render(summary: dict, top: int = 12) -> str:
         "",
         "XNNPACK operators (inside the delegate calls):",
     ]
-    lines += [f"  {name:48s} {share(ms)}" for name, ms in list(summary["xnnpack_ms"].items())[:top]]
-    lines += [f"  {'(the delegate outside its operators)':48s} {share(summary['delegate_overhead_ms'])}"]
+    xnnpack = [(name, ms) for name, ms in list(summary["xnnpack_ms"].items())[:top]]
+    xnnpack.append(("(the delegate outside its operators)", summary["delegate_overhead_ms"]))
+    lines += shares(xnnpack, total)
     lines += ["", "slowest single XNNPACK operators:"]
-    lines += [f"  {name:48s} {share(ms)}" for name, ms in summary["slowest_ms"].items()]
-    lines += [
-        "",
-        "operators between the delegate calls:",
-        f"  {'LLM custom ops, and other calls timed whole':48s} {share(summary['custom_ms'])}",
-    ]
-    lines += [f"  {name:48s} {share(ms)}" for name, ms in summary["portable_ms"].items()]
+    lines += shares(summary["slowest_ms"].items(), total)
+    lines += ["", "operators between the delegate calls:"]
+    between = [("LLM custom ops, and other calls timed whole", summary["custom_ms"]), *summary["portable_ms"].items()]
+    lines += shares(between, total)
     lines += ["", "operator calls with no kernel event of their own (the LLM custom ops among them), named by instruction:"]
-    lines += [
-        f"  {name + ' (' + str(entry['calls']) + ' calls)':48s} {share(entry['ms'])}"
-        for name, entry in summary["custom_ops"].items()
-    ]
+    lines += shares([(f"{name} ({entry['calls']} calls)", entry["ms"]) for name, entry in summary["custom_ops"].items()], total)
     return "\n".join(lines)
+
+
+def shares(rows, total: float) -> list[str]:
+    """A section of the profile: each name's ms per token and share of the token, indented."""
+    cells = [[name, f"{ms:.3f}", f"{100 * ms / total:.1f}"] for name, ms in rows]
+    return ["  " + line for line in text_table(["", "ms/token", "%"], cells, "lrr").splitlines()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@ import statistics
 
 import torch
 
+from gemma_edge.workflow.table import markdown_table
+
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares (intercept, slope) through (x, y) points; at least two distinct x."""
@@ -40,19 +42,20 @@ def project_steps(reports: list[dict], target_parameters: int) -> list[dict]:
 
 def render_projection(rows: list[dict], target_parameters: int, layers: int) -> str:
     sizes = sorted({int(n) for row in rows for n in row["measured"]["peak_rss_mb"]})
-    head = " | ".join(f"RSS MiB @{n / 1e9:.2f} B" for n in sizes)
     target = f"{layers} layers, {target_parameters / 1e9:.2f} B"
-    lines = [
-        f"| step | {head} | MiB per B params | projected RSS MiB ({target}) | projected wall s ({target}) |",
-        "|---|" + "---:|" * (len(sizes) + 3),
+    headers = ["step", *(f"RSS MiB @{n / 1e9:.2f} B" for n in sizes), "MiB per B params"]
+    headers += [f"projected RSS MiB ({target})", f"projected wall s ({target})"]
+    cells = [
+        [
+            row["step"],
+            *(f"{row['measured']['peak_rss_mb'][str(n)]:.0f}" for n in sizes),
+            f"{row['peak_rss_mb_per_billion_parameters']:.0f}",
+            f"{row['peak_rss_mb_projected']:.0f}",
+            f"{row['wall_s_projected']:.0f}",
+        ]
+        for row in rows
     ]
-    for row in rows:
-        measured = " | ".join(f"{row['measured']['peak_rss_mb'][str(n)]:.0f}" for n in sizes)
-        lines.append(
-            f"| {row['step']} | {measured} | {row['peak_rss_mb_per_billion_parameters']:.0f} | "
-            f"{row['peak_rss_mb_projected']:.0f} | {row['wall_s_projected']:.0f} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(headers, cells, "l" + "r" * (len(headers) - 1))
 
 
 def parameter_count_of(text_config: dict) -> int:

@@ -13,6 +13,7 @@ from gemma_edge.device.peer_bench import BUSY_SHARE, ratios
 from gemma_edge.measure.perf_projection import parameter_count_of
 from gemma_edge.model.checkpoint import read_text_config_dict
 from gemma_edge.workflow.manifest import package_versions
+from gemma_edge.workflow.table import markdown_table
 
 PEER_ENGINES = ("llamacpp", "eager", "litert")
 
@@ -104,11 +105,11 @@ def same_greedy_tokens(results: dict) -> dict:
 
 def render_table(report: dict) -> str:
     """Markdown: steps (wall, RSS), sizes, then tok/s mean ± stddev per engine and prompt length."""
-    lines = ["| step | wall s | peak RSS MiB |", "|---|---:|---:|"]
+    steps = []
     for name, step in report["steps"].items():
         rss = "" if step["peak_rss_mb"] is None else f"{step['peak_rss_mb']:.0f}"
-        mark = "*" if step.get("peak_rss_source") == "sampled" else ""
-        lines.append(f"| {name} | {step['wall_s']:.1f} | {rss}{mark} |")
+        steps.append([name, f"{step['wall_s']:.1f}", rss + ("*" if step.get("peak_rss_source") == "sampled" else "")])
+    lines = [markdown_table(["step", "wall s", "peak RSS MiB"], steps, "lrr")]
     lines.append("\n\\* sampled by Snakemake's benchmark (may miss short spikes); others recorded by the step itself")
     sizes = (
         f".pte: {report['pte']['size_bytes'] / 1e6:.1f} MB; "
@@ -118,15 +119,10 @@ def render_table(report: dict) -> str:
     if litert and litert["size_bytes"]:
         sizes += f"; .litertlm {litert['recipe']}: {litert['size_bytes'] / 1e6:.1f} MB"
     lines += ["", sizes, ""]
-    lines += [
-        "| engine | prompt | prefill tok/s | decode tok/s | load s | peak RSS MiB | same greedy tokens as eager | "
-        "weight MB/token | bandwidth GB/s | fraction of bandwidth |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
-    ]
-    busy = []
+    engines, busy = [], []
     for engine, result in report["engines"].items():
         if not result.get("available", True):
-            lines.append(f"| {engine} | — | not available: {result['reason']} | | | | | | | |")
+            engines.append([engine, "—", f"not available: {result['reason']}", *[""] * 7])
             continue
         if result.get("load", {}).get("busy"):
             busy.append(engine)
@@ -134,13 +130,23 @@ def render_table(report: dict) -> str:
         for run in result["runs"]:
             pre, dec = run["prefill_tps"], run["decode_tps"]
             per_token = run.get("weight_bytes_per_token")
-            lines.append(
-                f"| {engine} | {run['prompt_tokens']} | {pre['avg']:.1f} ± {pre['stddev']:.1f} | "
-                f"{dec['avg']:.2f} ± {dec['stddev']:.2f} | {result['load_s']:.1f} | "
-                f"{result['peak_rss_bytes'] / 2**20:.0f} | {_cell(report['same_greedy_tokens'][engine])} | "
-                f"{_cell(per_token and per_token / 1e6)} | "
-                f"{_cell(limit and limit['gb_per_s']['avg'])} | {_cell(run.get('bandwidth_fraction'))} |"
+            engines.append(
+                [
+                    engine,
+                    run["prompt_tokens"],
+                    f"{pre['avg']:.1f} ± {pre['stddev']:.1f}",
+                    f"{dec['avg']:.2f} ± {dec['stddev']:.2f}",
+                    f"{result['load_s']:.1f}",
+                    f"{result['peak_rss_bytes'] / 2**20:.0f}",
+                    _cell(report["same_greedy_tokens"][engine]),
+                    _cell(per_token and per_token / 1e6),
+                    _cell(limit and limit["gb_per_s"]["avg"]),
+                    _cell(run.get("bandwidth_fraction")),
+                ]
             )
+    headers = ["engine", "prompt", "prefill tok/s", "decode tok/s", "load s", "peak RSS MiB", "same greedy tokens as eager"]
+    headers += ["weight MB/token", "bandwidth GB/s", "fraction of bandwidth"]
+    lines.append(markdown_table(headers, engines, "lrrrrrlrrr"))
     lines.append(
         "\nweight MB/token: bytes of weights a decoded token reads (linears and lm_head whole, one row of each "
         "embedding table); bandwidth: this host's memory read bandwidth at the same threads, measured in the "
@@ -154,11 +160,12 @@ def render_table(report: dict) -> str:
         ]
     names = {"llamacpp": "llama.cpp", "eager": "eager", "litert": "LiteRT-LM"}
     peers = ["llamacpp", "eager"] + (["litert"] if "litert" in report["engines"] else [])  # eager left out: "—"
-    header = " | ".join(f"{phase} .pte/{names[name]}" for name in peers for phase in ("decode", "prefill"))
-    lines += ["", f"| prompt | {header} |", "|---:|" + "---:|" * (2 * len(peers))]
-    for row in report["ratios"]:
-        cells = [row.get(f"{phase}_vs_{name}") for name in peers for phase in ("decode", "prefill")]
-        lines.append(f"| {row['prompt_tokens']} | " + " | ".join(_cell(c) for c in cells) + " |")
+    headers = ["prompt", *(f"{phase} .pte/{names[name]}" for name in peers for phase in ("decode", "prefill"))]
+    ratios = [
+        [row["prompt_tokens"], *(_cell(row.get(f"{phase}_vs_{name}")) for name in peers for phase in ("decode", "prefill"))]
+        for row in report["ratios"]
+    ]
+    lines += ["", markdown_table(headers, ratios, "r" * len(headers))]
     return "\n".join(lines)
 
 

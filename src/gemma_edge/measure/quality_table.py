@@ -3,6 +3,8 @@ per variant, beside llama.cpp's GGUFs on the same tokens."""
 
 from __future__ import annotations
 
+from gemma_edge.workflow.table import text_table
+
 
 def quality_index(qualities: list[dict]) -> dict:
     """quality.json results by what a summary row names: ("pte", the .pte's sha256), or (the peer's
@@ -78,14 +80,14 @@ def quality_table(qualities: list[dict]) -> list[dict]:
 
 
 def render_quality_table(table: list[dict]) -> str:
-    lines = [f"{'variant':<24} {'PPL':>9} {'PPL/FP32':>9} {'KL mean':>9} {'KL med':>9} {'KL p99':>8} {'top-1':>7} {'tokens':>6}"]
+    columns = (("perplexity", ".4f"), ("ppl_ratio", ".4f"), ("kl_mean", ".5f"), ("kl_median", ".5f"), ("kl_p99", ".4f"))
+    columns += (("top1_agreement", ".4f"),)
+    rows = []
     for e in table:
         if e.get("meaningful") is False:
-            lines.append(f"{e['variant']:<24} not measured: {e['reason'].split(':')[0]}")
+            rows.append([e["variant"], f"not measured: {e['reason'].split(':')[0]}", *[""] * len(columns)])
             continue
-        cell = lambda key, spec, e=e: format(e[key], spec) if e.get(key) is not None else "-"  # noqa: E731
-        lines.append(
-            f"{e['variant']:<24} {cell('perplexity', '9.4f')} {cell('ppl_ratio', '9.4f')} {cell('kl_mean', '9.5f')} "
-            f"{cell('kl_median', '9.5f')} {cell('kl_p99', '8.4f')} {cell('top1_agreement', '7.4f')} {e['tokens']:>6}"
-        )
-    return "\n".join(lines)
+        cells = [format(e[key], spec) if e.get(key) is not None else "-" for key, spec in columns]
+        rows.append([e["variant"], *cells, e["tokens"]])
+    headers = ["variant", "PPL", "PPL/FP32", "KL mean", "KL med", "KL p99", "top-1", "tokens"]
+    return text_table(headers, rows, "lrrrrrrr")
