@@ -5,20 +5,12 @@ from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
-    i, o, target = snakemake.input, snakemake.output, snakemake.params.target
+    i, o = snakemake.input, snakemake.output
     device.bench(
-        target,
-        snakemake.params.settings,
+        device.target_of(snakemake.config, snakemake.params.target, snakemake.params.settings),
         snakemake.params.bench,
-        deployed=i.deployed,
-        device=i.device,
-        pte_manifest=i.pte_manifest,
-        host_parity=i.host_parity,
-        checkpoint=i.checkpoint,
-        out_bench=o.bench,
-        out_parity_log=o.parity_log,
-        out_parity=o.parity,
-        house=device.housekeeping(snakemake.config, target),
+        device.BenchInputs(i.deployed, i.device, i.pte_manifest, i.host_parity, i.checkpoint),
+        device.BenchOutputs(o.bench, o.parity_log, o.parity),
     )
 
 

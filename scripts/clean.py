@@ -5,8 +5,7 @@ from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
-    target = snakemake.params.target
-    device.clean(target, snakemake.params.settings, device.housekeeping(snakemake.config, target))
+    device.clean(device.target_of(snakemake.config, snakemake.params.target, snakemake.params.settings))
 
 
 with rule_log(snakemake.log[0], "clean"):

@@ -5,17 +5,10 @@ from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
-    config, target = snakemake.config, snakemake.params.target  # housekeeping read here: changing it re-runs nothing
-    device.deploy(
-        target,
-        snakemake.params.settings,
-        snakemake.input.pte,
-        snakemake.input.checkpoint,
-        snakemake.output.deployed,
-        snakemake.params.peers,
-        device.configured_variant(config),
-        device.housekeeping(config, target),
-    )
+    config, i = snakemake.config, snakemake.input
+    target = device.target_of(config, snakemake.params.target, snakemake.params.settings)
+    configured = device.configured_variant(config)  # the variant whose newest deployment the device keeps
+    device.deploy(target, i.pte, i.checkpoint, snakemake.output.deployed, snakemake.params.peers, configured)
 
 
 with rule_log(snakemake.log[0], "deploy"):

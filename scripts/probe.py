@@ -5,8 +5,8 @@ from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
-    target = snakemake.wildcards.target
-    device.probe(target, snakemake.params.settings, snakemake.output.platform, device.housekeeping(snakemake.config, target))
+    target = device.target_of(snakemake.config, snakemake.wildcards.target, snakemake.params.settings)
+    device.probe(target, snakemake.output.platform)
 
 
 with rule_log(snakemake.log[0], "probe"):

@@ -5,16 +5,9 @@ from gemma_edge.workflow.steplog import rule_log
 
 
 def main(snakemake):
-    i, target = snakemake.input, snakemake.wildcards.target
-    device.provision(
-        target,
-        snakemake.params.settings,
-        snakemake.output.device,
-        i.get("platform"),
-        i.get("wheelhouse"),
-        i.get("wheels"),
-        device.housekeeping(snakemake.config, target),
-    )
+    i = snakemake.input
+    target = device.target_of(snakemake.config, snakemake.wildcards.target, snakemake.params.settings)
+    device.provision(target, snakemake.output.device, i.get("platform"), i.get("wheelhouse"), i.get("wheels"))
 
 
 with rule_log(snakemake.log[0], "provision"):

@@ -175,3 +175,17 @@ def test_the_schema_offers_the_gguf_types_the_converter_knows():
     from gemma_edge.peers.gguf_convert import GGUF_TYPES
 
     assert load_schema(REPO / "schemas/config.schema.yaml")["$defs"]["gguf_type"]["enum"] == list(GGUF_TYPES)
+
+
+def test_a_target_read_from_a_bare_entry_takes_the_schemas_defaults():
+    """Target.of fills what an entry leaves out with its own defaults: they are the schema's, so a
+    target built outside the workflow (tests, the emulator's helper) behaves as a configured one."""
+    from gemma_edge.reach.target import Target
+
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["targets"]["pi"] = {"kind": "ssh", "host": "pi"}
+    validate_config(config, REPO / "schemas/config.schema.yaml")
+    assert Target.of("pi", config["targets"]["pi"]) == Target.of("pi", {"kind": "ssh", "host": "pi"})
+    target = Target.of("pi", config["targets"]["pi"])
+    assert target.layout.python == "gemma-edge/venv/bin/python" and target.layout.models == "gemma-edge/models"
+    assert target.ssh.host == "pi" and target.ssh.connect_timeout_s == config["targets"]["pi"]["connect_timeout_s"]

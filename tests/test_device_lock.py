@@ -20,7 +20,7 @@ import pytest
 from conftest import snakemake_argv, write_config
 from gemma_edge.device.files import read_json
 from gemma_edge.reach import device_lock
-from gemma_edge.reach.target import Housekeeping, connection, holding_device
+from gemma_edge.reach.target import Housekeeping, Target, connection, holding_device
 
 VARIANT = "tiny/int4-g128/xnnpack-auto"
 
@@ -28,10 +28,8 @@ VARIANT = "tiny/int4-g128/xnnpack-auto"
 @contextmanager
 def holding(settings: dict, step: str, wait_s: float = 3600):
     """The loopback device held by `step`, through a connection of its own, as a device step holds it."""
-    with (
-        connection(settings) as client,
-        holding_device(client, "loopback", settings, step, Housekeeping(lock_timeout_s=wait_s)),
-    ):
+    target = Target.of("loopback", settings, Housekeeping(lock_timeout_s=wait_s))
+    with connection(target) as client, holding_device(client, target, step):
         yield
 
 
@@ -85,27 +83,26 @@ def test_a_holder_that_removes_the_lock_file_hands_the_device_to_a_waiter_still(
             with pytest.raises(device_lock.DeviceBusy), holding(settings, "C", wait_s=1):
                 pass
 
-    with connection(settings) as client:
-        with holding_device(client, "loopback", settings, "clean", Housekeeping(), remove=True):
+    target = Target.of("loopback", settings)
+    with connection(target) as client:
+        with holding_device(client, target, "clean", remove=True):
             waiter = threading.Thread(target=second)
             waiter.start()
             time.sleep(3)
         waiter.join(timeout=60)
     assert seen == ["B"]
     assert lock.read_text() == ""  # B's file, released; the held C was refused while B held it
-    with (
-        connection(settings) as client,
-        holding_device(client, "loopback", settings, "clean", Housekeeping(), remove=True),
-    ):
+    with connection(target) as client, holding_device(client, target, "clean", remove=True):
         pass
     assert not lock.exists()
 
 
 HOLD_IN_ANOTHER_PROCESS = """
 import json, sys, time
-from gemma_edge.reach.target import Housekeeping, connection, holding_device
+from gemma_edge.reach.target import Target, connection, holding_device
 settings = json.loads(sys.argv[1])
-with connection(settings) as c, holding_device(c, "loopback", settings, "doomed", Housekeeping()):
+target = Target.of("loopback", settings)
+with connection(target) as c, holding_device(c, target, "doomed"):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -120,11 +117,9 @@ def hold_in_another_process(settings: dict) -> subprocess.Popen:
 
 
 def take(settings: dict, wait_s: float) -> float:
+    target = Target.of("loopback", settings, Housekeeping(lock_timeout_s=wait_s))
     started = time.monotonic()
-    with (
-        connection(settings) as client,
-        holding_device(client, "loopback", settings, "next", Housekeeping(lock_timeout_s=wait_s)),
-    ):
+    with connection(target) as client, holding_device(client, target, "next"):
         pass
     return time.monotonic() - started
 

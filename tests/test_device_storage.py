@@ -12,7 +12,7 @@ from pathlib import Path
 from conftest import snakemake, write_config
 from gemma_edge.device.files import sha256_file
 from gemma_edge.reach import deploy, device_storage, ssh
-from gemma_edge.reach.target import Housekeeping, connection
+from gemma_edge.reach.target import Housekeeping, Target, connection
 
 GROUP_SIZES = [32, 64, 128, 256, 512]
 
@@ -58,16 +58,15 @@ def device_programs(remote: Path) -> dict[str, str]:
 
 def test_five_deploys_leave_only_the_kept_programs_and_a_removed_one_comes_back_to_be_benchmarked(sshd, tmp_path):
     remote = tmp_path / "device/gemma-edge"
-    settings = sshd.target(remote)
+    target = Target.of("loopback", sshd.target(remote), Housekeeping(keep_models=1))
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text("{}")
-    house = Housekeeping(keep_models=1)
     configured = "tiny/int4-g32/xnnpack-auto"
     records = []
     for group_size in GROUP_SIZES:
         pte = fake_variant(tmp_path, group_size)
         out = pte.parent / "deployed.json"
-        records.append(deploy.deploy("loopback", settings, pte, tokenizer, out, configured=configured, house=house))
+        records.append(deploy.deploy(target, pte, tokenizer, out, configured=configured))
         assert len(device_programs(remote)) <= 3  # the deploy's own, the configured variant's, one recent
     assert set(device_programs(remote).values()) == {configured, "tiny/int4-g256/xnnpack-auto", "tiny/int4-g512/xnnpack-auto"}
     removed = [r["variant"] for record in records for r in record["removed"]]
@@ -77,8 +76,8 @@ def test_five_deploys_leave_only_the_kept_programs_and_a_removed_one_comes_back_
     # uploads it again, whole, before it runs.
     g64 = records[1]
     assert not Path(g64["files"]["pte"]["path"]).exists()
-    with connection(settings) as client:
-        deploy.restore_removed_files(client, settings, g64)
+    with connection(target) as client:
+        deploy.restore_removed_files(client, target, g64)
     assert sha256_file(g64["files"]["pte"]["path"]) == g64["files"]["pte"]["sha256"]
     assert Path(g64["files"]["tokenizer"]["path"]).exists()
 
@@ -115,9 +114,9 @@ def test_the_device_listing_reads_sizes_and_markers(sshd, tmp_path):
     (remote / "models/abc/model.pte").write_bytes(b"x" * 1000)
     (remote / "models/abc" / device_storage.MARKER).write_text(json.dumps({"variant": "v", "used": 5.0}))
     (remote / "peers/p").mkdir(parents=True)
-    settings = sshd.target(remote)
-    with connection(settings) as client:
-        listing = device_storage.list_device(client, settings["python"], str(remote), 30)
+    target = Target.of("loopback", sshd.target(remote))
+    with connection(target) as client:
+        listing = device_storage.list_device(client, target.python, str(remote), 30)
         assert device_storage.missing_on_device(client, [str(remote / "models/abc/model.pte"), str(remote / "nope")], 30) == [
             str(remote / "nope")
         ]

@@ -19,7 +19,7 @@ from gemma_edge.device.facts import runner_libraries, runner_preflight
 from gemma_edge.device.files import read_json
 from gemma_edge.reach import emulator, loopback_sshd, provision
 from gemma_edge.reach.sysroot import sysroot_of
-from gemma_edge.reach.target import DeviceError
+from gemma_edge.reach.target import DeviceError, Target
 from gemma_edge.workflow.config import validate_config
 from readme import emulator_commands, run_readme_line
 
@@ -177,8 +177,7 @@ def test_a_wheel_for_another_platform_is_refused_before_anything_is_sent(emulate
         r"\(aarch64, CPython 3.11, glibc 2.36\) cannot install",
     ):
         provision.provision(
-            TARGET,
-            settings,
+            Target.of(TARGET, settings),
             tmp_path / "device.json",
             workdir / f"results/{TARGET}/platform.json",
             wrong,

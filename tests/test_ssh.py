@@ -14,12 +14,12 @@ import pytest
 from conftest import PINS, require
 from gemma_edge.device.files import sha256_file
 from gemma_edge.reach import deploy, loopback_sshd, provision, ssh
-from gemma_edge.reach.target import DeviceError, ssh_target
+from gemma_edge.reach.target import DeviceError, Target
 from sshd import SshServer
 
 
 def client_for(server, **overrides):
-    return ssh.connect(ssh_target(server.target(Path("/tmp"), **overrides)))
+    return ssh.connect(Target.of("loopback", server.target(Path("/tmp"), **overrides)).ssh)
 
 
 def test_commands_are_quoted_and_report_their_output(sshd, tmp_path):
@@ -170,7 +170,7 @@ def test_ssh_config_alias_is_honoured(sshd, tmp_path):
         f"Host pi5-test\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User root\n"
         f"  IdentityFile {sshd.client_key}\n  UserKnownHostsFile {sshd.known_hosts}\n"
     )
-    alias = ssh_target({"host": "pi5-test", "ssh_config": str(config)})
+    alias = Target.of("pi5", {"kind": "ssh", "host": "pi5-test", "ssh_config": str(config)}).ssh
     client = ssh.connect(alias)
     try:
         assert ssh.run(client, ["echo", "ok"], 10)[1].strip() == "ok"
@@ -204,7 +204,7 @@ def test_dropped_upload_says_what_to_do_and_the_next_deploy_clears_it(tmp_path):
             handle.write(os.urandom(8_000_000))
     tokenizer.write_text("{}")
     workdir = tmp_path / "remote" / "gemma-edge"
-    settings = server.target(workdir)
+    target = Target.of("dropped", server.target(workdir))
 
     def stop_when_transfer_starts():
         deadline = time.monotonic() + 30
@@ -216,7 +216,7 @@ def test_dropped_upload_says_what_to_do_and_the_next_deploy_clears_it(tmp_path):
     killer.start()
     try:
         with pytest.raises(ssh.RemoteError) as failure:
-            deploy.deploy("dropped", settings, pte, tokenizer, tmp_path / "deployed.json")
+            deploy.deploy(target, pte, tokenizer, tmp_path / "deployed.json")
     finally:
         killer.join()
     message = str(failure.value)
@@ -229,7 +229,7 @@ def test_dropped_upload_says_what_to_do_and_the_next_deploy_clears_it(tmp_path):
 
     server.start()
     try:
-        record = deploy.deploy("dropped", settings, pte, tokenizer, tmp_path / "deployed.json")
+        record = deploy.deploy(target, pte, tokenizer, tmp_path / "deployed.json")
     finally:
         server.stop()
     assert record["files"]["pte"]["sha256"] == sha256_file(folder / "model.pte")
@@ -260,10 +260,10 @@ def test_full_remote_disk_is_refused_before_uploading(sshd, tmp_path, small_file
 
 
 def test_missing_remote_python_is_reported(sshd, tmp_path):
-    settings = sshd.target(tmp_path / "remote", python="/nonexistent/python3")
+    target = Target.of("broken", sshd.target(tmp_path / "remote", python="/nonexistent/python3"))
     said = r"^broken: the device's Python \(/nonexistent/python3\) cannot run \(exit 127\): .*No such file"
     with pytest.raises(DeviceError, match=said):
-        provision.provision("broken", settings, tmp_path / "device.json")
+        provision.provision(target, tmp_path / "device.json")
     assert not (tmp_path / "device.json").exists()
 
 

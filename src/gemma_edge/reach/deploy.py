@@ -10,21 +10,14 @@ from pathlib import Path
 
 from gemma_edge.device.files import read_json, sha256_file, write_json
 from gemma_edge.reach import device_storage, ssh
-from gemma_edge.reach.target import Housekeeping, connection, holding_device, remote_layout
+from gemma_edge.reach.target import Layout, Target, connection, holding_device
 from gemma_edge.workflow.manifest import portable_path
 
 log = logging.getLogger(__name__)
 
 
 def deploy(
-    name: str,
-    settings: dict,
-    pte: Path,
-    tokenizer: Path,
-    out: Path,
-    peers: list[dict] | None = None,
-    configured: str | None = None,
-    house: Housekeeping = Housekeeping(),
+    target: Target, pte: Path, tokenizer: Path, out: Path, peers: list[dict] | None = None, configured: str | None = None
 ) -> dict:
     """Put the .pte and tokenizer on the device, and each peer engine's program and model (see
     `place_peers`), atomically, skipped when already there. On a device reached over SSH, first
@@ -35,7 +28,7 @@ def deploy(
     pte_sha = sha256_file(pte)
     variant = "/".join(Path(pte).parts[-4:-1])  # results/<model>/<quant>/xnnpack-<mode>/model.pte
     removed, uploads = [], []
-    if settings["kind"] == "local":
+    if target.is_local:
         # Relative to the working directory (where the local benchmark runs) when inside it.
         files = {
             "pte": {"path": portable_path(pte), "sha256": pte_sha, "uploaded": False, "seconds": 0.0},
@@ -50,18 +43,18 @@ def deploy(
             },
         )
     else:
-        layout = remote_layout(settings)
-        timeout, short = settings["transfer_timeout_s"], settings["command_timeout_s"]
-        folder = f"{layout['models']}/{pte_sha[:16]}"
+        layout = target.layout
+        timeout, short = target.timeouts.transfer_s, target.timeouts.command_s
+        folder = f"{layout.models}/{pte_sha[:16]}"
         peer_folders = {sha256_file(local)[:16] for local, _ in peer_files_to_place(peers or [])}
-        with connection(settings) as client, holding_device(client, name, settings, f"deploy {variant}", house):
+        with connection(target) as client, holding_device(client, target, f"deploy {variant}"):
             # Uploads an earlier run lost with its connection live in the models' folders.
-            ssh.remove_stale_uploads(client, layout["models"], short)
-            listing = device_storage.list_device(client, settings["python"], layout["work"], short)
+            ssh.remove_stale_uploads(client, layout.models, short)
+            listing = device_storage.list_device(client, target.python, layout.work, short)
             old_models, old_peers = device_storage.plan_removal(
-                listing, pte_sha[:16], configured, house.keep_models, peer_folders
+                listing, pte_sha[:16], configured, target.house.keep_models, peer_folders
             )
-            removed = device_storage.remove_folders(client, layout["work"], old_models, old_peers, short)
+            removed = device_storage.remove_folders(client, layout.work, old_models, old_peers, short)
             ssh.run(client, ["mkdir", "-p", folder], short)
 
             def put(local: Path, remote: str, kind: str) -> dict:
@@ -75,17 +68,17 @@ def deploy(
                 "pte": put(pte, f"{folder}/model.pte", "pte"),
                 "tokenizer": put(tokenizer, f"{folder}/tokenizer.json", "tokenizer"),
             }
-            placed = place_peers(peers or [], lambda local, kind: upload_peer_file(client, settings, layout, local, kind, put))
+            placed = place_peers(peers or [], lambda local, kind: upload_peer_file(client, layout, short, local, kind, put))
             device_storage.write_marker(client, folder, variant, sorted(peer_folders), short)
     record = {
-        "target": name,
-        "kind": settings["kind"],
+        "target": target.name,
+        "kind": target.kind,
         "variant": variant,
         "files": files,
         "peers": placed,
         "uploads": uploads,
         "removed": removed,
-        "peer_folders": sorted(peer_folders) if settings["kind"] != "local" else [],
+        "peer_folders": sorted(peer_folders) if not target.is_local else [],
         "weight_bytes": weights_of(pte, peers or []),
         "seconds": time.monotonic() - started,
     }
@@ -141,26 +134,26 @@ def peer_files_to_place(peers: list[dict]) -> list[tuple[Path, str]]:
     return files
 
 
-def upload_peer_file(client, settings: dict, layout: dict, local: Path, kind: str, put) -> dict:
+def upload_peer_file(client, layout: Layout, timeout_s: float, local: Path, kind: str, put) -> dict:
     """A peer's program (made executable), runtime wheel or model under <workdir>/peers/<sha256
     prefix>/, placed with `put(local, remote, kind)`."""
     digest = sha256_file(local)
-    folder = f"{layout['peers']}/{digest[:16]}"
-    ssh.run(client, ["mkdir", "-p", folder], settings["command_timeout_s"])
-    ssh.remove_stale_uploads(client, folder, settings["command_timeout_s"])
+    folder = f"{layout.peers}/{digest[:16]}"
+    ssh.run(client, ["mkdir", "-p", folder], timeout_s)
+    ssh.remove_stale_uploads(client, folder, timeout_s)
     return put(local, f"{folder}/{local.name}", kind)
 
 
-def restore_removed_files(client, settings: dict, deployed: dict) -> None:
+def restore_removed_files(client, target: Target, deployed: dict) -> None:
     """Upload again what this deployment placed on the device and a later deploy removed (it
     keeps only `keep_models` earlier deployments), and mark the deployment as just used."""
-    short = settings["command_timeout_s"]
+    short = target.timeouts.command_s
     uploads = deployed.get("uploads", [])
     missing = set(device_storage.missing_on_device(client, [u["device"] for u in uploads], short))
     for upload in (u for u in uploads if u["device"] in missing):
         log.info("%s was removed from the device since its deploy (keep_models); uploading it again", upload["device"])
         ssh.run(client, ["mkdir", "-p", os.path.dirname(upload["device"])], short)
-        ssh.upload_atomically(client, Path(upload["host"]), upload["device"], settings["transfer_timeout_s"])
+        ssh.upload_atomically(client, Path(upload["host"]), upload["device"], target.timeouts.transfer_s)
         if upload["kind"] == "program":
             ssh.run(client, ["chmod", "+x", upload["device"]], short)
     if "variant" in deployed:

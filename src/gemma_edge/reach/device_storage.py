@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from gemma_edge.reach import ssh
-from gemma_edge.reach.target import Housekeeping, connection, holding_device, remote_layout
+from gemma_edge.reach.target import Target, connection, holding_device
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +124,16 @@ def missing_on_device(client, paths: list[str], timeout_s: float) -> list[str]:
     return [line for line in out.splitlines() if line]
 
 
-def clean(name: str, settings: dict, results: Path, house: Housekeeping = Housekeeping()) -> dict:
+def clean(target: Target, results: Path) -> dict:
     """Remove everything the workflow put on an SSH device but its virtualenv: deployed programs,
     peers, the wheelhouse and the benchmark runner. This host's records of what the device held
     (`results/<target>/device.json` and every `deployed.json`) go too, so the next run provisions
     (installing nothing) and deploys again."""
     removed = []
-    if settings["kind"] == "ssh":
-        layout = remote_layout(settings)
-        short = settings["command_timeout_s"]
-        paths = [layout["models"], layout["peers"], layout["wheelhouse"], layout["runner"]]
-        with connection(settings) as client, holding_device(client, name, settings, "clean", house, remove=True):
+    if not target.is_local:
+        layout, short = target.layout, target.timeouts.command_s
+        paths = [layout.models, layout.peers, layout.wheelhouse, layout.runner]
+        with connection(target) as client, holding_device(client, target, "clean", remove=True):
             _, out, _ = ssh.run_shell(
                 client, "du -sk -- " + " ".join(shlex.quote(p) for p in paths) + " 2>/dev/null", short, check=False
             )
@@ -145,7 +144,7 @@ def clean(name: str, settings: dict, results: Path, house: Housekeeping = Housek
             ssh.run(client, ["rm", "-rf", "--", *paths], short)
         log.info(
             "%s: removed %s (%.1f MB); the virtualenv stays",
-            name,
+            target.name,
             ", ".join(r["path"] for r in removed) or "nothing (the device held none of it)",
             sum(r["bytes"] for r in removed) / 1e6,
         )
@@ -153,4 +152,4 @@ def clean(name: str, settings: dict, results: Path, house: Housekeeping = Housek
     for record in records:
         if record.exists():
             record.unlink()
-    return {"target": name, "removed": removed, "records_removed": [str(r) for r in records]}
+    return {"target": target.name, "removed": removed, "records_removed": [str(r) for r in records]}

@@ -15,7 +15,7 @@ from gemma_edge.device.files import read_json, write_json
 from gemma_edge.reach import ssh
 from gemma_edge.reach.device_platform import WheelhouseError, check_wheels_fit, device_platform
 from gemma_edge.reach.runner import local_facts, remote_facts, upload_runner
-from gemma_edge.reach.target import DeviceError, Housekeeping, connection, holding_device, is_emulated, remote_layout
+from gemma_edge.reach.target import DeviceError, Target, connection, holding_device
 from gemma_edge.workflow.manifest import package_versions
 
 log = logging.getLogger(__name__)
@@ -47,19 +47,18 @@ def host_runtime_versions() -> dict:
     return {name: public_version(versions[name]) for name in RUNTIME_PACKAGES}
 
 
-def probe(name: str, settings: dict, out: Path, house: Housekeeping = Housekeeping()) -> dict:
+def probe(target: Target, out: Path) -> dict:
     """What the device is, as its own system Python reports it before anything is installed: the
     host builds the device's wheelhouse for this platform."""
-    layout = remote_layout(settings)
-    timeout = settings["command_timeout_s"]
-    with connection(settings) as client, holding_device(client, name, settings, "probe", house):
-        upload_runner(client, layout, timeout)
-        facts = remote_facts(client, layout, timeout, python=settings["python"])
-    record = {"target": name, "kind": settings["kind"], "emulated": is_emulated(settings, facts), **facts}
+    timeout = target.timeouts.command_s
+    with connection(target) as client, holding_device(client, target, "probe"):
+        upload_runner(client, target.layout, timeout)
+        facts = remote_facts(client, target.layout, timeout, python=target.python)
+    record = {"target": target.name, "kind": target.kind, "emulated": target.is_emulated(facts), **facts}
     write_json(out, record)
     log.info(
         "%s: %s, %s, Python %s, %s %s, %d KiB pages%s",
-        name,
+        target.name,
         facts["machine"],
         facts["cpu_model"],
         facts["python"],
@@ -71,36 +70,34 @@ def probe(name: str, settings: dict, out: Path, house: Housekeeping = Housekeepi
 
 
 def provision(
-    name: str,
-    settings: dict,
+    target: Target,
     out: Path,
     platform_path: Path | None = None,
     wheelhouse_path: Path | None = None,
     wheel_dir: Path | None = None,
-    house: Housekeeping = Housekeeping(),
 ) -> dict:
     host_versions = host_runtime_versions()
-    if settings["kind"] == "local":
+    if target.is_local:
         facts, wheels = local_facts(), None
     else:
         wheelhouse_record = read_json(wheelhouse_path) if wheelhouse_path else None
         probed = read_json(platform_path) if platform_path else {}
-        facts, wheels = provision_ssh(name, settings, host_versions, probed, wheelhouse_record, wheel_dir, house)
+        facts, wheels = provision_ssh(target, host_versions, probed, wheelhouse_record, wheel_dir)
     check_versions(facts["versions"], host_versions)
     try:
         checked = preflight(facts)
     except DeviceCheckFailed as error:
-        raise DeviceError(f"{name}: {error}") from error
+        raise DeviceError(f"{target.name}: {error}") from error
     for line in checked:
         log.info("pre-flight: %s", line)
     runner_missing = runner_preflight(facts)
     if runner_missing:
         log.warning("pre-flight: %s; the benchmarks will go on without it", runner_missing)
-    record = {"target": name, "kind": settings["kind"], "emulated": is_emulated(settings, facts), **facts, "wheels": wheels}
+    record = {"target": target.name, "kind": target.kind, "emulated": target.is_emulated(facts), **facts, "wheels": wheels}
     write_json(out, record)
     log.info(
         "%s: %s, %s cores, %.1f GB, %s; executorch %s, torch %s%s",
-        name,
+        target.name,
         facts["cpu_model"],
         facts["cores"],
         (facts["memory_bytes"] or 0) / 1e9,
@@ -113,36 +110,29 @@ def provision(
 
 
 def provision_ssh(
-    name: str,
-    settings: dict,
-    host_versions: dict,
-    probed: dict,
-    wheelhouse_record: dict | None,
-    wheel_dir: Path | None,
-    house: Housekeeping = Housekeeping(),
+    target: Target, host_versions: dict, probed: dict, wheelhouse_record: dict | None, wheel_dir: Path | None
 ) -> tuple[dict, dict | None]:
-    layout = remote_layout(settings)
-    timeout = settings["command_timeout_s"]
+    layout, timeout = target.layout, target.timeouts.command_s
     wheels = None
-    with connection(settings) as client, holding_device(client, name, settings, "provision", house):
-        ssh.run(client, ["mkdir", "-p", layout["models"], layout["wheelhouse"]], timeout)
-        ssh.remove_stale_uploads(client, layout["models"], timeout)
-        ssh.remove_stale_uploads(client, layout["wheelhouse"], timeout)
-        if settings.get("create_venv", True):
+    with connection(target) as client, holding_device(client, target, "provision"):
+        ssh.run(client, ["mkdir", "-p", layout.models, layout.wheelhouse], timeout)
+        ssh.remove_stale_uploads(client, layout.models, timeout)
+        ssh.remove_stale_uploads(client, layout.wheelhouse, timeout)
+        if target.create_venv:
             if wheelhouse_record is None:
                 raise DeviceError("create_venv is on but no wheelhouse was built for this device")
-            wheels = install_wheelhouse(client, settings, layout, host_versions, probed, wheelhouse_record, Path(wheel_dir))
-            wheels["wheelhouse_kept"] = house.keep_wheelhouse
-            if not house.keep_wheelhouse:
+            wheels = install_wheelhouse(client, target, host_versions, probed, wheelhouse_record, Path(wheel_dir))
+            wheels["wheelhouse_kept"] = target.house.keep_wheelhouse
+            if not target.house.keep_wheelhouse:
                 # Installed and verified: the wheels would only hold the device's disk (2.8 GB for
                 # E2B's runtime). A later install uploads just the wheels it then lacks.
-                ssh.run(client, ["rm", "-rf", "--", layout["wheelhouse"]], timeout)
+                ssh.run(client, ["rm", "-rf", "--", layout.wheelhouse], timeout)
                 log.info("removed the wheelhouse from the device after the verified install (keep_wheelhouse: false)")
         upload_runner(client, layout, timeout)
         return remote_facts(client, layout, timeout), wheels
 
 
-def install_wheelhouse(client, settings: dict, layout: dict, pins: dict, probed: dict, record: dict, wheel_dir: Path) -> dict:
+def install_wheelhouse(client, target: Target, pins: dict, probed: dict, record: dict, wheel_dir: Path) -> dict:
     """Create the device's virtualenv and install the host-built wheelhouse into it, offline
     (`pip install --no-index`); idempotent: a venv that already has every wheel's version gets
     nothing uploaded and nothing installed."""
@@ -151,12 +141,12 @@ def install_wheelhouse(client, settings: dict, layout: dict, pins: dict, probed:
         check_wheels_fit([wheel["filename"] for wheel in record["wheels"]], device_platform(probed))
     except WheelhouseError as error:
         raise DeviceError(str(error)) from error
-    timeout = settings["command_timeout_s"]
-    venv_python = layout["python"]
+    layout, timeout = target.layout, target.timeouts.command_s
+    venv_python = layout.python
     status, _, _ = ssh.run(client, ["test", "-x", venv_python], timeout, check=False)
     if status != 0:
-        log.info("creating %s/venv with %s", layout["work"], settings["python"])
-        ssh.run(client, [settings["python"], "-m", "venv", f"{layout['work']}/venv"], settings["install_timeout_s"])
+        log.info("creating %s with %s", layout.venv, target.python)
+        ssh.run(client, [target.python, "-m", "venv", layout.venv], target.timeouts.install_s)
     missing = wheels_not_installed(client, venv_python, record["wheels"], timeout)
     summary = {
         "wheels": len(record["wheels"]),
@@ -168,10 +158,10 @@ def install_wheelhouse(client, settings: dict, layout: dict, pins: dict, probed:
         log.info("the device's virtualenv already has all %d wheels of the wheelhouse; nothing to install", len(record["wheels"]))
         return {**summary, "installed_now": [], "files": _wheel_rows(record)}
     needed = sum(w["size_bytes"] for w in missing) + sum(w["installed_bytes"] for w in missing)
-    free = ssh.remote_free_bytes(client, layout["work"], timeout)
+    free = ssh.remote_free_bytes(client, layout.work, timeout)
     if free < needed:
         raise DeviceError(
-            f"the device has {free / 1e6:.0f} MB free in {layout['work']} but the {len(missing)} wheels to "
+            f"the device has {free / 1e6:.0f} MB free in {layout.work} but the {len(missing)} wheels to "
             f"install need {needed / 1e6:.0f} MB (download plus installed size): free space there first"
         )
     log.info(
@@ -179,11 +169,11 @@ def install_wheelhouse(client, settings: dict, layout: dict, pins: dict, probed:
         len(missing),
         len(record["wheels"]),
         sum(w["size_bytes"] for w in missing) / 1e6,
-        layout["wheelhouse"],
+        layout.wheelhouse,
     )
     for wheel in missing:
         ssh.upload_atomically(
-            client, wheel_dir / wheel["filename"], f"{layout['wheelhouse']}/{wheel['filename']}", settings["transfer_timeout_s"]
+            client, wheel_dir / wheel["filename"], f"{layout.wheelhouse}/{wheel['filename']}", target.timeouts.transfer_s
         )
     pin_args = [f"{name}=={version}" for name, version in pins.items()]
     log.info("installing %s from the wheelhouse, offline (this can take a while)", ", ".join(pin_args))
@@ -200,10 +190,10 @@ def install_wheelhouse(client, settings: dict, layout: dict, pins: dict, probed:
             "--no-compile",
             "--disable-pip-version-check",
             "--find-links",
-            layout["wheelhouse"],
+            layout.wheelhouse,
             *pin_args,
         ],
-        settings["install_timeout_s"],
+        target.timeouts.install_s,
     )
     log.info("installed in %.0f s", time.monotonic() - started)
     still = wheels_not_installed(client, venv_python, record["wheels"], timeout)

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 from gemma_edge.device import bandwidth, device_bench, peer_bench
@@ -24,14 +25,14 @@ from gemma_edge.reach import device_lock, ssh
 from gemma_edge.reach.deploy import restore_removed_files
 from gemma_edge.reach.provision import check_versions, host_runtime_versions
 from gemma_edge.reach.runner import local_env, remote_facts, runner_argv
-from gemma_edge.reach.target import DeviceError, Housekeeping, connection, holding_device, local_lock_file, remote_layout
+from gemma_edge.reach.target import DeviceError, Target, connection, holding_device, local_lock_file
 from gemma_edge.workflow.manifest import package_versions
 
 log = logging.getLogger(__name__)
 
 
 def bench_spec(
-    settings: dict,
+    target: Target,
     bench: dict,
     host_parity: dict,
     pte_manifest: dict,
@@ -51,54 +52,54 @@ def bench_spec(
         "new_tokens": bench["new_tokens"],
         "repetitions": bench["repetitions"],
         "warmup": bench["warmup"],
-        "threads": settings.get("threads"),
+        "threads": target.threads,
         "parity_prompt_ids": [p["prompt_ids"] for p in host_parity["prompts"]],
         "parity_prompts": [p.get("prompt") for p in host_parity["prompts"]],
         "tokenizer": tokenizer,
         "max_new_tokens": host_parity["max_new_tokens"],
         "peers": peers or [],
-        "peer_timeout_s": settings["bench_timeout_s"],
+        "peer_timeout_s": target.timeouts.bench_s,
         "emulated": emulated,
     }
 
 
-def run_device_bench(name: str, settings: dict, deployed: dict, spec: dict, house: Housekeeping = Housekeeping()) -> dict:
+def run_device_bench(target: Target, deployed: dict, spec: dict) -> dict:
     """The device's benchmark result, with `wall_clock`: when it held the device (lock taken, released)."""
     step = f"bench {deployed.get('variant', '')}".strip()
-    if settings["kind"] == "local":
-        lock = device_lock.held_here(name, local_lock_file(), step, house.lock_timeout_s)
+    if target.is_local:
+        lock = device_lock.held_here(target.name, local_lock_file(), step, target.house.lock_timeout_s)
     else:
         lock = nullcontext()
     with lock:
         started = time.time()
-        if settings["kind"] == "local":
-            result = run_local_bench(deployed["files"]["pte"]["path"], spec, settings["bench_timeout_s"])
+        if target.is_local:
+            result = run_local_bench(deployed["files"]["pte"]["path"], spec, target.timeouts.bench_s)
         else:
-            result = run_ssh_bench(name, settings, deployed, spec, house)
+            result = run_ssh_bench(target, deployed, spec)
         held_from = result.pop("locked_at", started)
         return {**result, "wall_clock": {"started": held_from, "finished": time.time()}}
 
 
-def run_ssh_bench(name: str, settings: dict, deployed: dict, spec: dict, house: Housekeeping) -> dict:
+def run_ssh_bench(target: Target, deployed: dict, spec: dict) -> dict:
     step = f"bench {deployed.get('variant', '')}".strip()
-    layout = remote_layout(settings)
+    layout, short = target.layout, target.timeouts.command_s
     folder = os.path.dirname(deployed["files"]["pte"]["path"])
     with (
-        connection(settings) as client,
-        holding_device(client, name, settings, step, house),
+        connection(target) as client,
+        holding_device(client, target, step),
         tempfile.TemporaryDirectory() as scratch,
     ):
         locked_at = time.time()
-        restore_removed_files(client, settings, deployed)
-        check_versions(remote_facts(client, layout, settings["command_timeout_s"])["versions"], host_runtime_versions())
+        restore_removed_files(client, target, deployed)
+        check_versions(remote_facts(client, layout, short)["versions"], host_runtime_versions())
         spec_path = Path(scratch) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         remote_spec = f"{folder}/spec-{os.getpid()}.json"
         remote_out = f"{folder}/bench-{os.getpid()}.json"
-        ssh.upload_atomically(client, spec_path, remote_spec, settings["command_timeout_s"])
+        ssh.upload_atomically(client, spec_path, remote_spec, short)
         argv = runner_argv(
             layout,
-            layout["python"],
+            layout.python,
             "bench",
             "--pte",
             deployed["files"]["pte"]["path"],
@@ -109,16 +110,16 @@ def run_ssh_bench(name: str, settings: dict, deployed: dict, spec: dict, house: 
         )
         try:
             status, _, stderr = ssh.run(
-                client, argv, settings["bench_timeout_s"], check=False, on_line=lambda line: log.info("%s: %s", name, line)
+                client, argv, target.timeouts.bench_s, check=False, on_line=lambda line: log.info("%s: %s", target.name, line)
             )
             if status != 0:
-                raise DeviceError(bench_failure(name, status, stderr))
+                raise DeviceError(bench_failure(target.name, status, stderr))
             local_out = Path(scratch) / "bench.json"
-            ssh.download_file(client, remote_out, local_out, settings["command_timeout_s"])
+            ssh.download_file(client, remote_out, local_out, short)
             return {**json.loads(local_out.read_text()), "locked_at": locked_at}
         finally:
             if client.get_transport().is_active():
-                ssh.run(client, ["rm", "-f", remote_spec, remote_out], settings["command_timeout_s"], check=False)
+                ssh.run(client, ["rm", "-f", remote_spec, remote_out], short, check=False)
 
 
 def run_local_bench(pte: str, spec: dict, timeout_s: float) -> dict:
@@ -187,26 +188,34 @@ def add_bandwidth_fractions(result: dict, weights: dict) -> None:
             bandwidth.annotate_runs(engine["runs"], weights.get(name), limit)
 
 
-def bench(
-    name: str,
-    settings: dict,
-    bench_config: dict,
-    deployed_path: Path,
-    device_path: Path,
-    pte_manifest_path: Path,
-    host_parity_path: Path,
-    checkpoint_path: Path,
-    out_bench: Path,
-    out_log: Path,
-    out_parity: Path,
-    house: Housekeeping = Housekeeping(),
-) -> dict:
-    deployed, device = read_json(deployed_path), read_json(device_path)
-    pte_manifest, host_parity, checkpoint = read_json(pte_manifest_path), read_json(host_parity_path), read_json(checkpoint_path)
+@dataclass(frozen=True)
+class BenchInputs:
+    """What the device benchmark reads: deploy's and provision's records, the .pte's manifest, the
+    host's parity record and the checkpoint's manifest."""
+
+    deployed: Path
+    device: Path
+    pte_manifest: Path
+    host_parity: Path
+    checkpoint: Path
+
+
+@dataclass(frozen=True)
+class BenchOutputs:
+    bench: Path
+    parity_log: Path
+    parity: Path
+
+
+def bench(target: Target, bench_config: dict, inputs: BenchInputs, outputs: BenchOutputs) -> dict:
+    name = target.name
+    deployed, device = read_json(inputs.deployed), read_json(inputs.device)
+    pte_manifest, host_parity = read_json(inputs.pte_manifest), read_json(inputs.host_parity)
+    checkpoint = read_json(inputs.checkpoint)
     if deployed["files"]["pte"]["sha256"] != pte_manifest["sha256"]:
         raise DeviceError("the .pte on the device is not the one built for this configuration; re-run deploy")
     spec = bench_spec(
-        settings,
+        target,
         bench_config,
         host_parity,
         pte_manifest,
@@ -214,7 +223,7 @@ def bench(
         deployed["files"]["tokenizer"]["path"],
         bool(device.get("emulated")),
     )
-    result = run_device_bench(name, settings, deployed, spec, house)
+    result = run_device_bench(target, deployed, spec)
     runner = result.get("executorch_runner")
     rows = compare_tokens(host_parity, result.pop("parity_tokens"), runner)
     add_bandwidth_fractions(result, deployed.get("weight_bytes") or {})
@@ -258,7 +267,7 @@ def bench(
     tokenizer = Tokenizer.from_file(str(Path(checkpoint["path"]) / "tokenizer.json"))
     peers = compare_peer_tokens(host_parity, report["engines"], tokenizer)
     write_json(
-        out_parity,
+        outputs.parity,
         {
             "target": name,
             "pte_sha256": pte_manifest["sha256"],
@@ -267,9 +276,9 @@ def bench(
             "peers": peers,
         },
     )
-    with atomic_output(out_log) as tmp:
+    with atomic_output(outputs.parity_log) as tmp:
         tmp.write_text(render_parity_log(name, rows, runner, peers))
-    write_json(out_bench, report)
+    write_json(outputs.bench, report)
     first = report["runs"][0]
     log.info(
         "%s: decode %.2f ± %.2f tok/s, prefill %.1f tok/s (prompt %d), load %.2f s, peak RSS %.0f MB%s",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gemma_edge.device import device_bench
 from gemma_edge.reach import ssh
-from gemma_edge.reach.target import DeviceError
+from gemma_edge.reach.target import DeviceError, Layout
 
 # What a device runs: this package's __init__ and its device subpackage, uploaded whole
 # (tests/test_layers.py checks that it imports nothing beyond the standard library, torch,
@@ -41,25 +41,25 @@ def runner_files() -> list[Path]:
     return [DEVICE_PACKAGE.parent / "__init__.py", *sorted(DEVICE_PACKAGE.glob("*.py"))]
 
 
-def upload_runner(client, layout: dict, timeout: float) -> None:
+def upload_runner(client, layout: Layout, timeout: float) -> None:
     """The device package goes to <workdir>/runner, replacing whatever an earlier version put there
     (the device's lock is held: no benchmark runs from it meanwhile)."""
-    package = f"{layout['runner']}/gemma_edge"
+    package = f"{layout.runner}/gemma_edge"
     ssh.run(client, ["rm", "-rf", "--", package], timeout)
     ssh.run(client, ["mkdir", "-p", f"{package}/device"], timeout)
     for local in runner_files():
-        ssh.upload_atomically(client, local, f"{layout['runner']}/{local.relative_to(IMPORT_ROOT).as_posix()}", timeout)
+        ssh.upload_atomically(client, local, f"{layout.runner}/{local.relative_to(IMPORT_ROOT).as_posix()}", timeout)
 
 
-def runner_argv(layout: dict, python: str, *args: str) -> list[str]:
+def runner_argv(layout: Layout, python: str, *args: str) -> list[str]:
     """`python -m gemma_edge.device.device_bench ARGS` with the uploaded runner importable, run from the
     remote home: relative workdir, venv and .pte paths all stay relative to it."""
-    return ["env", f"PYTHONPATH={layout['runner']}", python, "-m", "gemma_edge.device.device_bench", *args]
+    return ["env", f"PYTHONPATH={layout.runner}", python, "-m", "gemma_edge.device.device_bench", *args]
 
 
-def remote_facts(client, layout: dict, timeout: float, python: str | None = None) -> dict:
+def remote_facts(client, layout: Layout, timeout: float, python: str | None = None) -> dict:
     """The device's facts and runtime versions, as the uploaded runner reports them."""
-    python = python or layout["python"]
+    python = python or layout.python
     status, out, err = ssh.run(client, runner_argv(layout, python, "facts", "--out", "-"), timeout, check=False)
     if status != 0:
         raise DeviceError(f"the device's Python ({python}) cannot run the benchmark runner: {err.strip()[-1500:]}")

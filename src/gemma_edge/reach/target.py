@@ -1,11 +1,12 @@
-"""A target as the device steps reach it: its SSH connection, its folders, its lock, the
-housekeeping settings, and the one error a device step raises (DeviceError)."""
+"""A target as the device steps reach it, resolved once from its config entry (`Target.of`): its
+SSH connection, its folders on the device, its timeouts and housekeeping, its lock, and the one
+error a device step raises (DeviceError)."""
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from gemma_edge.reach import device_lock, ssh
@@ -27,6 +28,104 @@ class Housekeeping:
         return cls(**{key: target[key] for key in HOUSEKEEPING_KEYS if key in target})
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds each kind of remote work may take (the schema's targets.<name>.*_timeout_s)."""
+
+    connect_s: float = 10.0
+    command_s: float = 120.0  # any short remote command
+    transfer_s: float = 1800.0  # without progress, before an upload is abandoned
+    install_s: float = 3600.0  # the runtime's installation
+    bench_s: float = 3600.0  # the whole benchmark run
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The workflow's folders on a device, under its workdir, and the Python that runs the benchmark."""
+
+    work: str
+    python: str  # <work>/venv/bin/python, or the device's own Python when create_venv is off
+
+    @property
+    def runner(self) -> str:
+        return f"{self.work}/runner"
+
+    @property
+    def models(self) -> str:
+        return f"{self.work}/models"
+
+    @property
+    def peers(self) -> str:
+        return f"{self.work}/peers"
+
+    @property
+    def wheelhouse(self) -> str:
+        return f"{self.work}/wheelhouse"
+
+    @property
+    def venv(self) -> str:
+        return f"{self.work}/venv"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One configured target, its settings read once. Defaults are the schema's (a test holds them equal)."""
+
+    name: str
+    kind: str  # "ssh" or "local"
+    host: str | None = None
+    port: int | None = None
+    user: str | None = None
+    key_file: str | None = None
+    known_hosts: str | None = None
+    ssh_config: str | None = "~/.ssh/config"
+    trust_on_first_use: bool = False
+    workdir: str = "gemma-edge"
+    python: str = "python3"  # the device's own Python: makes the virtualenv, runs the probe
+    create_venv: bool = True
+    emulated: bool = False
+    threads: int | None = None
+    timeouts: Timeouts = Timeouts()
+    house: Housekeeping = Housekeeping()
+
+    @classmethod
+    def of(cls, name: str, settings: dict, house: Housekeeping | None = None) -> Target:
+        """The target `settings` (a config entry; housekeeping keys there are used unless `house` is given)."""
+        timeouts = {f"{key}_s": settings[f"{key}_timeout_s"] for key in TIMEOUT_KEYS if f"{key}_timeout_s" in settings}
+        plain = {key: settings[key] for key in PLAIN_KEYS if key in settings}
+        return cls(name=name, **plain, timeouts=Timeouts(**timeouts), house=house or Housekeeping.of(settings))
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind == "local"
+
+    @property
+    def layout(self) -> Layout:
+        work = self.workdir.rstrip("/")
+        return Layout(work=work, python=f"{work}/venv/bin/python" if self.create_venv else self.python)
+
+    @property
+    def ssh(self) -> ssh.SshTarget:
+        return ssh.SshTarget(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            key_file=self.key_file,
+            known_hosts=self.known_hosts,
+            ssh_config=self.ssh_config,
+            trust_on_first_use=self.trust_on_first_use,
+            connect_timeout_s=self.timeouts.connect_s,
+        )
+
+    def is_emulated(self, facts: dict) -> bool:
+        """An emulated device (QEMU user mode) is a correctness check, never a performance figure."""
+        return bool(self.emulated or facts.get("emulator"))
+
+
+TIMEOUT_KEYS = ("connect", "command", "transfer", "install", "bench")
+PLAIN_KEYS = tuple(f.name for f in fields(Target) if f.name not in ("name", "timeouts", "house"))
+
+
 def local_lock_file() -> Path:
     """The `local` target's lock: this machine, whichever working directory times it."""
     cache = Path(os.environ.get("GEMMA_EDGE_CACHE", Path.home() / ".cache/gemma-edge"))
@@ -34,51 +133,21 @@ def local_lock_file() -> Path:
 
 
 @contextmanager
-def holding_device(client, name: str, settings: dict, step: str, house: Housekeeping, remove: bool = False):
+def holding_device(client, target: Target, step: str, remove: bool = False):
     """This device to this step alone, across working directories (gemma_edge.reach.device_lock)."""
-    layout = remote_layout(settings)
     try:
-        with device_lock.held_over_ssh(client, name, settings["python"], layout["work"], step, house.lock_timeout_s, remove):
+        with device_lock.held_over_ssh(
+            client, target.name, target.python, target.layout.work, step, target.house.lock_timeout_s, remove
+        ):
             yield
     except device_lock.HolderFailed as err:  # raised on entry only: the device's Python cannot run
         raise DeviceError(str(err)) from None
 
 
-def ssh_target(settings: dict) -> ssh.SshTarget:
-    return ssh.SshTarget(
-        host=settings["host"],
-        port=settings.get("port"),
-        user=settings.get("user"),
-        key_file=settings.get("key_file"),
-        known_hosts=settings.get("known_hosts"),
-        ssh_config=settings.get("ssh_config", "~/.ssh/config"),
-        trust_on_first_use=settings.get("trust_on_first_use", False),
-        connect_timeout_s=settings.get("connect_timeout_s", 10),
-    )
-
-
 @contextmanager
-def connection(settings: dict):
-    client = ssh.connect(ssh_target(settings))
+def connection(target: Target):
+    client = ssh.connect(target.ssh)
     try:
         yield client
     finally:
         client.close()
-
-
-def remote_layout(settings: dict) -> dict:
-    work = settings["workdir"].rstrip("/")
-    python = f"{work}/venv/bin/python" if settings.get("create_venv", True) else settings["python"]
-    return {
-        "work": work,
-        "runner": f"{work}/runner",
-        "models": f"{work}/models",
-        "peers": f"{work}/peers",
-        "wheelhouse": f"{work}/wheelhouse",
-        "python": python,
-    }
-
-
-def is_emulated(settings: dict, facts: dict) -> bool:
-    """An emulated device (QEMU user mode) is a correctness check, never a performance figure."""
-    return bool(settings.get("emulated") or facts.get("emulator"))

@@ -12,14 +12,15 @@ from gemma_edge.reach import device_storage, remote_bench
 from gemma_edge.reach import provision as provisioning
 from gemma_edge.reach import wheelhouse as wheels
 from gemma_edge.reach.device_platform import device_platform
-from gemma_edge.reach.target import Housekeeping
+from gemma_edge.reach.remote_bench import BenchInputs, BenchOutputs
+from gemma_edge.reach.target import Housekeeping, Target
 from gemma_edge.workflow import variant
 
 
-def housekeeping(config: dict, target: str) -> Housekeeping:
-    """The target's housekeeping settings, read from the config by the step itself: changing them
-    re-runs nothing."""
-    return Housekeeping.of(config["targets"][target])
+def target_of(config: dict, name: str, settings: dict) -> Target:
+    """The target a device step works on: its settings as the rule's params (changing them re-runs
+    the step), its housekeeping read from the config by the step itself (changing it re-runs nothing)."""
+    return Target.of(name, settings, Housekeeping.of(config["targets"][name]))
 
 
 def configured_variant(config: dict) -> str:
@@ -27,8 +28,8 @@ def configured_variant(config: dict) -> str:
     return variant.variant_dir(config["model"], config["quantization"]["group_size"], config["lowering"]["per_op_mode"])
 
 
-def probe(target: str, settings: dict, out: Path, house: Housekeeping) -> dict:
-    return provisioning.probe(target, settings, out, house)
+def probe(target: Target, out: Path) -> dict:
+    return provisioning.probe(target, out)
 
 
 def wheelhouse(platform_record: Path, pins: dict, out_wheels: Path, torch_index: str | None, out_record: Path) -> dict:
@@ -38,55 +39,21 @@ def wheelhouse(platform_record: Path, pins: dict, out_wheels: Path, torch_index:
     return record
 
 
-def provision(
-    target: str,
-    settings: dict,
-    out: Path,
-    platform: Path | None,
-    wheelhouse: Path | None,
-    wheel_dir: Path | None,
-    house: Housekeeping,
-) -> dict:
-    return provisioning.provision(
-        target, settings, out, platform_path=platform, wheelhouse_path=wheelhouse, wheel_dir=wheel_dir, house=house
-    )
+def provision(target: Target, out: Path, platform: Path | None, wheelhouse: Path | None, wheel_dir: Path | None) -> dict:
+    return provisioning.provision(target, out, platform_path=platform, wheelhouse_path=wheelhouse, wheel_dir=wheel_dir)
 
 
-def deploy(
-    target: str,
-    settings: dict,
-    pte: Path,
-    checkpoint_manifest: Path,
-    out: Path,
-    peers: list[dict],
-    configured: str,
-    house: Housekeeping,
-) -> dict:
+def deploy(target: Target, pte: Path, checkpoint_manifest: Path, out: Path, peers: list[dict], configured: str) -> dict:
     tokenizer = Path(read_json(checkpoint_manifest)["path"]) / "tokenizer.json"
-    return deploying.deploy(target, settings, pte, tokenizer, out, peers, configured=configured, house=house)
+    return deploying.deploy(target, pte, tokenizer, out, peers, configured=configured)
 
 
-def bench(
-    target: str,
-    settings: dict,
-    spec: dict,
-    *,
-    deployed: Path,
-    device: Path,
-    pte_manifest: Path,
-    host_parity: Path,
-    checkpoint: Path,
-    out_bench: Path,
-    out_parity_log: Path,
-    out_parity: Path,
-    house: Housekeeping,
-) -> dict:
-    files = (deployed, device, pte_manifest, host_parity, checkpoint, out_bench, out_parity_log, out_parity)
-    return remote_bench.bench(target, settings, spec, *files, house)
+def bench(target: Target, spec: dict, inputs: BenchInputs, outputs: BenchOutputs) -> dict:
+    return remote_bench.bench(target, spec, inputs, outputs)
 
 
-def clean(target: str, settings: dict, house: Housekeeping) -> dict:
-    return device_storage.clean(target, settings, Path("results") / target, house)
+def clean(target: Target) -> dict:
+    return device_storage.clean(target, Path("results") / target.name)
 
 
 def publish(copies: dict[Path, Path]) -> None:
