@@ -72,7 +72,7 @@ def pip_sources() -> list[str]:
 def venv_with(name: str, packages: list[str]) -> Path:
     """A virtualenv holding `packages` and what they depend on, nothing else; built once.
 
-    Made with uv (requirements-dev.txt) rather than pip: its cache links a package's files into
+    Made with uv (requirements.txt) rather than pip: its cache links a package's files into
     each environment, so the seven environments cost seconds each on a fresh machine where pip
     took about two minutes apiece unpacking torch again."""
     key = hashlib.sha256("\n".join([sys.version, MADE_BY, *sorted(packages)]).encode()).hexdigest()[:12]

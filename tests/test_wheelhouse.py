@@ -1,26 +1,18 @@
-"""The device wheelhouse: platform tags, marker evaluation against the device, the fit check,
-and one real (small) build for aarch64 from PyPI."""
+"""The device wheelhouse: platform tags, uv's resolution for the device (markers, extras, the
+host's versions, offline against wheel files), the fit check, and real (small) builds for aarch64
+from PyPI."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import zipfile
 
 import pytest
-from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.utils import parse_wheel_filename
 
-from gemma_edge.reach import wheel_resolver, wheelhouse
-from gemma_edge.reach.device_platform import (
-    WheelhouseError,
-    check_wheels_fit,
-    device_platform,
-    device_requirements,
-    marker_environment,
-    platform_tags,
-    wheel_fits,
-)
-from gemma_edge.reach.wheel_resolver import choose_pin, probe_index, resolve_and_download, unmet_requirements
+from gemma_edge.reach import wheelhouse
+from gemma_edge.reach.device_platform import WheelhouseError, check_wheels_fit, device_platform, platform_tags, wheel_fits
+from gemma_edge.reach.wheel_resolver import probe_index, unmet_requirements, uv_compile
 
 PI5 = {"machine": "aarch64", "python": "3.11.2", "glibc": "2.36"}
 X86 = {"machine": "x86_64", "python": "3.11.2", "glibc": "2.36"}
@@ -57,27 +49,6 @@ def test_platform_tags_cover_2_17_to_device_glibc_and_nothing_newer():
     assert tags[0] == "manylinux_2_36_aarch64"  # newest first, as pip prefers
 
 
-def test_marker_environment_is_the_device_not_the_host():
-    env = marker_environment(PI5)
-    assert env["platform_machine"] == "aarch64" and env["platform_system"] == "Linux" and env["sys_platform"] == "linux"
-    assert env["python_version"] == "3.11" and env["python_full_version"] == "3.11.2" and env["extra"] == ""
-
-
-def _executorch_requirements(platform):
-    requires = importlib.metadata.distribution("executorch").requires
-    return {canonicalize_name(r.name) for r in device_requirements(requires, platform)}
-
-
-def test_executorch_markers_drop_coreml_and_sklearn_on_aarch64_but_keep_them_on_x86_64():
-    on_pi = _executorch_requirements(PI5)
-    on_x86 = _executorch_requirements(X86)
-    assert "coremltools" not in on_pi and "scikit-learn" not in on_pi
-    assert {"coremltools", "scikit-learn"} <= on_x86
-    assert {"numpy", "pandas", "torchao", "hydra-core"} <= on_pi
-    # extras (vgf, ethos-u, openvino) are never pulled in
-    assert not {"tosa-tools", "ethos-u-vela", "openvino", "ml-dtypes"} & (on_pi | on_x86)
-
-
 def test_wrong_platform_wheel_gives_one_sentence():
     with pytest.raises(WheelhouseError) as caught:
         check_wheels_fit(
@@ -112,15 +83,6 @@ def test_wheel_fits(filename, fits):
     assert wheel_fits(filename, PI5) is fits
 
 
-def test_host_version_pins_when_it_satisfies(monkeypatch):
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
-    monkeypatch.setattr(wheel_resolver, "host_version", lambda name: Version("2.13.0+cpu"))
-    assert choose_pin("torch", SpecifierSet(">=2.0")) == "torch==2.13.0"
-    assert choose_pin("torch", SpecifierSet("<2")) == "torch<2"
-
-
 def test_unreachable_index_is_reported_not_raised():
     reachable, reason = probe_index("http://127.0.0.1:9/simple", timeout=2)
     assert not reachable and "127.0.0.1:9/simple/torch/" in reason
@@ -152,7 +114,7 @@ def test_build_small_wheelhouse_for_aarch64(tmp_path):
 def test_build_fails_with_a_sentence_naming_the_requirement(tmp_path):
     out = tmp_path / "wheelhouse"
     with pytest.raises(
-        WheelhouseError, match=r"no wheel of pyyaml==0\.0\.1 for this device \(aarch64, CPython 3\.11, glibc 2\.36\)"
+        WheelhouseError, match=r"no set of wheels of pyyaml==0\.0\.1 for this device \(aarch64, CPython 3\.11, glibc 2\.36\)"
     ):
         wheelhouse.build_wheelhouse({"pyyaml": "0.0.1"}, PI5, out, torch_index=None)
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -174,44 +136,57 @@ def _fake_wheel(folder, name, version, requires=()):
     return path
 
 
-def test_resolver_follows_requested_extras_and_device_markers(tmp_path, monkeypatch):
-    """torch asks for cuda-toolkit[cublas,...]: what those extras require belongs to the closure, even
-    when the extra is asked for after the package was downloaded; host-only markers do not."""
-    index = {
-        "app": ["lib[fast]", "mid", 'x86only; platform_machine == "x86_64"', 'docs; extra == "docs"'],
-        "lib": ['speedup; extra == "fast"', 'gpu; extra == "gpu"', 'other; extra == "other"'],
-        "mid": ["late"],
-        "late": ["lib[gpu]>=1"],
-        "speedup": [],
-        "gpu": [],
-        "other": [],
-        "x86only": [],
-        "docs": [],
-    }
-    calls = []
-
-    def fake_download(pins, platform, dest, python, index_url=None):
-        calls.append(sorted(pins))
-        for pin in pins:
-            name = canonicalize_name(pin.split("=")[0].split("<")[0].split(">")[0])
-            _fake_wheel(dest, name, "1.0", index[name])
-        return []
-
-    monkeypatch.setattr(wheel_resolver, "pip_download", fake_download)
-    monkeypatch.setattr(wheel_resolver, "host_version", lambda name: None)
-    graph = resolve_and_download({"app": "1.0"}, PI5, tmp_path, None, "python")
-    assert sorted(graph) == ["app", "gpu", "late", "lib", "mid", "speedup"]
-    assert graph["lib"]["extras"] == ["fast", "gpu"] and graph["gpu"]["required_by"] == ["lib"]
-    assert calls == [["app==1.0"], ["lib", "mid"], ["late", "speedup"], ["gpu"]]  # breadth-first, one call per level
+def _index(folder, packages: dict) -> str:
+    """A find-links folder of fake pure-Python wheels: {"name==version": [Requires-Dist, ...]}."""
+    folder.mkdir(exist_ok=True)
+    for pin, requires in packages.items():
+        _fake_wheel(folder, *pin.split("=="), requires)
+    return str(folder)
 
 
-def test_unmet_requirements_checks_the_folder_as_the_device_would(tmp_path):
+APP = {
+    "app==1.0": ["lib[fast]", "mid", 'x86only; platform_machine == "x86_64"', 'docs; extra == "docs"'],
+    "lib==1.0": ['speedup; extra == "fast"', 'gpu; extra == "gpu"', 'other; extra == "other"'],
+    "lib==2.0": ['speedup; extra == "fast"', 'gpu; extra == "gpu"', 'other; extra == "other"'],
+    "mid==1.0": ["late"],
+    "late==1.0": ["lib[gpu]>=1"],
+    **{f"{name}==1.0": [] for name in ("speedup", "gpu", "other", "x86only", "docs")},
+}
+
+
+def test_uv_resolves_as_the_device_would_its_markers_and_the_extras_asked_for(tmp_path):
+    """uv, offline on fake wheels: lib's extras asked for by app and (later) by late come in, the
+    x86-only requirement stays out on the Pi and comes in on x86_64, unasked extras stay out."""
+    links = ["--no-index", "--find-links", _index(tmp_path / "links", APP), "--offline"]
+    on_pi = uv_compile({"app": "1.0"}, PI5, *links)
+    assert sorted(on_pi) == ["app", "gpu", "late", "lib", "mid", "speedup"]
+    assert on_pi["gpu"]["required_by"] == ["lib"] and on_pi["app"]["required_by"] == []
+    assert on_pi["lib"]["version"] == "2.0"  # the newest, with no preference
+    assert "x86only" in uv_compile({"app": "1.0"}, X86, *links)
+
+
+def test_the_hosts_versions_are_preferred_where_they_fit(tmp_path):
+    links = ["--no-index", "--find-links", _index(tmp_path / "links", APP), "--offline"]
+    assert uv_compile({"app": "1.0"}, PI5, *links, preferences="lib==1.0\n")["lib"]["version"] == "1.0"
+    assert uv_compile({"app": "1.0"}, PI5, *links, preferences="lib==0.5\n")["lib"]["version"] == "2.0"
+
+
+def test_executorch_for_the_pi_leaves_out_coremltools_and_sklearn():
+    """Real network: uv resolves executorch for aarch64 from PyPI (metadata only, nothing downloaded)."""
+    on_pi = uv_compile({"executorch": "1.5.1"}, PI5)
+    assert "coremltools" not in on_pi and "scikit-learn" not in on_pi
+    assert {"numpy", "pandas", "torchao", "hydra-core"} <= set(on_pi)
+    assert not {"tosa-tools", "ethos-u-vela", "openvino"} & set(on_pi)  # extras never asked for
+
+
+def test_unmet_requirements_checks_the_files_as_the_device_would(tmp_path):
     paths = [
         _fake_wheel(tmp_path, "app", "1.0", ["lib[fast]>=1", 'x86only; platform_machine == "x86_64"']),
         _fake_wheel(tmp_path, "lib", "1.0", ['speedup; extra == "fast"']),
     ]
-    assert unmet_requirements(paths, {"app": "1.0"}, PI5) == ['speedup; extra == "fast" (needed by lib)']
-    assert "x86only" in " ".join(unmet_requirements(paths, {"app": "1.0"}, X86))
+    assert "speedup" in unmet_requirements(paths, {"app": "1.0"}, PI5)
     paths.append(_fake_wheel(tmp_path, "speedup", "2.0"))
-    assert unmet_requirements(paths, {"app": "1.0"}, PI5) == []
-    assert unmet_requirements(paths, {"app": "2.0"}, PI5) == ["app==2.0 (needed by the roots)"]
+    assert unmet_requirements(paths, {"app": "1.0"}, PI5) is None
+    assert "x86only" in unmet_requirements(paths, {"app": "1.0"}, X86)
+    assert "app==2.0" in unmet_requirements(paths, {"app": "2.0"}, PI5)
+    assert unmet_requirements(paths[1:], {"lib": "1.0"}, PI5) is None  # a wheel beside them is not used

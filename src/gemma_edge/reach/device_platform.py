@@ -1,14 +1,12 @@
-"""A device's platform as wheels see it (CPython version, glibc, machine): its tags and marker
-environment, whether a wheel fits it, and what a wheel requires there."""
+"""A device's platform as wheels see it (CPython version, glibc, machine): its tags, and whether a
+wheel fits it."""
 
 from __future__ import annotations
 
 import re
 import zipfile
-from email.parser import HeaderParser
 from pathlib import Path
 
-from packaging.requirements import InvalidRequirement, Requirement
 from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
@@ -84,25 +82,6 @@ def supported_tags(platform: dict) -> list[Tag]:
     return [*cpython_tags(version, platforms=platforms), *compatible_tags(version, f"cp{version[0]}{version[1]}", platforms)]
 
 
-def marker_environment(platform: dict) -> dict:
-    """PEP 508 marker variables as the device's interpreter reports them."""
-    major, minor = _python_minor(platform)
-    return {
-        "implementation_name": "cpython",
-        "implementation_version": platform["python"],
-        "os_name": "posix",
-        "platform_machine": platform["machine"],
-        "platform_python_implementation": "CPython",
-        "platform_release": "",
-        "platform_system": "Linux",
-        "platform_version": "",
-        "python_full_version": platform["python"],
-        "python_version": f"{major}.{minor}",
-        "sys_platform": "linux",
-        "extra": "",
-    }
-
-
 def wheel_fits(filename: str, platform: dict) -> bool:
     """Whether the device's pip would install this wheel file (by its filename tags)."""
     try:
@@ -130,37 +109,6 @@ def check_wheels_fit(filenames, platform: dict) -> None:
                 f"wheelhouse holds {name}, built for {built_for}, which this device ({describe(platform)}) "
                 "cannot install: rebuild the wheelhouse for it"
             )
-
-
-def wheel_metadata(path: Path):
-    """The parsed METADATA of a wheel file."""
-    with zipfile.ZipFile(path) as archive:
-        names = [name for name in archive.namelist() if name.count("/") == 1 and name.endswith(".dist-info/METADATA")]
-        if len(names) != 1:
-            raise WheelhouseError(
-                f"{Path(path).name} has {len(names)} .dist-info/METADATA files, not one, so its dependencies cannot be read"
-            )
-        return HeaderParser().parsestr(archive.read(names[0]).decode("utf-8", "replace"))
-
-
-def device_requirements(requires_dist, platform: dict, extras=("",)) -> list[Requirement]:
-    """The Requires-Dist entries that apply on the device when these extras are asked for: ""
-    alone gives the base requirements, so a package's own optional extras are left out."""
-    environment = marker_environment(platform)
-    requirements, seen = [], set()
-    for line in requires_dist or []:
-        try:
-            requirement = Requirement(line)
-        except InvalidRequirement as error:
-            raise WheelhouseError(f"cannot parse the requirement {line!r}: {error}") from None
-        if requirement.marker is None:
-            applies = "" in extras
-        else:
-            applies = any(requirement.marker.evaluate({**environment, "extra": extra}) for extra in extras)
-        if applies and str(requirement) not in seen:
-            seen.add(str(requirement))
-            requirements.append(requirement)
-    return requirements
 
 
 def installed_bytes(path: Path) -> int:

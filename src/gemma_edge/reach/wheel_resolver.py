@@ -1,12 +1,14 @@
-"""The device's wheels, resolved and downloaded on the host.
+"""The device's wheels: resolved by uv for the device's platform, downloaded by pip on the host.
 
-pip can download wheels for a foreign platform (`--platform/--python-version/--abi`) but it
-evaluates environment markers against the host, so it would pull x86_64-only requirements
-(executorch wants coremltools on Linux x86_64) and miss aarch64-only ones. The dependency closure
-is therefore resolved here: each level of requirements is downloaded with `--no-deps`, the
-wheels' Requires-Dist are evaluated against the device's marker environment, and the new names
-form the next level. Each dependency is pinned to the version installed on the host when that
-version satisfies the requirement, so the device runs what the host was tested with.
+uv resolves for another platform (`uv pip compile --python-platform aarch64-manylinux_2_36
+--python-version 3.11`), evaluating environment markers as the device would: executorch's
+coremltools (Linux x86_64 only) stays out, aarch64-only requirements come in. The versions
+installed on this host are uv's preferences (handed to it as the existing output file), so the
+device runs what the host was tested with wherever those fit. uv has no download command, so
+pip downloads each pinned wheel for the device (`pip download --no-deps --platform ...`) and, where
+an index has only a source distribution, builds it here if the result is pure Python. The same uv
+resolution run offline against the finished folder (`--no-index --find-links`) checks that the
+wheelhouse alone satisfies the roots on the device.
 
 torch comes from `torch_index` (PyTorch's CPU index has aarch64 `+cpu` wheels) when that index
 answers; otherwise from PyPI, whose aarch64 torch is a CUDA build that pulls the nvidia-* wheels.
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -26,18 +30,10 @@ from collections import deque
 from pathlib import Path
 
 from packaging.requirements import Requirement
-from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
-from gemma_edge.reach.device_platform import (
-    WheelhouseError,
-    _python_minor,
-    describe,
-    device_requirements,
-    platform_tags,
-    wheel_metadata,
-)
+from gemma_edge.reach.device_platform import WheelhouseError, _python_minor, describe, platform_tags
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +41,76 @@ log = logging.getLogger(__name__)
 DEFAULT_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 PROBE_TIMEOUT_S = 5.0
 GPU_PACKAGE = re.compile(r"^(nvidia-.*|triton|cuda-.*)$")
+# The newest manylinux glibc uv 0.13 resolves for; a newer device glibc runs those wheels too.
+UV_NEWEST_GLIBC_MINOR = 40
 
 
-def host_version(name: str) -> Version | None:
-    """The version of `name` installed in the running interpreter, if any."""
-    try:
-        return Version(importlib.metadata.version(name))
-    except (importlib.metadata.PackageNotFoundError, InvalidVersion):
-        return None
+def uv_binary() -> str:
+    """uv's executable: the one beside this interpreter (pip's `uv` wheel puts it there), else on PATH."""
+    beside = Path(sys.executable).with_name("uv")
+    found = str(beside) if beside.exists() else shutil.which("uv")
+    if not found:
+        raise WheelhouseError("uv is not installed beside this Python (pip install uv, pinned in requirements.txt)")
+    return found
 
 
-def choose_pin(name: str, specifier: SpecifierSet) -> str:
-    """A pip requirement for `name`: the host's installed version (its public part: a `+cpu`
-    local label is not on PyPI) when it satisfies `specifier`, else the specifier itself."""
-    version = host_version(name)
-    if version is not None and specifier.contains(version, prereleases=True):
-        return f"{name}=={version.public}"
-    return f"{name}{specifier}"
+def uv_platform(platform: dict) -> list[str]:
+    """uv's arguments for resolving as the device would."""
+    major, minor = _python_minor(platform)
+    glibc = min(int(platform["glibc"].split(".")[1]), UV_NEWEST_GLIBC_MINOR)
+    return ["--python-platform", f"{platform['machine']}-manylinux_2_{glibc}", "--python-version", f"{major}.{minor}"]
+
+
+def host_preferences() -> str:
+    """`name==version` of every distribution installed here (public versions: a `+cpu` label is
+    not on PyPI), as uv reads an earlier output file: the versions it keeps where they fit."""
+    pins = set()
+    for distribution in importlib.metadata.distributions():
+        try:
+            pins.add(f"{canonicalize_name(distribution.metadata['Name'])}=={Version(distribution.version).public}")
+        except (InvalidVersion, TypeError):
+            continue
+    return "".join(f"{pin}\n" for pin in sorted(pins))
+
+
+def uv_compile(roots: dict[str, str], platform: dict, *options: str, preferences: str = "") -> dict[str, dict]:
+    """uv's resolution of `roots` for the device: {name: {"pin", "version", "required_by"}}."""
+    with tempfile.TemporaryDirectory(prefix="gemma-edge-uv-") as scratch:
+        requirements, output = Path(scratch) / "roots.txt", Path(scratch) / "resolved.txt"
+        requirements.write_text("".join(f"{name}=={version}\n" for name, version in roots.items()))
+        output.write_text(preferences)
+        command = [uv_binary(), "pip", "compile", str(requirements), "--output-file", str(output), *uv_platform(platform)]
+        command += ["--no-header", "--annotation-style", "line", "--quiet", "--no-progress", *options]
+        result = subprocess.run(command, capture_output=True, text=True, env=_uv_env())
+        if result.returncode != 0:
+            wanted = " ".join(f"{name}=={version}" for name, version in roots.items())
+            reason = _uv_reason(result.stderr)
+            raise WheelhouseError(f"uv found no set of wheels of {wanted} for this device ({describe(platform)}): {reason}")
+        return parse_resolution(output.read_text(), requirements.name)
+
+
+def _uv_env() -> dict:
+    # uv's cache stays where the user keeps it; nothing of the host's uv configuration changes the resolution.
+    return {**os.environ, "UV_NO_CONFIG": "1"}
+
+
+def _uv_reason(stderr: str) -> str:
+    lines = [line.strip(" ×╰─▶") for line in stderr.strip().splitlines() if line.strip()]
+    return " ".join(line for line in lines if not line.startswith("hint:"))[-600:] or "(no output)"
+
+
+def parse_resolution(text: str, roots_file: str) -> dict[str, dict]:
+    """uv's output, one `name==version  # via a, b` line per package."""
+    resolved = {}
+    for line in text.splitlines():
+        requirement, _, comment = line.partition("#")
+        if "==" not in requirement:
+            continue
+        name, version = (part.strip() for part in requirement.split("==", 1))
+        via = comment.strip().removeprefix("via").strip()
+        parents = [canonicalize_name(v.strip()) for v in via.split(",") if v.strip() and roots_file not in v]
+        resolved[canonicalize_name(name)] = {"pin": f"{name}=={version}", "version": version, "required_by": sorted(parents)}
+    return resolved
 
 
 def probe_index(url: str, package: str = "torch", timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
@@ -196,130 +245,60 @@ def _wheels_by_name(folder: Path) -> dict[str, Path]:
 
 
 def resolve_and_download(roots: dict[str, str], platform: dict, dest: Path, torch_index: str | None, python: str) -> dict:
-    """Breadth-first closure of `roots` for the device, downloaded into `dest`.
+    """The device's closure of `roots`, resolved by uv and downloaded into `dest` by pip.
 
-    Returns {name: {"path", "requires": [Requirement], "extras": [str], "required_by": [names],
-    "source"}} keyed by canonical name. One `pip download` per level (plus one for torch when it has
-    its own index); a requirement with no wheel for the device is built from its sdist if the
-    result is pure Python (omegaconf's antlr4-python3-runtime 4.9.3 is sdist-only). A requirement
-    such as `cuda-toolkit[cublas]` also pulls what that extra of cuda-toolkit requires, as pip
-    would, even when cuda-toolkit was downloaded at an earlier level.
-    """
-    nodes: dict[str, dict] = {}
-    required_by: dict[str, set[str]] = {}
-    wanted: dict[str, list[Requirement]] = {}  # every requirement met so far, per name
-    extras_wanted: dict[str, set[str]] = {}
-    built: set[str] = set()  # names built here from a source distribution
-    level = {}
-    for name, version in roots.items():
-        requirement = Requirement(f"{name}=={version}")
-        wanted.setdefault(canonicalize_name(name), []).append(requirement)
-        level[canonicalize_name(name)] = str(requirement)
-    while level:
-        torch_batch = [pin for name, pin in level.items() if name == "torch" and torch_index]
-        other_batch = [pin for name, pin in level.items() if not (name == "torch" and torch_index)]
-        missing = []
-        if other_batch:
-            missing += pip_download(other_batch, platform, dest, python)
-        if torch_batch:
-            missing += pip_download(torch_batch, platform, dest, python, index_url=torch_index)
-        for pin in missing:
-            build_pure_wheel(pin, platform, dest, python)
-            built.add(canonicalize_name(Requirement(pin).name))
-        present = _wheels_by_name(dest)
-        for name in level:
-            if name not in present:
-                raise WheelhouseError(f"pip reported success for {level[name]} but left no wheel of it in {dest}")
-            requires_dist = wheel_metadata(present[name]).get_all("Requires-Dist") or []
-            nodes[name] = {"path": present[name], "requires_dist": requires_dist, "extras_done": set(), "requires": []}
-        next_level: dict[str, list[Requirement]] = {}
-        queue = deque(level)  # names whose requirements (for newly asked extras) are still to be read
-        while queue:
-            name = queue.popleft()
-            node = nodes[name]
-            todo = ({""} | extras_wanted.get(name, set())) - node["extras_done"]
-            node["extras_done"] |= todo
-            known = {str(requirement) for requirement in node["requires"]}
-            for requirement in device_requirements(node["requires_dist"], platform, sorted(todo)):
-                if str(requirement) in known:
-                    continue
-                node["requires"].append(requirement)
-                dep = canonicalize_name(requirement.name)
-                required_by.setdefault(dep, set()).add(name)
-                wanted.setdefault(dep, []).append(requirement)
-                new_extras = {canonicalize_name(extra) for extra in requirement.extras} - extras_wanted.get(dep, set())
-                extras_wanted.setdefault(dep, set()).update(new_extras)
-                if dep in nodes:
-                    if new_extras:
-                        queue.append(dep)
-                else:
-                    next_level.setdefault(dep, []).append(requirement)
-        level = {}
-        for dep, requirements in sorted(next_level.items()):
-            specifier = SpecifierSet()
-            for requirement in requirements:
-                specifier &= requirement.specifier
-            level[dep] = choose_pin(requirements[0].name, specifier)
-    _check_consistent(nodes, wanted, required_by)
+    Returns {name: {"path", "required_by": [names], "source"}} keyed by canonical name. One `pip
+    download` for PyPI's wheels and one for torch's when it has its own index; a requirement with
+    no wheel for the device is built from its sdist if the result is pure Python."""
+    options = ["--extra-index-url", torch_index, "--index-strategy", "unsafe-best-match"] if torch_index else []
+    resolved = uv_compile(roots, platform, *options, preferences=host_preferences())
+    log.info("uv resolved %d packages for %s", len(resolved), describe(platform))
+    torch_batch = [node["pin"] for name, node in resolved.items() if name == "torch" and torch_index]
+    other_batch = [node["pin"] for name, node in resolved.items() if not (name == "torch" and torch_index)]
+    missing = pip_download(other_batch, platform, dest, python) if other_batch else []
+    if torch_batch:
+        missing += pip_download(torch_batch, platform, dest, python, index_url=torch_index)
+    built = set()
+    for pin in missing:
+        build_pure_wheel(pin, platform, dest, python)
+        built.add(canonicalize_name(Requirement(pin).name))
+    present = _wheels_by_name(dest)
+    absent = sorted(set(resolved) - set(present))
+    if absent:
+        raise WheelhouseError(f"pip reported success but left no wheel of {', '.join(absent)} in {dest}")
 
     def source(name):
         return "sdist built on host" if name in built else (torch_index if name == "torch" and torch_index else "index")
 
     return {
-        name: {
-            "path": node["path"],
-            "requires": node["requires"],
-            "extras": sorted(extras_wanted.get(name, ())),
-            "required_by": sorted(required_by.get(name, ())),
-            "source": source(name),
-        }
-        for name, node in nodes.items()
+        name: {"path": present[name], "required_by": node["required_by"], "source": source(name)}
+        for name, node in resolved.items()
     }
 
 
-def _check_consistent(graph: dict, wanted: dict, required_by: dict) -> None:
-    """Every requirement met during the walk must accept the version chosen for its name (the walk
-    picks a version when a name first appears; a later, stricter requirement is caught here)."""
-    for name, requirements in wanted.items():
-        version = Version(str(parse_wheel_filename(graph[name]["path"].name)[1]))
-        for requirement in requirements:
-            if not requirement.specifier.contains(version, prereleases=True):
-                who = ", ".join(sorted(required_by.get(name, ()))) or "the roots"
-                raise WheelhouseError(
-                    f"the wheelhouse took {name} {version}, but {who} requires {requirement}: "
-                    "pin a version of it that fits both as a root and rebuild"
-                )
-
-
-def unmet_requirements(wheel_paths, roots: dict[str, str], platform: dict) -> list[str]:
-    """Walk the closure again from the wheel files alone, as the device's pip would: every root
-    and every requirement that applies on the device (with the extras asked for) must be met by
-    a wheel present. Returns "requirement (needed by X)" for each that is not."""
-    wheels = {canonicalize_name(parse_wheel_filename(Path(p).name)[0]): Path(p) for p in wheel_paths}
-    problems = []
-    queue = deque((Requirement(f"{name}=={version}"), "the roots") for name, version in roots.items())
-    done: set[tuple[str, str]] = set()
-    while queue:
-        requirement, needed_by = queue.popleft()
-        name = canonicalize_name(requirement.name)
-        path = wheels.get(name)
-        if path is None or not requirement.specifier.contains(parse_wheel_filename(path.name)[1], prereleases=True):
-            problems.append(f"{requirement} (needed by {needed_by})")
-            continue
-        extras = {""} | {canonicalize_name(extra) for extra in requirement.extras}
-        todo = {extra for extra in extras if (name, extra) not in done}
-        done |= {(name, extra) for extra in todo}
-        if todo:
-            for dep in device_requirements(wheel_metadata(path).get_all("Requires-Dist"), platform, sorted(todo)):
-                queue.append((dep, name))
-    return problems
+def unmet_requirements(wheel_paths, roots: dict[str, str], platform: dict) -> str | None:
+    """Why these wheel files alone do not install `roots` on the device (uv resolving offline
+    against them, as the device's pip would), or None when they do."""
+    wheels = [Path(path) for path in wheel_paths]
+    with tempfile.TemporaryDirectory(prefix="gemma-edge-wheels-") as folder:
+        for wheel in wheels:  # only these files, whatever else their folder holds
+            (Path(folder) / wheel.name).symlink_to(wheel.resolve())
+        try:
+            resolved = uv_compile(roots, platform, "--no-index", "--find-links", folder, "--offline")
+        except WheelhouseError as error:
+            return str(error).split(": ", 1)[-1]
+    names = {canonicalize_name(parse_wheel_filename(wheel.name)[0]): wheel for wheel in wheels}
+    outside = sorted(name for name in resolved if name not in names)
+    return f"uv took {', '.join(outside)} from outside the wheelhouse" if outside else None
 
 
 def gpu_closure(graph: dict) -> set[str]:
     """The names present only because torch requires GPU packages (nvidia-*, triton, cuda-*)."""
-    if "torch" not in graph:
-        return set()
-    gpu_roots = {canonicalize_name(r.name) for r in graph["torch"]["requires"] if GPU_PACKAGE.match(canonicalize_name(r.name))}
+    children: dict[str, set[str]] = {}
+    for name, node in graph.items():
+        for parent in node["required_by"]:
+            children.setdefault(parent, set()).add(name)
+    gpu_roots = {name for name in children.get("torch", ()) if GPU_PACKAGE.match(name)}
     if not gpu_roots:
         return set()
 
@@ -330,10 +309,7 @@ def gpu_closure(graph: dict) -> set[str]:
             if name in seen:
                 continue
             seen.add(name)
-            for requirement in graph[name]["requires"]:
-                dep = canonicalize_name(requirement.name)
-                if not (skip_gpu and name == "torch" and dep in gpu_roots):
-                    queue.append(dep)
+            queue.extend(dep for dep in children.get(name, ()) if not (skip_gpu and name == "torch" and dep in gpu_roots))
         return seen
 
     return reachable(False) - reachable(True)

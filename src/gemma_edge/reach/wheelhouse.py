@@ -4,8 +4,8 @@ CPython 3.11, glibc 2.36), so a device without internet installs from it with
     pip install --no-index --find-links <wheelhouse> executorch==1.5.1 torch==2.13.0
 
 and every device gets the same bytes. The closure is resolved for the device's platform
-(wheel_resolver), each wheel checked against it (device_platform), and the whole recorded in
-wheelhouse.json beside a requirements.lock.
+(wheel_resolver, with uv), each wheel checked against it (device_platform), and the whole recorded
+in wheelhouse.json beside a requirements.lock.
 """
 
 from __future__ import annotations
@@ -84,14 +84,13 @@ def build_wheelhouse(
         check_wheels_fit([node["path"].name for node in graph.values()], platform)
         unmet = unmet_requirements([node["path"] for node in graph.values()], roots, platform)
         if unmet:
-            raise WheelhouseError(f"the wheelhouse for {describe(platform)} would leave unmet: {'; '.join(unmet)}")
+            raise WheelhouseError(f"the wheelhouse for {describe(platform)} would not install: {unmet}")
         wheels = []
         for _name, node in sorted(graph.items()):
             wheels.append(
                 {
                     **wheel_record(node["path"]),
                     "required_by": node["required_by"],
-                    "extras": node["extras"],
                     "source": node["source"],
                 }
             )
@@ -163,7 +162,7 @@ def read_wheelhouse(folder: Path, platform: dict | None = None) -> dict:
         [folder / wheel["filename"] for wheel in record["wheels"]], record["roots"], platform or record["platform"]
     )
     if unmet:
-        raise WheelhouseError(f"{folder} would leave unmet: {'; '.join(unmet)}: rebuild the wheelhouse")
+        raise WheelhouseError(f"{folder} would not install: {unmet}: rebuild the wheelhouse")
     return record
 
 
