@@ -96,8 +96,9 @@ E2E_FIXTURES = {
 
 def qemu_unavailable() -> str | None:
     """Why the emulated Pi 5 cannot run here, or None."""
-
-    return None if shutil.which(QEMU) else f"{QEMU} is not installed (Debian: qemu-user-static)"
+    if not shutil.which(QEMU):
+        return f"{QEMU} is not installed (Debian: qemu-user-static)"
+    return None if shutil.which("mmdebstrap") else "mmdebstrap is not installed (Debian: mmdebstrap), which builds its sysroot"
 
 
 def pytest_collection_modifyitems(items):

@@ -9,7 +9,7 @@ import pytest
 from conftest import qemu_unavailable, require
 from gemma_edge.reach import emulator, loopback_sshd
 from gemma_edge.reach.loopback_sshd import SshServer
-from gemma_edge.reach.qemu import EmulatorError, register_binfmt
+from gemma_edge.reach.qemu import QEMU, EmulatorError, register_binfmt
 from gemma_edge.reach.sysroot import PI5_FEATURES, build_sysroot, host_apt_uris, pi5_cpuinfo, read_stamp
 
 
@@ -132,3 +132,14 @@ def test_packages_come_from_the_hosts_own_apt_sources(tmp_path):
     assert host_apt_uris("bookworm", tmp_path) == ["http://mirror.example/debian"]
     assert host_apt_uris("bookworm-security", tmp_path) == ["http://security.example/debian-security"]
     assert host_apt_uris("trixie", tmp_path) == []
+
+
+def test_missing_mmdebstrap_says_how_to_install_it_and_leaves_nothing(tmp_path, monkeypatch):
+    qemu = tmp_path / "bin" / QEMU  # found, so the sysroot is the next thing setup needs
+    qemu.parent.mkdir()
+    qemu.write_text("#!/bin/sh\n")
+    qemu.chmod(0o755)
+    monkeypatch.setenv("PATH", str(qemu.parent))
+    with pytest.raises(EmulatorError, match="mmdebstrap is not installed: apt-get install mmdebstrap"):
+        build_sysroot(tmp_path / "root")
+    assert list((tmp_path / "root").iterdir()) == []

@@ -1,6 +1,8 @@
 """The emulated Pi 5's root: Debian bookworm's own arm64 packages (the Python 3.11.2 that Raspberry
-Pi OS Bookworm ships), resolved by apt with a private state folder so the host's dpkg database
-is never touched, and a Pi 5 /proc/cpuinfo."""
+Pi OS Bookworm ships), resolved and unpacked by Debian's bootstrapper (`mmdebstrap
+--variant=extract --architectures=arm64`: apt resolves the closure with a state folder of its own,
+so the host's dpkg database is never touched, and nothing is configured or run), and a Pi 5
+/proc/cpuinfo."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 from gemma_edge.device.files import atomic_output, sha256_file
 from gemma_edge.reach.qemu import QEMU_CPU, EmulatorError, find_qemu, find_tool
@@ -109,7 +112,7 @@ def _mirrors() -> dict:
 
 def _request() -> dict:
     """What a sysroot is built from; a stamp that records the same request is up to date."""
-    return {"packages": list(PACKAGES), "suite": SUITE, "architecture": "arm64", "mirrors": _mirrors()}
+    return {"packages": list(PACKAGES), "suite": SUITE, "architecture": "arm64", "mirrors": _mirrors(), "by": "mmdebstrap"}
 
 
 def read_stamp(root: Path) -> dict | None:
@@ -134,74 +137,64 @@ def disk_bytes(folder: Path) -> int:
     return total
 
 
-def _apt_options(apt: Path) -> list[str]:
-    """apt-get options for an arm64-only resolver whose state lives in `apt`, not the host's."""
-    options = {
-        "APT::Architecture": "arm64",
-        "APT::Architectures": "arm64",
-        "Dir::State": apt / "state",
-        "Dir::State::status": apt / "status",
-        "Dir::Cache": apt / "cache",
-        "Dir::Etc::SourceList": apt / "sources.list",
-        "Dir::Etc::SourceParts": apt / "empty",
-        "Dir::Etc::Preferences": apt / "empty/preferences",
-        "Dir::Etc::PreferencesParts": apt / "empty",
-        "Debug::NoLocking": "1",
-        "APT::Install-Recommends": "0",
-        "APT::Install-Suggests": "0",
-    }
-    return [arg for key, value in options.items() for arg in ("-o", f"{key}={value}")]
+def _failure(stderr: str) -> EmulatorError:
+    """One sentence for a failed mmdebstrap run, from apt's messages it passes on."""
+    unknown = sorted(set(re.findall(r"Unable to locate package (\S+)", stderr)))
+    if unknown:
+        return EmulatorError(
+            f"{SUITE} has no arm64 package named {', '.join(unknown)}: remove it from gemma_edge.reach.sysroot.PACKAGES"
+        )
+    names = sorted(set(re.findall(r"Failed to fetch \S*/([^/_\s]+)_", stderr)))
+    if names:
+        return EmulatorError(
+            f"apt could not download the arm64 package(s) {', '.join(names)}: "
+            f"check that {_mirrors()['debian']} is reachable and carries {SUITE} arm64"
+        )
+    errors = [line for line in stderr.strip().splitlines() if line.startswith("E: ")] or stderr.strip().splitlines()
+    return EmulatorError(f"mmdebstrap could not build the arm64 sysroot ({(errors or ['(no output)'])[-1]})")
 
 
-def _apt(apt: Path, *args: str, what: str) -> str:
-    command = [find_tool("apt-get", "this needs a Debian or Ubuntu host with apt"), "-q", *_apt_options(apt), *args]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
-    if result.returncode != 0:
-        unknown = sorted(set(re.findall(r"Unable to locate package (\S+)", result.stderr)))
-        if unknown:
-            raise EmulatorError(
-                f"{SUITE} has no arm64 package named {', '.join(unknown)}: remove it from gemma_edge.reach.sysroot.PACKAGES"
-            )
-        names = sorted(set(re.findall(r"Failed to fetch \S*/([^/_\s]+)_", result.stderr)))
-        if names:
-            raise EmulatorError(
-                f"apt could not {what} the arm64 package(s) {', '.join(names)}: "
-                f"check that {_mirrors()['debian']} is reachable and carries {SUITE} arm64"
-            )
-        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise EmulatorError(f"apt-get could not {what} arm64 packages ({last}): check network access to {_mirrors()['debian']}")
-    return result.stdout
-
-
-def download_packages(apt: Path) -> list[Path]:
-    """Resolve PACKAGES' arm64 dependency closure against an empty dpkg status and download it."""
+def bootstrap(staging: Path) -> list[dict]:
+    """Unpack PACKAGES and their arm64 dependency closure into `staging` (which must not exist);
+    return each package's name, version, file, size and sha256 (its .deb, then removed)."""
+    mmdebstrap = find_tool("mmdebstrap", "apt-get install mmdebstrap")
     if not Path(DEBIAN_KEYRING).exists():
         raise EmulatorError(f"{DEBIAN_KEYRING} is missing: apt-get install debian-archive-keyring")
-    for sub in ("state/lists/partial", "cache/archives/partial", "empty"):
-        (apt / sub).mkdir(parents=True, exist_ok=True)
-    (apt / "status").write_text("")
     mirrors = _mirrors()
     if not mirrors["debian"]:
         raise EmulatorError(f"the host's apt sources name no Debian {SUITE} archive: set GEMMA_EDGE_DEBIAN_MIRROR to one")
-    lines = [
-        f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['debian']} {SUITE} main",
-        f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['debian']} {SUITE}-updates main",
-    ]
+    sources = [f"deb {mirrors['debian']} {SUITE} main", f"deb {mirrors['debian']} {SUITE}-updates main"]
     if mirrors["security"]:
-        lines.append(f"deb [signed-by={DEBIAN_KEYRING}] {mirrors['security']} {SUITE}-security main")
-    (apt / "sources.list").write_text("\n".join(lines) + "\n")
-    log.info("reading the %s arm64 package lists from %s", SUITE, mirrors["debian"])
-    _apt(apt, "update", what="list")
-    log.info("resolving and downloading %d packages and their dependencies", len(PACKAGES))
-    out = _apt(apt, "install", "--download-only", "-y", *PACKAGES, what="download")
-    need = re.search(r"Need to get (.+?) of archives", out)
-    debs = sorted((apt / "cache/archives").glob("*.deb"))
-    log.info("downloaded %d packages (%s)", len(debs), need.group(1) if need else "already cached")
-    return debs
-
-
-def _deb_field(dpkg_deb: str, deb: Path, name: str) -> str:
-    return subprocess.run([dpkg_deb, "-f", str(deb), name], capture_output=True, text=True, check=True).stdout.strip()
+        sources.append(f"deb {mirrors['security']} {SUITE}-security main")
+    command = [
+        mmdebstrap,
+        "--variant=extract",
+        "--architectures=arm64",
+        f"--include={','.join(PACKAGES)}",
+        f"--keyring={DEBIAN_KEYRING}",
+        "--skip=cleanup/apt/cache",  # the .debs, read for the stamp below, then removed
+        "--format=directory",
+        SUITE,
+        str(staging),
+        *sources,
+    ]
+    log.info("unpacking %d %s arm64 packages and their dependencies from %s", len(PACKAGES), SUITE, mirrors["debian"])
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+    if result.returncode != 0:
+        raise _failure(result.stderr)
+    packages = []
+    for deb in sorted((staging / "var/cache/apt/archives").glob("*.deb")):
+        name, version, architecture = unquote(deb.stem).split("_")
+        size, digest = deb.stat().st_size, sha256_file(deb)
+        deb.unlink()
+        packages.append(
+            {"package": name, "version": version, "architecture": architecture, "file": deb.name, "bytes": size, "sha256": digest}
+        )
+    for cache in (staging / "var/cache/apt").glob("*.bin"):
+        cache.unlink()
+    # The device nodes a bootstrapped system needs: QEMU falls back to the host's /dev for a sysroot without one.
+    shutil.rmtree(staging / "dev")
+    return packages
 
 
 def _finish_sysroot(sysroot: Path, cores: int) -> None:
@@ -234,33 +227,13 @@ def build_sysroot(root: Path) -> dict:
         )
         return {**stamp, "unchanged": True}
     find_qemu()
-    dpkg_deb = find_tool("dpkg-deb", "this needs a Debian or Ubuntu host with dpkg")
     start = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
-        debs = download_packages(work / "apt")
         staging = work / "sysroot"
-        staging.mkdir()
-        packages, downloaded = [], 0
-        for deb in debs:
-            name = _deb_field(dpkg_deb, deb, "Package")
-            result = subprocess.run([dpkg_deb, "-x", str(deb), str(staging)], capture_output=True, text=True)
-            if result.returncode != 0:
-                raise EmulatorError(
-                    f"could not unpack {name} ({deb.name}): {result.stderr.strip()}; delete {root} and run setup again"
-                )
-            packages.append(
-                {
-                    "package": name,
-                    "version": _deb_field(dpkg_deb, deb, "Version"),
-                    "architecture": _deb_field(dpkg_deb, deb, "Architecture"),
-                    "file": deb.name,
-                    "bytes": deb.stat().st_size,
-                    "sha256": sha256_file(deb),
-                }
-            )
-            downloaded += deb.stat().st_size
+        packages = bootstrap(staging)
+        downloaded = sum(package["bytes"] for package in packages)
         _finish_sysroot(staging, cores)
         size = disk_bytes(staging)
         log.info("unpacked %d packages (%.1f MB of .debs) into %.1f MB", len(packages), downloaded / 1e6, size / 1e6)
