@@ -139,8 +139,9 @@ def hooks_run() -> bool:
 
 def install(workflow) -> None:
     """Called by the Snakefile: tell the formatter whether `onerror` runs, and note a Ctrl-C for
-    `cancelled`. With --nohooks no onerror sentence replaces the closing lines: they stay then.
-    (The execution settings arrive after the Snakefile is read, hence asked when formatting.)"""
+    `cancelled`. A job's own Snakemake process (a cluster job) runs no hooks: no onerror sentence
+    replaces the closing lines there, so they stay. (The execution settings arrive after the
+    Snakefile is read, hence asked when formatting; tests/test_snakemake_internals.py pins them.)"""
     _state["hooks_run"] = lambda: not getattr(workflow.execution_settings, "no_hooks", False)
     try:
         previous = signal.getsignal(signal.SIGINT)
