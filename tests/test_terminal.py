@@ -85,8 +85,10 @@ def test_ctrl_c_cancels_cleanly_and_the_same_command_resumes(tmp_path):
     for noise in ("Traceback", "KeyboardInterrupt", "RuleException", "CalledProcessError", "Error in rule", "A step failed"):
         assert noise not in output, output
     # After the job's header only Snakemake's own few lines: "Terminating processes on user
-    # request" (printed or not, depending on where its main loop takes the signal), its log, the time.
-    assert len(lines_after(stderr, "Reason: Missing output files")) <= 4, output
+    # request" (printed or not, depending on where its main loop takes the signal), its log, the
+    # time; and, on a slow machine, the step's progress line a minute.
+    after = [line for line in lines_after(stderr, "Reason: Missing output files") if " so far" not in line]
+    assert len(after) <= 4, output
     assert "demo_checkpoint: interrupted by SIGINT" in step_log.read_text()
     leftovers = [p for p in (tmp_path / "results").rglob("*")] if (tmp_path / "results").exists() else []
     assert not leftovers, leftovers  # no temporary folder, no partial marker or cache entry
