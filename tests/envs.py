@@ -112,16 +112,18 @@ def driver_venv(pins: dict[str, str]) -> Path:
 def snakemake_in_env(driver: Path, env: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
     """Snakemake from `driver` run by the `env` virtualenv's interpreter, so that every step runs in
     `env` (Snakemake runs Python steps with its own interpreter) and finds Snakemake's packages only
-    after the environment's own, as under --sdm conda."""
+    after the environment's own, as under --sdm conda. The project's src/ comes last, as its
+    editable install puts it on the user's path: the profiles' logger plugin is found there."""
     bootstrap = (
-        "import runpy, site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'snakemake'; "
-        "runpy.run_module('snakemake', run_name='__main__')"
+        "import runpy, site, sys; site.addsitedir(sys.argv.pop(1)); sys.path.append(sys.argv.pop(1)); "
+        "sys.argv[0] = 'snakemake'; runpy.run_module('snakemake', run_name='__main__')"
     )
     command = [
         str(env / "bin/python"),
         "-c",
         bootstrap,
         str(site_packages(driver)),
+        str(REPO / "src"),
         "-s",
         str(REPO / "Snakefile"),
         "-d",
