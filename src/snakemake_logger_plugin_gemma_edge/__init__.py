@@ -71,6 +71,7 @@ class LogHandler(LogHandlerBase):
 
     def emit(self, record: logging.LogRecord) -> None:
         event = getattr(record, "event", None)
+        # One lock over the bookkeeping and the printing: no progress line after its job's end.
         with self._lock:
             if event == LogEvent.JOB_INFO:
                 self.jobs.started(record.jobid, record.rule_name, list(record.log or ()))
@@ -78,14 +79,13 @@ class LogHandler(LogHandlerBase):
                 self.jobs.ended(record.job_id)
             elif event == LogEvent.JOB_ERROR:
                 self.jobs.ended(record.jobid)
-        self.terminal.emit(record)
+            self.terminal.emit(record)
 
     def _tick(self) -> None:
         while not self._stop.wait(self.jobs.every_s):
             with self._lock:
-                lines = self.jobs.lines()
-            for line in lines:
-                self.terminal.emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO"}))
+                for line in self.jobs.lines():
+                    self.terminal.emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO"}))
 
     def close(self) -> None:
         self._stop.set()
