@@ -73,13 +73,7 @@ class Target:
 
     name: str
     kind: str  # "ssh" or "local"
-    host: str | None = None
-    port: int | None = None
-    user: str | None = None
-    key_file: str | None = None
-    known_hosts: str | None = None
-    ssh_config: str | None = "~/.ssh/config"
-    trust_on_first_use: bool = False
+    ssh: ssh.SshTarget | None = None  # how to reach it (None for a local target)
     workdir: str = "gemma-edge"
     python: str = "python3"  # the device's own Python: makes the virtualenv, runs the probe
     create_venv: bool = True
@@ -91,9 +85,15 @@ class Target:
     @classmethod
     def of(cls, name: str, settings: dict, house: Housekeeping | None = None) -> Target:
         """The target `settings` (a config entry; housekeeping keys there are used unless `house` is given)."""
-        timeouts = {f"{key}_s": settings[f"{key}_timeout_s"] for key in TIMEOUT_KEYS if f"{key}_timeout_s" in settings}
+        timeouts = Timeouts(
+            **{f"{key}_s": settings[f"{key}_timeout_s"] for key in TIMEOUT_KEYS if f"{key}_timeout_s" in settings}
+        )
         plain = {key: settings[key] for key in PLAIN_KEYS if key in settings}
-        return cls(name=name, **plain, timeouts=Timeouts(**timeouts), house=house or Housekeeping.of(settings))
+        reach = None
+        if settings.get("host"):
+            explicit = {key: settings[key] for key in SSH_KEYS if key in settings}
+            reach = ssh.SshTarget(host=settings["host"], **explicit, connect_timeout_s=timeouts.connect_s)
+        return cls(name=name, ssh=reach, **plain, timeouts=timeouts, house=house or Housekeeping.of(settings))
 
     @property
     def is_local(self) -> bool:
@@ -104,26 +104,15 @@ class Target:
         work = self.workdir.rstrip("/")
         return Layout(work=work, python=f"{work}/venv/bin/python" if self.create_venv else self.python)
 
-    @property
-    def ssh(self) -> ssh.SshTarget:
-        return ssh.SshTarget(
-            host=self.host,
-            port=self.port,
-            user=self.user,
-            key_file=self.key_file,
-            known_hosts=self.known_hosts,
-            ssh_config=self.ssh_config,
-            trust_on_first_use=self.trust_on_first_use,
-            connect_timeout_s=self.timeouts.connect_s,
-        )
-
     def is_emulated(self, facts: dict) -> bool:
         """An emulated device (QEMU user mode) is a correctness check, never a performance figure."""
         return bool(self.emulated or facts.get("emulator"))
 
 
 TIMEOUT_KEYS = ("connect", "command", "transfer", "install", "bench")
-PLAIN_KEYS = tuple(f.name for f in fields(Target) if f.name not in ("name", "timeouts", "house"))
+PLAIN_KEYS = tuple(f.name for f in fields(Target) if f.name not in ("name", "ssh", "timeouts", "house"))
+# A target's SSH settings, as ssh.SshTarget names them (its defaults are the schema's too).
+SSH_KEYS = ("port", "user", "key_file", "known_hosts", "ssh_config", "trust_on_first_use")
 
 
 def local_lock_file() -> Path:
