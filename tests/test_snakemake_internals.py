@@ -20,7 +20,8 @@ PROBE = """
 import json, sys
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-print("main process:", workflow.is_main_process, file=sys.stderr)
+# One write per line: Snakemake logs from its own thread, and print() writes a line in pieces.
+sys.stderr.write(f"main process: {workflow.is_main_process}\\n")
 workflow.register_resource("device_probe", 1)
 
 
@@ -31,7 +32,7 @@ def settings_seen(wildcards):
         "no_hooks": workflow.execution_settings.no_hooks,
         "conda": DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method,
     }
-    print("run:", json.dumps(seen), file=sys.stderr)
+    sys.stderr.write(f"run: {json.dumps(seen)}\\n")
     return []
 
 
