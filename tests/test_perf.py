@@ -115,6 +115,7 @@ def test_without_eager_the_table_compares_the_pte_with_llamacpp_only():
     """perf.eager: false (full depth on a 24 GiB host): no eager row, no eager ratios, and no claim
     about matching eager's tokens."""
     results = {"pte": fake_engine("pte", 300.0, 12.0), "llamacpp": fake_engine("llamacpp", 150.0, 16.0)}
+    results["pte"]["resident"] = {"anon_peak_bytes": 1200 * 2**20, "file_peak_bytes": 700 * 2**20}
     [row] = decode_ratio(results)
     assert set(row) == {"prompt_tokens", "decode_vs_llamacpp", "prefill_vs_llamacpp"}
     report = {
@@ -128,7 +129,8 @@ def test_without_eager_the_table_compares_the_pte_with_llamacpp_only():
     assert report["same_greedy_tokens"] == {"pte": None, "llamacpp": None}
     table = compact(render_table(report))
     assert "| eager |" not in table
-    assert "| pte | 64 | 300.0 ± 30.0 | 12.00 ± 1.20 | 1.0 | 1907 | — |" in table
+    assert "| pte | 64 | 300.0 ± 30.0 | 12.00 ± 1.20 | 1.0 | 1907 | 1200 / 700 | — |" in table
+    assert "| llamacpp | 64 | 150.0 ± 15.0 | 16.00 ± 1.60 | 1.0 | 1907 | — | — |" in table  # not sampled
     assert "| 64 | 0.75 | 2.00 | — | — |" in table
 
 
@@ -164,6 +166,10 @@ def test_perf_times_all_three_engines_on_the_same_checkpoint(perf_run):
         assert len(result["greedy_tokens"]) == 8 and max(result["greedy_tokens"]) < TINY_VOCAB
         assert result["threads"] == 2
         assert set(result["load"]) == {"before", "after", "busy"}
+        # from the engine's load to its last token: torch's heap is anonymous, its libraries mapped files
+        resident = result["resident"]
+        assert resident["anon_peak_bytes"] > 50 * 2**20 and resident["file_peak_bytes"] > 10 * 2**20, engine
+        assert resident["peak_bytes"] <= result["peak_rss_bytes"]
         # This host's bandwidth at the same threads, measured in the engine's job; eager's bytes are not counted.
         assert result["bandwidth"]["threads"] == 2 and result["bandwidth"]["gb_per_s"]["avg"] > 0
         assert (result["weight_bytes"] is None) == (engine == "eager")
@@ -210,6 +216,7 @@ def test_perf_times_litert_lm_with_the_pte_s_group_size_by_its_own_benchmark(per
         assert run["weight_bytes_per_token"] == weights["bytes_per_token"] > 0
         assert run["bandwidth_fraction"] == pytest.approx(weights["bytes_per_token"] * run["decode_tps"]["avg"] / 1e9 / limit)
     assert litert["threads"] == 2 and set(litert["load"]) == {"before", "after", "busy"}
+    assert litert["resident"]["anon_peak_bytes"] > 0 and litert["first_load_s"] > 0
     for row in perf["ratios"]:
         pte = {r["prompt_tokens"]: r for r in perf["engines"]["pte"]["runs"]}[row["prompt_tokens"]]
         theirs = {r["prompt_tokens"]: r for r in litert["runs"]}[row["prompt_tokens"]]

@@ -45,6 +45,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from gemma_edge.device.memory import ResidentPeaks
 from gemma_edge.device.peer_bench import summarise
 
 
@@ -106,10 +107,10 @@ def check_sample(sample: dict, prompt_tokens: int, new_tokens: int) -> dict:
 def bench_prompt_length(model: Path, prompt_tokens: int, spec: dict, cache_dir: str) -> dict:
     """`warmup` untimed runs, then `repetitions` timed ones, each checked, summarised."""
     args = (model, spec.get("threads"), prompt_tokens, spec["new_tokens"], spec.get("max_seq_len"), cache_dir)
-    for _ in range(spec["warmup"]):
-        check_sample(benchmark_once(*args), prompt_tokens, spec["new_tokens"])
+    warmups = [check_sample(benchmark_once(*args), prompt_tokens, spec["new_tokens"]) for _ in range(spec["warmup"])]
     samples = [check_sample(benchmark_once(*args), prompt_tokens, spec["new_tokens"]) for _ in range(spec["repetitions"])]
     return {
+        "first_init_s": (warmups or samples)[0]["init_s"],
         "prompt_tokens": prompt_tokens,
         "new_tokens": spec["new_tokens"],
         "repetitions": spec["repetitions"],
@@ -168,6 +169,7 @@ def run_bench(model: Path, spec: dict) -> dict:
         if max_seq_len and length + spec["new_tokens"] > max_seq_len:
             raise ValueError(f"prompt length {length} + {spec['new_tokens']} new tokens exceeds max_seq_len {max_seq_len}")
     runs = []
+    resident = ResidentPeaks().start()  # this process runs LiteRT-LM alone
     for length in spec["prompt_lengths"]:
         runs.append(bench_prompt_length(model, length, spec, cache_dir))
         print(
@@ -184,16 +186,21 @@ def run_bench(model: Path, spec: dict) -> dict:
         bos_id = engine.bos_token_id
     finally:
         engine.close()
+        resident.stop()
     return {
         "engine": "litert-lm",
         "model": model.name,
         "threads": spec.get("threads"),
         "load_s": load_s,
+        # The process's first load: its XNNPACK weight cache written into a new cache_dir (the
+        # benchmarks give it one each run); load_s is a later one, reading that cache.
+        "first_load_s": runs[0]["first_init_s"],
         "runs": runs,
         "greedy": greedy,
         "bos_id": bos_id,
         "stop_ids": stop_ids,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+        "resident": resident.summary(),
         "device": {
             "machine": platform.machine(),
             "python": platform.python_version(),

@@ -27,6 +27,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from gemma_edge.device.memory import ResidentPeaks, highest
+
 LOAD_WINDOW_S = 1.0
 # Other processes using more than this share of the machine's CPU time around a run make it busy:
 # llama.cpp's decode collapses when its threads are oversubscribed (1.45 against 32.65 tok/s).
@@ -103,19 +105,25 @@ def llama_bench_argv(binary: str, gguf: str, spec: dict, phase: str) -> list[str
     return argv + ["-p", "0", "-n", str(spec["new_tokens"]), "-d", lengths]
 
 
-def run_llama_bench(argv: list[str], timeout_s: float) -> list[dict]:
-    """llama-bench's JSON rows; RuntimeError with its stderr's last lines if it fails."""
+def run_llama_bench(argv: list[str], timeout_s: float) -> tuple[list[dict], dict]:
+    """llama-bench's JSON rows and its resident memory's peaks (memory.ResidentPeaks, sampled from
+    outside); RuntimeError with its stderr's last lines if it fails."""
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as error:
-        raise RuntimeError(f"llama-bench did not finish within {timeout_s:.0f} s") from error
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except OSError as error:
         raise RuntimeError(f"llama-bench could not be started: {error}") from error
-    tail = " | ".join(line for line in done.stderr.strip().splitlines()[-3:])
-    if done.returncode != 0:
-        raise RuntimeError(f"llama-bench exited with status {done.returncode}: {tail or 'no output'}")
+    with ResidentPeaks(process.pid) as resident:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired as error:
+            process.kill()
+            process.communicate()
+            raise RuntimeError(f"llama-bench did not finish within {timeout_s:.0f} s") from error
+    tail = " | ".join(line for line in stderr.strip().splitlines()[-3:])
+    if process.returncode != 0:
+        raise RuntimeError(f"llama-bench exited with status {process.returncode}: {tail or 'no output'}")
     try:
-        return json.loads(done.stdout)
+        return json.loads(stdout), resident.summary()
     except json.JSONDecodeError as error:
         raise RuntimeError(f"llama-bench printed no JSON results ({error}): {tail or 'no output'}") from error
 
@@ -153,7 +161,7 @@ def bench_llamacpp(peer: dict, spec: dict, timeout_s: float) -> dict:
 
     started = time.perf_counter()
     try:
-        (prefill, decode), load = timed_with_load(both_phases)
+        ((prefill, prefill_resident), (decode, decode_resident)), load = timed_with_load(both_phases)
         runs = runs_from_rows(prefill, decode, spec)
     except RuntimeError as error:
         return {"engine": "llamacpp", "gguf_type": peer["gguf_type"], "available": False, "reason": str(error)}
@@ -166,6 +174,7 @@ def bench_llamacpp(peer: dict, spec: dict, timeout_s: float) -> dict:
         "threads": first.get("n_threads"),
         "seconds": time.perf_counter() - started,
         "load": load,
+        "resident": highest(prefill_resident, decode_resident),
         "llama_bench": {
             key: first.get(key)
             for key in (

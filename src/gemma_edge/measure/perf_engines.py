@@ -19,6 +19,7 @@ import torch
 
 from gemma_edge.device.bandwidth import annotate_runs, measure_in_child
 from gemma_edge.device.files import peak_rss_bytes, read_json, write_json
+from gemma_edge.device.memory import ResidentPeaks
 from gemma_edge.device.peer_bench import BUSY_SHARE, timed_with_load
 from gemma_edge.device.peer_bench import bench_litert as run_litert_engine
 from gemma_edge.device.runtime import greedy_decode
@@ -137,6 +138,7 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
         limit["method"],
     )
     weights = weight_bytes(Path(artifact)) if engine in ("pte", "llamacpp") else None
+    resident = ResidentPeaks().start()  # from the engine's load to its last token
     started = time.perf_counter()
     decoder = open_engine(engine, Path(artifact), int(spec["max_seq_len"]), threads)
     load_s = time.perf_counter() - started
@@ -165,12 +167,14 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
     annotate_runs(runs, weights, limit)
     # A few greedy tokens, so the table can say whether two engines computed the same thing.
     greedy = greedy_decode(decoder.step, synthetic_prompt(spec["prompt_lengths"][0], bos_id, vocab_size), 8)
+    resident.stop()
     result = {
         "engine": engine,
         "artifact": str(artifact),
         "threads": threads,
         "load_s": load_s,
         "peak_rss_bytes": peak_rss_bytes(),
+        "resident": resident.summary(),
         "runs": runs,
         "load": load,
         "bandwidth": limit,

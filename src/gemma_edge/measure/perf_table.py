@@ -122,7 +122,7 @@ def render_table(report: dict) -> str:
     engines, busy = [], []
     for engine, result in report["engines"].items():
         if not result.get("available", True):
-            engines.append([engine, "—", f"not available: {result['reason']}", *[""] * 7])
+            engines.append([engine, "—", f"not available: {result['reason']}", *[""] * 8])
             continue
         if result.get("load", {}).get("busy"):
             busy.append(engine)
@@ -138,17 +138,20 @@ def render_table(report: dict) -> str:
                     f"{dec['avg']:.2f} ± {dec['stddev']:.2f}",
                     f"{result['load_s']:.1f}",
                     f"{result['peak_rss_bytes'] / 2**20:.0f}",
+                    resident_cell(result.get("resident")),
                     _cell(report["same_greedy_tokens"][engine]),
                     _cell(per_token and per_token / 1e6),
                     _cell(limit and limit["gb_per_s"]["avg"]),
                     _cell(run.get("bandwidth_fraction")),
                 ]
             )
-    headers = ["engine", "prompt", "prefill tok/s", "decode tok/s", "load s", "peak RSS MiB", "same greedy tokens as eager"]
-    headers += ["weight MB/token", "bandwidth GB/s", "fraction of bandwidth"]
-    lines.append(markdown_table(headers, engines, "lrrrrrlrrr"))
+    headers = ["engine", "prompt", "prefill tok/s", "decode tok/s", "load s", "peak RSS MiB", "anon / file MiB"]
+    headers += ["same greedy tokens as eager", "weight MB/token", "bandwidth GB/s", "fraction of bandwidth"]
+    lines.append(markdown_table(headers, engines, "lrrrrrrlrrr"))
     lines.append(
-        "\nweight MB/token: bytes of weights a decoded token reads (linears and lm_head whole, one row of each "
+        "\nanon / file: the peaks of the engine's anonymous and file-backed resident memory, sampled "
+        "(device/memory.py); a memory limit without swap can reclaim only the file-backed part. "
+        "weight MB/token: bytes of weights a decoded token reads (linears and lm_head whole, one row of each "
         "embedding table); bandwidth: this host's memory read bandwidth at the same threads, measured in the "
         "engine's own job just before it; fraction: weight MB/token × decode tok/s over that bandwidth"
     )
@@ -167,6 +170,13 @@ def render_table(report: dict) -> str:
     ]
     lines += ["", markdown_table(headers, ratios, "r" * len(headers))]
     return "\n".join(lines)
+
+
+def resident_cell(resident: dict | None) -> str:
+    """Anonymous / file-backed peak MiB, or "—" for a result from before they were sampled."""
+    if not resident:
+        return "—"
+    return f"{resident['anon_peak_bytes'] / 2**20:.0f} / {resident['file_peak_bytes'] / 2**20:.0f}"
 
 
 def _cell(value) -> str:
