@@ -8,6 +8,7 @@ from conftest import PINS, needs_litert, needs_llamacpp, snakemake, write_config
 from gemma_edge.device.files import read_json, sha256_file
 from gemma_edge.device.runtime import DECODE_METHOD
 from gemma_edge.device.timing import until_eos
+from gemma_edge.device.xnnpack_ops import layout
 from gemma_edge.measure import summary
 
 VARIANT = "tiny/int4-g128/xnnpack-auto"
@@ -28,6 +29,11 @@ def test_bench_json_holds_real_figures(deployed, target):
             assert len(stats["samples"]) == 2 and all(s > 0 for s in stats["samples"])
             assert stats["min"] <= stats["median"] <= stats["max"]
     assert bench["load_s"] > 0 and bench["peak_rss_bytes"] > 10_000_000
+    assert bench["warm_load_s"] > 0
+    # what stayed resident, split: the runtime's heap and buffers, and the mapped .pte and libraries
+    resident = bench["resident"]
+    assert resident["anon_peak_bytes"] > 10_000_000 and resident["file_peak_bytes"] > 1_000_000
+    assert resident["peak_bytes"] <= bench["peak_rss_bytes"] and resident["samples"] >= 2
     assert bench["denormals_flushed"] is True  # x86 FTZ/DAZ, set by the runtime wrapper
     assert bench["decodes_with"] == DECODE_METHOD  # the .pte's one-token method
     assert bench["versions"]["device"]["executorch"] == PINS["executorch"]
@@ -35,6 +41,12 @@ def test_bench_json_holds_real_figures(deployed, target):
     # The KV cache the .pte holds, as its manifest says: 128 positions of context, 16 tokens a call.
     manifest = read_json(deployed["workdir"] / INT4 / "model.pte.manifest.json")
     assert bench["kv_cache"] == {"bytes": manifest["kv_cache_bytes"], "max_context_len": 128, "tokens_per_call": 16}
+    # Every INT4 linear the quantize step made runs as one of XNNPACK's 4-bit blockwise operators in
+    # a decode call; on x86, the generic dynamically quantized kernels (KleidiAI is Arm's).
+    kernels = bench["xnnpack_kernels"]
+    assert kernels["traced"] and kernels["method"] == DECODE_METHOD and kernels["kleidiai"] is False
+    int4 = {kind: count for kind, count in kernels["fully_connected"].items() if "QB4W" in layout(kind)}
+    assert sum(int4.values()) == len(manifest["quantization"]["quantized_linears"])
     # The device's memory read bandwidth, measured once before the engines, over more than its caches.
     limit = bench["bandwidth"]
     assert limit["buffer_bytes"] >= 256 * 2**20 and limit["gb_per_s"]["avg"] > 0 and len(limit["gb_per_s"]["samples"]) == 10
@@ -110,6 +122,8 @@ def test_llama_cpp_runs_beside_the_pte_in_the_same_bench(deployed, target):
             for figure in ("prefill_tps", "decode_tps"):
                 assert len(run[figure]["samples"]) == 2 and all(s > 0 for s in run[figure]["samples"])
         assert set(engine["load"]) == {"before", "after", "busy"}
+        # llama-bench's resident memory, sampled from outside its process: the GGUF is mapped
+        assert engine["resident"]["file_peak_bytes"] > 0 and engine["resident"]["peak_bytes"] > 0
     assert {(r["engine"], r["prompt_tokens"]) for r in bench["ratios"]} >= {(n, p) for n in PEERS for p in (8, 32)}
     for row in bench["ratios"]:
         pte = next(run for run in bench["runs"] if run["prompt_tokens"] == row["prompt_tokens"])
@@ -147,6 +161,8 @@ def test_litert_lm_runs_beside_the_pte_with_our_recipe(deployed, target):
         for figure in ("prefill_tps", "decode_tps", "ttft_s"):
             assert len(run[figure]["samples"]) == 2 and all(s > 0 for s in run[figure]["samples"])
     assert set(engine["load"]) == {"before", "after", "busy"}
+    assert engine["first_load_s"] > 0 and engine["load_s"] > 0  # first: its XNNPACK weight cache written
+    assert engine["resident"]["anon_peak_bytes"] > 0 and engine["resident"]["peak_bytes"] <= engine["peak_rss_bytes"]
     assert {r["prompt_tokens"] for r in bench["ratios"] if r["engine"] == "litert-int4-g128"} == {8, 32}
     # The bytes a decoded token reads, from the host's copy of the .litertlm, and its share of the bandwidth.
     weights = engine["weight_bytes"]

@@ -17,6 +17,7 @@ from conftest import DEFAULT_CONFIG, PINS, REPO, needs_litert, needs_llamacpp, q
 from gemma_edge.device import bandwidth
 from gemma_edge.device.facts import runner_libraries, runner_preflight
 from gemma_edge.device.files import read_json
+from gemma_edge.device.xnnpack_ops import layout
 from gemma_edge.reach import emulator, loopback_sshd, provision
 from gemma_edge.reach.sysroot import sysroot_of
 from gemma_edge.reach.target import DeviceError, Target
@@ -161,6 +162,21 @@ def test_the_emulated_pi_decodes_the_hosts_tokens_exactly_but_at_near_ties(emula
         assert 0 <= margin < NEAR_TIE, (row["prompt"], margin)
     # The .pte was lowered with fused XNNPACK subgraphs on the host; the A76 loaded and ran it.
     assert bench["pte"]["per_op_mode_used"] is False and bench["pte"]["fused_accepted_on_device"] is True
+
+
+def test_every_int4_linear_takes_kleidiais_kernel_on_the_emulated_a76(emulated):
+    """XNNPACK picks a fully-connected kernel per linear at load, from the CPU's features: on the
+    A76 (dot product, no i8mm), the aarch64 wheel's KleidiAI kernels (QP8 x QB4W) for every INT4
+    linear the quantize step made; the FP32 program has none to give them."""
+    workdir = emulated["workdir"]
+    for variant, expected in (("int4", True), ("fp32", False)):
+        kernels = read_json(workdir / f"results/{TARGET}/{VARIANTS[variant]}/bench.json")["xnnpack_kernels"]
+        assert kernels["traced"] and kernels["kleidiai"] is expected, kernels
+        kleidiai = sum(count for kind, count in kernels["fully_connected"].items() if layout(kind)[1:2] == ["QP8"])
+        manifest = read_json(workdir / f"results/{VARIANTS[variant]}/model.pte.manifest.json")
+        assert kleidiai == len(manifest["quantization"]["quantized_linears"] if variant == "int4" else [])
+    log = (workdir / f"logs/targets/{TARGET}/{VARIANTS['int4']}/bench.log").read_text()
+    assert "XNNPACK fully-connected kernels in one decode call:" in log and "(NC, QP8, F32, QB4W)" in log
 
 
 def test_a_wheel_for_another_platform_is_refused_before_anything_is_sent(emulated, tmp_path):

@@ -47,6 +47,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
     if runner_missing:
         print(f"pre-flight: {runner_missing}; the benchmark goes on without the runner", flush=True)
     from gemma_edge.device.files import peak_rss_bytes
+    from gemma_edge.device.memory import ResidentPeaks
     from gemma_edge.device.runtime import PteDecoder, greedy_decode
 
     threads = spec.get("threads")
@@ -61,6 +62,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
         from executorch.extension.pybindings import portable_lib
 
         portable_lib._unsafe_reset_threadpool(int(threads))
+    resident = ResidentPeaks().start()  # stopped (and the .pte's memory released) before the peers run
     started = time.perf_counter()
     decoder = PteDecoder(pte)
     load_s = time.perf_counter() - started
@@ -88,8 +90,15 @@ def run_bench(pte: Path, spec: dict) -> dict:
     runs, load = timed_with_load(pte_runs)
     parity = [greedy_decode(decoder.step, ids, spec["max_new_tokens"]) for ids in spec["parity_prompt_ids"]]
     peak_rss = peak_rss_bytes()
+    resident.stop()
     kv_cache = {"bytes": spec.get("kv_cache_bytes"), "max_context_len": context, "tokens_per_call": decoder.tokens_per_call}
     del decoder
+    kernels = traced_kernels(pte)
+    # A second load in this process, the first one's memory released and the file in the page
+    # cache: what re-opening the model costs once the device has read it.
+    started = time.perf_counter()
+    PteDecoder(pte)
+    warm_load_s = time.perf_counter() - started
     runner = bench_llm_runner(pte, spec, parity, eos_id_set(meta), runner_missing)
     engines = {}
     for peer in spec.get("peers", []):
@@ -107,6 +116,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
             print(f"{peer['name']}: not available: {engine['reason']}", flush=True)
     return {
         "load_s": load_s,
+        "warm_load_s": warm_load_s,
         "denormals_flushed": denormals_flushed,
         "decodes_with": decodes_with,
         "threads": threads or None,
@@ -115,13 +125,31 @@ def run_bench(pte: Path, spec: dict) -> dict:
         "load": load,
         "parity_tokens": parity,
         "peak_rss_bytes": peak_rss,
+        "resident": resident.summary(),
         "kv_cache": kv_cache,
+        "xnnpack_kernels": kernels,
         "runtime": "executorch.runtime (Python bindings), timed around Method.execute",
         "engines": engines,
         "ratios": ratios(runs, engines),
         "executorch_runner": runner,
         "busy": load["busy"] or runner["load"]["busy"] or any(e.get("load", {}).get("busy") for e in engines.values()),
     }
+
+
+def traced_kernels(pte: Path) -> dict:
+    """Which fully-connected kernels XNNPACK picked on this CPU (xnnpack_ops), printed and returned;
+    a trace that cannot be taken or read here is recorded with its reason, not fatal: the timings
+    stand without it."""
+    from gemma_edge.device.xnnpack_ops import fully_connected_paths
+
+    try:
+        kernels = fully_connected_paths(pte)
+    except Exception as error:  # noqa: BLE001 - the tracer and its reader raise what they raise
+        return {"traced": False, "reason": f"{type(error).__name__}: {error}"}
+    if kernels["traced"]:
+        paths = ", ".join(f"{count} {kind}" for kind, count in kernels["fully_connected"].items())
+        print(f"XNNPACK fully-connected kernels in one {kernels['method']} call: {paths}", flush=True)
+    return kernels
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,12 @@ COLUMNS = [
     "pte_prefill_ratio",
     "ttft_ms",
     "load_s",
+    "warm_load_s",
     "peak_rss_mb",
+    "anon_peak_mb",
+    "file_peak_mb",
+    "fully_connected_kernels",
+    "kleidiai",
     "host_teacher_forced_top1",
     "host_logits_cosine",
     "device_identical_to_host_pte",
@@ -108,7 +113,10 @@ def rows_of(bench: dict, qualities: dict | None = None) -> list[dict]:
                 **speeds(run, bench),
                 "ttft_ms": round(1000 * run["ttft_s"]["avg"], 2),
                 "load_s": round(bench["load_s"], 3),
+                "warm_load_s": _round(bench.get("warm_load_s")),
                 "peak_rss_mb": round(bench["peak_rss_bytes"] / 1e6, 1),
+                **resident_columns(bench.get("resident")),
+                **kernel_columns(bench.get("xnnpack_kernels")),
                 "host_teacher_forced_top1": host.get("teacher_forced_top1"),
                 "host_logits_cosine": host.get("logits_cosine"),
                 "device_identical_to_host_pte": f"{bench['parity']['identical_to_host_pte']}/{bench['parity']['prompts']}",
@@ -138,11 +146,35 @@ def rows_of(bench: dict, qualities: dict | None = None) -> list[dict]:
                     **peer,
                     **speeds(run, bench),
                     "busy": engine["load"]["busy"],
+                    **resident_columns(engine.get("resident")),
                     "pte_decode_ratio": _round(ratio.get("decode")),
                     "pte_prefill_ratio": _round(ratio.get("prefill")),
                 }
             )
     return rows
+
+
+def resident_columns(resident: dict | None) -> dict:
+    """An engine's anonymous and file-backed resident peaks (device/memory.py), in MB as peak_rss_mb;
+    empty for a bench.json from before they were sampled."""
+    if not resident:
+        return {}
+    return {
+        "anon_peak_mb": round(resident["anon_peak_bytes"] / 1e6, 1),
+        "file_peak_mb": round(resident["file_peak_bytes"] / 1e6, 1),
+    }
+
+
+def kernel_columns(kernels: dict | None) -> dict:
+    """The fully-connected operators XNNPACK created on the device for one decode call, by kind
+    ("44× (NC, QD8, F32, QB4W) GEMM; ..."), and whether KleidiAI's kernels run any; the reason
+    where the device could not trace them."""
+    if not kernels:
+        return {}
+    if not kernels["traced"]:
+        return {"fully_connected_kernels": f"not traced: {kernels['reason']}"}
+    kinds = "; ".join(f"{count}× {kind.removeprefix('Fully Connected ')}" for kind, count in kernels["fully_connected"].items())
+    return {"fully_connected_kernels": kinds, "kleidiai": kernels["kleidiai"]}
 
 
 def runner_columns(runner: dict | None) -> dict:

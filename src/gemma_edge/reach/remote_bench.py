@@ -21,6 +21,7 @@ from pathlib import Path
 from gemma_edge.device import bandwidth, device_bench, peer_bench
 from gemma_edge.device.files import atomic_output, read_json, write_json
 from gemma_edge.measure.device_parity import compare_peer_tokens, compare_tokens, render_parity_log
+from gemma_edge.measure.summary import kernel_columns
 from gemma_edge.reach import device_lock, ssh
 from gemma_edge.reach.deploy import restore_removed_files
 from gemma_edge.reach.provision import check_versions, host_runtime_versions
@@ -281,16 +282,26 @@ def bench(target: Target, bench_config: dict, inputs: BenchInputs, outputs: Benc
     write_json(outputs.bench, report)
     first = report["runs"][0]
     log.info(
-        "%s: decode %.2f ± %.2f tok/s, prefill %.1f tok/s (prompt %d), load %.2f s, peak RSS %.0f MB%s",
+        "%s: decode %.2f ± %.2f tok/s, prefill %.1f tok/s (prompt %d), load %.2f s (again %.2f s), "
+        "peak RSS %.0f MB (anonymous %.0f MB, file-backed %.0f MB)%s",
         name,
         first["decode_tps"]["avg"],
         first["decode_tps"]["stddev"],
         first["prefill_tps"]["avg"],
         first["prompt_tokens"],
         report["load_s"],
+        report["warm_load_s"],
         report["peak_rss_bytes"] / 1e6,
+        report["resident"]["anon_peak_bytes"] / 1e6,
+        report["resident"]["file_peak_bytes"] / 1e6,
         " (emulated: these speeds say nothing about a Pi)" if report["emulated"] else "",
     )
+    kernels = report["xnnpack_kernels"]
+    if kernels["traced"]:
+        kinds = kernel_columns(kernels)["fully_connected_kernels"]
+        log.info("%s: XNNPACK fully-connected kernels in one decode call: %s", name, kinds)
+    else:
+        log.warning("%s: XNNPACK's kernels were not traced: %s", name, kernels["reason"])
     if first.get("bandwidth_fraction") is not None:
         log.info(
             "%s: memory read bandwidth %.1f GB/s at %d threads; the .pte reads %.2f MB of weights a token, so its decode "
