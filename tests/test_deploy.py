@@ -34,6 +34,7 @@ def test_bench_json_holds_real_figures(deployed, target):
     resident = bench["resident"]
     assert resident["anon_peak_bytes"] > 10_000_000 and resident["file_peak_bytes"] > 1_000_000
     assert resident["peak_bytes"] <= bench["peak_rss_bytes"] and resident["samples"] >= 2
+    assert resident["locked_peak_bytes"] == 0 and bench["page_locks"]["memlock_limit"] == 0  # nothing pinned
     assert bench["denormals_flushed"] is True  # x86 FTZ/DAZ, set by the runtime wrapper
     assert bench["decodes_with"] == DECODE_METHOD  # the .pte's one-token method
     assert bench["versions"]["device"]["executorch"] == PINS["executorch"]

@@ -55,12 +55,12 @@ def test_another_process_is_sampled_from_outside():
 
 
 def test_two_phases_keep_the_higher_peak_of_each_part():
-    first = {"peak_bytes": 10, "anon_peak_bytes": 8, "file_peak_bytes": 1, "shmem_peak_bytes": 0, "samples": 3}
-    second = {"peak_bytes": 9, "anon_peak_bytes": 4, "file_peak_bytes": 5, "shmem_peak_bytes": 0, "samples": 2}
+    first = {"peak_bytes": 10, "anon_peak_bytes": 8, "file_peak_bytes": 1, "locked_peak_bytes": 0, "samples": 3}
+    second = {"peak_bytes": 9, "anon_peak_bytes": 4, "file_peak_bytes": 5, "locked_peak_bytes": 2, "samples": 2}
     assert highest(first, second) == {
         "peak_bytes": 10,
         "anon_peak_bytes": 8,
         "file_peak_bytes": 5,
-        "shmem_peak_bytes": 0,
+        "locked_peak_bytes": 2,
         "samples": 5,
     }

@@ -1,6 +1,9 @@
 """A .pte under a memory limit, as on a board with less memory than this host: the workflow's demo
 .pte in a real memory cgroup, once with room for what it cannot give back and once without."""
 
+import subprocess
+import sys
+
 from conftest import require
 from gemma_edge.measure import memory_limit
 
@@ -28,3 +31,33 @@ def test_a_pte_decodes_the_same_tokens_within_a_limit_and_is_stopped_below_it(wo
     # The command line: one sentence, and its exit status says whether it fits.
     assert memory_limit.main([str(pte), "--limit-mib", "64", "--prompt", "8", "--tokens", "4"]) == 1
     assert capsys.readouterr().out.count("\n") == 1
+
+
+LOCKED = """
+import sys
+import executorch.kernels.quantized
+from executorch.extension.llm.custom_ops import custom_ops
+from executorch.runtime import Runtime
+from gemma_edge.device.memory import resident
+from gemma_edge.device.runtime import PteDecoder
+
+if sys.argv[2] == "runtime":  # the bindings as they come
+    program = Runtime.get().load_program(sys.argv[1])
+    method = program.load_method("forward")
+else:
+    decoder = PteDecoder(sys.argv[1])
+print(resident()["locked"])
+"""
+
+
+def test_the_device_runtime_maps_the_program_without_locking_its_pages(workflow):
+    """ExecuTorch's bindings mlock every segment they map (root, or within RLIMIT_MEMLOCK: the
+    demo's 1 MB fits the default either way); the device's runtime wrapper leaves them unlocked,
+    so the 35-layer program's 2.7 GB of embedding tables are read a row at a time and can be
+    reclaimed (docs/performance.md)."""
+    pte = str(workflow["workdir"] / PTE)
+    locked = {
+        how: int(subprocess.run([sys.executable, "-c", LOCKED, pte, how], capture_output=True, text=True, check=True).stdout)
+        for how in ("runtime", "wrapper")
+    }
+    assert locked["runtime"] > 0 and locked["wrapper"] == 0

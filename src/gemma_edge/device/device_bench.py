@@ -67,6 +67,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
     decoder = PteDecoder(pte)
     load_s = time.perf_counter() - started
     denormals_flushed, decodes_with = decoder.denormals_flushed, decoder.decodes_with  # freed before the peers run
+    page_locks = decoder.page_locks
     meta = decoder.metadata
     context = decoder.context
     for length in spec["prompt_lengths"]:
@@ -118,6 +119,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
         "load_s": load_s,
         "warm_load_s": warm_load_s,
         "denormals_flushed": denormals_flushed,
+        "page_locks": page_locks,
         "decodes_with": decodes_with,
         "threads": threads or None,
         "bandwidth": bandwidth,

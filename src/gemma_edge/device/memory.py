@@ -15,12 +15,13 @@ from pathlib import Path
 
 KIB = 1024
 # /proc/<pid>/status fields, in kB: the whole and its parts (RssShmem: shared memory, tmpfs).
-FIELDS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem", "VmHWM": "peak"}
+# VmLck: pages locked in memory (mlock), which no pressure can take back either.
+FIELDS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem", "VmHWM": "peak", "VmLck": "locked"}
 
 
 def resident(pid: int | str = "self") -> dict[str, int] | None:
-    """A process's resident memory now, in bytes (`rss`, `anon`, `file`, `shmem`) and its exact
-    peak (`peak`); None once the process is gone, or where /proc has no such fields."""
+    """A process's resident memory now, in bytes (`rss`, `anon`, `file`, `shmem`, `locked`) and its
+    exact peak (`peak`); None once the process is gone, or where /proc has no such fields."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -40,7 +41,7 @@ class ResidentPeaks:
 
     def __init__(self, pid: int | str = "self", interval_s: float = 0.05):
         self.pid, self.interval_s = pid, interval_s
-        self.peaks = {"rss": 0, "anon": 0, "file": 0, "shmem": 0, "peak": 0}
+        self.peaks = dict.fromkeys(FIELDS.values(), 0)
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="resident-peaks", daemon=True)
@@ -78,6 +79,7 @@ class ResidentPeaks:
             "anon_peak_bytes": self.peaks["anon"],
             "file_peak_bytes": self.peaks["file"],
             "shmem_peak_bytes": self.peaks["shmem"],
+            "locked_peak_bytes": self.peaks["locked"],
             "samples": self.samples,
             "interval_s": self.interval_s,
             "how": "peak_bytes: the kernel's VmHWM (exact); the parts: /proc/<pid>/status sampled every interval_s",

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from gemma_edge.device.files import ArtifactError
+from gemma_edge.device.page_locks import release_page_cache, unlock_program_pages
 
 # A .pte's method for one token a call, beside `forward` (1 to get_max_seq_len tokens a call), sharing
 # its KV cache: the lower step adds it (lower.decode_program), and `PteDecoder` decodes with it. Not
@@ -43,6 +44,9 @@ class PteDecoder:
         from executorch.runtime import Runtime
 
         self.denormals_flushed = flush_denormals()
+        # Map the program's segments without locking them in memory (page_locks: the embedding
+        # tables stay on disk until a token reads their row, and can be reclaimed).
+        self.page_locks = unlock_program_pages()
 
         try:
             program = Runtime.get().load_program(str(pte_path))
@@ -50,6 +54,7 @@ class PteDecoder:
             self.decode_method = program.load_method(DECODE_METHOD) if DECODE_METHOD in program.method_names else None
         except Exception as error:  # noqa: BLE001 - the runtime reports load failures as RuntimeError/ValueError
             raise ArtifactError(f"{pte_path} could not be loaded by the ExecuTorch runtime: {error}") from error
+        release_page_cache(pte_path)
         self.metadata = {
             name: _constant(program, name) for name in program.method_names if name not in ("forward", DECODE_METHOD)
         }

@@ -41,8 +41,10 @@ def traced_decode_call(pte_path: Path) -> tuple[str, Counter]:
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (update_cache, custom_sdpa)
     from executorch.extension.pybindings import portable_lib
 
+    from gemma_edge.device.page_locks import unlock_program_pages
     from gemma_edge.device.runtime import DECODE_METHOD
 
+    unlock_program_pages()  # mapped as PteDecoder maps it
     module = portable_lib._load_for_executorch(str(pte_path), enable_etdump=True)
     method = DECODE_METHOD if DECODE_METHOD in module.method_names() else "forward"
     module.run_method("forward", (torch.tensor([[2, 5]], dtype=torch.long), torch.arange(2, dtype=torch.long)))

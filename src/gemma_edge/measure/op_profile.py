@@ -37,6 +37,9 @@ def load_traced(pte_path: Path):
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (update_cache, custom_sdpa)
     from executorch.extension.pybindings import portable_lib
 
+    from gemma_edge.device.page_locks import unlock_program_pages
+
+    unlock_program_pages()  # mapped as PteDecoder maps it
     return portable_lib._load_for_executorch(str(pte_path), enable_etdump=True)
 
 
