@@ -1,6 +1,7 @@
 """A sweep over two group sizes and two targets (local and the loopback SSH server): summary,
 plots, HTML report, and one benchmark per device at a time."""
 
+import copy
 import csv
 import itertools
 import json
@@ -256,6 +257,21 @@ def test_peer_rows_carry_the_ratio_and_an_unavailable_peer_is_a_row_not_a_gap():
     assert (q4_0["variant"], q4_0["measured_beside"], q4_0["busy"]) == ("llama.cpp q4_0", "int4-g64 fused", True)
     assert (q4_0["pte_decode_ratio"], q4_0["pte_prefill_ratio"]) == (1.25, 2.5)
     assert q4_k_m["available"] is False and "decode_tps" not in q4_k_m
+    assert "anon_peak_mb" not in pte and "fully_connected_kernels" not in pte  # a bench.json from before they were recorded
+    # What stayed resident, split, and the kernels XNNPACK picked, as the device recorded them.
+    kernels = {"Fully Connected (NC, F32) GEMM": 6, "Fully Connected (NC, QP8, F32, QB4W) GEMM": 44}
+    recorded = {
+        **copy.deepcopy(bench),
+        "resident": {"anon_peak_bytes": 1_468_000_000, "file_peak_bytes": 297_000_000},
+        "xnnpack_kernels": {"traced": True, "method": "forward", "fully_connected": kernels, "kleidiai": True},
+    }
+    recorded["engines"]["llamacpp-q4_0"]["resident"] = {"anon_peak_bytes": 9e8, "file_peak_bytes": 1.5e9}
+    pte_row, q4_0_row, _ = rows_of(recorded)
+    assert (pte_row["anon_peak_mb"], pte_row["file_peak_mb"], pte_row["kleidiai"]) == (1468.0, 297.0, True)
+    assert pte_row["fully_connected_kernels"] == "6× (NC, F32) GEMM; 44× (NC, QP8, F32, QB4W) GEMM"
+    assert (q4_0_row["anon_peak_mb"], q4_0_row["file_peak_mb"]) == (900.0, 1500.0)
+    untraced = {**bench, "xnnpack_kernels": {"traced": False, "reason": "FileNotFoundError: flatc"}}
+    assert rows_of(untraced)[0]["fully_connected_kernels"] == "not traced: FileNotFoundError: flatc"
     # Beside a second .pte the same peer is measured again: the plots show it once per device.
     again = rows_of({**bench, "quantization": {"group_size": 128}})
     shown = rows_for_plot("decode", [pte, q4_0, q4_k_m, *again])

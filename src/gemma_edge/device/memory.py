@@ -36,8 +36,9 @@ def resident(pid: int | str = "self") -> dict[str, int] | None:
 
 class ResidentPeaks:
     """Samples a process's resident memory in a thread between `start()` and `stop()` (or while
-    entered, as a context manager); `summary()` gives the peaks: `peak_bytes` (the kernel's own, exact), `anon_peak_bytes`,
-    `file_peak_bytes` (sampled), and `samples`."""
+    entered, as a context manager). `summary()` gives the peaks: `peak_bytes` (the kernel's own,
+    exact) and, sampled, `anon_peak_bytes`, `file_peak_bytes`, `shmem_peak_bytes` and
+    `locked_peak_bytes`."""
 
     def __init__(self, pid: int | str = "self", interval_s: float = 0.05):
         self.pid, self.interval_s = pid, interval_s

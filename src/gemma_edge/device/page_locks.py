@@ -3,11 +3,10 @@
 The Python bindings open a .pte by path with an mmap data loader that `mlock`s every segment it
 maps, ignoring failures (`MmapDataLoader::MlockConfig::UseMlockIgnoreErrors`). A lock succeeds for
 root (CAP_IPC_LOCK) or within RLIMIT_MEMLOCK, and then reads the whole segment at load and pins
-it: for E2B that is the 2.7 GB of INT8 embedding tables, of which a token reads one row each. On
-this host (root), the 35-layer .pte's load locked 2,724,056 kB (`VmLck`) beside 1.47 GB of
-anonymous memory, and the kernel's OOM killer ended it under a 3 GiB limit; as an ordinary user
-with the default RLIMIT_MEMLOCK the same lock fails and is ignored, so the program's behaviour
-depended on who ran it.
+it: for E2B that is the 2.7 GB of INT8 embedding tables, of which a token reads one row each, and
+the 35-layer program no longer fits a 4 GB Pi (docs/design.md, "The program's pages are mapped,
+never locked", has the figures). As an ordinary user with the default RLIMIT_MEMLOCK the same lock
+fails and is ignored, so the program's memory depended on who ran it.
 
 `unlock_program_pages()` makes every later lock fail for this process, as it does for an ordinary
 user: RLIMIT_MEMLOCK to 0 and CAP_IPC_LOCK dropped from the calling thread's effective set (the
@@ -60,7 +59,7 @@ def unlock_program_pages() -> dict:
 def release_page_cache(path: Path) -> None:
     """Tell the kernel the program file's cached pages that no mapping holds are not needed: after
     loading, XNNPACK has packed the linears' weights into memory of its own, and their file pages
-    (1.2 GB for E2B) would otherwise sit in the page cache, charged to this process's cgroup, until
+    would otherwise sit in the page cache, charged to this process's cgroup, until
     reclaim takes them back while the program runs. Pages a mapping still holds stay."""
     with open(path, "rb") as handle:
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)

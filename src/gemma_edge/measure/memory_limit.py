@@ -6,7 +6,8 @@ memory less its OS (3 GiB for a 4 GB Pi 5), and whether the two agree.
 
 A cgroup's limit counts a process's anonymous pages (heap, packed weights, planned buffers) and
 the page cache it touches (the mmapped .pte); without swap, only the page cache can be taken back,
-so a program fits when its anonymous peak does, at the cost of re-reading file pages. Creating a
+so a program fits when its anonymous peak does and its pages are not locked (device/page_locks.py),
+at the cost of re-reading file pages. Creating a
 cgroup needs root (cgroup v1's memory controller, or v2 with `memory` enabled): what the kernel
 offers is checked first and a missing piece is one sentence. Run it on a quiet machine: the
 decode speeds it prints beside each other are timed.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gemma_edge.device.files import write_json
+from gemma_edge.device.page_locks import release_page_cache
 
 MIB = 2**20
 V1_ROOT = Path("/sys/fs/cgroup/memory")
@@ -139,20 +141,14 @@ def decode(pte: Path, prompt_tokens: int, new_tokens: int) -> dict:
     }
 
 
-def evict(path: Path) -> None:
-    """Drop `path`'s pages from the page cache, so the next child reads it from disk and its
-    cgroup is charged for them (a page is charged to the group that first reads it; libraries
-    already cached by other processes stay charged to those)."""
-    with open(path, "rb") as handle:
-        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
 def run_child(pte: Path, prompt_tokens: int, new_tokens: int, group: MemoryCgroup | None) -> dict:
     """`decode` in a process of its own (inside `group` from its first instruction on, if given):
     its report, or how it ended (`exit`: a negative number is the signal that ended it)."""
     argv = [sys.executable, "-m", "gemma_edge.measure.memory_limit", str(pte), "--decode-only"]
     argv += ["--prompt", str(prompt_tokens), "--tokens", str(new_tokens)]
-    evict(pte)
+    # Each child reads the .pte from disk, so its cgroup is charged for what it reads (a page is
+    # charged to the group that first reads it; libraries other processes cached stay theirs).
+    release_page_cache(pte)
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, preexec_fn=group.join if group else None)
     report = {"exit": done.returncode, "wall_s": time.perf_counter() - started}
