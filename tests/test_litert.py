@@ -329,7 +329,7 @@ def test_fp32_litertlm_runs_on_the_emulated_pi5_with_only_the_aarch64_wheel(conv
     assert_same_text(demo_checkpoint, result, prompts[:2], expected[:2])
 
 
-def test_bench_script_needs_only_the_standard_library_litert_lm_and_peer_bench():
+def test_bench_script_needs_only_the_standard_library_litert_lm_and_two_stdlib_helpers():
     tree = ast.parse(BENCH_SCRIPT.read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {
@@ -340,7 +340,15 @@ def test_bench_script_needs_only_the_standard_library_litert_lm_and_peer_bench()
     froms = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     package = {module for module in froms if module.startswith("gemma_edge")}
     assert imported - set(sys.stdlib_module_names) == {"litert_lm", "gemma_edge"}
-    assert package == {"gemma_edge.device.peer_bench"}
+    # the statistics it shares with the other engines, and the resident-memory sampler, which
+    # import only the standard library and each other: no torch is loaded beside LiteRT-LM
+    assert package == {"gemma_edge.device.peer_bench", "gemma_edge.device.memory"}
+    for module in package:
+        source = ast.parse((REPO / "src" / (module.replace(".", "/") + ".py")).read_text())
+        names = {alias.name for node in ast.walk(source) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module for node in ast.walk(source) if isinstance(node, ast.ImportFrom) and node.module}
+        outside = {name for name in names if name.split(".")[0] not in sys.stdlib_module_names}
+        assert outside <= package | {"__future__"}, (module, outside)
 
 
 def load_bench_module():
