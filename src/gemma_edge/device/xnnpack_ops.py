@@ -32,20 +32,28 @@ def layout(kind: str) -> list[str]:
     return [part.strip() for part in found.group(1).split(",")] if found else []
 
 
-def traced_decode_call(pte_path: Path) -> tuple[str, Counter]:
-    """One prefill call and one decode call of `pte_path` with ETDump on; the decode call's XNNPACK
-    operators by kind, and the method that decoded."""
+def load_traced(pte_path: Path):
+    """The .pte loaded by the pybindings with ETDump on (and the LLM custom ops registered), its
+    pages mapped as PteDecoder maps them."""
     import executorch.kernels.quantized  # noqa: F401  (embedding_byte)
-    import torch
-    from executorch.devtools.etdump.serialize import deserialize_from_etdump_flatcc
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (update_cache, custom_sdpa)
     from executorch.extension.pybindings import portable_lib
 
     from gemma_edge.device.page_locks import unlock_program_pages
+
+    unlock_program_pages()
+    return portable_lib._load_for_executorch(str(pte_path), enable_etdump=True)
+
+
+def traced_decode_call(pte_path: Path) -> tuple[str, Counter]:
+    """One prefill call and one decode call of `pte_path` with ETDump on; the decode call's XNNPACK
+    operators by kind, and the method that decoded."""
+    import torch
+    from executorch.devtools.etdump.serialize import deserialize_from_etdump_flatcc
+
     from gemma_edge.device.runtime import DECODE_METHOD
 
-    unlock_program_pages()  # mapped as PteDecoder maps it
-    module = portable_lib._load_for_executorch(str(pte_path), enable_etdump=True)
+    module = load_traced(pte_path)
     method = DECODE_METHOD if DECODE_METHOD in module.method_names() else "forward"
     module.run_method("forward", (torch.tensor([[2, 5]], dtype=torch.long), torch.arange(2, dtype=torch.long)))
     module.run_method(method, (torch.tensor([[7]], dtype=torch.long), torch.tensor([2], dtype=torch.long)))

@@ -12,7 +12,6 @@ absolute milliseconds, are the result. The traced run's wall time per token is p
 from __future__ import annotations
 
 import argparse
-import re
 import tempfile
 import time
 from collections import defaultdict
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from gemma_edge.device.xnnpack_ops import load_traced, operator_kind
 from gemma_edge.workflow.table import text_table
 
 # One ETDump event: its name, whether it is an operator inside a delegate, its raw times (one per
@@ -29,18 +29,6 @@ DELEGATE_CALL = "DELEGATE_CALL"
 OPERATOR_CALL = "OPERATOR_CALL"
 NATIVE_PREFIX = "native_call_"
 SLOWEST = 5
-
-
-def load_traced(pte_path: Path):
-    """The .pte loaded by the pybindings with ETDump on (and the LLM custom ops registered)."""
-    import executorch.kernels.quantized  # noqa: F401  (embedding_byte)
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (update_cache, custom_sdpa)
-    from executorch.extension.pybindings import portable_lib
-
-    from gemma_edge.device.page_locks import unlock_program_pages
-
-    unlock_program_pages()  # mapped as PteDecoder maps it
-    return portable_lib._load_for_executorch(str(pte_path), enable_etdump=True)
 
 
 def run_decode(
@@ -64,7 +52,7 @@ def run_decode(
 def op_kind(name: str) -> str:
     """An event's operator with its instance number dropped: 'Add (ND) #3' -> 'Add (ND)',
     'native_call_cat.out' -> 'cat.out'."""
-    return re.sub(r" #\d+$", "", name.removeprefix(NATIVE_PREFIX))
+    return operator_kind(name.removeprefix(NATIVE_PREFIX))
 
 
 def decode_share(raw: list[float], runs: int, decoded: int) -> float:
