@@ -54,6 +54,28 @@ def test_another_process_is_sampled_from_outside():
     assert summary["peak_bytes"] >= summary["anon_peak_bytes"]
 
 
+def test_a_short_engine_is_caught_by_the_first_quick_samples():
+    """Samples come every millisecond at first: a child that allocates and ends within half a second
+    is seen though the sampler's interval is 10 s; one that ends before any sample has no figures
+    (None, not zero)."""
+    touch = "import time; block = bytearray(96 * 2**20); block[::4096] = b'x' * len(block[::4096]); time.sleep(0.5)"
+    child = subprocess.Popen([sys.executable, "-c", touch])
+    with ResidentPeaks(child.pid, interval_s=10) as peaks:
+        child.wait()
+    summary = peaks.summary()
+    assert summary["samples"] >= 3 and summary["anon_peak_bytes"] >= 96 * MIB
+    with ResidentPeaks(2**22 + 7) as gone:  # no such process
+        pass
+    assert gone.summary()["samples"] == 0
+    assert {key: value for key, value in gone.summary().items() if key.endswith("_bytes")} == {
+        "peak_bytes": None,
+        "anon_peak_bytes": None,
+        "file_peak_bytes": None,
+        "shmem_peak_bytes": None,
+        "locked_peak_bytes": None,
+    }
+
+
 def test_two_phases_keep_the_higher_peak_of_each_part():
     first = {"peak_bytes": 10, "anon_peak_bytes": 8, "file_peak_bytes": 1, "locked_peak_bytes": 0, "samples": 3}
     second = {"peak_bytes": 9, "anon_peak_bytes": 4, "file_peak_bytes": 5, "locked_peak_bytes": 2, "samples": 2}
@@ -64,3 +86,6 @@ def test_two_phases_keep_the_higher_peak_of_each_part():
         "locked_peak_bytes": 2,
         "samples": 5,
     }
+    unsampled = dict(second, anon_peak_bytes=None)
+    assert highest(unsampled, unsampled)["anon_peak_bytes"] is None
+    assert highest(unsampled, first)["anon_peak_bytes"] == 8

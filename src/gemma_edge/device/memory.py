@@ -4,8 +4,12 @@ pages (a mmapped model file: the kernel can drop and re-read them under pressure
 
 Standard library only (it runs on the device as uploaded). Linux keeps the exact peak of the
 whole (VmHWM) but not of its parts, so the parts' peaks are sampled: a thread reads
-/proc/<pid>/status every `interval_s` while the engine runs, and the peaks it saw are at most the
-true ones (a spike shorter than the interval can be missed; the whole's peak is exact).
+/proc/<pid>/status while the engine runs, every millisecond at first and then less often, up to
+every `interval_s`; the peaks it saw are at most the true ones (a spike between two samples can be
+missed; the whole's peak is exact up to the last sample). An engine that ends before the first
+sample has no figures (None: unknown, not zero). A child's exact peak cannot be had from wait4
+instead: its ru_maxrss keeps the forked parent's memory from before the exec (421 MB for a
+llama-bench whose samples never passed 10 MB).
 """
 
 from __future__ import annotations
@@ -55,8 +59,10 @@ class ResidentPeaks:
                 self.peaks[key] = max(self.peaks[key], value)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        wait = 0.001  # a short engine (a tiny model's llama-bench) is caught before it ends
+        while not self._stop.wait(wait):
             self.sample()
+            wait = min(2 * wait, self.interval_s)
 
     def start(self) -> ResidentPeaks:
         self.sample()
@@ -75,24 +81,30 @@ class ResidentPeaks:
         self.stop()
 
     def summary(self) -> dict:
+        def seen(value: int) -> int | None:
+            return value if self.samples else None
+
         return {
-            "peak_bytes": max(self.peaks["peak"], self.peaks["rss"]),
-            "anon_peak_bytes": self.peaks["anon"],
-            "file_peak_bytes": self.peaks["file"],
-            "shmem_peak_bytes": self.peaks["shmem"],
-            "locked_peak_bytes": self.peaks["locked"],
+            "peak_bytes": seen(max(self.peaks["peak"], self.peaks["rss"])),
+            "anon_peak_bytes": seen(self.peaks["anon"]),
+            "file_peak_bytes": seen(self.peaks["file"]),
+            "shmem_peak_bytes": seen(self.peaks["shmem"]),
+            "locked_peak_bytes": seen(self.peaks["locked"]),
             "samples": self.samples,
             "interval_s": self.interval_s,
-            "how": "peak_bytes: the kernel's VmHWM (exact); the parts: /proc/<pid>/status sampled every interval_s",
+            "how": "peak_bytes: the kernel's VmHWM (exact up to the last sample); the parts: /proc/<pid>/status "
+            "sampled every 1 ms at first, then at most every interval_s; null: the engine ended before the first sample",
         }
 
 
 def highest(*summaries: dict) -> dict:
-    """The peaks over several sampled runs of one engine (its llama-bench phases, say)."""
+    """The peaks over several sampled runs of one engine (its llama-bench phases, say); a figure no
+    run sampled stays None."""
     merged = dict(summaries[0])
     for other in summaries[1:]:
         for key, value in other.items():
             if key.endswith("_bytes"):
-                merged[key] = max(merged[key], value)
+                known = [v for v in (merged[key], value) if v is not None]
+                merged[key] = max(known) if known else None
     merged["samples"] = sum(summary["samples"] for summary in summaries)
     return merged

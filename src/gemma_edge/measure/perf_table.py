@@ -173,8 +173,9 @@ def render_table(report: dict) -> str:
 
 
 def resident_cell(resident: dict | None) -> str:
-    """Anonymous / file-backed peak MiB, or "—" for a result from before they were sampled."""
-    if not resident:
+    """Anonymous / file-backed peak MiB, or "—" for a result from before they were sampled (or an
+    engine that ended before its first sample)."""
+    if not resident or resident["anon_peak_bytes"] is None:
         return "—"
     return f"{resident['anon_peak_bytes'] / 2**20:.0f} / {resident['file_peak_bytes'] / 2**20:.0f}"
 

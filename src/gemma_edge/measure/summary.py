@@ -156,12 +156,13 @@ def rows_of(bench: dict, qualities: dict | None = None) -> list[dict]:
 
 def resident_columns(resident: dict | None) -> dict:
     """An engine's anonymous and file-backed resident peaks (device/memory.py), in MB as peak_rss_mb;
-    empty for a bench.json from before they were sampled."""
+    empty for a bench.json from before they were sampled; None for an engine that ended before its
+    first sample."""
     if not resident:
         return {}
     return {
-        "anon_peak_mb": round(resident["anon_peak_bytes"] / 1e6, 1),
-        "file_peak_mb": round(resident["file_peak_bytes"] / 1e6, 1),
+        f"{part}_peak_mb": None if resident[f"{part}_peak_bytes"] is None else round(resident[f"{part}_peak_bytes"] / 1e6, 1)
+        for part in ("anon", "file")
     }
 
 
