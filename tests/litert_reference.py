@@ -43,11 +43,18 @@ def tflite_model(buf: bytes) -> dict:
         model.SignatureDefs(i).SignatureKey().decode(): model.SignatureDefs(i).SubgraphIndex()
         for i in range(model.SignatureDefsLength())
     }
+    signature_outputs = {
+        model.SignatureDefs(i).SignatureKey().decode(): [
+            model.SignatureDefs(i).Outputs(j).Name().decode() for j in range(model.SignatureDefs(i).OutputsLength())
+        ]
+        for i in range(model.SignatureDefsLength())
+    }
     metadata = sorted(model.Metadata(i).Buffer() for i in range(model.MetadataLength()))
     return {
         "buffers": buffers,
         "tables": tables,
         "signatures": signatures,
+        "signature_outputs": signature_outputs,
         "metadata_buffers": metadata,
         "subgraphs": model.SubgraphsLength(),
     }

@@ -168,6 +168,10 @@ def test_litert_lm_runs_beside_the_pte_with_our_recipe(deployed, target):
     assert engine["first_load_s"] > 0 and engine["load_s"] > 0  # first: its XNNPACK weight cache written
     assert engine["resident"]["anon_peak_bytes"] > 0 and engine["resident"]["peak_bytes"] <= engine["peak_rss_bytes"]
     assert {r["prompt_tokens"] for r in bench["ratios"] if r["engine"] == "litert-int4-g128"} == {8, 32}
+    for row in (r for r in bench["ratios"] if r["engine"] == "litert-int4-g128"):  # its TTFT over the .pte's
+        ours = next(run for run in bench["runs"] if run["prompt_tokens"] == row["prompt_tokens"])
+        theirs = next(run for run in engine["runs"] if run["prompt_tokens"] == row["prompt_tokens"])
+        assert row["first_token"] == pytest.approx(theirs["ttft_s"]["avg"] / ours["ttft_s"]["avg"])
     # The bytes a decoded token reads, from the host's copy of the .litertlm, and its share of the bandwidth.
     weights = engine["weight_bytes"]
     assert weights["artifact"] == "litertlm" and 0 < weights["bytes_per_token"] < weights["file"]["size_bytes"]

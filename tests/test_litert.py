@@ -188,8 +188,14 @@ def test_our_litertlm_reader_reads_what_literts_own_tools_read(converted, quanti
         mine = ours[int(index)]
         assert [b["bytes"] for b in mine["buffers"]] == reference["buffers"]
         assert mine["signatures"] == reference["signatures"] and len(mine["subgraphs"]) == reference["subgraphs"]
+        assert mine["signature_outputs"] == reference["signature_outputs"]
         assert set(reference["metadata_buffers"]) <= set(mine["metadata_buffers"])
         assert our_lookup_tables(mine) == reference["tables"]
+    # LiteRT-LM's prefill returns only the KV cache; its first token's logits come from `decode`
+    # (the perf table says so beside the prefill figures, from this reader).
+    outputs = litertlm_file.signature_outputs(model)
+    prefills = [key for key in outputs if key.startswith("prefill_") and "embedder" not in key]
+    assert prefills and all("logits" not in outputs[key] for key in prefills) and "logits" in outputs["decode"]
 
 
 @pytest.mark.parametrize("quantization", ["fp32", "int4"])

@@ -111,6 +111,33 @@ def test_ratios_divide_the_pte_by_each_other_engine():
     assert "| 64 | 0.75 | 2.00 | 3.00 | 3.00 |" in table
 
 
+def test_time_to_first_token_is_compared_as_the_peer_s_over_the_pte_s():
+    results = {"pte": fake_engine("pte", 300.0, 12.0), "litert": fake_engine("litert", 600.0, 12.0)}
+    stats = lambda v: {"avg": v, "stddev": 0.0}  # noqa: E731
+    results["pte"]["runs"][0]["ttft_s"], results["litert"]["runs"][0]["ttft_s"] = stats(0.2), stats(0.25)
+    [row] = decode_ratio(results)
+    assert row == {
+        "prompt_tokens": 64,
+        "decode_vs_litert": pytest.approx(1.0),
+        "prefill_vs_litert": pytest.approx(0.5),
+        "first_token_vs_litert": pytest.approx(1.25),
+    }
+    report = {
+        "steps": {},
+        "pte": {"size_bytes": 7e8},
+        "gguf": {"gguf_type": "q4_0", "size_bytes": 5e8},
+        "litert": {"recipe": "int4-g128", "size_bytes": 6e8, "prefill_logits": False},
+        "engines": results,
+        "ratios": [row],
+        "same_greedy_tokens": {"pte": None, "litert": None},
+    }
+    table = compact(render_table(report))
+    assert "| pte | 64 | 300.0 ± 30.0 | 12.00 ± 1.20 | 200.00 |" in table
+    assert "| prompt | decode .pte/llama.cpp | prefill .pte/llama.cpp | first token .pte/llama.cpp |" in table
+    assert "| 64 | — | — | — | — | — | — | 1.00 | 0.50 | 1.25 |" in table
+    assert "LiteRT-LM's prefill signatures return no logits" in table
+
+
 def test_without_eager_the_table_compares_the_pte_with_llamacpp_only():
     """perf.eager: false (full depth on a 24 GiB host): no eager row, no eager ratios, and no claim
     about matching eager's tokens."""
@@ -129,8 +156,8 @@ def test_without_eager_the_table_compares_the_pte_with_llamacpp_only():
     assert report["same_greedy_tokens"] == {"pte": None, "llamacpp": None}
     table = compact(render_table(report))
     assert "| eager |" not in table
-    assert "| pte | 64 | 300.0 ± 30.0 | 12.00 ± 1.20 | 1.0 | 1907 | 1200 / 700 | — |" in table
-    assert "| llamacpp | 64 | 150.0 ± 15.0 | 16.00 ± 1.60 | 1.0 | 1907 | — | — |" in table  # not sampled
+    assert "| pte | 64 | 300.0 ± 30.0 | 12.00 ± 1.20 | — | 1.0 | 1907 | 1200 / 700 | — |" in table
+    assert "| llamacpp | 64 | 150.0 ± 15.0 | 16.00 ± 1.60 | — | 1.0 | 1907 | — | — |" in table  # not sampled
     assert "| 64 | 0.75 | 2.00 | — | — |" in table
 
 
@@ -221,8 +248,11 @@ def test_perf_times_litert_lm_with_the_pte_s_group_size_by_its_own_benchmark(per
         pte = {r["prompt_tokens"]: r for r in perf["engines"]["pte"]["runs"]}[row["prompt_tokens"]]
         theirs = {r["prompt_tokens"]: r for r in litert["runs"]}[row["prompt_tokens"]]
         assert row["decode_vs_litert"] == pytest.approx(pte["decode_tps"]["avg"] / theirs["decode_tps"]["avg"])
+        assert row["first_token_vs_litert"] == pytest.approx(theirs["ttft_s"]["avg"] / pte["ttft_s"]["avg"])
+    assert perf["litert"]["prefill_logits"] is False  # read from the .litertlm's prefill signature
     table = compact((workdir / "results/perf/tiny-random/int4-g128/xnnpack-auto/perf.md").read_text())
     assert "| litert | 8 |" in table and "decode .pte/LiteRT-LM" in table and "| litert (int4-g128) |" in table
+    assert "first token .pte/LiteRT-LM" in table and "LiteRT-LM's prefill signatures return no logits" in table
 
 
 @needs_llamacpp

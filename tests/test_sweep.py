@@ -255,7 +255,7 @@ def test_peer_rows_carry_the_ratio_and_an_unavailable_peer_is_a_row_not_a_gap():
     pte, q4_0, q4_k_m = rows_of(bench)
     assert (pte["engine"], pte["busy"], pte.get("pte_decode_ratio")) == ("pte", False, None)
     assert (q4_0["variant"], q4_0["measured_beside"], q4_0["busy"]) == ("llama.cpp q4_0", "int4-g64 fused", True)
-    assert (q4_0["pte_decode_ratio"], q4_0["pte_prefill_ratio"]) == (1.25, 2.5)
+    assert (q4_0["pte_decode_ratio"], q4_0["pte_prefill_ratio"], q4_0["pte_first_token_ratio"]) == (1.25, 2.5, None)
     assert q4_k_m["available"] is False and "decode_tps" not in q4_k_m
     assert "anon_peak_mb" not in pte and "fully_connected_kernels" not in pte  # a bench.json from before they were recorded
     # What stayed resident, split, and the kernels XNNPACK picked, as the device recorded them.

@@ -264,7 +264,9 @@ def bench_litert(peer: dict, spec: dict, timeout_s: float) -> dict:
 
 
 def ratios(pte_runs: list[dict], engines: dict) -> list[dict]:
-    """Per available engine and prompt length: the .pte's decode and prefill tok/s over the engine's."""
+    """Per available engine and prompt length: the .pte's decode and prefill tok/s over the engine's,
+    and where both timed it, `first_token`: the engine's time to first token over the .pte's (above
+    1, the .pte's first token comes sooner). llama-bench times no first token."""
     rows = []
     for name, engine in engines.items():
         if not engine.get("available", True):
@@ -273,12 +275,13 @@ def ratios(pte_runs: list[dict], engines: dict) -> list[dict]:
         for ours in pte_runs:
             other = theirs.get(ours["prompt_tokens"])
             if other:
-                rows.append(
-                    {
-                        "engine": name,
-                        "prompt_tokens": ours["prompt_tokens"],
-                        "decode": ours["decode_tps"]["avg"] / other["decode_tps"]["avg"],
-                        "prefill": ours["prefill_tps"]["avg"] / other["prefill_tps"]["avg"],
-                    }
-                )
+                row = {
+                    "engine": name,
+                    "prompt_tokens": ours["prompt_tokens"],
+                    "decode": ours["decode_tps"]["avg"] / other["decode_tps"]["avg"],
+                    "prefill": ours["prefill_tps"]["avg"] / other["prefill_tps"]["avg"],
+                }
+                if "ttft_s" in ours and "ttft_s" in other:
+                    row["first_token"] = other["ttft_s"]["avg"] / ours["ttft_s"]["avg"]
+                rows.append(row)
     return rows

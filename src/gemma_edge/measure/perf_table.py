@@ -12,10 +12,12 @@ from gemma_edge.device.files import atomic_output, read_json, write_json
 from gemma_edge.device.peer_bench import BUSY_SHARE, ratios
 from gemma_edge.measure.perf_projection import parameter_count_of
 from gemma_edge.model.checkpoint import read_text_config_dict
+from gemma_edge.peers import litertlm_file
 from gemma_edge.workflow.manifest import package_versions
 from gemma_edge.workflow.table import markdown_table
 
 PEER_ENGINES = ("llamacpp", "eager", "litert")
+RATIO_PHASES = ("decode", "prefill", "first_token")  # peer_bench.ratios' figures
 
 
 def read_step_cost(benchmark: Path, peak_from: Path | None) -> dict:
@@ -40,13 +42,15 @@ def _number(value):
 
 
 def decode_ratio(results: dict) -> list[dict]:
-    """Per prompt length: the .pte's decode and prefill tok/s over llama.cpp's and over eager's
-    (peer_bench.ratios, the device benchmark's, laid out one row per prompt length)."""
+    """Per prompt length: the .pte's decode and prefill tok/s over each peer's, and the peer's time to
+    first token over the .pte's (peer_bench.ratios, the device benchmark's, laid out one row per
+    prompt length)."""
     rows = {run["prompt_tokens"]: {"prompt_tokens": run["prompt_tokens"]} for run in results["pte"]["runs"]}
     others = {name: results[name] for name in PEER_ENGINES if name in results}
     for ratio in ratios(results["pte"]["runs"], others):
-        rows[ratio["prompt_tokens"]][f"decode_vs_{ratio['engine']}"] = ratio["decode"]
-        rows[ratio["prompt_tokens"]][f"prefill_vs_{ratio['engine']}"] = ratio["prefill"]
+        for phase in RATIO_PHASES:
+            if phase in ratio:
+                rows[ratio["prompt_tokens"]][f"{phase}_vs_{ratio['engine']}"] = ratio[phase]
     return list(rows.values())
 
 
@@ -85,11 +89,19 @@ def build_report(engine_files: dict, step_files: dict, pte_manifest: Path, gguf_
 
 
 def litert_facts(result: dict | None) -> dict | None:
-    """The .litertlm LiteRT-LM ran: its recipe and size (None when LiteRT-LM was not timed)."""
+    """The .litertlm LiteRT-LM ran: its recipe, size, and whether its prefill signatures return
+    logits (None when LiteRT-LM was not timed)."""
     if result is None:
         return None
     artifact = Path(result["artifact"])
-    return {"recipe": result.get("recipe"), "size_bytes": artifact.stat().st_size if artifact.exists() else None}
+    if not artifact.exists():
+        return {"recipe": result.get("recipe"), "size_bytes": None, "prefill_logits": None}
+    outputs = litertlm_file.signature_outputs(artifact)
+    return {
+        "recipe": result.get("recipe"),
+        "size_bytes": artifact.stat().st_size,
+        "prefill_logits": any("logits" in names for key, names in outputs.items() if key.startswith("prefill")),
+    }
 
 
 def same_greedy_tokens(results: dict) -> dict:
@@ -122,7 +134,7 @@ def render_table(report: dict) -> str:
     engines, busy = [], []
     for engine, result in report["engines"].items():
         if not result.get("available", True):
-            engines.append([engine, "—", f"not available: {result['reason']}", *[""] * 8])
+            engines.append([engine, "—", f"not available: {result['reason']}", *[""] * 9])
             continue
         if result.get("load", {}).get("busy"):
             busy.append(engine)
@@ -136,6 +148,7 @@ def render_table(report: dict) -> str:
                     run["prompt_tokens"],
                     f"{pre['avg']:.1f} ± {pre['stddev']:.1f}",
                     f"{dec['avg']:.2f} ± {dec['stddev']:.2f}",
+                    _cell(run.get("ttft_s") and 1000 * run["ttft_s"]["avg"]),
                     f"{result['load_s']:.1f}",
                     f"{result['peak_rss_bytes'] / 2**20:.0f}",
                     resident_cell(result.get("resident")),
@@ -145,11 +158,12 @@ def render_table(report: dict) -> str:
                     _cell(run.get("bandwidth_fraction")),
                 ]
             )
-    headers = ["engine", "prompt", "prefill tok/s", "decode tok/s", "load s", "peak RSS MiB", "anon / file MiB"]
+    headers = ["engine", "prompt", "prefill tok/s", "decode tok/s", "TTFT ms", "load s", "peak RSS MiB", "anon / file MiB"]
     headers += ["same greedy tokens as eager", "weight MB/token", "bandwidth GB/s", "fraction of bandwidth"]
-    lines.append(markdown_table(headers, engines, "lrrrrrrlrrr"))
+    lines.append(markdown_table(headers, engines, "lrrrrrrrlrrr"))
     lines.append(
-        "\nanon / file: the peaks of the engine's anonymous and file-backed resident memory, sampled "
+        "\nTTFT: time to first token, the prompt's prefill and the first token's logits. "
+        "anon / file: the peaks of the engine's anonymous and file-backed resident memory, sampled "
         "(device/memory.py); a memory limit without swap can reclaim only the file-backed part. "
         "weight MB/token: bytes of weights a decoded token reads (linears and lm_head whole, one row of each "
         "embedding table); bandwidth: this host's memory read bandwidth at the same threads, measured in the "
@@ -163,12 +177,23 @@ def render_table(report: dict) -> str:
         ]
     names = {"llamacpp": "llama.cpp", "eager": "eager", "litert": "LiteRT-LM"}
     peers = ["llamacpp", "eager"] + (["litert"] if "litert" in report["engines"] else [])  # eager left out: "—"
-    headers = ["prompt", *(f"{phase} .pte/{names[name]}" for name in peers for phase in ("decode", "prefill"))]
+    # A phase no peer was timed in (first token, in a report from before TTFT was compared) is left out.
+    phases = [phase for phase in RATIO_PHASES if any(f"{phase}_vs_{name}" in row for row in report["ratios"] for name in peers)]
+    label = {"decode": "decode", "prefill": "prefill", "first_token": "first token"}
+    headers = ["prompt", *(f"{label[phase]} .pte/{names[name]}" for name in peers for phase in phases)]
     ratios = [
-        [row["prompt_tokens"], *(_cell(row.get(f"{phase}_vs_{name}")) for name in peers for phase in ("decode", "prefill"))]
+        [row["prompt_tokens"], *(_cell(row.get(f"{phase}_vs_{name}")) for name in peers for phase in phases)]
         for row in report["ratios"]
     ]
     lines += ["", markdown_table(headers, ratios, "r" * len(headers))]
+    if "first_token" in phases:
+        lines.append("\nfirst token: the peer's TTFT over the .pte's (above 1: the .pte's first token comes sooner)")
+    if litert and litert.get("prefill_logits") is False:
+        lines.append(
+            "\nLiteRT-LM's prefill signatures return no logits: its first token's logits come from a decode "
+            "call, inside its TTFT but outside its prefill tok/s. The .pte's prefill call ends with them (the "
+            "lm_head, once). Their prefill tok/s count different work; TTFT counts the same."
+        )
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ COLUMNS = [
     "decode_tps_stddev",
     "pte_decode_ratio",
     "pte_prefill_ratio",
+    "pte_first_token_ratio",
     "ttft_ms",
     "load_s",
     "warm_load_s",
@@ -149,6 +150,7 @@ def rows_of(bench: dict, qualities: dict | None = None) -> list[dict]:
                     **resident_columns(engine.get("resident")),
                     "pte_decode_ratio": _round(ratio.get("decode")),
                     "pte_prefill_ratio": _round(ratio.get("prefill")),
+                    "pte_first_token_ratio": _round(ratio.get("first_token")),
                 }
             )
     return rows

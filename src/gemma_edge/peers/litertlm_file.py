@@ -179,8 +179,21 @@ def read_tflite(buf) -> dict:
         "metadata_buffers": sorted(set(metadata.values()) | set(model.scalars(14, N.Int32Flags))),
         "metadata": metadata,
         "signatures": {signature.string(8): signature.scalar(12, N.Uint32Flags) for signature in model.tables(18)},
+        # SignatureDef.outputs: TensorMaps, each named.
+        "signature_outputs": {signature.string(8): [m.string(4) for m in signature.tables(6)] for signature in model.tables(18)},
         "subgraphs": [read_subgraph(subgraph, codes) for subgraph in model.tables(8)],
     }
+
+
+def signature_outputs(path: Path) -> dict[str, list[str]]:
+    """The output names of every signature in a .litertlm's TFLite sections: LiteRT-LM's converter
+    gives `prefill_<n>` only the KV cache, `decode` the logits too."""
+    outputs = {}
+    with mapped(path) as data:
+        for section in read_header(data)["sections"]:
+            if section["data_type"] == "TFLiteModel":
+                outputs.update(read_tflite(data[section["begin"] : section["end"]])["signature_outputs"])
+    return outputs
 
 
 def read_subgraph(subgraph: Node, codes: list[int]) -> dict:
