@@ -59,6 +59,20 @@ def test_the_custom_ops_are_named_by_their_instructions_once_per_call_of_the_pro
     assert sum(entry["ms"] for entry in profile["custom_ops"].values()) <= profile["operator_ms"] + 1e-9
 
 
+def test_a_prefill_call_is_profiled_against_forwards_lowering_record(workflow):
+    """--prefill: the prompt's one forward call, every delegate call of forward traced once per
+    call, the INT4 linears and the attention inside it."""
+    pte = workflow["workdir"] / PTE
+    profile = op_profile.profile_prefill(pte, prompt_len=8, threads=1, calls=2)
+    lowering = read_json(workflow["workdir"] / (PTE + ".manifest.json"))["lowering"]
+    assert profile["calls"] == 2 and profile["delegate_calls"] == lowering["xnnpack_delegate_calls"]
+    assert any("QB4W" in name for name in profile["xnnpack_ms"]) and profile["custom_ops"]["llama.custom_sdpa.out"]["ms"] > 0
+    assert sum(profile["xnnpack_ms"].values()) + profile["delegate_overhead_ms"] == pytest.approx(profile["delegate_ms"])
+    assert "per prefill call:" in op_profile.render(profile) and "ms/prefill call" in op_profile.render(profile)
+    with pytest.raises(ValueError, match="takes more than one call"):
+        op_profile.profile_prefill(pte, prompt_len=10_000, threads=1)
+
+
 def test_a_trace_with_a_missing_run_is_refused():
     with pytest.raises(ValueError, match="ran 2 times"):
         op_profile.decode_share([1.0, 2.0], runs=3, decoded=1)

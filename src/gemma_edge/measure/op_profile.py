@@ -1,9 +1,11 @@
-"""Where a decoded token's time goes inside a .pte: ExecuTorch's own event tracer (ETDump), read
-back with its Inspector, split into XNNPACK delegate calls (and the XNNPACK operators inside them)
-and the portable / custom operators run between them (those the tracer times only as a whole, the
-LLM custom ops among them, named by the .pte's own instructions).
+"""Where a decoded token's time goes inside a .pte, or with `--prefill` a prompt's prefill call:
+ExecuTorch's own event tracer (ETDump), read back with its Inspector, split into XNNPACK delegate
+calls (and the XNNPACK operators inside them) and the portable / custom operators run between them
+(those the tracer times only as a whole, the LLM custom ops among them, named by the .pte's own
+instructions).
 
     python -m gemma_edge.measure.op_profile results/e2b-4l/int4-g128/xnnpack-auto/model.pte --tokens 32
+    python -m gemma_edge.measure.op_profile results/e2b-4l/int4-g128/xnnpack-auto/model.pte --prefill
 
 Every event is timed, so a profiled token is slower than an untraced one; the shares, not the
 absolute milliseconds, are the result. The traced run's wall time per token is printed beside them.
@@ -187,34 +189,78 @@ def profile_decode(pte_path: Path, prompt_len: int, new_tokens: int, threads: in
     return summary
 
 
+def profile_prefill(pte_path: Path, prompt_len: int, threads: int, calls: int = 4) -> dict:
+    """One traced warm-up prefill (discarded with its module), then `calls` traced prefills of a
+    `prompt_len`-token prompt at position 0 on a fresh load, each one `forward` call (the cache is
+    written over each time): the breakdown and wall time per call. The call ends with the last
+    position's logits, so the lm_head is in it once."""
+    from gemma_edge.device.runtime import flush_denormals
+
+    flush_denormals(threads)
+    module = load_traced(pte_path)
+    per_call = int(module.run_method("get_max_seq_len", ())[0])
+    if prompt_len > per_call:
+        raise ValueError(f"a {prompt_len}-token prompt takes more than one call of this .pte (at most {per_call} tokens)")
+    run_decode(module, prompt_len, 0, per_call)
+    module = load_traced(pte_path)
+    begin = time.perf_counter()
+    for _ in range(calls):
+        run_decode(module, prompt_len, 0, per_call)
+    seconds = time.perf_counter() - begin
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "prefill.etdp"
+        module.write_etdump_result_to_file(str(path))
+        events, runs = read_events(path)[0]  # forward's block
+    if runs != calls:
+        raise RuntimeError(f"the trace holds {runs} runs of forward, expected {calls}")
+    summary = summarise_events(events, runs, runs, instruction_operators(pte_path, "forward"))
+    summary.update(
+        {
+            "pte": str(pte_path),
+            "threads": threads,
+            "prompt_tokens": prompt_len,
+            "calls": calls,
+            "method": "forward",
+            "unit": "prefill call",
+            "traced_ms_per_call": 1000 * seconds / calls,
+        }
+    )
+    return summary
+
+
 def render(summary: dict, top: int = 12) -> str:
     total = summary["delegate_ms"] + summary["operator_ms"]
     share = lambda ms: f"{ms:.3f} ms, {100 * ms / total:.1f} %"  # noqa: E731
+    unit = summary.get("unit", "token")
+    if unit == "token":
+        what = f"{summary['new_tokens']} decoded tokens; traced {summary['traced_ms_per_token']:.2f} ms/token wall"
+    else:
+        what = f"prefilled in one call, {summary['calls']} calls traced; traced {summary['traced_ms_per_call']:.2f} ms/call wall"
     lines = [
-        f"{summary['pte']} ({summary['method']}): {summary['threads']} threads, prompt {summary['prompt_tokens']}, "
-        f"{summary['new_tokens']} decoded tokens; traced {summary['traced_ms_per_token']:.2f} ms/token wall",
-        f"per token: {summary['delegate_calls']} XNNPACK delegate calls {share(summary['delegate_ms'])}, "
+        f"{summary['pte']} ({summary['method']}): {summary['threads']} threads, prompt {summary['prompt_tokens']}, {what}",
+        f"per {unit}: {summary['delegate_calls']} XNNPACK delegate calls {share(summary['delegate_ms'])}, "
         f"{summary['operator_calls']} operator calls {share(summary['operator_ms'])}",
         "",
         "XNNPACK operators (inside the delegate calls):",
     ]
     xnnpack = [(name, ms) for name, ms in list(summary["xnnpack_ms"].items())[:top]]
     xnnpack.append(("(the delegate outside its operators)", summary["delegate_overhead_ms"]))
-    lines += shares(xnnpack, total)
+    lines += shares(xnnpack, total, unit)
     lines += ["", "slowest single XNNPACK operators:"]
-    lines += shares(summary["slowest_ms"].items(), total)
+    lines += shares(summary["slowest_ms"].items(), total, unit)
     lines += ["", "operators between the delegate calls:"]
     between = [("LLM custom ops, and other calls timed whole", summary["custom_ms"]), *summary["portable_ms"].items()]
-    lines += shares(between, total)
+    lines += shares(between, total, unit)
     lines += ["", "operator calls with no kernel event of their own (the LLM custom ops among them), named by instruction:"]
-    lines += shares([(f"{name} ({entry['calls']} calls)", entry["ms"]) for name, entry in summary["custom_ops"].items()], total)
+    custom = [(f"{name} ({entry['calls']} calls)", entry["ms"]) for name, entry in summary["custom_ops"].items()]
+    lines += shares(custom, total, unit)
     return "\n".join(lines)
 
 
-def shares(rows, total: float) -> list[str]:
-    """A section of the profile: each name's ms per token and share of the token, indented."""
+def shares(rows, total: float, unit: str = "token") -> list[str]:
+    """A section of the profile: each name's ms per token (or prefill call) and its share, indented."""
     cells = [[name, f"{ms:.3f}", f"{100 * ms / total:.1f}"] for name, ms in rows]
-    return ["  " + line for line in text_table(["", "ms/token", "%"], cells, "lrr").splitlines()]
+    return ["  " + line for line in text_table(["", f"ms/{unit}", "%"], cells, "lrr").splitlines()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,8 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens before decoding (default 64)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens decoded and profiled (default 32)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prefill", action="store_true", help="profile the prompt's prefill call instead of decoding")
     args = parser.parse_args(argv)
-    print(render(profile_decode(args.pte, args.prompt, args.tokens, args.threads)))
+    if args.prefill:
+        try:
+            print(render(profile_prefill(args.pte, args.prompt, args.threads)))
+        except ValueError as error:
+            parser.exit(2, f"op_profile: {error}\n")
+    else:
+        print(render(profile_decode(args.pte, args.prompt, args.tokens, args.threads)))
     return 0
 
 
