@@ -156,6 +156,14 @@ def read_events(etdump: Path) -> list[tuple[list[Event], int]]:
     return blocks
 
 
+def module_events(module) -> list[tuple[list[Event], int]]:
+    """read_events of what a traced module has recorded so far, through a scratch ETDump file."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "trace.etdp"
+        module.write_etdump_result_to_file(str(path))
+        return read_events(path)
+
+
 def profile_decode(pte_path: Path, prompt_len: int, new_tokens: int, threads: int) -> dict:
     """One traced warm-up decode (discarded with its module), then one traced decode on a fresh
     load: its breakdown per token and its wall time per token."""
@@ -168,10 +176,7 @@ def profile_decode(pte_path: Path, prompt_len: int, new_tokens: int, threads: in
     run_decode(module, prompt_len, new_tokens, per_call, method)  # warm-up; its events are dropped with the module
     module = load_traced(pte_path)
     seconds, prefill_calls = run_decode(module, prompt_len, new_tokens, per_call, method)
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "decode.etdp"
-        module.write_etdump_result_to_file(str(path))
-        events, runs = read_events(path)[-1]  # the decoding method's: forward's when it decodes too
+    events, runs = module_events(module)[-1]  # the decoding method's: forward's when it decodes too
     expected = new_tokens if method == DECODE_METHOD else prefill_calls + new_tokens
     if runs != expected:
         raise RuntimeError(f"the trace holds {runs} runs of {method}, expected {expected}")
@@ -207,10 +212,7 @@ def profile_prefill(pte_path: Path, prompt_len: int, threads: int, calls: int = 
     for _ in range(calls):
         run_decode(module, prompt_len, 0, per_call)
     seconds = time.perf_counter() - begin
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "prefill.etdp"
-        module.write_etdump_result_to_file(str(path))
-        events, runs = read_events(path)[0]  # forward's block
+    events, runs = module_events(module)[0]  # forward's block
     if runs != calls:
         raise RuntimeError(f"the trace holds {runs} runs of forward, expected {calls}")
     summary = summarise_events(events, runs, runs, instruction_operators(pte_path, "forward"))
