@@ -83,6 +83,37 @@ def test_ring_buffers_match_full_recompute_across_the_window_and_the_wrap(demo_c
     assert held == list(range(70 - 32 + 1, 70 + 1))
 
 
+def test_a_prompts_last_cache_writing_layer_runs_past_its_keys_on_the_last_token_only(demo_checkpoint):
+    """Within a decoder call the last layer that writes keys and values projects them for every
+    token, but its queries and MLP see the last token alone; the model called on its own is
+    untouched and still runs that layer on every token."""
+    from gemma_edge.model.last_token import last_cache_writing_layer
+
+    model = load_text_model(demo_checkpoint)
+    index = last_cache_writing_layer(model)
+    modes = model.config.kv_sharing_modes
+    assert index is not None and modes[index] == "store" and modes[index + 1 :] == ["reuse"] * (len(modes) - index - 1)
+    layer = model.model.layers[index]
+    rows = {}
+
+    def count_rows(name):
+        def hook(module, args, output):  # the first call's rows; returns None, so the output stands
+            rows.setdefault(name, args[0].shape[1])
+
+        return hook
+
+    for name, module in (("k_proj", layer.self_attn.k_proj), ("q_proj", layer.self_attn.q_proj), ("mlp", layer.mlp)):
+        module.register_forward_hook(count_rows(name))
+    decoder = KVCacheDecoder(model, max_seq_len=16).eval()
+    with torch.no_grad():
+        decoder(torch.tensor([[2, 50, 51, 52, 53, 54]]), torch.arange(6))
+        assert rows == {"k_proj": 6, "q_proj": 1, "mlp": 1}
+        rows.clear()
+        model(input_ids=torch.tensor([[2, 50, 51, 52]]))
+    assert rows == {"k_proj": 4, "q_proj": 4, "mlp": 4}
+    assert "forward" not in vars(layer) and not layer.self_attn.is_kv_shared_layer
+
+
 def test_ring_mask_shows_each_query_exactly_its_window():
     slots = torch.tensor([9, 10, 3, 4, 5, 6, 7, 8]) + 1  # positions 3..10 held in a ring of 8, + 1
     slots[2] = 0  # one slot empty

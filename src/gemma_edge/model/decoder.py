@@ -27,6 +27,7 @@ from gemma_edge.model.kv_cache import (
     ring_mask,
     window_buffer_name,
 )
+from gemma_edge.model.last_token import last_layer_on_last_token
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
@@ -210,7 +211,9 @@ class KVCacheDecoder(nn.Module):
         config = self.model.config
         own_attention, config._attn_implementation = config._attn_implementation, EXECUTORCH_ATTENTION
         try:
-            return self._logits(tokens, input_pos, start_pos=start_pos, new_tokens=tokens.shape[1], attention_mask=masks, **extra)
+            with last_layer_on_last_token(self.model):
+                new_tokens = tokens.shape[1]
+                return self._logits(tokens, input_pos, start_pos=start_pos, new_tokens=new_tokens, attention_mask=masks, **extra)
         finally:
             config._attn_implementation = own_attention
 
