@@ -34,13 +34,12 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from executorch.extension.pybindings import portable_lib
-
+    from gemma_edge.device.bindings import set_threads
     from gemma_edge.device.peer_bench import summarise
     from gemma_edge.device.runtime import PteDecoder, greedy_decode
     from gemma_edge.device.timing import synthetic_prompt, time_generation
 
-    portable_lib._unsafe_reset_threadpool(args.threads)
+    set_threads(args.threads)
     decoders = [PteDecoder(path) for path in args.pte]
     if args.decode_with_forward:
         for decoder in decoders:

@@ -59,9 +59,9 @@ def run_bench(pte: Path, spec: dict) -> dict:
         flush=True,
     )
     if threads:
-        from executorch.extension.pybindings import portable_lib
+        from gemma_edge.device.bindings import set_threads
 
-        portable_lib._unsafe_reset_threadpool(int(threads))
+        set_threads(int(threads))
     resident = ResidentPeaks().start()  # stopped (and the .pte's memory released) before the peers run
     started = time.perf_counter()
     decoder = PteDecoder(pte)

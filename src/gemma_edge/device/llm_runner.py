@@ -63,9 +63,10 @@ def binding_missing() -> str | None:
 
 def register_program_kernels() -> None:
     """The .pte calls ExecuTorch's LLM ops (update_cache, custom_sdpa) and quantized embedding
-    kernels; importing these registers them with the runtime the runner shares."""
-    import executorch.kernels.quantized  # noqa: F401
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    kernels; loading their libraries registers them with the runtime the runner shares."""
+    from gemma_edge.device.bindings import runtime
+
+    runtime()
 
 
 def set_threads(threads: int | None) -> None:

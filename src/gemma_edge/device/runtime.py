@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from gemma_edge.device.bindings import load_program, method_names, set_threads
 from gemma_edge.device.files import ArtifactError
 from gemma_edge.device.page_locks import release_page_cache, unlock_program_pages
 
@@ -27,10 +28,8 @@ def flush_denormals(threads: int | None = None) -> bool:
     prompt against 24-29 ms from a constant one (whose attention has no such tails); flushed, the
     varied prompt 25-35 ms (docs/design.md, "Flushing subnormal floats"). The setting lives in each thread's floating-point
     control register and a new thread copies its creator's, so the pool is restarted after it."""
-    from executorch.extension.pybindings import portable_lib
-
     flushed = torch.set_flush_denormal(True)
-    portable_lib._unsafe_reset_threadpool(int(threads or portable_lib._threadpool_get_thread_count()))
+    set_threads(threads)
     return flushed
 
 
@@ -39,25 +38,20 @@ class PteDecoder:
     method (DECODE_METHOD) where the .pte has one."""
 
     def __init__(self, pte_path: Path):
-        import executorch.kernels.quantized  # noqa: F401  (registers the embedding_byte kernels)
-        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (update_cache, custom_sdpa)
-        from executorch.runtime import Runtime
-
         self.denormals_flushed = flush_denormals()
         # Map the program's segments without locking them in memory (page_locks: the embedding
         # tables stay on disk until a token reads their row, and can be reclaimed).
         self.page_locks = unlock_program_pages()
 
         try:
-            program = Runtime.get().load_program(str(pte_path))
+            program = load_program(pte_path)
+            names = method_names(program)
             self.method = program.load_method("forward")
-            self.decode_method = program.load_method(DECODE_METHOD) if DECODE_METHOD in program.method_names else None
+            self.decode_method = program.load_method(DECODE_METHOD) if DECODE_METHOD in names else None
         except Exception as error:  # noqa: BLE001 - the runtime reports load failures as RuntimeError/ValueError
             raise ArtifactError(f"{pte_path} could not be loaded by the ExecuTorch runtime: {error}") from error
         release_page_cache(pte_path)
-        self.metadata = {
-            name: _constant(program, name) for name in program.method_names if name not in ("forward", DECODE_METHOD)
-        }
+        self.metadata = {name: _constant(program, name) for name in names if name not in ("forward", DECODE_METHOD)}
         self.decodes_with = DECODE_METHOD if self.decode_method is not None else "forward"  # recorded beside the timings
         # The most tokens one call takes (ExecuTorch's runner prefills in chunks of it too), and the
         # positions the KV cache holds (the same number in a .pte from before ring buffers).
@@ -73,12 +67,12 @@ class PteDecoder:
             part = tokens[first : first + chunk]
             ids = torch.tensor([part], dtype=torch.long)
             positions = torch.arange(start_pos + first, start_pos + first + len(part), dtype=torch.long)
-            logits = method.execute([ids, positions])[0][0]
+            logits = method([ids, positions])[0][0]
         return logits.to(torch.float32)
 
 
 def _constant(program, name: str):
-    values = program.load_method(name).execute([])
+    values = program.load_method(name)([])
     values = [v.item() if isinstance(v, torch.Tensor) else v for v in values]
     return values[0] if len(values) == 1 else values
 

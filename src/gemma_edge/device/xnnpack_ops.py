@@ -35,14 +35,11 @@ def layout(kind: str) -> list[str]:
 def load_traced(pte_path: Path):
     """The .pte loaded by the pybindings with ETDump on (and the LLM custom ops registered), its
     pages mapped as PteDecoder maps them."""
-    import executorch.kernels.quantized  # noqa: F401  (embedding_byte)
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (update_cache, custom_sdpa)
-    from executorch.extension.pybindings import portable_lib
-
+    from gemma_edge.device.bindings import runtime
     from gemma_edge.device.page_locks import unlock_program_pages
 
     unlock_program_pages()
-    return portable_lib._load_for_executorch(str(pte_path), enable_etdump=True)
+    return runtime()._load_for_executorch(str(pte_path), enable_etdump=True)
 
 
 def traced_decode_call(pte_path: Path) -> tuple[str, Counter]:

@@ -102,9 +102,9 @@ class LlamaCppDecoder:
 def set_threads(threads: int) -> None:
     """One thread count for every engine: torch's intra-op pool and ExecuTorch's threadpool."""
     torch.set_num_threads(threads)
-    from executorch.extension.pybindings import portable_lib
+    from gemma_edge.device.bindings import set_threads as set_runtime_threads
 
-    portable_lib._unsafe_reset_threadpool(threads)
+    set_runtime_threads(threads)
 
 
 def open_engine(engine: str, artifact: Path, max_seq_len: int, threads: int):
@@ -126,8 +126,7 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
     """llama-bench's shape: a warm-up, then `repetitions` timed generations per prompt length."""
     threads = int(spec["threads"])
     set_threads(threads)
-    # This host's memory read bandwidth at the same threads, just before the engine holds any memory,
-    # and the weight bytes a decoded token of its artifact reads (eager's FP32 checkpoint: not counted).
+    # This host's memory read bandwidth at the same threads, just before the engine holds any memory.
     limit = measure_in_child(threads)
     log.info(
         "%s: memory read bandwidth at %d threads: %.1f ± %.1f GB/s (%s)",
@@ -137,7 +136,6 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
         limit["gb_per_s"]["stddev"],
         limit["method"],
     )
-    weights = weight_bytes(Path(artifact)) if engine in ("pte", "llamacpp") else None
     resident = ResidentPeaks().start()  # from the engine's load to its last token
     started = time.perf_counter()
     decoder = open_engine(engine, Path(artifact), int(spec["max_seq_len"]), threads)
@@ -164,16 +162,20 @@ def bench_engine(engine: str, artifact: Path, spec: dict, vocab_size: int, bos_i
 
     runs, load = timed_with_load(all_lengths)
     warn_if_busy(engine, load)
-    annotate_runs(runs, weights, limit)
     # A few greedy tokens, so the table can say whether two engines computed the same thing.
     greedy = greedy_decode(decoder.step, synthetic_prompt(spec["prompt_lengths"][0], bos_id, vocab_size), 8)
     resident.stop()
+    peak_rss = peak_rss_bytes()
+    # The weight bytes a decoded token of the artifact reads (eager's FP32 checkpoint: not counted),
+    # read after the peaks: the .pte's reader imports ExecuTorch's exporter, which the engine does not.
+    weights = weight_bytes(Path(artifact)) if engine in ("pte", "llamacpp") else None
+    annotate_runs(runs, weights, limit)
     result = {
         "engine": engine,
         "artifact": str(artifact),
         "threads": threads,
         "load_s": load_s,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss,
         "resident": resident.summary(),
         "runs": runs,
         "load": load,
