@@ -130,7 +130,7 @@ def run_bench(pte: Path, spec: dict) -> dict:
         "resident": resident.summary(),
         "kv_cache": kv_cache,
         "xnnpack_kernels": kernels,
-        "runtime": "executorch.runtime (Python bindings), timed around Method.execute",
+        "runtime": "ExecuTorch's Python bindings (device/bindings.py), timed around each method call",
         "engines": engines,
         "ratios": ratios(runs, engines),
         "executorch_runner": runner,
