@@ -3,10 +3,10 @@
 `executorch.runtime` and `executorch.extension.pybindings.portable_lib` import `executorch.exir`
 for a warning class, and with it torch._dynamo and the export machinery; the LLM ops' Python
 module (`custom_ops`) imports torch's inductor besides. A process that only runs a `.pte` paid
-for them in memory that stays resident, 130 MiB of anonymous pages, and 4.5 s of imports on this
-host (AMD EPYC VM, 2026-12-07; docs/design.md, "The device runtime without the exporter"). The
-runtime itself is the `_C` extension those modules wrap, and the quantized and LLM kernels
-register themselves with it when their libraries load, so both are loaded here directly.
+for them in memory that stays resident, 130 MiB of anonymous pages, and in 3 s more to start
+(`e2b-4l` on an AMD EPYC VM, 2026-12-07; docs/design.md, "The device runtime without the
+exporter"). The runtime itself is the `_C` extension those modules wrap, and the quantized and LLM
+kernels register themselves with it when their libraries load, so both are loaded here directly.
 """
 
 from __future__ import annotations

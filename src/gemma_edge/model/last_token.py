@@ -7,9 +7,9 @@ The last layer that writes the cache still ran its queries, attention, output pr
 on every token, though nothing after it reads them for any token but the last: at E2B's widths
 that is 96 % of the layer's weights, and at 4 layers more than half of a prefill's matrix work.
 
-Within `last_layer_on_last_token(model)` that layer writes the keys and
-values of every token of the call, then runs the layer itself on the last token, its attention
-reading those keys and values as a KV-sharing layer does. Its output is that row repeated over
+Within `last_layer_on_last_token(model)` that layer writes the keys and values of every token of
+the call, then runs the layer itself on the last token, its attention reading those keys and
+values as a KV-sharing layer does. Its output is that row repeated over
 the call's tokens: the layers after it, and the logits, take the last row alone, so the repeats
 are never read; they keep the shapes transformers expects there (it slices the inputs of the
 KV-sharing layers by the hidden states' length). LiteRT-LM's prefill signatures skip the same
@@ -26,8 +26,9 @@ from torch import nn
 
 
 def last_cache_writing_layer(model: nn.Module) -> int | None:
-    """The index of the last layer that writes keys and values, or None if it is the model's last
-    layer or does not keep them for the layers that reuse them (`store`, which the rebinding needs)."""
+    """The index of the last layer that writes keys and values, if it keeps them for the layers that
+    reuse them (`store`, which the rebinding needs; Gemma 4 marks its last writer so even when no
+    layer reuses them), else None: a config without Gemma 4's KV-sharing modes."""
     config = model.config
     modes = list(getattr(config, "kv_sharing_modes", None) or [])
     writers = [index for index, mode in enumerate(modes) if mode != "reuse"]
