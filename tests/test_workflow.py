@@ -78,7 +78,10 @@ def test_exported_program_holds_the_kv_cache_as_buffers(workflow):
     assert targets["llama.custom_sdpa.default"] == 6 - sliding
     assert targets["aten.index_copy_.default"] + targets["aten.index_copy.default"] == 1
     assert targets["aten.where.self"] == 1
-    assert "aten.expand.default" not in targets
+    # One expand: the last cache-writing layer's last-token row, repeated over the call's tokens
+    # for the layers after it (model/last_token.py); copying the cache to each query head would
+    # add one a layer.
+    assert targets["aten.expand.default"] == 1
     manifest = read_json(workflow["workdir"] / "results/tiny/fp32/program.pt2.manifest.json")
     assert manifest["eager_max_abs_diff"] < 1e-4
 
